@@ -1,0 +1,1 @@
+"""Triton operators. Kernels, launchers and autograd Functions only; wrappers live in longexposure/."""

@@ -1,0 +1,1 @@
+"""Block-sparse attention layouts: atomic pattern pool and online combination."""

@@ -1,0 +1,1 @@
+"""Built-in exposers (filled by the issue that builds them)."""

@@ -1,0 +1,1 @@
+"""Built-in mask policies (filled by the issue that builds them)."""

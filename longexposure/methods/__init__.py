@@ -1,0 +1,1 @@
+"""PEFT methods: each is a function model -> model that leaves exactly its own parameters trainable."""

@@ -1,0 +1,1 @@
+"""SP-LoRA and SPP (filled by issue 7)."""

@@ -1,0 +1,1 @@
+"""Sylva: sparse embedded adapters (filled by issue 7)."""

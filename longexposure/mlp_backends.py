@@ -1,0 +1,1 @@
+"""Built-in mlp backends (filled by the issue that builds them)."""

@@ -1,0 +1,1 @@
+"""Functional operators: pure-torch references and wrappers around kernels/."""

@@ -1,0 +1,1 @@
+"""Declarative suites: validate a YAML file, run its cases, write results, tables and plots."""

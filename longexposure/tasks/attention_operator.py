@@ -1,0 +1,1 @@
+"""Task module attention_operator (filled by the issue that builds it)."""

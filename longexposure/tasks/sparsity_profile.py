@@ -1,0 +1,1 @@
+"""Task module sparsity_profile (filled by the issue that builds it)."""

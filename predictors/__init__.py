@@ -1,0 +1,1 @@
+"""Sequence-oriented sparsity predictors and their offline training."""

@@ -1,0 +1,1 @@
+"""Built-in predictors (filled by issue 5)."""
