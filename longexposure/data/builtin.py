@@ -1,0 +1,139 @@
+"""Built-in datasets: `synthetic` (random ids, for timing), `e2e` (tokenized JSONL), `alpaca` (text JSONL).
+
+Each dataset is a function returning `Batches`: an endless iterator of {input_ids, labels} of shape
+(batch, seq_len) plus a one-line description recorded in every artifact. Real data is read from a
+path the user gives; a missing path is an error, never a silent switch to synthetic tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from longexposure.registry import DATASETS
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batches:
+    """Endless fixed-shape batches and what they are (for artifacts)."""
+
+    iterator: Iterator[dict[str, torch.Tensor]]
+    description: str
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self.iterator
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return next(self.iterator)
+
+
+def load_batches(name: str, *, batch: int, seq_len: int, vocab_size: int, path: str | None = None,
+                 seed: int = 0, device: torch.device | str = "cpu", family: str | None = None) -> Batches:
+    """Look the dataset up by name and open it.
+
+    `family` (opt, gpt2, llama) picks the matching file when `path` is a directory holding one
+    tokenization per family (the E2E release has valid_opt.jsonl and valid_gpt.jsonl).
+    """
+    if batch < 1 or seq_len < 2:
+        raise ValueError(f"batch ({batch}) must be >= 1 and seq_len ({seq_len}) >= 2")
+    return DATASETS.get(name)(batch=batch, seq_len=seq_len, vocab_size=vocab_size, path=path, seed=seed,
+                              device=torch.device(device), family=family)
+
+
+@DATASETS.register("synthetic", help="uniform random token ids (timing only; no real sparsity)")
+def synthetic(*, batch: int, seq_len: int, vocab_size: int, path: str | None, seed: int,
+              device: torch.device, family: str | None = None) -> Batches:
+    if path is not None:
+        raise ValueError("dataset 'synthetic' takes no path")
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            ids = torch.randint(0, vocab_size, (batch, seq_len), generator=gen).to(device)
+            yield {"input_ids": ids, "labels": ids}
+
+    return Batches(batches(), f"synthetic uniform token ids (vocab {vocab_size}, seed {seed})")
+
+
+_FILE_TAGS = {"opt": "opt", "gpt2": "gpt", "llama": "llama"}
+
+
+def _require_file(path: str | None, dataset: str, hint: str, family: str | None = None) -> Path:
+    if path is None:
+        raise ValueError(f"dataset {dataset!r} needs a path ({hint})")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        candidates = sorted(p.glob("*.jsonl"))
+        if family is not None:
+            tag = _FILE_TAGS.get(family, family)
+            candidates = [c for c in candidates if c.stem.endswith("_" + tag)] or candidates
+        if len(candidates) != 1:
+            raise FileNotFoundError(
+                f"dataset {dataset!r}: expected one .jsonl for family {family!r} in {p}, found "
+                f"{[c.name for c in candidates]}; pass the file itself"
+            )
+        return candidates[0]
+    if not p.exists():
+        raise FileNotFoundError(f"dataset {dataset!r}: {p} does not exist ({hint})")
+    return p
+
+
+def _pack(examples: list[list[int]], batch: int, seq_len: int, seed: int, device: torch.device,
+          vocab_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Concatenate shuffled examples into one stream and cut fixed (batch, seq_len) windows (packing)."""
+    gen = torch.Generator().manual_seed(seed)
+    need = batch * seq_len
+    while True:
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        stream = [t for i in order for t in examples[i]]
+        if len(stream) < need:
+            raise ValueError(f"the dataset has {len(stream)} tokens, fewer than one batch ({need})")
+        if max(stream) >= vocab_size:
+            raise ValueError(f"token id {max(stream)} is outside the model's vocabulary ({vocab_size})")
+        for start in range(0, len(stream) - need + 1, need):
+            ids = torch.tensor(stream[start : start + need]).view(batch, seq_len).to(device)
+            yield {"input_ids": ids, "labels": ids}
+
+
+@DATASETS.register("e2e", help="E2E NLG tokenized JSONL with context/completion ids (packed)")
+def e2e(*, batch: int, seq_len: int, vocab_size: int, path: str | None, seed: int, device: torch.device,
+        family: str | None = None) -> Batches:
+    file = _require_file(path, "e2e", "a directory or .jsonl with context/completion token ids, "
+                         "e.g. ../shared/data/e2e", family)
+    examples = []
+    with file.open() as f:
+        for line_no, line in enumerate(f, 1):
+            row = json.loads(line)
+            if "context" not in row or "completion" not in row:
+                raise ValueError(f"{file}:{line_no}: expected keys 'context' and 'completion', got {sorted(row)}")
+            examples.append(row["context"] + row["completion"])
+    return Batches(_pack(examples, batch, seq_len, seed, device, vocab_size),
+                   f"e2e {file} ({len(examples)} examples, packed to {seq_len})")
+
+
+@DATASETS.register("alpaca", help="instruction/input/output text JSONL, tokenized with a local tokenizer")
+def alpaca(*, batch: int, seq_len: int, vocab_size: int, path: str | None, seed: int, device: torch.device,
+           family: str | None = None, tokenizer: str | None = None) -> Batches:
+    file = _require_file(path, "alpaca", "a .jsonl with instruction/input/output fields", family)
+    tok_path = tokenizer or str(file.parent / "tokenizer")
+    from transformers import AutoTokenizer
+
+    if not Path(tok_path).exists():
+        raise FileNotFoundError(f"dataset 'alpaca': tokenizer directory {tok_path} does not exist")
+    tok = AutoTokenizer.from_pretrained(tok_path)
+    examples = []
+    with file.open() as f:
+        for line_no, line in enumerate(f, 1):
+            row = json.loads(line)
+            if "instruction" not in row or "output" not in row:
+                raise ValueError(f"{file}:{line_no}: expected keys 'instruction' and 'output', got {sorted(row)}")
+            prompt = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
+            examples.append(tok(prompt + "\n" + row["output"])["input_ids"] + [tok.eos_token_id])
+    return Batches(_pack(examples, batch, seq_len, seed, device, vocab_size),
+                   f"alpaca {file} ({len(examples)} examples, tokenizer {tok_path}, packed to {seq_len})")
