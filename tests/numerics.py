@@ -31,12 +31,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "outp
     assert torch.isfinite(a).all() == torch.isfinite(e).all(), f"{name}: non-finite values differ"
     diff = (a - e).abs()
     bad = diff > atol + rtol * e.abs()
-    assert not bad.any(), f"{name}: {int(bad.sum())}/{bad.numel()} elements off; {_where(diff)} (atol={atol}, rtol={rtol})"
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())}/{bad.numel()} elements off; {_where(diff)} (atol={atol}, rtol={rtol})"
+    )
 
 
 def assert_close_to_reference(
-    actual: torch.Tensor, same_precision: torch.Tensor, high_precision: torch.Tensor, name: str = "output",
-    factor: float = 2.0, floor: float | None = None,
+    actual: torch.Tensor,
+    same_precision: torch.Tensor,
+    high_precision: torch.Tensor,
+    name: str = "output",
+    factor: float = 2.0,
+    floor: float | None = None,
 ) -> None:
     """Low-precision rule: |actual - hi| <= factor * |same_precision - hi| + floor (max norms)."""
     hi = high_precision.detach().double().cpu()

@@ -33,8 +33,17 @@ class Batches:
         return next(self.iterator)
 
 
-def load_batches(name: str, *, batch: int, seq_len: int, vocab_size: int, path: str | None = None,
-                 seed: int = 0, device: torch.device | str = "cpu", family: str | None = None) -> Batches:
+def load_batches(
+    name: str,
+    *,
+    batch: int,
+    seq_len: int,
+    vocab_size: int,
+    path: str | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    family: str | None = None,
+) -> Batches:
     """Look the dataset up by name and open it.
 
     `family` (opt, gpt2, llama) picks the matching file when `path` is a directory holding one
@@ -42,13 +51,28 @@ def load_batches(name: str, *, batch: int, seq_len: int, vocab_size: int, path: 
     """
     if batch < 1 or seq_len < 2:
         raise ValueError(f"batch ({batch}) must be >= 1 and seq_len ({seq_len}) >= 2")
-    return DATASETS.get(name)(batch=batch, seq_len=seq_len, vocab_size=vocab_size, path=path, seed=seed,
-                              device=torch.device(device), family=family)
+    return DATASETS.get(name)(
+        batch=batch,
+        seq_len=seq_len,
+        vocab_size=vocab_size,
+        path=path,
+        seed=seed,
+        device=torch.device(device),
+        family=family,
+    )
 
 
 @DATASETS.register("synthetic", help="uniform random token ids (timing only; no real sparsity)")
-def synthetic(*, batch: int, seq_len: int, vocab_size: int, path: str | None, seed: int,
-              device: torch.device, family: str | None = None) -> Batches:
+def synthetic(
+    *,
+    batch: int,
+    seq_len: int,
+    vocab_size: int,
+    path: str | None,
+    seed: int,
+    device: torch.device,
+    family: str | None = None,
+) -> Batches:
     if path is not None:
         raise ValueError("dataset 'synthetic' takes no path")
     gen = torch.Generator().manual_seed(seed)
@@ -84,8 +108,9 @@ def _require_file(path: str | None, dataset: str, hint: str, family: str | None 
     return p
 
 
-def _pack(examples: list[list[int]], batch: int, seq_len: int, seed: int, device: torch.device,
-          vocab_size: int) -> Iterator[dict[str, torch.Tensor]]:
+def _pack(
+    examples: list[list[int]], batch: int, seq_len: int, seed: int, device: torch.device, vocab_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Concatenate shuffled examples into one stream and cut fixed (batch, seq_len) windows (packing)."""
     gen = torch.Generator().manual_seed(seed)
     need = batch * seq_len
@@ -102,10 +127,19 @@ def _pack(examples: list[list[int]], batch: int, seq_len: int, seed: int, device
 
 
 @DATASETS.register("e2e", help="E2E NLG tokenized JSONL with context/completion ids (packed)")
-def e2e(*, batch: int, seq_len: int, vocab_size: int, path: str | None, seed: int, device: torch.device,
-        family: str | None = None) -> Batches:
-    file = _require_file(path, "e2e", "a directory or .jsonl with context/completion token ids, "
-                         "e.g. ../shared/data/e2e", family)
+def e2e(
+    *,
+    batch: int,
+    seq_len: int,
+    vocab_size: int,
+    path: str | None,
+    seed: int,
+    device: torch.device,
+    family: str | None = None,
+) -> Batches:
+    file = _require_file(
+        path, "e2e", "a directory or .jsonl with context/completion token ids, e.g. ../shared/data/e2e", family
+    )
     examples = []
     with file.open() as f:
         for line_no, line in enumerate(f, 1):
@@ -113,13 +147,24 @@ def e2e(*, batch: int, seq_len: int, vocab_size: int, path: str | None, seed: in
             if "context" not in row or "completion" not in row:
                 raise ValueError(f"{file}:{line_no}: expected keys 'context' and 'completion', got {sorted(row)}")
             examples.append(row["context"] + row["completion"])
-    return Batches(_pack(examples, batch, seq_len, seed, device, vocab_size),
-                   f"e2e {file} ({len(examples)} examples, packed to {seq_len})")
+    return Batches(
+        _pack(examples, batch, seq_len, seed, device, vocab_size),
+        f"e2e {file} ({len(examples)} examples, packed to {seq_len})",
+    )
 
 
 @DATASETS.register("alpaca", help="instruction/input/output text JSONL, tokenized with a local tokenizer")
-def alpaca(*, batch: int, seq_len: int, vocab_size: int, path: str | None, seed: int, device: torch.device,
-           family: str | None = None, tokenizer: str | None = None) -> Batches:
+def alpaca(
+    *,
+    batch: int,
+    seq_len: int,
+    vocab_size: int,
+    path: str | None,
+    seed: int,
+    device: torch.device,
+    family: str | None = None,
+    tokenizer: str | None = None,
+) -> Batches:
     file = _require_file(path, "alpaca", "a .jsonl with instruction/input/output fields", family)
     tok_path = tokenizer or str(file.parent / "tokenizer")
     from transformers import AutoTokenizer
@@ -135,5 +180,7 @@ def alpaca(*, batch: int, seq_len: int, vocab_size: int, path: str | None, seed:
                 raise ValueError(f"{file}:{line_no}: expected keys 'instruction' and 'output', got {sorted(row)}")
             prompt = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
             examples.append(tok(prompt + "\n" + row["output"])["input_ids"] + [tok.eos_token_id])
-    return Batches(_pack(examples, batch, seq_len, seed, device, vocab_size),
-                   f"alpaca {file} ({len(examples)} examples, tokenizer {tok_path}, packed to {seq_len})")
+    return Batches(
+        _pack(examples, batch, seq_len, seed, device, vocab_size),
+        f"alpaca {file} ({len(examples)} examples, tokenizer {tok_path}, packed to {seq_len})",
+    )

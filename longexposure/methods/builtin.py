@@ -31,8 +31,9 @@ def full(model: nn.Module) -> nn.Module:
 
 
 @PEFT_METHODS.register("lora", help="peft LoRA on the family's default targets")
-def lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-         target_modules: list[str] | None = None) -> nn.Module:
+def lora(
+    model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: list[str] | None = None
+) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = list(target_modules or TARGETS[family_of(model)]["lora"])
@@ -72,8 +73,9 @@ def bitfit(model: nn.Module) -> nn.Module:
 def p_tuning(model: nn.Module, num_virtual_tokens: int = 20, encoder_hidden_size: int = 128) -> nn.Module:
     from peft import PromptEncoderConfig, get_peft_model
 
-    config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
-                                 encoder_hidden_size=encoder_hidden_size)
+    config = PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=encoder_hidden_size
+    )
     return get_peft_model(model, config)
 
 

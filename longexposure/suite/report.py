@@ -1,0 +1,173 @@
+"""Tables and plots generated from a suite's result rows (never typed by hand), paper numbers beside ours."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from longexposure.suite.config import Suite
+
+
+def metric_value(row: dict[str, Any], metric: str) -> float | None:
+    """The median of a metric (or the scalar itself); None if the row lacks it."""
+    value = row.get("metrics", {}).get(metric)
+    if isinstance(value, dict):
+        return value.get("p50")
+    return value
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def paper_row(suite: Suite, case: dict[str, Any]) -> dict[str, Any] | None:
+    """The paper row whose parameter keys all match the case (metrics are the other keys)."""
+    for ref in suite.paper_results:
+        keys = [k for k in ref if k not in suite.metrics]
+        if keys and all(str(case.get(k)) == str(ref[k]) for k in keys):
+            return ref
+    return None
+
+
+def _with_share(value: float | None, total: float | None) -> str:
+    if value is None or not total:
+        return fmt(value)
+    return f"{fmt(value)} ({100 * value / total:.1f}%)"
+
+
+def build_table(suite: Suite, preset: str, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and body: one line per case; each metric measured, then the paper's value when it has one."""
+    row_keys = suite.table.rows or suite.axes(preset) or []
+    metrics = suite.table.columns or suite.metrics
+    share = suite.table.share_of
+    has_paper = {m for ref in suite.paper_results for m in ref if m in metrics}
+    header = list(row_keys)
+    for m in metrics:
+        header.append(m)
+        if m in has_paper:
+            header.append(f"{m} (paper)")
+    unit = share.rsplit("_", 1)[-1] if share else None
+    shared = {m for m in metrics if share and m != share and m.rsplit("_", 1)[-1] == unit}
+    body = []
+    for row in rows:
+        case = row["case"]
+        line = [str(case.get(k)) for k in row_keys]
+        ref = paper_row(suite, case) or {}
+        total = metric_value(row, share) if share else None
+        for m in metrics:
+            if row["status"] == "OOM":
+                line.append("OOM")
+            elif m in shared:
+                line.append(_with_share(metric_value(row, m), total))
+            else:
+                line.append(fmt(metric_value(row, m)))
+            if m in has_paper:
+                pv = ref.get(m)
+                line.append(_with_share(pv, ref.get(share)) if m in shared and pv is not None else fmt(pv))
+        body.append(line)
+    return header, body
+
+
+def _sources(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        for key in ("weights", "data", "sparsity_source"):
+            value = row.get("info", {}).get(key)
+            if value is not None and str(value) not in out.setdefault(key, []):
+                out[key].append(str(value))
+    return out
+
+
+def write_report(suite: Suite, preset: str, out_dir: Path) -> tuple[Path, Path | None]:
+    """Write table.md (and table.png when the suite has a plot) from results.jsonl and meta.json."""
+    from longexposure.suite.runner import META, RESULTS, read_rows
+
+    rows = read_rows(out_dir / RESULTS)
+    meta = json.loads((out_dir / META).read_text()) if (out_dir / META).exists() else {}
+    header, body = build_table(suite, preset, rows)
+    versions = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
+    lines = [
+        f"# {suite.name}: {suite.paper}",
+        "",
+        f"- preset: `{preset}`; device: **{meta.get('device', '?')}**; git: {meta.get('git', '?')}",
+        f"- versions: {versions}",
+    ]
+    for key, values in _sources(rows).items():
+        lines.append(f"- {key.replace('_', ' ')}: {'; '.join(values)}")
+    lines += [
+        f"- cases: {len(rows)} ({sum(r['status'] == 'OOM' for r in rows)} OOM); values are medians "
+        "(p20/p80/min/max in results.jsonl)"
+    ]
+    if suite.notes:
+        lines += ["", suite.notes.strip()]
+    lines += ["", tabulate(body, headers=header, tablefmt="github"), ""]
+    table_md = out_dir / "table.md"
+    table_md.write_text("\n".join(lines))
+    png = None
+    if suite.plot is not None and rows:
+        png = out_dir / "table.png"
+        _plot(suite, preset, rows, png, meta.get("device", ""))
+    return table_md, png
+
+
+def _plot(suite: Suite, preset: str, rows: list[dict[str, Any]], path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = suite.plot
+    assert spec is not None
+    ys = spec.y or suite.metrics[:1]
+    rows = [r for r in rows if r["status"] == "ok"]
+    if spec.kind == "bar":
+        label_keys = [k for k in (suite.table.rows or suite.axes(preset)) if k != spec.series]
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4.5))
+        labels = [" / ".join(str(r["case"].get(k)) for k in label_keys) for r in rows]
+        bottom = [0.0] * len(rows)
+        for metric in ys:  # several metrics stack (a breakdown); one metric is a plain bar
+            values = [metric_value(r, metric) or 0.0 for r in rows]
+            ax.bar(labels, values, bottom=bottom, label=metric)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        ax.set_ylabel(", ".join(ys) if len(ys) == 1 else "ms")
+        ax.tick_params(axis="x", labelrotation=45)
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")
+        ax.legend()
+        axes_list = [ax]
+    else:
+        facets = sorted({str(r["case"].get(spec.facet)) for r in rows}) if spec.facet else [None]
+        fig, grid = plt.subplots(len(ys), len(facets), figsize=(4.5 * len(facets), 3.5 * len(ys)), squeeze=False)
+        axes_list = []
+        for i, metric in enumerate(ys):
+            for j, facet in enumerate(facets):
+                ax = grid[i][j]
+                sub = [r for r in rows if facet is None or str(r["case"].get(spec.facet)) == facet]
+                series = sorted({str(r["case"].get(spec.series)) for r in sub}) if spec.series else [None]
+                for s in series:
+                    pts = sorted(
+                        (r["case"][spec.x], metric_value(r, metric))
+                        for r in sub
+                        if (s is None or str(r["case"].get(spec.series)) == s) and metric_value(r, metric) is not None
+                    )
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s or metric)
+                ax.set_xlabel(spec.x)
+                ax.set_ylabel(metric)
+                if facet is not None:
+                    ax.set_title(f"{spec.facet}={facet}", fontsize=9)
+                if spec.logy:
+                    ax.set_yscale("log")
+                ax.legend(fontsize=7)
+                axes_list.append(ax)
+    fig.suptitle(f"{suite.name} ({preset}) on {device}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from longexposure.data import load_batches
+from longexposure.registry import RegistryError
+
+E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
+needs_e2e = pytest.mark.skipif(not E2E.is_dir(), reason=f"E2E data not found at {E2E}")
+
+
+def test_synthetic_is_seeded_and_shaped():
+    a = next(load_batches("synthetic", batch=3, seq_len=16, vocab_size=100, seed=1))
+    b = next(load_batches("synthetic", batch=3, seq_len=16, vocab_size=100, seed=1))
+    assert a["input_ids"].shape == (3, 16) and torch.equal(a["input_ids"], b["input_ids"])
+    assert int(a["input_ids"].max()) < 100
+
+
+@needs_e2e
+@pytest.mark.parametrize("family, eos", [("opt", 2), ("gpt2", 50256)])
+def test_e2e_packs_the_family_tokenization(family, eos):
+    batches = load_batches("e2e", batch=2, seq_len=128, vocab_size=50272, path=str(E2E), family=family)
+    assert f"valid_{'gpt' if family == 'gpt2' else 'opt'}.jsonl" in batches.description
+    ids = next(batches)["input_ids"]
+    assert ids.shape == (2, 128)
+    assert (ids == eos).any(), "packed windows should contain example boundaries"
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_batches("e2e", batch=1, seq_len=8, vocab_size=10, path=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ValueError, match="needs a path"):
+        load_batches("e2e", batch=1, seq_len=8, vocab_size=10)
+    with pytest.raises(RegistryError, match="Valid dataset names"):
+        load_batches("e3e", batch=1, seq_len=8, vocab_size=10)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": [1, 2]}\n')
+    with pytest.raises(ValueError, match="expected keys 'context' and 'completion'"):
+        load_batches("e2e", batch=1, seq_len=8, vocab_size=10, path=str(bad))
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"context": [1, 2, 3, 4, 5], "completion": [99, 7, 8, 9, 10]}\n' * 4)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        next(load_batches("e2e", batch=1, seq_len=8, vocab_size=50, path=str(big)))
