@@ -10,6 +10,7 @@ from pathlib import Path
 # Subcommands implemented in their own modules: each exposes configure(parser) and main(args) -> int.
 _MODULE_COMMANDS = {
     "pretrain": ("longexposure.pretrain", "pretrain a small ReLU OPT-architecture model on an offline corpus"),
+    "finetune": ("longexposure.finetune", "fine-tune a model with a PEFT method (loss and ms/step as it goes)"),
 }
 
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from longexposure.suite.context import RunContext
-from longexposure.tasks.train_step import TrainStepCase, prepare_model, train_step
+from longexposure.tasks.train_step import TrainStepCase, train_step
+from longexposure.training import prepare_model
 
 
 def ctx(tmp_path):

@@ -1,0 +1,121 @@
+"""One definition of a fine-tuning step, shared by the timing suites and `longexposure finetune`.
+
+Mixed precision as the paper and users run it: `fp16-amp` keeps trainable parameters in fp32 and
+frozen ones in fp16 under fp16 autocast with a gradient scaler (`bf16-amp` likewise, no scaler).
+Each step marks the phases every suite reports: forward (incl. loss), backward, optimizer (incl.
+scaler update and zeroing grads), and the whole step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from longexposure.data import load_batches
+from longexposure.measure import Timer
+from longexposure.methods.builtin import apply_method
+from longexposure.models import build_model, family_of
+
+PRECISIONS = {"fp32": None, "fp16-amp": torch.float16, "bf16-amp": torch.bfloat16}
+
+
+@dataclass
+class TrainingSetup:
+    """Model, method, data and numerics of a fine-tuning run.
+
+    Attributes:
+        model: preset name, or a local checkpoint directory / hub id.
+        weights: checkpoint to load into a preset's architecture (None: random init).
+        method: PEFT method name; method_options: its keyword arguments.
+        attn: attention implementation (`eager`, `sdpa`, or a registered AttentionInterface name).
+        dataset, data_path: dataset name and where its files are.
+        precision: `fp32`, `fp16-amp` or `bf16-amp`.
+        compile: wrap the model in `torch.compile` (the strongest dense baseline where it runs).
+    """
+
+    model: str = "opt-tiny"
+    weights: str | None = None
+    method: str = "lora"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    attn: str = "sdpa"
+    batch: int = 4
+    seq_len: int = 512
+    dataset: str = "synthetic"
+    data_path: str | None = None
+    precision: str = "fp16-amp"
+    lr: float = 1e-4
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {sorted(PRECISIONS)}")
+
+
+def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """Build the model, apply the method, and place parameters in their training dtypes."""
+    model = build_model(setup.model, weights=setup.weights, attn_implementation=setup.attn, device=device, seed=seed)
+    model = apply_method(model, setup.method, **setup.method_options)
+    low = PRECISIONS[setup.precision]
+    if low is not None:
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(low)
+    return model
+
+
+class Trainer:
+    """A model + method + AdamW + data stream that takes timed steps."""
+
+    def __init__(self, setup: TrainingSetup, device: torch.device | str, seed: int = 0):
+        self.setup = setup
+        self.device = torch.device(device)
+        self.model = prepare_model(setup, self.device, seed)
+        self.forward = torch.compile(self.model) if setup.compile else self.model
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=setup.lr)
+        use_scaler = setup.precision == "fp16-amp" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.batches = load_batches(
+            setup.dataset,
+            batch=setup.batch,
+            seq_len=setup.seq_len,
+            vocab_size=self.model.config.vocab_size,
+            path=setup.data_path,
+            seed=seed,
+            device=self.device,
+            family=family_of(self.model),
+        )
+
+    def _autocast(self):
+        low = PRECISIONS[self.setup.precision]
+        return contextlib.nullcontext() if low is None else torch.autocast(self.device.type, dtype=low)
+
+    def step(self, timer: Timer) -> torch.Tensor:
+        """One optimizer step on the next batch; returns the (detached) loss without a host sync."""
+        batch = next(self.batches)
+        with timer.region("total_ms"):
+            with timer.region("forward_ms"), self._autocast():
+                loss = self.forward(**batch).loss
+            with timer.region("backward_ms"):
+                self.scaler.scale(loss).backward()
+            with timer.region("optimizer_ms"):
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def describe(self) -> dict[str, Any]:
+        """What this run used, for artifacts: weights, data, sparsity source, sizes, numerics."""
+        return {
+            "weights": self.model.config.longexposure_weights,
+            "data": self.batches.description,
+            "sparsity_source": "none (dense)",
+            "attn_implementation": self.model.config._attn_implementation,
+            "trainable_params": sum(p.numel() for p in self.trainable),
+            "total_params": sum(p.numel() for p in self.model.parameters()),
+            "precision": self.setup.precision,
+            "compiled": self.setup.compile,
+        }
