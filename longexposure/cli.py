@@ -48,7 +48,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from longexposure.suite.runner import run_suite
 
-    out_dir = run_suite(args.suite, preset=args.preset, out=args.out, force=args.force, device=args.device)
+    only = {}
+    for pair in args.only:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--only expects key=value, got {pair!r}")
+        only[key] = value
+    out_dir = run_suite(args.suite, preset=args.preset, out=args.out, force=args.force, device=args.device, only=only)
     print((out_dir / "table.md").read_text())
     print(f"artifacts: {out_dir}")
     return 0
@@ -95,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p.add_argument("--force", action="store_true", help="discard earlier results of this preset")
             p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+            p.add_argument(
+                "--only",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="run only the cases with this value (repeatable), e.g. --only seq_len=1024",
+            )
         p.set_defaults(func=func)
 
     for name, (module, helptext) in _MODULE_COMMANDS.items():

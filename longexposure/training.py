@@ -34,6 +34,10 @@ class TrainingSetup:
         dataset, data_path: dataset name and where its files are.
         precision: `fp32`, `fp16-amp` or `bf16-amp`.
         compile: wrap the model in `torch.compile` (the strongest dense baseline where it runs).
+        model_options: config overrides for the model (e.g. attn_pdrop=0.0).
+        exposure: `expose.ExposureConfig` fields for Long Exposure (None: the dense model); its
+            `profile` is `reference` (the paper artifact's OPT-1.3B profile under the shared directory)
+            or the path of a recorded profile JSON.
     """
 
     model: str = "opt-tiny"
@@ -48,6 +52,8 @@ class TrainingSetup:
     precision: str = "fp16-amp"
     lr: float = 1e-4
     compile: bool = False
+    model_options: dict[str, Any] = field(default_factory=dict)
+    exposure: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -56,7 +62,15 @@ class TrainingSetup:
 
 def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> torch.nn.Module:
     """Build the model, apply the method, and place parameters in their training dtypes."""
-    model = build_model(setup.model, weights=setup.weights, attn_implementation=setup.attn, device=device, seed=seed)
+    model = build_model(
+        setup.model,
+        weights=setup.weights,
+        attn_implementation=setup.attn,
+        device=device,
+        seed=seed,
+        **setup.model_options,
+    )
+    model.config.use_cache = False  # training: no KV cache (it also makes torch.compile recompile per layer)
     model = apply_method(model, setup.method, **setup.method_options)
     low = PRECISIONS[setup.precision]
     if low is not None:
@@ -66,6 +80,29 @@ def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> 
     return model
 
 
+def expose_from_options(model: torch.nn.Module, options: dict[str, Any]):
+    """`expose` from plain suite/CLI options; a `profile` name or path becomes a RecordedProfile."""
+    from longexposure.expose import ExposureConfig, expose
+    from longexposure.replay import RecordedProfile
+
+    options = dict(options)
+    profile = options.pop("profile", None)
+    if profile == "reference":
+        from longexposure.suite.runner import shared_dir
+
+        root = shared_dir()
+        if root is None:
+            raise FileNotFoundError("profile 'reference' needs the shared directory: set LONGEXPOSURE_SHARED")
+        options["profile"] = RecordedProfile.from_reference(root)
+    elif profile is not None:
+        options["profile"] = RecordedProfile.load(profile)
+    try:
+        config = ExposureConfig(**options)
+    except TypeError as exc:
+        raise ValueError(f"exposure options: {exc}") from None
+    return expose(model, config)
+
+
 class Trainer:
     """A model + method + AdamW + data stream that takes timed steps."""
 
@@ -73,6 +110,9 @@ class Trainer:
         self.setup = setup
         self.device = torch.device(device)
         self.model = prepare_model(setup, self.device, seed)
+        self.exposure = None
+        if setup.exposure is not None:
+            self.exposure = expose_from_options(self.model, setup.exposure)
         self.forward = torch.compile(self.model) if setup.compile else self.model
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=setup.lr)
@@ -98,7 +138,7 @@ class Trainer:
         batch = next(self.batches)
         with timer.region("total_ms"):
             with timer.region("forward_ms"), self._autocast():
-                loss = self.forward(**batch).loss
+                loss = self.forward(**batch, use_cache=False).loss
             with timer.region("backward_ms"):
                 self.scaler.scale(loss).backward()
             with timer.region("optimizer_ms"):
@@ -109,7 +149,7 @@ class Trainer:
 
     def describe(self) -> dict[str, Any]:
         """What this run used, for artifacts: weights, data, sparsity source, sizes, numerics."""
-        return {
+        info = {
             "weights": self.model.config.longexposure_weights,
             "data": self.batches.description,
             "sparsity_source": "none (dense)",
@@ -119,3 +159,6 @@ class Trainer:
             "precision": self.setup.precision,
             "compiled": self.setup.compile,
         }
+        if self.exposure is not None:
+            info.update(self.exposure.report())
+        return info

@@ -163,3 +163,35 @@ def test_a_failing_case_names_itself(tmp_path):
     path = write(tmp_path, BASE.replace("test-counting", "test-broken"))
     with pytest.raises(RuntimeError, match="case x=1 failed: boom"):
         run_suite(path, preset="cpu-tiny", out=tmp_path / "art", device="cpu")
+
+
+VARIANTS = (
+    BASE.replace(
+        "table: {rows: [x], share_of: y_ms}", "table: {rows: [x, variant], speedup_of: y_ms, speedup_vs: [slow]}"
+    )
+    + """
+variants:
+  - {name: slow, fail_at: -1}
+  - {name: fast, fail_at: -2}
+"""
+)
+
+
+def test_variants_multiply_cases_and_give_speedup_columns(tmp_path):
+    path = write(tmp_path, VARIANTS)
+    suite = load_suite(path)
+    cases = suite.cases("cpu-tiny")
+    assert len(cases) == 8 and {c["variant"] for c in cases} == {"slow", "fast"}
+    assert suite.axes("cpu-tiny") == ["x", "variant"]
+    out = run_suite(path, preset="cpu-tiny", out=tmp_path / "art", device="cpu", only={"x": "2"})
+    rows = read_rows(out / "results.jsonl")
+    assert [(r["case"]["x"], r["case"]["variant"]) for r in rows] == [(2, "slow"), (2, "fast")]
+    assert "speedup vs slow" in (out / "table.md").read_text() and "1.00x" in (out / "table.md").read_text()
+    with pytest.raises(ValueError, match="no case key 'z'"):
+        run_suite(path, preset="cpu-tiny", out=tmp_path / "art", device="cpu", only={"z": "1"})
+
+
+def test_variant_with_an_unknown_parameter_is_an_error(tmp_path):
+    path = write(tmp_path, VARIANTS.replace("fail_at: -2", "speed: 2"))
+    with pytest.raises(SuiteError, match=r"variants\[1\] \(fast\): unknown parameter 'speed'"):
+        load_suite(path)

@@ -28,9 +28,14 @@ class SuiteError(ValueError):
 
 @dataclass
 class TableSpec:
+    """Rows (case keys), metric columns, `share_of` (show % of this metric), and speedup columns:
+    `speedup_of` metric of each `speedup_vs` variant over this row's (same case otherwise)."""
+
     rows: list[str] | None = None
     columns: list[str] | None = None
     share_of: str | None = None
+    speedup_of: str | None = None
+    speedup_vs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +64,7 @@ class Suite:
     table: TableSpec
     plot: PlotSpec | None
     notes: str = ""
+    variants: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def case_type(self) -> type:
@@ -79,14 +85,27 @@ class Suite:
         return {**self.params, **over.get("params", {})}, {**self.matrix, **over.get("matrix", {})}
 
     def cases(self, preset: str) -> list[dict[str, Any]]:
-        """Every case of a preset: the params merged with one combination of the matrix axes, in file order."""
+        """Every case of a preset: params + one matrix combination (+ one variant, labelled `variant`)."""
         params, matrix = self.grid(preset)
         axes = list(matrix)
-        return [{**params, **dict(zip(axes, combo, strict=True))} for combo in itertools.product(*matrix.values())]
+        combos = [{**params, **dict(zip(axes, combo, strict=True))} for combo in itertools.product(*matrix.values())]
+        variants = self.variants_of(preset)
+        if not variants:
+            return combos
+        return [
+            {**combo, **{k: v for k, v in variant.items() if k != "name"}, "variant": variant["name"]}
+            for combo in combos
+            for variant in variants
+        ]
+
+    def variants_of(self, preset: str) -> list[dict[str, Any]]:
+        """The preset's own `variants` if it has them, else the suite's."""
+        return self.presets[self.resolve_preset(preset)].get("variants", self.variants)
 
     def axes(self, preset: str) -> list[str]:
-        """Matrix axes that take more than one value (they name a row in tables)."""
-        return [k for k, v in self.grid(preset)[1].items() if len(v) > 1]
+        """Matrix axes that take more than one value (they name a row in tables), then `variant`."""
+        axes = [k for k, v in self.grid(preset)[1].items() if len(v) > 1]
+        return axes + (["variant"] if len(self.variants_of(preset)) > 1 else [])
 
 
 _TOP_KEYS = {
@@ -102,6 +121,7 @@ _TOP_KEYS = {
     "plot",
     "include",
     "notes",
+    "variants",
 }
 
 
@@ -165,7 +185,22 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
+def _check_variants(path: Path, where: str, variants: Any, case_type: type, task: str) -> None:
+    if not isinstance(variants, list):
+        raise SuiteError(f"{path}: {where} must be a list of mappings with a 'name'")
+    for i, variant in enumerate(variants):
+        if not isinstance(variant, dict) or not isinstance(variant.get("name"), str):
+            raise SuiteError(f"{path}: {where}[{i}] must be a mapping with a string 'name'")
+        _check_fields(path, f"{where}[{i}] ({variant['name']})", set(variant) - {"name"}, case_type, task)
+
+
+def case_fields(case: dict[str, Any]) -> dict[str, Any]:
+    """The case without its variant label: the arguments of the task's case type."""
+    return {k: v for k, v in case.items() if k != "variant"}
+
+
 def _check_case(path: Path, preset: str, case: dict[str, Any], case_type: type) -> None:
+    case = case_fields(case)
     hints = typing.get_type_hints(case_type)
     for key, value in case.items():
         if not _type_ok(value, hints.get(key, Any)):
@@ -199,11 +234,16 @@ def load_suite(path: str | Path) -> Suite:
             raise SuiteError(f"{path}: unknown preset {pname!r}; valid presets: {list(PRESETS)}")
         over = over or {}
         presets[pname] = over
-        extra = sorted(set(over) - {"params", "matrix"})
+        extra = sorted(set(over) - {"params", "matrix", "variants"})
         if extra:
-            raise SuiteError(f"{path}: presets.{pname}: unknown key {extra[0]!r}; valid: ['matrix', 'params']")
+            raise SuiteError(
+                f"{path}: presets.{pname}: unknown key {extra[0]!r}; valid: ['matrix', 'params', 'variants']"
+            )
+        _check_variants(path, f"presets.{pname}.variants", over.get("variants", []), case_type, task)
         _check_fields(path, f"presets.{pname}.params", set(over.get("params", {})), case_type, task)
         _check_fields(path, f"presets.{pname}.matrix", set(over.get("matrix", {})), case_type, task)
+    variants = data.get("variants") or []
+    _check_variants(path, "variants", variants, case_type, task)
     metrics = _require(data, "metrics", list, path)
     table_raw = data.get("table", {}) or {}
     try:
@@ -234,11 +274,12 @@ def load_suite(path: str | Path) -> Suite:
         table=table,
         plot=plot,
         notes=str(data.get("notes", "")),
+        variants=variants,
     )
     for pname in presets:
         for case in suite.cases(pname):
             _check_case(path, pname, case, case_type)
-    known = set(metrics) | {f.name for f in dataclasses.fields(case_type)}
+    known = set(metrics) | {f.name for f in dataclasses.fields(case_type)} | {"variant"}
     for i, row in enumerate(suite.paper_results):
         unknown = sorted(set(row) - known)
         if unknown:

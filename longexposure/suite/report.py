@@ -53,6 +53,10 @@ def build_table(suite: Suite, preset: str, rows: list[dict[str, Any]]) -> tuple[
         header.append(m)
         if m in has_paper:
             header.append(f"{m} (paper)")
+    speedup = suite.table.speedup_of
+    header += [f"speedup vs {b}" for b in suite.table.speedup_vs]
+    match_keys = [k for k in row_keys if k != "variant"]
+    by_case = {(r["case"].get("variant"), *(str(r["case"].get(k)) for k in match_keys)): r for r in rows}
     unit = share.rsplit("_", 1)[-1] if share else None
     shared = {m for m in metrics if share and m != share and m.rsplit("_", 1)[-1] == unit}
     body = []
@@ -71,6 +75,11 @@ def build_table(suite: Suite, preset: str, rows: list[dict[str, Any]]) -> tuple[
             if m in has_paper:
                 pv = ref.get(m)
                 line.append(_with_share(pv, ref.get(share)) if m in shared and pv is not None else fmt(pv))
+        for base in suite.table.speedup_vs:
+            other = by_case.get((base, *(str(case.get(k)) for k in match_keys)))
+            mine = metric_value(row, speedup) if row["status"] == "ok" else None
+            theirs = metric_value(other, speedup) if other and other["status"] == "ok" else None
+            line.append(f"{theirs / mine:.2f}x" if mine and theirs else "-")
         body.append(line)
     return header, body
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from longexposure import __version__
 from longexposure.measure import is_oom
 from longexposure.registry import TASKS
-from longexposure.suite.config import Suite, load_suite
+from longexposure.suite.config import Suite, case_fields, load_suite
 from longexposure.suite.context import RunContext
 from longexposure.suite.report import write_report
 
@@ -102,8 +102,10 @@ def run_suite(
     out: str | Path = "artifacts",
     force: bool = False,
     device: str | None = None,
+    only: dict[str, str] | None = None,
 ) -> Path:
-    """Run every pending case of `preset` and write the artifacts; returns the artifact directory."""
+    """Run every pending case of `preset` (or those matching `only`: key -> value as text) and write
+    the artifacts; returns the artifact directory."""
     suite: Suite = load_suite(suite_path)
     preset = suite.resolve_preset(preset)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -120,6 +122,13 @@ def run_suite(
     entry = TASKS.entry(suite.task)
     task, case_type = entry.obj, entry.meta["case"]
     cases = suite.cases(preset)
+    if only:
+        unknown = sorted(set(only) - {k for c in cases for k in c})
+        if unknown:
+            raise ValueError(f"--only: {suite.path} has no case key {unknown[0]!r}")
+        cases = [c for c in cases if all(str(c.get(k)) == v for k, v in only.items())]
+        if not cases:
+            raise ValueError(f"--only {only}: no case of preset {preset!r} matches")
     pending = [c for c in cases if _case_key(c) not in done]
     meta = {
         "suite": suite.name,
@@ -144,7 +153,7 @@ def run_suite(
         started = time.perf_counter()
         row: dict[str, Any] = {"case": case, "device": meta["device"], "git": meta["git"]}
         try:
-            result = task(case_type(**case), ctx)
+            result = task(case_type(**case_fields(case)), ctx)
             row["status"] = "ok"
             row["info"] = result.pop("info", {})
             row["metrics"] = result

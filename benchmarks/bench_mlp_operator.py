@@ -1,0 +1,349 @@
+"""GPU benchmark of the neuron-block MLP operator (paper Fig. 12 right): dense vs torch-gather vs triton.
+
+Goal: forward and backward time against density at OPT-1.3B dims, and the issue-3 targets. Hardware: one
+CUDA GPU (reported numbers: H100). Launch:
+
+    PYTHONUNBUFFERED=1 python benchmarks/bench_mlp_operator.py --out artifacts/fig12_mlp/<device>.json
+    python benchmarks/bench_mlp_operator.py --report artifacts/fig12_mlp/<device>.json   # table + plot
+
+Every case is first checked on fresh random inputs (output and gradients against an fp32 reference on
+the GPU, beside the same-precision torch reference's error), then timed with `triton.testing.do_bench`
+(median, L2 flushed between calls), which includes host launch overhead wherever it exceeds the GPU
+time, and as GPU time alone (`queued_ms`: the calls are queued behind a GPU sleep, then timed back to
+back with CUDA events). Setup is shared with the `mlp-operator` task
+(`longexposure.tasks.mlp_operator.build_case`).
+
+Targets (issue 3), per tokens, direction and density d, with triton at a fixed capacity (all blocks) and
+a device-side count:
+  T1 triton <= 1.15 * d * dense + 20 us;  T2 dense / triton >= 5 at d = 0.1;
+  T3 triton <= 1.10 * dense at d = 1.0;   T4 triton <= 1.10 * torch-gather.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from longexposure.tasks.mlp_operator import MlpOperatorCase, build_case
+
+DENSITIES = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+TOKENS = [4 * 512, 4 * 1024]
+
+
+def matrix(quick: bool) -> list[MlpOperatorCase]:
+    """The benchmark grid: the paper's (grads='x', i.e. frozen weights) plus a few trainable-weight cases."""
+    cases = []
+    dens = [1.0, 0.5, 0.1] if quick else DENSITIES
+    for tokens in TOKENS[:1] if quick else TOKENS:
+        for density in dens:
+            for backend in ("dense", "torch-gather", "triton"):
+                if backend == "dense" and density != 1.0:
+                    continue  # dense ignores the active set: one measurement per shape
+                cases.append(MlpOperatorCase(backend=backend, tokens=tokens, density=density, grads="x"))
+    for grads in ("lora", "all"):
+        for density in (1.0, 0.5, 0.1):
+            for backend in ("dense", "torch-gather", "triton"):
+                if backend == "dense" and density != 1.0:
+                    continue
+                cases.append(MlpOperatorCase(backend=backend, tokens=2048, density=density, grads=grads))
+    for density in (1.0, 0.5, 0.1):  # the cost of the fixed capacity: exact ids instead
+        cases.append(MlpOperatorCase(backend="triton", tokens=2048, density=density, grads="x", capacity="exact"))
+    return cases
+
+
+_SLEEP_CYCLES = 60_000_000
+
+
+def queued_ms(fn, n: int = 10, repeats: int = 5) -> tuple[float, bool]:
+    """GPU time per call with the launch gaps removed: a GPU sleep holds the stream while the host queues
+    `n` calls, then CUDA events time the `n` calls back to back. Returns (median ms, host_bound), where
+    host_bound says the host needed longer than the sleep to queue them (then gaps are back in)."""
+    fn()
+    torch.cuda.synchronize()
+    s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s0.record()
+    torch.cuda._sleep(_SLEEP_CYCLES)
+    s1.record()
+    s1.synchronize()
+    sleep_ms = s0.elapsed_time(s1)
+    times, host_bound = [], False
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(_SLEEP_CYCLES)
+        t0 = time.perf_counter()
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        host_bound |= (time.perf_counter() - t0) * 1e3 > 0.9 * sleep_ms
+        end.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    return sorted(times)[len(times) // 2], host_bound
+
+
+def run_case(case: MlpOperatorCase, queued: bool) -> dict:
+    import triton.testing
+
+    row = {"case": asdict(case)}
+    built = build_case(case, "cuda", seed=0)
+    row["info"] = built.info
+    errors = built.check(hi_dtype=torch.float32, hi_device="cuda")
+    row.update(errors)
+    row["correct"] = bool(errors["finite"]) and errors["fwd_rel_err"] <= 2 * errors["fwd_ref_rel_err"] + 1e-3 and (
+        errors["bwd_rel_err"] <= 2 * errors["bwd_ref_rel_err"] + 1e-3)
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    row["fwd_ms"] = bench(built.fwd)
+    row["bwd_ms"] = bench(built.bwd)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):  # host time per forward call (the GPU queue absorbs it unless the GPU is faster)
+        built.fwd()
+    row["fwd_host_us"] = (time.perf_counter() - start) / 20 * 1e6
+    torch.cuda.synchronize()
+    if queued:  # GPU time without host launch gaps (see queued_ms)
+        row["fwd_gpu_ms"], row["fwd_host_bound"] = queued_ms(built.fwd)
+        row["bwd_gpu_ms"], row["bwd_host_bound"] = queued_ms(built.bwd)
+    return row
+
+
+def _key(r):
+    c = r["case"]
+    return c["tokens"], c["grads"], c["capacity"], c["backend"], c["density"]
+
+
+PHASES = {"gpu": ("fwd_gpu_ms", "bwd_gpu_ms"), "eager": ("fwd_ms", "bwd_ms")}
+
+
+def evaluate(rows: list[dict]) -> list[dict]:
+    """Target checks per (timing, tokens, grads, direction, density) for the fixed-capacity triton rows.
+
+    `eager` is do_bench over Python calls (host launch overhead included where it exceeds the GPU
+    time); `gpu` is the same calls queued behind a GPU sleep (GPU time only, see queued_ms).
+    """
+    by = {}
+    for r in rows:
+        if "fwd_ms" in r:
+            c = r["case"]
+            by[(c["tokens"], c["grads"], c["backend"], c["capacity"] if c["backend"] == "triton" else "-",
+                c["density"])] = r
+    out = []
+    for timing, phases in PHASES.items():
+        for (tokens, grads, backend, capacity, d), r in sorted(by.items()):
+            if backend != "triton" or capacity != "all":
+                continue
+            dense = by.get((tokens, grads, "dense", "-", 1.0))
+            gather = by.get((tokens, grads, "torch-gather", "-", d))
+            for phase in phases:
+                t = r.get(phase)
+                if t is None:
+                    continue
+                row = {"timing": timing, "tokens": tokens, "grads": grads, "density": d, "phase": phase[:3],
+                       "triton_ms": t}
+                if dense and dense.get(phase) is not None:
+                    dt = dense[phase]
+                    row["dense_ms"] = dt
+                    row["T1_bound_ms"] = 1.15 * d * dt + 0.020
+                    row["T1"] = t <= row["T1_bound_ms"]
+                    row["speedup_vs_dense"] = dt / t
+                    if math.isclose(d, 0.1):
+                        row["T2"] = dt / t >= 5.0
+                    if math.isclose(d, 1.0):
+                        row["T3"] = t <= 1.10 * dt
+                if gather and gather.get(phase) is not None:
+                    row["gather_ms"] = gather[phase]
+                    row["T4"] = t <= 1.10 * gather[phase]
+                    row["vs_gather"] = t / gather[phase]
+                out.append(row)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'tokens':>6} {'grads':>5} {'backend':>13} {'cap':>5} {'dens':>5} {'fwd_ms':>8} {'bwd_ms':>8} "
+             f"{'fwd_gpu':>7} {'bwd_gpu':>7} {'host_us':>7} {'fwd_err':>8} {'bwd_err':>8} ok"]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"
+    for r in sorted((r for r in rows if "fwd_ms" in r), key=_key):
+        c = r["case"]
+        cap = c["capacity"][:5] if c["backend"] == "triton" else "-"
+        lines.append(f"{c['tokens']:>6} {c['grads']:>5} {c['backend']:>13} {cap:>5} {c['density']:>5.2f} "
+                     f"{r['fwd_ms']:>8.4f} {r['bwd_ms']:>8.4f} {fmt(r.get('fwd_gpu_ms')):>7} "
+                     f"{fmt(r.get('bwd_gpu_ms')):>7} {r.get('fwd_host_us', float('nan')):>7.1f} "
+                     f"{r['fwd_rel_err']:>8.1e} {r['bwd_rel_err']:>8.1e} {'y' if r['correct'] else 'NO'}")
+    for r in rows:
+        if "error" in r:
+            lines.append(f"ERROR {r['case']}: {r['error']}")
+        if r.get("fwd_host_bound") or r.get("bwd_host_bound"):
+            lines.append(f"note: host-bound queued timing for {r['case']}")
+    return "\n".join(lines)
+
+
+def targets_table(checks: list[dict]) -> str:
+    lines = [f"{'timing':>6} {'tokens':>6} {'grads':>5} {'ph':>3} {'dens':>5} {'triton':>8} {'dense':>8} "
+             f"{'T1bound':>8} {'xdense':>6} {'gather':>8} {'t/gath':>6}  targets"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    for c in checks:
+        flags = " ".join(f"{k}={'ok' if c[k] else 'MISS'}" for k in ("T1", "T2", "T3", "T4") if k in c)
+        lines.append(f"{c['timing']:>6} {c['tokens']:>6} {c['grads']:>5} {c['phase']:>3} {c['density']:>5.2f} "
+                     f"{c['triton_ms']:>8.4f} {fmt(c.get('dense_ms'), '8.4f'):>8} "
+                     f"{fmt(c.get('T1_bound_ms'), '8.4f'):>8} {fmt(c.get('speedup_vs_dense'), '6.2f'):>6} "
+                     f"{fmt(c.get('gather_ms'), '8.4f'):>8} {fmt(c.get('vs_gather'), '6.2f'):>6}  {flags}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = sorted({r["case"]["tokens"] for r in rows if "fwd_ms" in r and r["case"]["grads"] == "x"})
+    panels = [("fwd_gpu_ms", "fwd, GPU time"), ("bwd_gpu_ms", "bwd, GPU time"), ("fwd_ms", "fwd, eager do_bench"),
+              ("bwd_ms", "bwd, eager do_bench")]
+    fig, axes = plt.subplots(len(tokens), len(panels), figsize=(4.2 * len(panels), 3.6 * len(tokens)), squeeze=False)
+    for i, t in enumerate(tokens):
+        for j, (phase, label) in enumerate(panels):
+            ax = axes[i][j]
+            for backend in ("dense", "torch-gather", "triton"):
+                pts = sorted((1 - r["case"]["density"], r[phase]) for r in rows if r.get(phase) is not None
+                             and r["case"]["tokens"] == t and r["case"]["grads"] == "x"
+                             and r["case"]["backend"] == backend and r["case"]["capacity"] == "all")
+                if backend == "dense" and pts:
+                    ax.axhline(pts[0][1], color="k", ls="--", label="dense")
+                elif pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=backend)
+            ax.set_title(f"tokens={t}, {label}", fontsize=9)
+            ax.set_xlabel("sparsity (1 - density)")
+            ax.set_ylabel("ms")
+            ax.legend(fontsize=8)
+    fig.suptitle("Neuron-block MLP, fp16, d_model=2048, ffn=8192, block 64 (frozen weights: grads for x)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def diagnose() -> dict:
+    """Per-kernel CUDA-graph times against the matching torch matmul, and where the host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    import triton.testing
+    from longexposure.kernels import neuron_block_mlp as k
+
+    out = {}
+    dev, dt = "cuda", torch.float16
+    t_, d, ffn, blk = 2048, 2048, 8192, 64
+    g = lambda f: triton.testing.do_bench_cudagraph(f, rep=40, return_mode="median")
+    x = torch.randn(t_, d, device=dev, dtype=dt)
+    w1 = torch.randn(ffn, d, device=dev, dtype=dt) * d**-0.5
+    w2n = torch.randn(ffn, d, device=dev, dtype=dt) * ffn**-0.5  # fc2.weight^T, neuron-major
+    b1, b2 = torch.zeros(ffn, device=dev, dtype=dt), torch.zeros(d, device=dev, dtype=dt)
+
+    def kernel_times(density: float) -> dict[str, float]:  # one density; every lambda is timed at once
+        n = int(ffn // blk * density)
+        ids = torch.arange(ffn // blk, device=dev, dtype=torch.int32)
+        cnt = torch.tensor([n], device=dev, dtype=torch.int32)
+        h = torch.empty(t_, ffn, device=dev, dtype=dt)
+        k._launch_sdd(x, w1, ids, cnt, blk, bias=b1, out=h)
+        o = torch.empty(t_, d, device=dev, dtype=dt)
+        gw = torch.zeros(ffn, d, device=dev, dtype=dt)
+        hc, w1c, w2c = h[:, : n * blk].contiguous(), w1[: n * blk].contiguous(), w2n[: n * blk].contiguous()
+        return {
+            "sdd fc1 (bias+relu)": g(lambda: k._launch_sdd(x, w1, ids, cnt, blk, bias=b1, out=h)),
+            "mm x@W1c^T": g(lambda: torch.mm(x, w1c.t())),
+            "dsd fc2 (bias)": g(lambda: k._launch_dsd(h, w2n, ids, cnt, blk, bias=b2, out=o)),
+            "mm hc@W2c": g(lambda: torch.mm(hc, w2c)),
+            "sdd dZ (mask)": g(lambda: k._launch_sdd(o, w2n, ids, cnt, blk, h=h, epilogue=2, out=h)),
+            "wgrad dW1 = dZ^T x": g(lambda: k._launch_wgrad(h, x, ids, cnt, blk, out=gw)),
+            "mm hc^T@x": g(lambda: torch.mm(hc.t(), x)),
+            "zeros_like(W1)": g(lambda: torch.zeros_like(w1)),
+        }
+
+    for density in (1.0, 0.1):
+        out[f"density {density}"] = kernel_times(density)
+        print(density, json.dumps(out[f"density {density}"]))
+    built = build_case(MlpOperatorCase(backend="triton", density=0.1), "cuda")
+    for _ in range(5):
+        built.fwd()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        built.fwd()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(22)
+    out["host_profile_200_fwd"] = buf.getvalue()[-6000:]
+    print(out["host_profile_200_fwd"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, help="JSON file to write (rows, target checks, meta)")
+    ap.add_argument("--quick", action="store_true", help="densities 1.0/0.5/0.1 and 2048 tokens only")
+    ap.add_argument("--no-queued", action="store_true", help="skip the GPU-only (queued) timings")
+    ap.add_argument("--report", type=Path, help="re-print tables and draw the plot from an existing JSON")
+    ap.add_argument("--diagnose", type=Path, help="per-kernel times and a host profile, written to this JSON")
+    args = ap.parse_args(argv)
+
+    if args.report:
+        data = json.loads(args.report.read_text())
+        text = (f"# {data['meta'].get('device', '?')}: {args.report.name}\n\n"
+                f"Generated by `python benchmarks/bench_mlp_operator.py --report {args.report}`.\n\n"
+                f"```\n{table(data['rows'])}\n```\n\n```\n{targets_table(data['targets'])}\n```\n")
+        args.report.with_suffix(".md").write_text(text)
+        print(text)
+        plot(data["rows"], args.report.with_suffix(".png"))
+        print(f"plot: {args.report.with_suffix('.png')}")
+        return 0
+    if not torch.cuda.is_available():
+        print("bench_mlp_operator: needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    if args.diagnose:
+        args.diagnose.write_text(json.dumps(diagnose(), indent=1))
+        if not args.out:
+            return 0
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "dtype": "float16", "d_model": 2048, "ffn": 8192, "block_size": 64,
+            "timer": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)", "started": time.strftime("%F %T")}
+    rows = []
+    t0 = time.time()
+    for case in matrix(args.quick):
+        try:
+            rows.append(run_case(case, queued=not args.no_queued))
+        except Exception as exc:  # keep going: one bad case must not lose the rest
+            rows.append({"case": asdict(case), "error": f"{type(exc).__name__}: {exc}"[:500]})
+        if args.out:  # rewritten after every case, so a run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"meta": meta, "rows": rows, "targets": evaluate(rows)}, indent=1))
+        r = rows[-1]
+        print(f"[{time.time() - t0:6.1f}s] {r['case']['backend']:>12} T={case.tokens} d={case.density} "
+              f"grads={case.grads} cap={case.capacity}: "
+              + (f"fwd {r['fwd_ms']:.4f} bwd {r['bwd_ms']:.4f} ok={r['correct']}" if "fwd_ms" in r else r["error"]))
+    checks = evaluate(rows)
+    meta["seconds"] = time.time() - t0
+    from longexposure.kernels import neuron_block_mlp as kernels
+
+    meta["autotuned"] = {
+        name: {str(k): str(v) for k, v in getattr(kernels, name).cache.items()}
+        for name in ("_sdd_kernel", "_dsd_kernel", "_wgrad_kernel")
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows, "targets": checks}, indent=1))
+    print(table(rows))
+    print(targets_table(checks))
+    return 0 if all(r.get("correct") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,727 @@
+"""Block-sparse flash attention over a per-(batch, head) `BlockLayout`, forward and backward.
+
+Math (per batch b, head h; s = softmax scale, M = layout block mask expanded to tokens, & causal,
+& key padding):
+    P = softmax(s * Q K^T masked by M)      O = P V      lse_i = log sum_j exp(s q_i.k_j)
+    dV = P^T dO    dP = dO V^T    dS = P * (dP - rowsum(dO * O))    dQ = s dS K    dK = s dS^T Q
+
+Kernels (flash style: online softmax, no materialised score matrix, fp32 accumulation):
+    _bsa_fwd_kernel          one program per (query block, batch*head); visits only the key blocks
+                             listed in kv_indices; writes O and the row log-sum-exp (log2 domain).
+    _bsa_bwd_delta_kernel    delta = rowsum(dO * O).
+    _bsa_bwd_dkdv_kernel     one program per (key block, batch*head); visits the query blocks of the
+                             transposed layout (q_indices).
+    _bsa_bwd_dq_kernel       one program per (query block, batch*head); visits kv_indices again.
+    _layout_union_kernel     the pattern pool's online combination: per (batch*head, row), the union
+                             of the selected atoms' precomputed block lists.
+
+Work order: the grid is one flat axis over every (block row, batch, head) of the whole grid, heaviest
+rows first (for causal layouts the last query blocks, or the first key blocks in dK/dV), so the GPU's
+block scheduler balances by blocks, not by heads. Rows list their blocks in increasing order, so the
+blocks that need an element mask (the causal diagonal, blocks crossing the padded length) are a
+suffix (forward, dQ) or a prefix (dK/dV) of each row: they run in a separate masked loop and the
+bulk loop carries no mask arithmetic.
+
+Padding: tokens at or beyond seq_lens[b] are masked as keys; their query rows get O = 0, lse = +inf
+and zero gradients. A row with no visible key (e.g. an empty layout row) also gets O = 0.
+
+Program ids are widened to int64 before pointer math. Autotune spaces come from `autotune_configs`;
+LONGEXPOSURE_AUTOTUNE=0 (and the Triton interpreter) collapse them to one config.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_configs(kind: str) -> list[triton.Config]:
+    """Autotune space of one kernel kind (`fwd`, `bwd`); one config when autotuning is off."""
+    if os.environ.get("LONGEXPOSURE_AUTOTUNE", "1") == "0" or _interpreting():
+        return [triton.Config({"SPLIT": 1}, num_warps=4, num_stages=2)]  # fits 227 KB smem up to D=128, block 128
+    stages = (2, 3, 4) if kind == "fwd" else (1, 2, 3)
+    return [
+        triton.Config({"SPLIT": split}, num_warps=w, num_stages=s) for split in (1, 2) for w in (4, 8) for s in stages
+    ]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    # small tiles gain nothing from 8 warps; only 128-blocks are split into two 64-row tiles
+    block = kwargs.get("BLOCK", named_args.get("BLOCK", 64))
+    kept = [c for c in configs if not (block <= 32 and c.num_warps > 4) and not (block < 128 and c.kwargs["SPLIT"] > 1)]
+    return kept or configs[:1]
+
+
+_KEY = ["BLOCK", "BLOCK_D", "CAUSAL", "EVEN_S"]
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _load_tile(base, row0, stride_s, offs_d, S, D, ROWS: tl.constexpr, EVEN_S: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    """Rows [row0, row0 + ROWS) of a (S, D) row-major slab as a (ROWS, BLOCK_D) tile; out of range reads 0.
+
+    Only the scalar row0 * stride is 64-bit; the tile's 2-D offsets are 32-bit and loop-invariant."""
+    r = tl.arange(0, ROWS)
+    ptrs = base + row0 * stride_s + (r[:, None] * stride_s + offs_d[None, :])
+    if EVEN_S:
+        if EVEN_D:  # noqa: SIM108 - constexpr branches read better than a ternary here
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    else:
+        rows = row0 + r
+        if EVEN_D:
+            x = tl.load(ptrs, mask=rows[:, None] < S, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < S) & (offs_d[None, :] < D), other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(base, x, row0, stride_s, offs_d, S, D, ROWS: tl.constexpr, EVEN_S: tl.constexpr,
+                EVEN_D: tl.constexpr):
+    r = tl.arange(0, ROWS)
+    ptrs = base + row0 * stride_s + (r[:, None] * stride_s + offs_d[None, :])
+    if EVEN_S:
+        if EVEN_D:
+            tl.store(ptrs, x)
+        else:
+            tl.store(ptrs, x, mask=offs_d[None, :] < D)
+    else:
+        rows = row0 + r
+        if EVEN_D:
+            tl.store(ptrs, x, mask=rows[:, None] < S)
+        else:
+            tl.store(ptrs, x, mask=(rows[:, None] < S) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr):
+    """a @ b with fp32 accumulation. "interp-bf16": the Triton interpreter's bf16 dot is wrong, so the
+    (exactly representable) bf16 operands are widened there; compiled kernels never take this branch."""
+    if DOT_PREC == "interp-bf16":
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        c = tl.dot(a, b, input_precision=DOT_PREC)
+    return c
+
+
+@triton.jit
+def _row_entries(row_ptr, cnt, NKP: tl.constexpr):
+    """The row's block list as a (NKP,) vector; slots past `cnt` hold a large sentinel."""
+    pos = tl.arange(0, NKP)
+    return tl.load(row_ptr + pos, mask=pos < cnt, other=2147483647)
+
+
+@triton.jit
+def _fwd_inner(
+    acc, m_i, l_i, q, row_ptr, lo, hi, k_base, v_base, sks, svs, offs_m, offs_d, qb, L, S, D, qk_scale,
+    BLOCK: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile: a listed block is visited in SPLIT tiles
+    for j in range(lo, hi):
+        kb = tl.load(row_ptr + j).to(tl.int64)
+        for t in tl.static_range(SPLIT):
+            n0 = kb * BLOCK + t * SUB
+            k = _load_tile(k_base, n0, sks, offs_d, S, D, SUB, EVEN_S, EVEN_D)
+            v = _load_tile(v_base, n0, svs, offs_d, S, D, SUB, EVEN_S, EVEN_D)
+            qk = _dot(q, tl.trans(k), DOT_PREC)
+            if MASKED:
+                offs_n = n0 + tl.arange(0, SUB)
+                ok = offs_n[None, :] < L
+                if CAUSAL:
+                    ok = ok & (offs_n[None, :] <= offs_m[:, None])
+                qk = tl.where(ok, qk, float("-inf"))
+            # raw-score row max, scaled once per row, so the exponent below is one FMA per element
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
+            m_i = m_new
+    return acc, m_i, l_i
+
+
+# ---------------------------------------------------------------------------------------- forward
+
+
+@triton.autotune(configs=autotune_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bsa_fwd_kernel(
+    q_ptr,  # (B, H, S, D)
+    k_ptr,  # (B, H, S, D)
+    v_ptr,  # (B, H, S, D)
+    o_ptr,  # (B, H, S, D) out
+    lse_ptr,  # (B, H, S) fp32 out, log2 domain of the scaled scores
+    kv_cnt_ptr,  # (LB, LH, NQ) int32; LB in {1, B}, LH in {1, H} (stride 0 broadcasts)
+    kv_idx_ptr,  # (LB, LH, NQ, NK) int32
+    lens_ptr,  # (B,) int32 valid lengths (read only if HAS_LENS)
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
+    scb, sch, scr, sib, sih, sir,
+    H, BH, S, NQ, qk_scale,
+    D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NKP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    qb = NQ - 1 - pid // BH  # heaviest (last) query blocks first
+    bh = pid % BH
+    b = bh // H
+    h = bh % H
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    if HAS_LENS:  # noqa: SIM108
+        L = tl.load(lens_ptr + b).to(tl.int64)
+    else:
+        L = S
+    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, qb * BLOCK, sqs, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+
+    cnt = tl.load(kv_cnt_ptr + b * scb + h * sch + qb * scr)
+    cnt = tl.where(qb * BLOCK < L, cnt, 0)  # a fully padded query block does nothing
+    row_ptr = kv_idx_ptr + b * sib + h * sih + qb * sir
+    # blocks before min(qb, L // BLOCK) need no element mask; sorted rows put them first
+    lim = L // BLOCK
+    if CAUSAL:
+        lim = tl.minimum(lim, qb)
+    n_full = tl.sum((_row_entries(row_ptr, cnt, NKP) < lim).to(tl.int32), 0)
+
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, row_ptr, 0, n_full, k_base, v_base, sks, svs, offs_m, offs_d, qb, L, S, D, qk_scale,
+        BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC,
+    )
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, row_ptr, n_full, cnt, k_base, v_base, sks, svs, offs_m, offs_d, qb, L, S, D, qk_scale,
+        BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC,
+    )
+    live = (l_i > 0.0) & (offs_m < L)
+    o = acc / tl.where(live, l_i, 1.0)[:, None]
+    o = tl.where(live[:, None], o, 0.0)
+    lse = tl.where(live, m_i + tl.math.log2(tl.where(live, l_i, 1.0)), float("inf"))
+    o_base = o_ptr + b * sob + h * soh
+    _store_tile(o_base, o.to(o_ptr.dtype.element_ty), qb * BLOCK, sos, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+    if EVEN_S:
+        tl.store(lse_ptr + bh * S + offs_m, lse)
+    else:
+        tl.store(lse_ptr + bh * S + offs_m, lse, mask=offs_m < S)
+
+
+# --------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bsa_bwd_delta_kernel(
+    o_ptr,  # (B, H, S, D)
+    do_ptr,  # (B, H, S, D)
+    delta_ptr,  # (B, H, S) fp32 out
+    sob, soh, sos, sdb, sdh, sds,
+    H, BH, S,
+    D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    qb = pid // BH
+    bh = pid % BH
+    b = bh // H
+    h = bh % H
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(o_ptr + b * sob + h * soh, qb * BLOCK, sos, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+    do = _load_tile(do_ptr + b * sdb + h * sdh, qb * BLOCK, sds, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if EVEN_S:
+        tl.store(delta_ptr + bh * S + offs_m, delta)
+    else:
+        tl.store(delta_ptr + bh * S + offs_m, delta, mask=offs_m < S)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, col_ptr, lo, hi, q_base, do_base, lse_base, delta_base, sqs, sds, offs_n, offs_d, L, S, D,
+    qk_scale,
+    BLOCK: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    SUB: tl.constexpr = BLOCK // SPLIT  # query rows per tile
+    for j in range(lo, hi):
+        qb = tl.load(col_ptr + j).to(tl.int64)
+        for t in tl.static_range(SPLIT):
+            m0 = qb * BLOCK + t * SUB
+            offs_m = m0 + tl.arange(0, SUB)
+            q = _load_tile(q_base, m0, sqs, offs_d, S, D, SUB, EVEN_S, EVEN_D)
+            do = _load_tile(do_base, m0, sds, offs_d, S, D, SUB, EVEN_S, EVEN_D)
+            if EVEN_S:
+                lse = tl.load(lse_base + offs_m)
+                delta = tl.load(delta_base + offs_m)
+            else:
+                lse = tl.load(lse_base + offs_m, mask=offs_m < S, other=float("inf"))
+                delta = tl.load(delta_base + offs_m, mask=offs_m < S, other=0.0)
+            qk_t = _dot(k, tl.trans(q), DOT_PREC)  # (keys, queries)
+            p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # padded query rows have lse = +inf -> 0
+            if MASKED:
+                ok = offs_n[:, None] < L
+                if CAUSAL:
+                    ok = ok & (offs_n[:, None] <= offs_m[None, :])
+                p_t = tl.where(ok, p_t, 0.0)
+            dv += _dot(p_t.to(do.dtype), do, DOT_PREC)
+            dp_t = _dot(v, tl.trans(do), DOT_PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _dot(ds_t.to(q.dtype), q, DOT_PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=autotune_configs("bwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bsa_bwd_dkdv_kernel(
+    q_ptr,  # (B, H, S, D)
+    k_ptr,  # (B, H, S, D)
+    v_ptr,  # (B, H, S, D)
+    do_ptr,  # (B, H, S, D)
+    lse_ptr,  # (B, H, S) fp32
+    delta_ptr,  # (B, H, S) fp32
+    dk_ptr,  # (B, H, S, D) out
+    dv_ptr,  # (B, H, S, D) out
+    q_cnt_ptr,  # (LB, LH, NK) int32: transposed layout
+    q_idx_ptr,  # (LB, LH, NK, NQ) int32
+    lens_ptr,  # (B,) int32
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
+    scb, sch, scr, sib, sih, sir,
+    H, BH, S, sm_scale, qk_scale,
+    D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NQP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    kb = pid // BH  # causal: the first key blocks have the most query blocks
+    bh = pid % BH
+    b = bh // H
+    h = bh % H
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    if HAS_LENS:  # noqa: SIM108
+        L = tl.load(lens_ptr + b).to(tl.int64)
+    else:
+        L = S
+    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(k_ptr + b * skb + h * skh, kb * BLOCK, sks, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+    v = _load_tile(v_ptr + b * svb + h * svh, kb * BLOCK, svs, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+
+    cnt = tl.load(q_cnt_ptr + b * scb + h * sch + kb * scr)
+    cnt = tl.where(kb * BLOCK < L, cnt, 0)
+    col_ptr = q_idx_ptr + b * sib + h * sih + kb * sir
+    # masked blocks form a prefix: the causal diagonal (and anything above it), or the whole column
+    # when this key block crosses the valid length
+    if CAUSAL:  # noqa: SIM108
+        n_masked = tl.sum((_row_entries(col_ptr, cnt, NQP) <= kb).to(tl.int32), 0)
+    else:
+        n_masked = 0
+    n_masked = tl.where((kb + 1) * BLOCK > L, cnt, n_masked)
+
+    dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    q_base = q_ptr + b * sqb + h * sqh
+    do_base = do_ptr + b * sdb + h * sdh
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, col_ptr, 0, n_masked, q_base, do_base, lse_ptr + bh * S, delta_ptr + bh * S, sqs, sds,
+        offs_n, offs_d, L, S, D, qk_scale, BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC,
+    )
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, col_ptr, n_masked, cnt, q_base, do_base, lse_ptr + bh * S, delta_ptr + bh * S, sqs, sds,
+        offs_n, offs_d, L, S, D, qk_scale, BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC,
+    )
+    dk = dk * sm_scale
+    dk_base, dv_base = dk_ptr + b * sdkb + h * sdkh, dv_ptr + b * sdvb + h * sdvh
+    _store_tile(dk_base, dk.to(dk_ptr.dtype.element_ty), kb * BLOCK, sdks, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+    _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), kb * BLOCK, sdvs, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse, delta, row_ptr, lo, hi, k_base, v_base, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+    BLOCK: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile
+    for j in range(lo, hi):
+        kb = tl.load(row_ptr + j).to(tl.int64)
+        for t in tl.static_range(SPLIT):
+            n0 = kb * BLOCK + t * SUB
+            k = _load_tile(k_base, n0, sks, offs_d, S, D, SUB, EVEN_S, EVEN_D)
+            v = _load_tile(v_base, n0, svs, offs_d, S, D, SUB, EVEN_S, EVEN_D)
+            qk = _dot(q, tl.trans(k), DOT_PREC)
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+            if MASKED:
+                offs_n = n0 + tl.arange(0, SUB)
+                ok = offs_n[None, :] < L
+                if CAUSAL:
+                    ok = ok & (offs_n[None, :] <= offs_m[:, None])
+                p = tl.where(ok, p, 0.0)
+            dp = _dot(do, tl.trans(v), DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, DOT_PREC)
+    return dq
+
+
+@triton.autotune(configs=autotune_configs("bwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bsa_bwd_dq_kernel(
+    q_ptr,  # (B, H, S, D)
+    k_ptr,  # (B, H, S, D)
+    v_ptr,  # (B, H, S, D)
+    do_ptr,  # (B, H, S, D)
+    lse_ptr,  # (B, H, S) fp32
+    delta_ptr,  # (B, H, S) fp32
+    dq_ptr,  # (B, H, S, D) out
+    kv_cnt_ptr,  # (LB, LH, NQ) int32
+    kv_idx_ptr,  # (LB, LH, NQ, NK) int32
+    lens_ptr,  # (B,) int32
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sdqb, sdqh, sdqs,
+    scb, sch, scr, sib, sih, sir,
+    H, BH, S, NQ, sm_scale, qk_scale,
+    D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NKP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    qb = NQ - 1 - pid // BH
+    bh = pid % BH
+    b = bh // H
+    h = bh % H
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    if HAS_LENS:  # noqa: SIM108
+        L = tl.load(lens_ptr + b).to(tl.int64)
+    else:
+        L = S
+    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, qb * BLOCK, sqs, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+    do = _load_tile(do_ptr + b * sdb + h * sdh, qb * BLOCK, sds, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+    if EVEN_S:
+        lse = tl.load(lse_ptr + bh * S + offs_m)
+        delta = tl.load(delta_ptr + bh * S + offs_m)
+    else:
+        lse = tl.load(lse_ptr + bh * S + offs_m, mask=offs_m < S, other=float("inf"))
+        delta = tl.load(delta_ptr + bh * S + offs_m, mask=offs_m < S, other=0.0)
+
+    cnt = tl.load(kv_cnt_ptr + b * scb + h * sch + qb * scr)
+    cnt = tl.where(qb * BLOCK < L, cnt, 0)
+    row_ptr = kv_idx_ptr + b * sib + h * sih + qb * sir
+    lim = L // BLOCK
+    if CAUSAL:
+        lim = tl.minimum(lim, qb)
+    n_full = tl.sum((_row_entries(row_ptr, cnt, NKP) < lim).to(tl.int32), 0)
+
+    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    dq = _dq_inner(
+        dq, q, do, lse, delta, row_ptr, 0, n_full, k_base, v_base, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+        BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC,
+    )
+    dq = _dq_inner(
+        dq, q, do, lse, delta, row_ptr, n_full, cnt, k_base, v_base, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+        BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC,
+    )
+    dq = dq * sm_scale
+    dq_base = dq_ptr + b * sdqb + h * sdqh
+    _store_tile(dq_base, dq.to(dq_ptr.dtype.element_ty), qb * BLOCK, sdqs, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+
+
+# ----------------------------------------------------------------------------------- layout union
+
+
+@triton.jit
+def _layout_union_kernel(
+    sel_ptr,  # (BH, A) uint8: 1 where atom a is selected for this (batch, head)
+    tab_ptr,  # (A, R, W) int32: each atom's block list per row (query rows, then key rows)
+    tab_cnt_ptr,  # (A, R) int32
+    cnt_ptr,  # (BH, R) int32 out
+    idx_ptr,  # (BH, R, C) int32 out: sorted union, then zeros
+    A, R, C,
+    W: tl.constexpr, CP: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid % R
+    bh = pid // R
+    cols = tl.arange(0, CP)
+    w = tl.arange(0, W)
+    member = tl.zeros([CP], dtype=tl.int32)
+    for a in range(0, A):
+        on = tl.load(sel_ptr + bh * A + a)
+        n = tl.load(tab_cnt_ptr + a * R + r)
+        n = tl.where(on != 0, n, 0)
+        ent = tl.load(tab_ptr + (a * R + r) * W + w, mask=w < n, other=-1)
+        hit = (ent[:, None] == cols[None, :]).to(tl.int32)
+        member = tl.maximum(member, tl.max(hit, axis=0))
+    count = tl.sum(member, axis=0)
+    pos = tl.cumsum(member, axis=0) - 1
+    out = idx_ptr + (bh * R + r) * C
+    tl.store(out + pos, cols, mask=member != 0)
+    tl.store(out + cols, tl.zeros([CP], dtype=tl.int32), mask=(cols >= count) & (cols < C))
+    tl.store(cnt_ptr + bh * R + r, count)
+
+
+# -------------------------------------------------------------------------------------- launchers
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class _InterpretedLaunch:
+    """`kernel[grid](...)` that skips fake tensors: under TRITON_INTERPRET=1 a kernel cannot be traced,
+    so torch.compile (backend="eager" only) propagates shapes through the op's fake impl without it."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            from torch._subclasses.fake_tensor import is_fake
+
+            if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+                return None
+            return self.kernel[grid](*args, **kwargs)
+
+        return run
+
+
+def _launch(kernel):
+    """The traceable launcher (`wrap_triton`) on GPU; the fake-skipping one in the interpreter."""
+    return _InterpretedLaunch(kernel) if _interpreting() else wrap_triton(kernel)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} dtype {t.dtype} is not supported; use one of {_DTYPES}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim (stride(-1) == 1), got {t.stride()}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(
+                f"{name} shape {tuple(t.shape)} != q shape {tuple(q.shape)} (no GQA here: repeat the kv heads)"
+            )
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}")
+    if q.shape[-1] > 256:
+        raise ValueError(f"head_dim {q.shape[-1]} > 256 is not supported")
+
+
+def _check_table(name: str, t: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    if t.dtype != torch.int32:
+        raise ValueError(f"{name} must be int32, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, q is on {device}")
+    fits = t.dim() == len(shape) and all(
+        a in (1, e) if i < 2 else a == e for i, (a, e) in enumerate(zip(t.shape, shape, strict=True))
+    )
+    if not fits:
+        raise ValueError(f"{name} shape {tuple(t.shape)} does not fit {shape} (batch and heads may be 1)")
+    if t.stride(-1) != 1 and len(shape) == 4:
+        raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def _layout_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of a (LB, LH, rows, ...) table, 0 where batch/heads broadcast."""
+    return (0 if t.shape[0] == 1 else t.stride(0), 0 if t.shape[1] == 1 else t.stride(1), t.stride(2))
+
+
+def _check_lens(seq_lens: torch.Tensor | None, batch: int, device: torch.device) -> None:
+    if seq_lens is None:
+        return
+    if seq_lens.dtype != torch.int32 or tuple(seq_lens.shape) != (batch,) or seq_lens.device != device:
+        raise ValueError(
+            f"seq_lens must be int32 of shape ({batch},) on {device}, got {seq_lens.dtype} {tuple(seq_lens.shape)} "
+            f"on {seq_lens.device}"
+        )
+
+
+def _check_block(block: int) -> None:
+    if not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+
+
+def _meta(q: torch.Tensor, block: int, scale: float) -> dict:
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    d = q.shape[-1]
+    interp_bf16 = _interpreting() and q.dtype == torch.bfloat16
+    return {
+        "D": d,
+        "BLOCK": block,
+        "BLOCK_D": max(16, triton.next_power_of_2(d)),
+        "EVEN_S": q.shape[2] % block == 0,
+        "DOT_PREC": "ieee" if q.dtype == torch.float32 else ("interp-bf16" if interp_bf16 else "tf32"),
+    }
+
+
+def block_sparse_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_counts: torch.Tensor,
+    kv_indices: torch.Tensor,
+    seq_lens: torch.Tensor | None,
+    *,
+    block: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward. Returns O (like q) and lse (B, H, S) fp32 in the log2 domain."""
+    _check_qkv(q, k, v)
+    _check_block(block)
+    bsz, heads, seq, _ = q.shape
+    nq = triton.cdiv(seq, block)
+    _check_table("kv_counts", kv_counts, (bsz, heads, nq), q.device)
+    _check_table("kv_indices", kv_indices, (bsz, heads, nq, nq), q.device)
+    _check_lens(seq_lens, bsz, q.device)
+    o = torch.empty_like(q)
+    lse = torch.empty((bsz, heads, seq), device=q.device, dtype=torch.float32)
+    grid = (nq * bsz * heads,)
+    _launch(_bsa_fwd_kernel)[grid](
+        q, k, v, o, lse, kv_counts, kv_indices, seq_lens if seq_lens is not None else kv_counts,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        *_layout_strides(kv_counts), *_layout_strides(kv_indices),
+        heads, bsz * heads, seq, nq, scale * math.log2(math.e),
+        NKP=max(16, triton.next_power_of_2(nq)), CAUSAL=causal, HAS_LENS=seq_lens is not None, **_meta(q, block, scale),
+    )
+    return o, lse
+
+
+def block_sparse_attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    kv_counts: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_counts: torch.Tensor,
+    q_indices: torch.Tensor,
+    seq_lens: torch.Tensor | None,
+    *,
+    block: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward (delta, dK/dV over the transposed layout, dQ). Returns dq, dk, dv."""
+    _check_qkv(q, k, v)
+    _check_block(block)
+    if do.shape != q.shape or do.stride(-1) != 1:
+        raise ValueError(f"do must have q's shape {tuple(q.shape)} and stride(-1) == 1, got {tuple(do.shape)}")
+    bsz, heads, seq, _ = q.shape
+    nq = triton.cdiv(seq, block)
+    _check_table("kv_counts", kv_counts, (bsz, heads, nq), q.device)
+    _check_table("kv_indices", kv_indices, (bsz, heads, nq, nq), q.device)
+    _check_table("q_counts", q_counts, (bsz, heads, nq), q.device)
+    _check_table("q_indices", q_indices, (bsz, heads, nq, nq), q.device)
+    _check_lens(seq_lens, bsz, q.device)
+    if lse.shape != (bsz, heads, seq) or not lse.is_contiguous():
+        raise ValueError(f"lse must be contiguous ({bsz}, {heads}, {seq}), got {tuple(lse.shape)}")
+    meta = _meta(q, block, scale)
+    lens = seq_lens if seq_lens is not None else kv_counts
+    delta = torch.empty_like(lse)
+    grid = (nq * bsz * heads,)
+    _launch(_bsa_bwd_delta_kernel)[grid](
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], heads, bsz * heads, seq,
+        D=meta["D"], BLOCK=block, BLOCK_D=meta["BLOCK_D"], EVEN_S=meta["EVEN_S"],
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    pow2 = max(16, triton.next_power_of_2(nq))
+    _launch(_bsa_bwd_dkdv_kernel)[grid](
+        q, k, v, do, lse, delta, dk, dv, q_counts, q_indices, lens,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        *_layout_strides(q_counts), *_layout_strides(q_indices),
+        heads, bsz * heads, seq, scale, scale * math.log2(math.e),
+        NQP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, **meta,
+    )
+    _launch(_bsa_bwd_dq_kernel)[grid](
+        q, k, v, do, lse, delta, dq, kv_counts, kv_indices, lens,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+        *_layout_strides(kv_counts), *_layout_strides(kv_indices),
+        heads, bsz * heads, seq, nq, scale, scale * math.log2(math.e),
+        NKP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, **meta,
+    )
+    return dq, dk, dv
+
+
+def layout_union(
+    selection: torch.Tensor, table: torch.Tensor, table_counts: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Union of the selected atoms' block lists for every (batch*head, row); one launch, no sync.
+
+    Args:
+        selection: (BH, A) bool or uint8, which atoms each (batch, head) combines.
+        table: (A, R, W) int32 per-atom, per-row sorted block lists (slots past the count unused).
+        table_counts: (A, R) int32.
+        width: C, the number of columns (block indices lie in [0, C)).
+
+    Returns:
+        counts (BH, R) int32 and indices (BH, R, C) int32 (sorted union, then zeros).
+    """
+    if selection.dim() != 2 or selection.shape[1] != table.shape[0]:
+        raise ValueError(f"selection must be (BH, {table.shape[0]}), got {tuple(selection.shape)}")
+    if selection.dtype == torch.bool:
+        selection = selection.view(torch.uint8)
+    if selection.dtype != torch.uint8:
+        raise ValueError(f"selection must be bool or uint8, got {selection.dtype}")
+    if table.dtype != torch.int32 or table_counts.dtype != torch.int32:
+        raise ValueError("table and table_counts must be int32")
+    if not (selection.is_contiguous() and table.is_contiguous() and table_counts.is_contiguous()):
+        raise ValueError("selection, table and table_counts must be contiguous")
+    bh, n_atoms = selection.shape
+    _, rows, w = table.shape
+    counts = torch.empty((bh, rows), dtype=torch.int32, device=table.device)
+    indices = torch.empty((bh, rows, width), dtype=torch.int32, device=table.device)
+    _layout_union_kernel[(bh * rows,)](
+        selection, table, table_counts, counts, indices, n_atoms, rows, width,
+        W=w, CP=max(16, triton.next_power_of_2(width)),
+    )
+    return counts, indices
+
+
+# --------------------------------------------------------------------------------- autograd Function
+
+
+class BlockSparseAttentionFunction(torch.autograd.Function):
+    """O = block_sparse_attention(q, k, v); gradients for q, k, v (layout tensors get none)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kv_counts, kv_indices, q_counts, q_indices, seq_lens, block, causal, scale):  # type: ignore[override]
+        o, lse = block_sparse_attention_fwd(
+            q, k, v, kv_counts, kv_indices, seq_lens, block=block, causal=causal, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, o, lse, kv_counts, kv_indices, q_counts, q_indices, seq_lens)
+        ctx.meta = (block, causal, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        q, k, v, o, lse, kv_counts, kv_indices, q_counts, q_indices, seq_lens = ctx.saved_tensors
+        if q_counts is None:
+            raise RuntimeError("the backward needs the transposed layout (q_counts, q_indices): call with_transpose()")
+        block, causal, scale = ctx.meta
+        dq, dk, dv = block_sparse_attention_bwd(
+            do.contiguous(), q, k, v, o, lse, kv_counts, kv_indices, q_counts, q_indices, seq_lens,
+            block=block, causal=causal, scale=scale,
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None, None

@@ -1,0 +1,702 @@
+"""Neuron-block MLP: `y = relu(x W1[act]^T + b1[act]) W2[:, act]^T + b2` over a runtime set of blocks.
+
+A neuron block is `BLOCK` consecutive hidden neurons (rows of fc1.weight, columns of fc2.weight). Only
+the active blocks are loaded and multiplied; fc1 writes a compact (tokens, capacity*BLOCK) activation
+buffer whose column `c` is hidden neuron `row(c) = ids[c // BLOCK] * BLOCK + c % BLOCK`, and fc2 reads it.
+
+Weights are read as neuron-major (ffn, k) operands, so an active block is BLOCK whole rows:
+  - fc1.weight (ffn, d_model) already is one (nn.Linear layout).
+  - fc2.weight (d_model, ffn) is read through its transpose (ffn, d_model); that view is contiguous
+    once its storage is column-major, which `longexposure.ops.neuron_block_mlp.neuron_major_` does
+    once at patch time (the parameter keeps its shape). Any strides work; those are the fast ones.
+
+Dynamic count: `ids` has a fixed capacity and `count` (a 1-element int32 device tensor) says how many
+are valid. The count is read inside the kernels: grids are sized from the capacity, programs whose tile
+lies past `count*BLOCK` exit at once (the active tiles are packed first), and reduction loops over the
+compact dimension run to `count*BLOCK`. Changing the count recompiles nothing and syncs nothing.
+
+Four kernels (named by which operand is compact, stk-style):
+  - `_sdd_kernel`: compact = dense @ W[act]^T (+ low-rank, bias, ReLU or ReLU-mask epilogue); fc1
+    forward and, in backward, dZ = (dy @ W2[:, act] + dv @ A2[:, act]) * (h > 0). Its optional
+    "skinny" epilogue also adds compact_tile @ S[act rows] into a (tokens, r) fp32 buffer by atomics:
+    the fc2 LoRA input v = h A2[:, act]^T in forward, du = dZ B1[act] in backward (so a rank-r output
+    never needs its own, badly parallel, pass over the compact buffer; atomics make it order-dependent
+    in the last fp32 bits).
+  - `_dsd_kernel`: dense = compact @ W[act] (+ bias); fc2 forward and, in backward, dx = dZ @ W1[act].
+  - `_wgrad_kernel`: G[act rows] = compact^T @ dense; dW1, dB1 (LoRA), dW2^T, dA2^T.
+  - `_colsum_kernel`: g[act] = sum over tokens of compact; db1.
+Then the launchers (validation, allocation, grids) and `NeuronBlockMLPFunction`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+# Decided when the kernels are defined: @triton.jit builds interpreter functions iff this is set.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BLOCK_SIZES = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autotune_configs(large_tiles: bool = True) -> list[triton.Config]:
+    """Tile shapes (BM, BN, BK = output rows, output columns, reduction) for the matmul kernels.
+
+    Under the interpreter one small tile (so CPU tests stay fast and still cross tile boundaries);
+    with LONGEXPOSURE_AUTOTUNE=0 one good Hopper tile; otherwise a small space for the autotuner.
+    Kernels whose number of tiles shrinks with the active count (sdd, wgrad) leave out the 256-wide
+    tiles: the autotuner runs once, at whatever count the first call has, and a 128x256 tile that
+    wins at density 1.0 leaves most SMs idle at density 0.1 (measured on H100: 2.4x slower there).
+    """
+    def cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+        return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+
+    if INTERPRET:
+        return [cfg(32, 32, 32, 4, 1)]
+    if os.environ.get("LONGEXPOSURE_AUTOTUNE", "1") == "0":
+        return [cfg(128, 128, 64, 8, 4)]
+    large = [cfg(128, 256, 64, 8, 3), cfg(128, 256, 64, 8, 4), cfg(256, 128, 64, 8, 3)] if large_tiles else []
+    return large + [
+        cfg(128, 128, 64, 8, 4),
+        cfg(128, 128, 64, 8, 3),
+        cfg(128, 128, 64, 4, 4),
+        cfg(64, 128, 64, 4, 4),
+        cfg(128, 64, 64, 4, 4),
+        cfg(64, 64, 64, 4, 5),
+    ]
+
+
+_KEY = ["T_BUCKET", "K", "BLOCK", "HAS_LOW_RANK", "HAS_BIAS", "EPILOGUE"]
+
+
+@triton.jit
+def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped (L2-friendly) tile order over a num_m x num_n grid whose num_n may be data-dependent."""
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_n = (pid % in_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK: tl.constexpr):
+    """Hidden-neuron index (int64) of each compact column `offs_c`."""
+    block_id = tl.load(ids_ptr + offs_c // BLOCK, mask=mask_c, other=0).to(tl.int64)
+    return block_id * BLOCK + offs_c % BLOCK
+
+
+# reset_to_zero: the skinny output is accumulated by atomics, so every autotuning run must start from
+# zeros (without it the first, tuning call returned the sum of all benchmark runs: seen on the H100).
+@triton.autotune(configs=_autotune_configs(large_tiles=False), key=_KEY, reset_to_zero=["o2_ptr"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
+@triton.jit
+def _sdd_kernel(
+    a_ptr,  # (tokens, K) dense left operand: x (fc1 forward) or dy (backward)
+    w_ptr,  # (ffn, K) neuron-major weight: fc1.weight, or fc2.weight^T
+    e_ptr,  # (tokens, R) low-rank left operand (HAS_LOW_RANK): scaled x A1^T, or dv
+    l_ptr,  # (ffn, R) neuron-major low-rank weight (HAS_LOW_RANK): B1, or A2^T
+    bias_ptr,  # (ffn,) (HAS_BIAS)
+    h_ptr,  # (tokens, capacity*BLOCK) forward activations, read when EPILOGUE == 2
+    c_ptr,  # (tokens, capacity*BLOCK) compact output
+    s_ptr,  # (ffn, R2) neuron-major skinny weight (HAS_SKINNY): A2^T (forward) or B1 (backward)
+    o2_ptr,  # (tokens, R2) fp32, zeroed: += c_tile @ s[rows] (HAS_SKINNY), by atomics across column tiles
+    ids_ptr,  # (capacity,) int32 active block ids; the first count are valid
+    count_ptr,  # (1,) int32
+    T, K, R, R2, T_BUCKET,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr,
+    stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om,
+    BLOCK: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,  # 0: none, 1: ReLU, 2: multiply by (h > 0)
+    HAS_SKINNY: tl.constexpr,
+    BR: tl.constexpr,
+    BR2: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    n_cols = tl.load(count_ptr) * BLOCK
+    num_m = tl.cdiv(T, BM)
+    num_n = tl.cdiv(n_cols, BN)
+    pid = tl.program_id(0)
+    if pid >= num_m * num_n:  # tiles past the device-side count: nothing to do
+        return
+    pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    offs_c = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
+    mask_m = offs_m < T
+    mask_c = offs_c < n_cols
+    rows = _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK)  # block 0 for columns past the count: in bounds
+    offs_k = tl.arange(0, BK)
+    # Loads need no row/column masks: token rows wrap (% T) and past-count columns read block 0; the
+    # store is masked. Only a ragged K needs a mask.
+    a_ptrs = a_ptr + (offs_m % T)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k, other=0.0)
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_ptrs += BK * stride_ak
+        w_ptrs += BK * stride_wk
+    if HAS_LOW_RANK:
+        for r in range(0, R, BR):
+            offs_r = r + tl.arange(0, BR)
+            mask_r = offs_r < R
+            e = tl.load(e_ptr + (offs_m % T)[:, None] * stride_em + offs_r[None, :] * stride_er,
+                        mask=mask_r[None, :], other=0.0)
+            lw = tl.load(l_ptr + rows[None, :] * stride_ln + offs_r[:, None] * stride_lr,
+                         mask=mask_r[:, None], other=0.0)
+            if UPCAST:
+                e, lw = e.to(tl.float32), lw.to(tl.float32)
+            acc = tl.dot(e, lw, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows).to(tl.float32)[None, :]
+    mask_mc = mask_m[:, None] & mask_c[None, :]
+    if EPILOGUE == 1:
+        acc = tl.maximum(acc, 0.0)
+    if EPILOGUE == 2:
+        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_c[None, :] * stride_hc, mask=mask_mc, other=0.0)
+        acc = tl.where(h > 0, acc, 0.0)
+    out = acc.to(c_ptr.dtype.element_ty)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_c[None, :] * stride_cc, out, mask=mask_mc)
+    if HAS_SKINNY:  # the LoRA product of this compact tile, summed over column tiles by fp32 atomics
+        offs_r2 = tl.arange(0, BR2)
+        mask_r2 = offs_r2 < R2
+        sw = tl.load(s_ptr + rows[:, None] * stride_sn + offs_r2[None, :] * stride_sr,
+                     mask=mask_c[:, None] & mask_r2[None, :], other=0.0)
+        part = tl.where(mask_mc, out, 0.0)
+        if UPCAST:
+            part, sw = part.to(tl.float32), sw.to(tl.float32)
+        part = tl.dot(part.to(sw.dtype), sw, input_precision=PRECISION)
+        tl.atomic_add(o2_ptr + offs_m[:, None] * stride_om + offs_r2[None, :], part,
+                      mask=mask_m[:, None] & mask_r2[None, :], sem="relaxed")
+
+
+@triton.autotune(configs=_autotune_configs(), key=_KEY)
+@triton.jit
+def _dsd_kernel(
+    c_ptr,  # (tokens, capacity*BLOCK) compact left operand: h (forward) or dZ (backward)
+    w_ptr,  # (ffn, N) neuron-major right operand: fc2.weight^T, A2^T, fc1.weight or B1
+    bias_ptr,  # (N,) (HAS_BIAS)
+    o_ptr,  # (tokens, N) dense output
+    ids_ptr,  # (capacity,) int32
+    count_ptr,  # (1,) int32
+    T, N, K, T_BUCKET,  # K is unused in the body; it keys the autotuner (capacity*BLOCK)
+    stride_cm, stride_cc, stride_wn, stride_wk, stride_om, stride_on,
+    BLOCK: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr,  # unused; keeps one autotune key for every kernel
+    HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,  # unused
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    k_end = tl.load(count_ptr) * BLOCK  # runtime loop bound: the count never recompiles
+    num_m = tl.cdiv(T, BM)
+    num_n = tl.cdiv(N, BN)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    c_ptrs = c_ptr + (offs_m % T)[:, None] * stride_cm + offs_k[None, :] * stride_cc
+    w_offs = (offs_n % N)[None, :] * stride_wk
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if BLOCK % BK == 0:
+        # Every K step lies inside one neuron block: one id, then BK consecutive weight rows.
+        w_offs += offs_k[:, None] * stride_wn
+        for k in range(0, k_end, BK):
+            block_id = tl.load(ids_ptr + k // BLOCK).to(tl.int64)
+            c = tl.load(c_ptrs)
+            w = tl.load(w_ptr + (block_id * BLOCK + k % BLOCK) * stride_wn + w_offs)
+            if UPCAST:
+                c, w = c.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(c, w, acc, input_precision=PRECISION)
+            c_ptrs += BK * stride_cc
+    else:
+        for k in range(0, k_end, BK):
+            mask_k = offs_k < k_end - k
+            rows = _neuron_rows(ids_ptr, k + offs_k, mask_k, BLOCK)
+            c = tl.load(c_ptrs, mask=mask_k[None, :], other=0.0)
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + w_offs, mask=mask_k[:, None], other=0.0)
+            if UPCAST:
+                c, w = c.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(c, w, acc, input_precision=PRECISION)
+            c_ptrs += BK * stride_cc
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(o_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(o_ptr.dtype.element_ty), mask=(offs_m < T)[:, None] & mask_n[None, :])
+
+
+@triton.autotune(configs=_autotune_configs(large_tiles=False), key=_KEY)
+@triton.heuristics({"EVEN_T": lambda args: args["T"] % args["BK"] == 0})
+@triton.jit
+def _wgrad_kernel(
+    c_ptr,  # (tokens, capacity*BLOCK) compact left operand (transposed): dZ or h
+    d_ptr,  # (tokens, N) dense right operand: x, scaled x A1^T, dy or dv
+    g_ptr,  # (ffn, N) neuron-major gradient; rows of active blocks are written, others untouched
+    ids_ptr,  # (capacity,) int32
+    count_ptr,  # (1,) int32
+    T, N, K, T_BUCKET,  # K: the capacity*BLOCK, only an autotune key
+    stride_cm, stride_cc, stride_dm, stride_dn, stride_gn, stride_gk,
+    BLOCK: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr,  # unused
+    HAS_BIAS: tl.constexpr,  # unused
+    EPILOGUE: tl.constexpr,  # unused
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,  # compact rows of G per program
+    BN: tl.constexpr,
+    BK: tl.constexpr,  # tokens per reduction step
+    GROUP_M: tl.constexpr,
+    EVEN_T: tl.constexpr,
+):
+    n_cols = tl.load(count_ptr) * BLOCK
+    num_m = tl.cdiv(n_cols, BM)
+    num_n = tl.cdiv(N, BN)
+    pid = tl.program_id(0)
+    if pid >= num_m * num_n:
+        return
+    pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
+    offs_c = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
+    mask_c = offs_c < n_cols
+    mask_n = offs_n < N
+    offs_t = tl.arange(0, BK)
+    # The compact operand is read as a transposed (columns, tokens) pointer tile. Loading (tokens,
+    # columns) and transposing in registers with tl.trans measured 6x slower on the H100 (1.40 ms vs
+    # 0.23 ms for dW1 at density 1.0), so this form stays.
+    ct_ptrs = c_ptr + tl.minimum(offs_c, n_cols - 1)[:, None] * stride_cc + offs_t[None, :] * stride_cm
+    d_ptrs = d_ptr + offs_t[:, None] * stride_dm + (offs_n % N)[None, :] * stride_dn
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for t in range(0, T, BK):
+        if EVEN_T:
+            ct = tl.load(ct_ptrs)
+            d = tl.load(d_ptrs)
+        else:
+            ct = tl.load(ct_ptrs, mask=offs_t[None, :] < T - t, other=0.0)
+            d = tl.load(d_ptrs, mask=offs_t[:, None] < T - t, other=0.0)
+        if UPCAST:
+            ct, d = ct.to(tl.float32), d.to(tl.float32)
+        acc = tl.dot(ct, d, acc, input_precision=PRECISION)
+        ct_ptrs += BK * stride_cm
+        d_ptrs += BK * stride_dm
+    rows = _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK)
+    tl.store(g_ptr + rows[:, None] * stride_gn + offs_n[None, :] * stride_gk,
+             acc.to(g_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _colsum_kernel(
+    c_ptr,  # (tokens, capacity*BLOCK) compact dZ
+    g_ptr,  # (ffn,) bias gradient; entries of active blocks are written
+    ids_ptr,  # (capacity,) int32
+    count_ptr,  # (1,) int32
+    T, stride_cm, stride_cc, stride_g,
+    BLOCK: tl.constexpr,
+    BC: tl.constexpr,
+    BT: tl.constexpr,
+):
+    n_cols = tl.load(count_ptr) * BLOCK
+    offs_c = tl.program_id(0).to(tl.int64) * BC + tl.arange(0, BC)
+    if tl.program_id(0) * BC >= n_cols:
+        return
+    mask_c = offs_c < n_cols
+    acc = tl.zeros((BC,), dtype=tl.float32)
+    for t in range(0, T, BT):
+        offs_t = t + tl.arange(0, BT).to(tl.int64)
+        c = tl.load(c_ptr + offs_t[:, None] * stride_cm + offs_c[None, :] * stride_cc,
+                    mask=(offs_t < T)[:, None] & mask_c[None, :], other=0.0)
+        acc += tl.sum(c.to(tl.float32), axis=0)
+    rows = _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK)
+    tl.store(g_ptr + rows * stride_g, acc.to(g_ptr.dtype.element_ty), mask=mask_c)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+Wrap = Callable[[Any], Any]
+
+
+def _no_wrap(kernel: Any) -> Any:
+    return kernel
+
+
+def _flags(dtype: torch.dtype) -> dict[str, Any]:
+    # The interpreter's bf16 dot is wrong (triton 3.9); upcasting exact bf16 values to fp32 is the same math.
+    return {
+        "UPCAST": INTERPRET and dtype == torch.bfloat16,
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }
+
+
+def _bucket(t: int) -> int:
+    return triton.next_power_of_2(max(int(t), 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _full_count(capacity: int, device: torch.device) -> torch.Tensor:
+    """A cached, never-written count tensor holding `capacity` (all ids valid)."""
+    return torch.full((1,), capacity, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _scratch_f32(device: torch.device) -> torch.Tensor:
+    """A 1-element fp32 placeholder for the unused skinny output (eager only; traced calls allocate)."""
+    return torch.zeros(1, dtype=torch.float32, device=device)
+
+
+def _low_rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(max(r, 1)))
+
+
+def check_inputs(
+    x: torch.Tensor,
+    active_block_ids: torch.Tensor,
+    n_active: torch.Tensor | None,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    block_size: int,
+    fc1_lr_x: torch.Tensor | None = None,
+    fc1_lr_weight: torch.Tensor | None = None,
+    fc2_lr_weight: torch.Tensor | None = None,
+    check_indices: bool | None = None,
+) -> None:
+    """Raise ValueError/TypeError naming the offending argument; see `neuron_block_mlp_forward`.
+
+    Index values (range, strictly increasing, count <= capacity) need the values on the host, which
+    is a sync on a GPU: they are checked when `check_indices` is True, or when it is None and the
+    tensors are on the CPU or LONGEXPOSURE_CHECK_INDICES=1.
+    """
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size: {block_size} is not one of {BLOCK_SIZES}")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected (tokens, d_model), got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x: dtype {x.dtype} not supported; use one of {DTYPES}")
+    tokens, d_model = x.shape
+    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != d_model:
+        raise ValueError(f"fc1_weight: expected (ffn, d_model={d_model}), got {tuple(fc1_weight.shape)}")
+    ffn = fc1_weight.shape[0]
+    if ffn % block_size:
+        raise ValueError(f"fc1_weight: ffn={ffn} is not a multiple of block_size={block_size}")
+    expected = {
+        "fc1_weight": (fc1_weight, (ffn, d_model)),
+        "fc1_bias": (fc1_bias, (ffn,)),
+        "fc2_weight": (fc2_weight, (d_model, ffn)),
+        "fc2_bias": (fc2_bias, (d_model,)),
+    }
+    if (fc1_lr_x is None) != (fc1_lr_weight is None):
+        raise ValueError("fc1_lr_x and fc1_lr_weight: give both or neither")
+    if fc1_lr_x is not None:
+        r1 = fc1_lr_x.shape[-1]
+        expected["fc1_lr_x"] = (fc1_lr_x, (tokens, r1))
+        expected["fc1_lr_weight"] = (fc1_lr_weight, (ffn, r1))
+    if fc2_lr_weight is not None:
+        expected["fc2_lr_weight"] = (fc2_lr_weight, (fc2_lr_weight.shape[0], ffn))
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from x's {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: on {t.device}, but x is on {x.device}")
+    num_blocks = ffn // block_size
+    if active_block_ids.dtype != torch.int32 or active_block_ids.dim() != 1:
+        raise TypeError(
+            "active_block_ids: expected a 1-D int32 tensor, "
+            f"got {active_block_ids.dtype} {tuple(active_block_ids.shape)}"
+        )
+    if active_block_ids.device != x.device:
+        raise ValueError(f"active_block_ids: on {active_block_ids.device}, but x is on {x.device}")
+    capacity = active_block_ids.numel()
+    if capacity > num_blocks:
+        raise ValueError(f"active_block_ids: capacity {capacity} exceeds ffn/block_size = {num_blocks} blocks")
+    if n_active is not None:
+        if n_active.dtype != torch.int32 or n_active.numel() != 1:
+            raise TypeError(
+                f"n_active: expected a 1-element int32 tensor, got {n_active.dtype} {tuple(n_active.shape)}"
+            )
+        if n_active.device != x.device:
+            raise ValueError(f"n_active: on {n_active.device}, but x is on {x.device}")
+    if check_indices is None:
+        check_indices = x.device.type == "cpu" or os.environ.get("LONGEXPOSURE_CHECK_INDICES") == "1"
+    if check_indices:
+        count = capacity if n_active is None else int(n_active.reshape(()).item())
+        if not 0 <= count <= capacity:
+            raise ValueError(f"n_active: {count} is outside [0, capacity={capacity}]")
+        ids = active_block_ids[:count].long().cpu()
+        if count and (ids.min() < 0 or ids.max() >= num_blocks):
+            raise ValueError(f"active_block_ids: values must lie in [0, {num_blocks}), got {ids.min()}..{ids.max()}")
+        if count > 1 and not bool((ids[1:] > ids[:-1]).all()):
+            raise ValueError("active_block_ids: the valid ids must be strictly increasing (sorted, no repeats)")
+
+
+# After the autotuner has chosen a config for a key, eager launches call the JIT function directly with
+# it: the Autotuner and Heuristics wrappers rebuild several argument dicts per launch (about a quarter
+# of a forward's host time in a cProfile on the H100 machine; the end-to-end gain was within that VM's
+# noise). Traced calls (wrap is not _no_wrap) always go through the autotuner, as torch.compile expects.
+_CHOSEN: dict[tuple, triton.Config] = {}
+
+
+def _launch(wrap: Wrap, kernel, grid, args: tuple, consts: dict[str, Any], key: tuple,
+            even: tuple[str, int] | None = None) -> None:
+    """Launch an autotuned kernel; `key` must determine the autotuner's key (shapes it keys on, dtype)."""
+    key = (kernel, *key, *consts.values())
+    config = _CHOSEN.get(key) if wrap is _no_wrap else None
+    if config is None:
+        wrap(kernel)[grid](*args, **consts)
+        if wrap is _no_wrap and not INTERPRET:
+            _CHOSEN[key] = kernel.best_config
+        return
+    meta = {**consts, **config.all_kwargs()}
+    jit = kernel.fn
+    if even is not None:  # the kernel's one heuristic, evaluated here
+        meta[even[0]] = even[1] % meta["BK"] == 0
+        jit = jit.fn
+    jit[grid(meta)](*args, **meta)
+
+
+def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, h=None, epilogue=1, out, skinny=None,
+                skinny_out=None, wrap=_no_wrap):
+    """out (compact) = epilogue(a @ w[rows]^T + e @ lw[rows]^T + bias[rows]); skinny_out += out @ skinny[rows]."""
+    tokens, k = a.shape
+    cap_cols = out.shape[1]
+    if tokens == 0 or cap_cols == 0:
+        return out
+    r = 0 if e is None else e.shape[1]
+    r2 = 0 if skinny is None else skinny.shape[1]
+    dummy = a
+    if skinny_out is None:  # never a real input: the autotuner zeroes this argument while tuning
+        skinny_out = _scratch_f32(a.device) if wrap is _no_wrap else a.new_empty(1, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(tokens, meta["BM"]) * triton.cdiv(cap_cols, meta["BN"]),)
+    _launch(wrap, _sdd_kernel, grid, (
+        a, w, dummy if e is None else e, dummy if lw is None else lw, dummy if bias is None else bias,
+        dummy if h is None else h, out, dummy if skinny is None else skinny,
+        skinny_out, ids, count,
+        tokens, k, r, r2, _bucket(tokens),
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1),
+        0 if e is None else e.stride(0), 0 if e is None else e.stride(1),
+        0 if lw is None else lw.stride(0), 0 if lw is None else lw.stride(1),
+        0 if h is None else h.stride(0), 0 if h is None else h.stride(1),
+        out.stride(0), out.stride(1),
+        0 if skinny is None else skinny.stride(0), 0 if skinny is None else skinny.stride(1),
+        skinny_out.stride(0),
+    ), dict(
+        BLOCK=block, HAS_LOW_RANK=e is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
+        HAS_SKINNY=skinny is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
+    ), key=(a.dtype, _bucket(tokens), k, r, r2), even=("EVEN_K", k))
+    return out
+
+
+def _launch_dsd(c, w, ids, count, block, *, bias=None, out, wrap=_no_wrap):
+    tokens, n = out.shape
+    if tokens == 0 or n == 0:
+        return out
+    if c.shape[1] == 0:  # no capacity: the product is empty
+        return out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
+    grid = lambda meta: (triton.cdiv(tokens, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+    _launch(wrap, _dsd_kernel, grid, (
+        c, w, c if bias is None else bias, out, ids, count,
+        tokens, n, c.shape[1], _bucket(tokens),
+        c.stride(0), c.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+    ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=bias is not None, EPILOGUE=0, **_flags(c.dtype)),
+        key=(c.dtype, _bucket(tokens), c.shape[1], n))
+    return out
+
+
+def _launch_wgrad(c, d, ids, count, block, *, out, wrap=_no_wrap):
+    tokens, n = d.shape
+    cap_cols = c.shape[1]
+    if tokens == 0 or n == 0 or cap_cols == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(cap_cols, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+    _launch(wrap, _wgrad_kernel, grid, (
+        c, d, out, ids, count,
+        tokens, n, cap_cols, _bucket(tokens),
+        c.stride(0), c.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
+    ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=False, EPILOGUE=3, **_flags(c.dtype)),
+        key=(c.dtype, _bucket(tokens), cap_cols, n), even=("EVEN_T", tokens))
+    return out
+
+
+def _launch_colsum(c, ids, count, block, *, out, wrap=_no_wrap):
+    tokens, cap_cols = c.shape
+    if tokens == 0 or cap_cols == 0:
+        return out
+    bc = 32 if INTERPRET else 128
+    wrap(_colsum_kernel)[(triton.cdiv(cap_cols, bc),)](
+        c, out, ids, count, tokens, c.stride(0), c.stride(1), out.stride(0),
+        BLOCK=block, BC=bc, BT=32 if INTERPRET else 64,
+    )
+    return out
+
+
+def _ids_and_count(active_block_ids: torch.Tensor, n_active: torch.Tensor | None):
+    capacity = active_block_ids.numel()
+    if n_active is None:
+        n_active = _full_count(capacity, active_block_ids.device)
+    if capacity == 0:  # a real pointer for the kernels; never read since the count is 0
+        active_block_ids = torch.zeros(1, dtype=torch.int32, device=active_block_ids.device)
+        n_active = _full_count(0, active_block_ids.device)
+    return active_block_ids, n_active.reshape(1), capacity
+
+
+def neuron_block_mlp_forward(
+    x: torch.Tensor,
+    active_block_ids: torch.Tensor,
+    n_active: torch.Tensor | None,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    block_size: int,
+    fc1_lr_x: torch.Tensor | None = None,
+    fc1_lr_weight: torch.Tensor | None = None,
+    fc2_lr_weight: torch.Tensor | None = None,
+    *,
+    check_indices: bool | None = False,
+    wrap: Wrap = _no_wrap,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward of the neuron-block MLP (validation is the caller's: `check_inputs`).
+
+    Args:
+        x: (tokens, d_model).
+        active_block_ids: (capacity,) int32; the first `n_active` are the active blocks, increasing.
+        n_active: (1,) int32 device tensor, or None for "all `capacity` ids are valid".
+        fc1_weight, fc1_bias: (ffn, d_model), (ffn,) or None.
+        fc2_weight, fc2_bias: (d_model, ffn) (fast when column-major), (d_model,) or None.
+        block_size: neurons per block (16, 32, 64 or 128).
+        fc1_lr_x, fc1_lr_weight: low-rank fc1 term u (tokens, r1) and B1 (ffn, r1): z += u B1[act]^T.
+        fc2_lr_weight: A2 (r2, ffn): also return v = h A2[:, act]^T.
+
+    Returns:
+        y (tokens, d_model); h (tokens, capacity*block_size), the compact ReLU output (columns past
+        n_active*block_size unwritten); v (tokens, r2), or (tokens, 0) without fc2_lr_weight.
+    """
+    ids, count, capacity = _ids_and_count(active_block_ids, n_active)
+    tokens, d_model = x.shape
+    h = x.new_empty(tokens, capacity * block_size)
+    v32 = None if fc2_lr_weight is None else x.new_zeros(tokens, fc2_lr_weight.shape[0], dtype=torch.float32)
+    _launch_sdd(x, fc1_weight, ids, count, block_size, bias=fc1_bias, e=fc1_lr_x, lw=fc1_lr_weight, epilogue=1,
+                out=h, skinny=None if v32 is None else fc2_lr_weight.t(), skinny_out=v32, wrap=wrap)
+    y = _launch_dsd(h, fc2_weight.t(), ids, count, block_size, bias=fc2_bias, out=x.new_empty(tokens, d_model),
+                    wrap=wrap)
+    v = x.new_empty(tokens, 0) if v32 is None else v32.to(x.dtype)
+    return y, h, v
+
+
+def neuron_block_mlp_backward(
+    dy: torch.Tensor,
+    dv: torch.Tensor | None,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    active_block_ids: torch.Tensor,
+    n_active: torch.Tensor | None,
+    fc1_weight: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    block_size: int,
+    fc1_lr_x: torch.Tensor | None,
+    fc1_lr_weight: torch.Tensor | None,
+    fc2_lr_weight: torch.Tensor | None,
+    needs: tuple[bool, bool, bool, bool, bool, bool, bool, bool],
+    *,
+    wrap: Wrap = _no_wrap,
+) -> list[torch.Tensor | None]:
+    """Gradients of `neuron_block_mlp_forward`, only those asked for.
+
+    `needs` flags, in order: x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_lr_x, fc1_lr_weight,
+    fc2_lr_weight. Returns the gradients in that order (None where not needed). Weight and bias
+    gradients are full-shaped with zeros outside the active blocks; fc2_weight's and fc2_lr_weight's
+    come back with their parameter's strides (neuron-major storage stays neuron-major).
+    """
+    need_x, need_w1, need_b1, need_w2, need_b2, need_u, need_b1lr, need_a2 = needs
+    ids, count, _ = _ids_and_count(active_block_ids, n_active)
+    has_dv = fc2_lr_weight is not None and dv is not None and dv.numel() > 0
+    out: list[torch.Tensor | None] = [None] * 8
+    if need_x or need_w1 or need_b1 or need_u or need_b1lr:
+        dz = torch.empty_like(h)
+        du32 = x.new_zeros(fc1_lr_x.shape, dtype=torch.float32) if need_u else None
+        _launch_sdd(dy, fc2_weight.t(), ids, count, block_size,
+                    e=dv if has_dv else None, lw=fc2_lr_weight.t() if has_dv else None,
+                    h=h, epilogue=2, out=dz, skinny=fc1_lr_weight if need_u else None, skinny_out=du32, wrap=wrap)
+        if need_u:
+            out[5] = du32.to(x.dtype)
+        if need_x:
+            out[0] = _launch_dsd(dz, fc1_weight, ids, count, block_size, out=torch.empty_like(x), wrap=wrap)
+        if need_w1:
+            out[1] = _launch_wgrad(dz, x, ids, count, block_size, out=torch.zeros_like(fc1_weight), wrap=wrap)
+        if need_b1:
+            out[2] = _launch_colsum(dz, ids, count, block_size,
+                                    out=torch.zeros(fc1_weight.shape[0], dtype=x.dtype, device=x.device), wrap=wrap)
+        if need_b1lr:
+            out[6] = _launch_wgrad(dz, fc1_lr_x, ids, count, block_size, out=torch.zeros_like(fc1_lr_weight), wrap=wrap)
+    if need_w2:
+        g = torch.zeros_like(fc2_weight)  # keeps the parameter's strides
+        _launch_wgrad(h, dy, ids, count, block_size, out=g.t(), wrap=wrap)
+        out[3] = g
+    if need_b2:
+        out[4] = dy.sum(0)
+    if need_a2:
+        g = torch.zeros_like(fc2_lr_weight)
+        if has_dv:
+            _launch_wgrad(h, dv, ids, count, block_size, out=g.t(), wrap=wrap)
+        out[7] = g
+    return out
+
+
+class NeuronBlockMLPFunction(torch.autograd.Function):
+    """Autograd for the neuron-block MLP; apply() returns (y, v). Gradients only for inputs that need one."""
+
+    @staticmethod
+    def forward(ctx, x, active_block_ids, n_active, fc1_weight, fc1_bias, fc2_weight, fc2_bias, block_size,
+                fc1_lr_x, fc1_lr_weight, fc2_lr_weight):
+        y, h, v = neuron_block_mlp_forward(x, active_block_ids, n_active, fc1_weight, fc1_bias, fc2_weight,
+                                           fc2_bias, block_size, fc1_lr_x, fc1_lr_weight, fc2_lr_weight)
+        ctx.save_for_backward(x, h, active_block_ids, n_active, fc1_weight, fc2_weight, fc1_lr_x, fc1_lr_weight,
+                              fc2_lr_weight)
+        ctx.block_size = block_size
+        ctx.set_materialize_grads(False)  # an unused v (or y) costs no zero-filled gradient
+        return y, v
+
+    @staticmethod
+    def backward(ctx, dy, dv):
+        x, h, ids, n_active, w1, w2, u, b1lr, a2 = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x)
+        n = ctx.needs_input_grad
+        needs = (n[0], n[3], n[4], n[5], n[6], n[8], n[9], n[10])
+        g = neuron_block_mlp_backward(dy, dv, x, h, ids, n_active, w1, w2, ctx.block_size, u, b1lr, a2, needs)
+        return g[0], None, None, g[1], g[2], g[3], g[4], None, g[5], g[6], g[7]

@@ -1,0 +1,293 @@
+"""Neuron-block MLP: reference, weight-layout preparation, functional wrapper and the torch.library op.
+
+The operator computes an OPT-style MLP over a runtime set of active neuron blocks (paper Sec. VI-B):
+
+    z = x W1^T + b1 (+ scaling1 * dropout(x) A1^T B1^T)        W1 (ffn, d), A1 (r1, d), B1 (ffn, r1)
+    h = relu(z) * m          m: 1 on the neurons of active blocks, 0 elsewhere
+    y = h W2^T + b2 (+ scaling2 * h A2^T B2^T)                 W2 (d, ffn), A2 (r2, ffn), B2 (d, r2)
+
+The reference below is exactly that: dense math on the masked activation, so its gradients are the
+masked ones (zero rows of W1/b1/B1 and zero columns of W2/A2 outside the active blocks).
+
+LoRA is handled inside the op where it must be: the fc1 low-rank term enters before the ReLU, so the
+op takes u = scaling1 * dropout(x) A1^T (computed here in torch, so autograd reaches A1 and x) and B1,
+and adds u B1[act]^T in the fc1 kernel; for fc2 the op also returns v = h A2[:, act]^T from the
+compact activations, and the wrapper adds scaling2 * v B2^T in torch (autograd reaches B2). The op
+returns gradients for u, B1 and A2. fc2 LoRA dropout is not supported (it would act on h inside the op).
+
+Weights: the Triton kernels read fc1.weight (ffn, d) and fc2.weight^T (ffn, d) as neuron-major
+operands, so an active block is `block_size` whole rows. `neuron_major_` re-lays fc2.weight's storage
+column-major once at patch time (the parameter keeps its object, shape and dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # the reference must import without Triton
+    from longexposure.kernels import neuron_block_mlp as _kernels
+except ImportError:  # pragma: no cover - platforms without Triton
+    _kernels = None
+
+__all__ = [
+    "LowRank",
+    "is_neuron_major",
+    "neuron_block_mlp",
+    "neuron_block_mlp_reference",
+    "neuron_mask",
+    "neuron_major_",
+]
+
+
+@dataclass
+class LowRank:
+    """A LoRA adapter on one linear layer: out += scaling * b(a(dropout(in))).
+
+    Attributes:
+        a: lora_A weight, (r, in_features).
+        b: lora_B weight, (out_features, r).
+        scaling: lora_alpha / r.
+        dropout: applied to the layer input before `a` (fc1 only), or None.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float = 1.0
+    dropout: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _count(active_block_ids: torch.Tensor, n_active: torch.Tensor | None) -> int:
+    return active_block_ids.numel() if n_active is None else int(n_active.reshape(()).item())
+
+
+def neuron_mask(
+    active_block_ids: torch.Tensor, num_neurons: int, block_size: int, n_active: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean (num_neurons,) mask of the neurons in the first `n_active` active blocks (host sync)."""
+    blocks = torch.zeros(num_neurons // block_size, dtype=torch.bool, device=active_block_ids.device)
+    blocks[active_block_ids[: _count(active_block_ids, n_active)].long()] = True
+    return blocks.repeat_interleave(block_size)
+
+
+def neuron_block_mlp_reference(
+    x: torch.Tensor,
+    active_block_ids: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    *,
+    block_size: int,
+    n_active: torch.Tensor | None = None,
+    fc1_lora: LowRank | None = None,
+    fc2_lora: LowRank | None = None,
+) -> torch.Tensor:
+    """Eager dense reference: the MLP with the ReLU output masked to the active blocks.
+
+    Args:
+        x: (..., d_model).
+        active_block_ids: (capacity,) int; the first `n_active` (default: all) are active.
+        fc1_weight, fc1_bias: (ffn, d_model), (ffn,) or None.
+        fc2_weight, fc2_bias: (d_model, ffn), (d_model,) or None.
+        block_size: neurons per block.
+        fc1_lora, fc2_lora: optional LoRA adapters on fc1 / fc2.
+
+    Returns:
+        (..., d_model): relu(x W1^T + b1 [+ lora]) * m, then W2^T + b2 [+ lora].
+    """
+    mask = neuron_mask(active_block_ids, fc1_weight.shape[0], block_size, n_active)
+    z = F.linear(x, fc1_weight, fc1_bias)
+    if fc1_lora is not None:
+        xd = fc1_lora.dropout(x) if fc1_lora.dropout is not None else x
+        z = z + fc1_lora.scaling * F.linear(F.linear(xd, fc1_lora.a), fc1_lora.b)
+    h = torch.where(mask, torch.relu(z), torch.zeros((), dtype=z.dtype, device=z.device))
+    y = F.linear(h, fc2_weight, fc2_bias)
+    if fc2_lora is not None:
+        hd = fc2_lora.dropout(h) if fc2_lora.dropout is not None else h
+        y = y + fc2_lora.scaling * F.linear(F.linear(hd, fc2_lora.a), fc2_lora.b)
+    return y
+
+
+def is_neuron_major(fc2_weight: torch.Tensor) -> bool:
+    """True when fc2.weight (d_model, ffn) is stored column-major, i.e. its transpose is contiguous."""
+    return fc2_weight.t().is_contiguous()
+
+
+def neuron_major_(fc2_weight: torch.Tensor) -> torch.Tensor:
+    """Re-lay fc2.weight's storage column-major, in place; same object, shape and dtype. Returns it.
+
+    Done once at patch time: afterwards each neuron block of fc2 (a column block of the (d_model, ffn)
+    weight) is one contiguous run of block_size * d_model elements. Parameters keep their identity, so
+    optimizers and LoRA wrappers holding them stay valid; gradients come back with the same strides.
+    """
+    if not is_neuron_major(fc2_weight):
+        with torch.no_grad():
+            fc2_weight.data = fc2_weight.data.t().contiguous().t()
+    return fc2_weight
+
+
+def _low_rank_inputs(x2: torch.Tensor, fc1_lora: LowRank | None, fc2_lora: LowRank | None):
+    u = b1 = a2 = None
+    if fc1_lora is not None:
+        xd = fc1_lora.dropout(x2) if fc1_lora.dropout is not None else x2
+        u = F.linear(xd, fc1_lora.a) * fc1_lora.scaling
+        b1 = fc1_lora.b
+    if fc2_lora is not None:
+        if fc2_lora.dropout is not None:
+            raise ValueError("fc2_lora.dropout: dropout on fc2's LoRA input is not supported by the neuron-block op")
+        a2 = fc2_lora.a
+    return u, b1, a2
+
+
+def neuron_block_mlp(
+    x: torch.Tensor,
+    active_block_ids: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    *,
+    block_size: int,
+    n_active: torch.Tensor | None = None,
+    fc1_lora: LowRank | None = None,
+    fc2_lora: LowRank | None = None,
+    check_indices: bool | None = None,
+) -> torch.Tensor:
+    """The neuron-block MLP through the Triton kernels; same math and arguments as the reference.
+
+    Args:
+        x: (..., d_model), fp16/bf16/fp32 (fp32 accumulation throughout).
+        active_block_ids: (capacity,) int32 on x's device, increasing; the first `n_active` are used.
+            A fixed capacity (e.g. all blocks) with a device-side `n_active` means nothing recompiles
+            or syncs when the count changes.
+        n_active: (1,) int32 device tensor, or None (all `capacity` ids are active).
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias: nn.Linear layouts; fc2_weight is fastest after
+            `neuron_major_`. Gradients flow to whichever of them require grad; frozen ones get none.
+        block_size: 16, 32, 64 or 128.
+        fc1_lora, fc2_lora: LoRA adapters (see the module docstring).
+        check_indices: check index values on the host (a sync on GPU); None: only for CPU tensors.
+
+    Returns:
+        (..., d_model).
+    """
+    if _kernels is None:
+        raise RuntimeError("neuron_block_mlp needs Triton, which is not importable here")
+    lead, d_model = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, d_model)
+    u, b1lr, a2 = _low_rank_inputs(x2, fc1_lora, fc2_lora)
+    compiling = torch.compiler.is_compiling()
+    _kernels.check_inputs(x2, active_block_ids, n_active, fc1_weight, fc1_bias, fc2_weight, fc2_bias, block_size,
+                          u, b1lr, a2, check_indices=False if compiling else check_indices)
+    if compiling:
+        if n_active is None:
+            n_active = torch.full((1,), active_block_ids.numel(), dtype=torch.int32, device=x.device)
+        y, _, v = torch.ops.longexposure.neuron_block_mlp(x2, active_block_ids, n_active, fc1_weight, fc1_bias,
+                                                          fc2_weight, fc2_bias, block_size, u, b1lr, a2)
+    else:
+        y, v = _kernels.NeuronBlockMLPFunction.apply(x2, active_block_ids, n_active, fc1_weight, fc1_bias,
+                                                     fc2_weight, fc2_bias, block_size, u, b1lr, a2)
+    if fc2_lora is not None:
+        y = y + F.linear(v, fc2_lora.b) * fc2_lora.scaling
+    return y.reshape(*lead, d_model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration: the same kernels as traceable ops, so torch.compile sees through them.
+# ---------------------------------------------------------------------------------------------------
+
+if _kernels is not None:
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.library import triton_op
+    from torch.library import wrap_triton as _wrap_triton
+
+    class _InterpretedLaunch:
+        """Under TRITON_INTERPRET=1 a kernel cannot be traced: skip it for fake tensors (shape propagation
+        only; dynamo's graph still calls the op, which runs the kernels eagerly) and refuse functional
+        tensors (AOTAutograd would drop the kernel from the graph)."""
+
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+                if any(isinstance(t, FunctionalTensor) for t in tensors):
+                    raise RuntimeError(
+                        "neuron_block_mlp: AOTAutograd cannot trace Triton interpreter kernels; under "
+                        "TRITON_INTERPRET=1 compile with backend='eager', or run on a GPU"
+                    )
+                if not any(is_fake(t) for t in tensors):
+                    self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    def wrap_triton(kernel):
+        return _InterpretedLaunch(kernel) if _kernels.INTERPRET else _wrap_triton(kernel)
+
+    @triton_op("longexposure::neuron_block_mlp", mutates_args=())
+    def _neuron_block_mlp_op(
+        x: torch.Tensor,
+        active_block_ids: torch.Tensor,
+        n_active: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor | None,
+        fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor | None,
+        block_size: int,
+        fc1_lr_x: torch.Tensor | None,
+        fc1_lr_weight: torch.Tensor | None,
+        fc2_lr_weight: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y, h, v): see kernels.neuron_block_mlp.neuron_block_mlp_forward."""
+        return _kernels.neuron_block_mlp_forward(
+            x, active_block_ids, n_active, fc1_weight, fc1_bias, fc2_weight, fc2_bias, block_size,
+            fc1_lr_x, fc1_lr_weight, fc2_lr_weight, wrap=wrap_triton,
+        )
+
+    @triton_op("longexposure::neuron_block_mlp_backward", mutates_args=())
+    def _neuron_block_mlp_backward_op(
+        dy: torch.Tensor,
+        dv: torch.Tensor | None,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        active_block_ids: torch.Tensor,
+        n_active: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc2_weight: torch.Tensor,
+        block_size: int,
+        fc1_lr_x: torch.Tensor | None,
+        fc1_lr_weight: torch.Tensor | None,
+        fc2_lr_weight: torch.Tensor | None,
+        needs: list[bool],
+    ) -> list[torch.Tensor]:
+        """Gradients in `needs` order (x, W1, b1, W2, b2, u, B1, A2); empty tensors where not needed."""
+        grads = _kernels.neuron_block_mlp_backward(
+            dy, dv, x, h, active_block_ids, n_active, fc1_weight, fc2_weight, block_size,
+            fc1_lr_x, fc1_lr_weight, fc2_lr_weight, tuple(needs), wrap=wrap_triton,
+        )
+        return [x.new_empty(0) if g is None else g for g in grads]
+
+    def _setup_context(ctx, inputs, output):
+        x, ids, n_active, w1, _b1, w2, _b2, block_size, u, b1lr, a2 = inputs
+        ctx.save_for_backward(x, output[1], ids, n_active, w1, w2, u, b1lr, a2)
+        ctx.block_size = block_size
+        ctx.set_materialize_grads(False)
+
+    def _backward(ctx, dy, _dh, dv):
+        x, h, ids, n_active, w1, w2, u, b1lr, a2 = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        needs = [n[0], n[3], n[4], n[5], n[6], n[8], n[9], n[10]]
+        if dy is None:
+            dy = x.new_zeros(x.shape)
+        g = torch.ops.longexposure.neuron_block_mlp_backward(
+            dy, dv, x, h, ids, n_active, w1, w2, ctx.block_size, u, b1lr, a2, needs
+        )
+        g = [gi if need else None for gi, need in zip(g, needs, strict=True)]
+        return g[0], None, None, g[1], g[2], g[3], g[4], None, g[5], g[6], g[7]
+
+    torch.library.register_autograd("longexposure::neuron_block_mlp", _backward, setup_context=_setup_context)

@@ -1,0 +1,99 @@
+"""Recorded sparsity profiles, replayed instead of predicted (sparsity source `replay`).
+
+Replay makes paper-shape speed measurable on random-init weights: the per-layer patterns come from a
+profile recorded on real weights, not from this model's activations, and every result says so.
+
+A profile holds, per layer, the mean ReLU activation mass of each MLP neuron (what the Long Exposure
+artifact ships for OPT-1.3B) and the attention block density that the paper's exposer kept (fraction
+of the full block grid, as the artifact records it: causal-only is about 0.52 at 32 blocks).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ARTIFACT = "long-exposure-artifact"
+
+
+@dataclass
+class RecordedProfile:
+    """Per-layer MLP neuron mass (layers, ffn) and attention density (layers,), and where they came from."""
+
+    source: str
+    mlp_neuron_mass: torch.Tensor | None = None
+    attn_density: list[float] | None = None
+
+    @classmethod
+    def from_reference(cls, shared_dir: str | Path) -> RecordedProfile:
+        """The OPT-1.3B profile of the paper's artifact (`<shared>/reference/long-exposure-artifact`)."""
+        root = Path(shared_dir)
+        if (root / "reference" / ARTIFACT).is_dir():
+            root = root / "reference" / ARTIFACT
+        npy, attn = root / "opt-1.3b-mlp-activations.npy", root / "ablation-attention__record.json"
+        for f in (npy, attn):
+            if not f.exists():
+                raise FileNotFoundError(f"replay profile: {f} does not exist (pass the shared/ directory)")
+        mass = torch.from_numpy(np.load(npy)).float()
+        density = [float(r["exposer_sparsity"]) for r in sorted(json.loads(attn.read_text()), key=lambda r: r["layer"])]
+        return cls(f"OPT-1.3B profile of the Long Exposure artifact ({root})", mass, density)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RecordedProfile:
+        data = json.loads(Path(path).read_text())
+        mass = data.get("mlp_neuron_mass")
+        return cls(
+            data["source"],
+            torch.tensor(mass, dtype=torch.float32) if mass is not None else None,
+            data.get("attn_density"),
+        )
+
+    def save(self, path: str | Path) -> None:
+        mass = self.mlp_neuron_mass.tolist() if self.mlp_neuron_mass is not None else None
+        Path(path).write_text(
+            json.dumps({"source": self.source, "mlp_neuron_mass": mass, "attn_density": self.attn_density})
+        )
+
+    def check_model(self, num_layers: int, ffn: int | None) -> None:
+        """The profile must have the model's layer count (and ffn width for the MLP part)."""
+        if (
+            self.mlp_neuron_mass is not None
+            and ffn is not None
+            and tuple(self.mlp_neuron_mass.shape) != (num_layers, ffn)
+        ):
+            raise ValueError(
+                f"replay profile MLP shape {tuple(self.mlp_neuron_mass.shape)} does not match the model "
+                f"({num_layers} layers, ffn {ffn}); record a profile on this architecture"
+            )
+        if self.attn_density is not None and len(self.attn_density) != num_layers:
+            raise ValueError(
+                f"replay profile has attention densities for {len(self.attn_density)} layers, "
+                f"the model has {num_layers}"
+            )
+
+    def mlp_blocks(self, layer: int, block_size: int, theta: float) -> torch.Tensor:
+        """Sorted int32 ids of the neuron blocks whose mass is >= theta x the layer's largest block mass."""
+        if self.mlp_neuron_mass is None:
+            raise ValueError(f"replay profile {self.source!r} has no MLP activations")
+        mass = self.mlp_neuron_mass[layer]
+        if mass.numel() % block_size:
+            raise ValueError(f"ffn {mass.numel()} is not a multiple of the block size {block_size}")
+        blocks = mass.view(-1, block_size).sum(-1)
+        return torch.nonzero(blocks >= theta * blocks.max()).flatten().to(torch.int32)
+
+    def attention_window(self, layer: int, n_blocks: int, global_blocks: int = 1) -> int:
+        """Causal window (in blocks) whose local + global layout keeps the layer's recorded density."""
+        if self.attn_density is None:
+            raise ValueError(f"replay profile {self.source!r} has no attention densities")
+        target = self.attn_density[layer] * n_blocks * n_blocks
+        i = torch.arange(n_blocks)
+        best = 1
+        for w in range(1, n_blocks + 1):
+            kept = (torch.clamp(i + 1, max=w) + torch.clamp(i + 1 - w, min=0, max=global_blocks)).sum().item()
+            if kept <= target:
+                best = w
+        return best

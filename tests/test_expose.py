@@ -1,0 +1,150 @@
+"""End-to-end patching: with every block active the exposed model is the dense model (loss and every
+trainable gradient), for each architecture and PEFT method; replay applies real sparsity and says so."""
+
+import pytest
+import torch
+
+from longexposure.expose import ExposureConfig, expose, unexpose
+from longexposure.methods.builtin import apply_method
+from longexposure.models import build_model
+from longexposure.registry import RegistryError
+from longexposure.replay import RecordedProfile
+
+METHODS = ["lora", "adapter", "bitfit", "full", "p-tuning"]
+
+
+def pair(arch, method, **options):
+    """Two identical models (same seed) with the same method applied, in eval mode (no dropout)."""
+    return [
+        apply_method(build_model(arch, seed=1, attn_implementation="eager"), method, **options).eval() for _ in range(2)
+    ]
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_training_signal(ref, exposed, ids):
+    l0, g0 = loss_and_grads(ref, ids)
+    l1, g1 = loss_and_grads(exposed, ids)
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+    assert g0.keys() == g1.keys()
+    scale = max(g.abs().max().item() for g in g0.values())
+    for name in g0:
+        err = (g0[name] - g1[name]).abs().max().item()
+        assert err <= 1e-4 * scale + 1e-7, f"{name}: gradient differs by {err:.3g} (largest gradient {scale:.3g})"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_all_active_opt_equals_dense(method):
+    ref, model = pair("opt-tiny", method)
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    exposure = expose(
+        model, source="all-active", mlp_backend="triton", attention_backend="triton", attn_block=16, mlp_block=32
+    )
+    assert_same_training_signal(ref, model, ids)
+    report = exposure.report()
+    assert report["mlp_block_density"] == 1.0 and report["attention_block_density_of_causal"] == 1.0
+    assert exposure.layers[0].self_attn.long_exposure_slot.last_backend == "triton"
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_all_active_gpt2_attention_only_equals_dense(method):
+    ref, model = pair("gpt2-tiny", method)
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
+    expose(model, source="all-active", mlp=False, attention_backend="triton", attn_block=16)
+    assert_same_training_signal(ref, model, ids)
+
+
+def test_lora_on_fc1_fc2_goes_through_the_operator():
+    ref, model = pair("opt-tiny", "lora", target_modules=["fc1", "fc2"], r=4)
+    for m in (ref, model):  # a non-zero B so the adapters change the output
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(2))
+    expose(model, source="all-active", attention=False, mlp_backend="triton", mlp_block=32)
+    assert_same_training_signal(ref, model, ids)
+
+
+def tiny_profile(density=0.35, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    block_scale = (torch.rand(2, 8, generator=gen) ** 3).repeat_interleave(32, dim=1)
+    mass = torch.rand(2, 256, generator=gen) * block_scale  # some neuron blocks carry most of the mass
+    return RecordedProfile("synthetic test profile", mass, [density, density])
+
+
+def test_replay_applies_sparsity_and_the_sparse_backends_agree_with_the_references():
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(3))
+    ref, model = pair("opt-tiny", "lora")
+    dense_loss, _ = loss_and_grads(ref, ids)
+    common = dict(source="replay", profile=tiny_profile(), attn_block=16, mlp_block=32, theta=0.3)
+    expose(ref, mlp_backend="torch-gather", attention_backend="eager", **common)
+    exposure = expose(model, mlp_backend="triton", attention_backend="triton", **common)
+    assert_same_training_signal(ref, model, ids)
+    report = exposure.report()
+    assert 0 < report["mlp_block_density"] < 1 and 0 < report["attention_block_density_of_causal"] < 1
+    assert "replay: synthetic test profile (recorded, not predicted" in report["sparsity_source"]
+    sparse_loss, _ = loss_and_grads(model, ids)
+    assert not torch.allclose(sparse_loss, dense_loss), "replayed sparsity must change the computation"
+
+
+def test_unexpose_restores_the_model():
+    _, model = pair("opt-tiny", "bitfit")
+    ids = torch.randint(0, 1000, (1, 32))
+    before = model(input_ids=ids).logits
+    names = [n for n, _ in model.named_parameters()]
+    expose(
+        model,
+        source="replay",
+        profile=tiny_profile(),
+        attn_block=16,
+        mlp_block=32,
+        theta=0.5,
+        mlp_backend="torch-gather",
+        attention_backend="eager",
+    )
+    assert [n for n, _ in model.named_parameters()] == names
+    assert not torch.allclose(model(input_ids=ids).logits, before)
+    unexpose(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, before)
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="not exposed"):
+        unexpose(model)
+
+
+def test_bad_configurations_are_clear_errors():
+    _, model = pair("gpt2-tiny", "lora")
+    with pytest.raises(ValueError, match="MLP exposure needs a ReLU MLP"):
+        expose(model, source="all-active")
+    with pytest.raises(ValueError, match="needs a profile"):
+        ExposureConfig(source="replay")
+    with pytest.raises(ValueError, match="sparsity source 'guess'"):
+        ExposureConfig(source="guess")
+    _, opt = pair("opt-tiny", "lora")
+    with pytest.raises(RegistryError, match="mlp_backend"):
+        expose(opt, source="all-active", mlp_backend="cutlass")
+    with pytest.raises(ValueError, match="does not match the model"):
+        expose(opt, source="replay", profile=RecordedProfile("x", torch.rand(24, 8192), [0.1] * 24))
+    expose(opt, source="all-active", mlp_backend="torch-gather", attention_backend="eager")
+    with pytest.raises(ValueError, match="already exposed"):
+        expose(opt, source="all-active")
+
+
+def test_reference_profile_of_the_paper_artifact(tmp_path):
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parents[2] / "shared"
+    if not (shared / "reference").is_dir():
+        pytest.skip(f"paper artifact not found under {shared}")
+    profile = RecordedProfile.from_reference(shared)
+    assert tuple(profile.mlp_neuron_mass.shape) == (24, 8192) and len(profile.attn_density) == 24
+    ids = profile.mlp_blocks(5, 64, 0.1)
+    assert ids.dtype == torch.int32 and 0 < ids.numel() < 128 and torch.all(ids[1:] > ids[:-1])
+    assert 1 <= profile.attention_window(0, 16) < 16
+    profile.save(tmp_path / "p.json")
+    again = RecordedProfile.load(tmp_path / "p.json")
+    assert torch.equal(again.mlp_blocks(5, 64, 0.1), ids)
