@@ -11,7 +11,7 @@
 
 Launch (GPU):
     python benchmarks/bench_predictors.py quality --weights ~/.cache/longexposure/relu-small --out q.json
-    python benchmarks/bench_predictors.py cost --out cost.json
+    python benchmarks/bench_predictors.py cost --out cost.json [--fixed-capacity] [--in-step]
 Each prints a table and writes one JSON with the device, versions, weights, data and every number.
 """
 
@@ -210,7 +210,15 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
     layers = model.config.num_hidden_layers
     d = model.config.hidden_size
     mlp = [
-        build_predictor("mlp-lowrank", model, i, target="mlp", block_size=64, rank=args.mlp_rank).half()
+        build_predictor(
+            "mlp-lowrank",
+            model,
+            i,
+            target="mlp",
+            block_size=64,
+            rank=args.mlp_rank,
+            fixed_capacity=args.fixed_capacity,
+        ).half()
         for i in range(layers)
     ]
     attn = [
@@ -237,6 +245,31 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
             attn[i](x)
 
     pred = time_fn(all_predictors, dev, warmup=3, reps=10)
+    # In situ: the same step with every predictor called from hooks on its operator's input (q_proj's
+    # and fc1's), so its launches overlap the step's GPU work as they would in the patched model.
+    in_step = in_step_phases = None
+    if args.in_step:
+        from longexposure.profiling import decoder_layers, layer_part
+
+        handles = []
+        b, s = args.batch, args.seq_len
+
+        def hook_for(pred_module):  # noqa: ANN202
+            @torch.no_grad()
+            def hook(mod, inputs):  # noqa: ANN001, ANN202
+                pred_module(inputs[0].reshape(b, s, -1))
+
+            return hook
+
+        for i, lay in enumerate(decoder_layers(model)):
+            handles.append(layer_part(model, lay, "q", base=False).register_forward_pre_hook(hook_for(attn[i])))
+            handles.append(layer_part(model, lay, "fc1", base=False).register_forward_pre_hook(hook_for(mlp[i])))
+        try:
+            in_step_phases = time_phases(lambda timer: trainer.step(timer), dev, warmup=3, reps=10)
+        finally:
+            for h in handles:
+                h.remove()
+        in_step = in_step_phases["total_ms"].p50
     res = {
         "device": _device_name(dev),
         "torch": torch.__version__,
@@ -247,16 +280,22 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         "mlp_predictors_ms": time_fn(mlp_only, dev, warmup=2, reps=10).to_dict(),
         "attn_predictors_ms": time_fn(attn_only, dev, warmup=2, reps=10).to_dict(),
         "ranks": {"mlp": args.mlp_rank, "attn": args.attn_rank},
+        "fixed_capacity": args.fixed_capacity,
         "fraction_of_step": pred.p50 / step_ms,
-        "note": "predictors run on one shared random input per layer (cost does not depend on the values); "
-        "ids include the host sync of nonzero()",
+        "note": "standalone: predictors back to back on one shared random input per layer (cost does not depend "
+        "on the values); ids include nonzero()'s host sync unless fixed_capacity",
     }
+    if in_step is not None:
+        res["step_with_predictors_phases_ms"] = {k: v.to_dict() for k, v in in_step_phases.items()}
+        res["in_step_overhead_fraction"] = (in_step - step_ms) / step_ms
     _log(f"\n== cost on {res['device']}: {res['shape']}")
     _log(
-        f"   training step {step_ms:.1f} ms; {layers} layers of predictors {pred.p50:.2f} ms "
+        f"   training step {step_ms:.1f} ms; {layers} layers of predictors {pred.p50:.2f} ms standalone "
         f"(mlp {res['mlp_predictors_ms']['p50']:.2f}, attention {res['attn_predictors_ms']['p50']:.2f}) "
         f"= {100 * res['fraction_of_step']:.2f}% of a step"
     )
+    if in_step is not None:
+        _log(f"   step with predictors in hooks {in_step:.1f} ms: +{100 * res['in_step_overhead_fraction']:.2f}%")
     return res
 
 
@@ -293,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seq-len", type=int, default=1024)
     c.add_argument("--mlp-rank", type=int, default=256)
     c.add_argument("--attn-rank", type=int, default=16)
+    c.add_argument("--fixed-capacity", action="store_true", help="MLP ids as (ids, count) without a host sync")
+    c.add_argument("--in-step", action="store_true", help="also time the step with predictors called from hooks")
     c.add_argument("--device", default=None)
     c.add_argument("--out", default=None)
     args = parser.parse_args(argv)

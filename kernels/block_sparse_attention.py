@@ -25,8 +25,10 @@ bulk loop carries no mask arithmetic.
 Padding: tokens at or beyond seq_lens[b] are masked as keys; their query rows get O = 0, lse = +inf
 and zero gradients. A row with no visible key (e.g. an empty layout row) also gets O = 0.
 
-Program ids are widened to int64 before pointer math. Autotune spaces come from `autotune_configs`;
-LONGEXPOSURE_AUTOTUNE=0 (and the Triton interpreter) collapse them to one config.
+Program ids are widened to int64 before pointer math (tile offsets inside a block stay 32-bit). A
+128-token block may be visited as two 64-row tiles (`SPLIT`, autotuned). Autotune spaces come from
+`autotune_configs`; LONGEXPOSURE_AUTOTUNE=0 (and the Triton interpreter) collapse them to one config.
+Eager calls launch the kernels directly; under torch.compile tracing they go through `wrap_triton`.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ def autotune_configs(kind: str) -> list[triton.Config]:
     """Autotune space of one kernel kind (`fwd`, `bwd`); one config when autotuning is off."""
     if os.environ.get("LONGEXPOSURE_AUTOTUNE", "1") == "0" or _interpreting():
         return [triton.Config({"SPLIT": 1}, num_warps=4, num_stages=2)]  # fits 227 KB smem up to D=128, block 128
-    stages = (2, 3, 4) if kind == "fwd" else (1, 2, 3)
-    return [
-        triton.Config({"SPLIT": split}, num_warps=w, num_stages=s) for split in (1, 2) for w in (4, 8) for s in stages
-    ]
+    if kind == "fwd":
+        space = [(1, 4, 3), (1, 8, 3), (1, 4, 4), (2, 8, 3), (2, 4, 3)]  # (SPLIT, warps, stages)
+    else:
+        space = [(1, 4, 2), (1, 8, 2), (2, 8, 2), (2, 4, 2)]
+    return [triton.Config({"SPLIT": split}, num_warps=w, num_stages=st) for split, w, st in space]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -178,6 +181,7 @@ def _bsa_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass Python floats as fp64
     qb = NQ - 1 - pid // BH  # heaviest (last) query blocks first
     bh = pid % BH
     b = bh // H
@@ -310,6 +314,8 @@ def _bsa_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     kb = pid // BH  # causal: the first key blocks have the most query blocks
     bh = pid % BH
     b = bh // H
@@ -400,6 +406,8 @@ def _bsa_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     qb = NQ - 1 - pid // BH
     bh = pid % BH
     b = bh // H
@@ -480,12 +488,15 @@ def _layout_union_kernel(
 
 # -------------------------------------------------------------------------------------- launchers
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+class _Launch:
+    """`kernel[grid](...)`, traceable when it must be.
 
-
-class _InterpretedLaunch:
-    """`kernel[grid](...)` that skips fake tensors: under TRITON_INTERPRET=1 a kernel cannot be traced,
-    so torch.compile (backend="eager" only) propagates shapes through the op's fake impl without it."""
+    Under torch.compile tracing (fake or functional tensor arguments) the call goes through
+    `wrap_triton`, so Inductor sees the kernel; eager calls go straight to the kernel: `wrap_triton`
+    outside a `triton_op` would route every eager call through its higher-order op, which re-runs the
+    autotuner each time. In the Triton interpreter a kernel cannot be traced at all, so fake calls are
+    skipped (torch.compile there works with backend="eager" only, propagating shapes through the op).
+    """
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -494,16 +505,21 @@ class _InterpretedLaunch:
         def run(*args, **kwargs):
             from torch._subclasses.fake_tensor import is_fake
 
-            if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+            tracing = any(isinstance(a, torch.Tensor) and is_fake(a) for a in args)
+            if not tracing:
+                return self.kernel[grid](*args, **kwargs)
+            if _interpreting():
                 return None
-            return self.kernel[grid](*args, **kwargs)
+            return wrap_triton(self.kernel)[grid](*args, **kwargs)
 
         return run
 
 
 def _launch(kernel):
-    """The traceable launcher (`wrap_triton`) on GPU; the fake-skipping one in the interpreter."""
-    return _InterpretedLaunch(kernel) if _interpreting() else wrap_triton(kernel)
+    return _Launch(kernel)
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -196,7 +196,7 @@ def _compiled_flex() -> Callable[..., Any]:
     return torch.compile(flex_attention, dynamic=False)
 
 
-_FLEX_CHOICES_PATCHED = False
+_FLEX_BWD_TILE: list[int] = []  # layout blocks < 128 seen by the flex backend; tiles fit the smallest
 
 
 def _fit_flex_bwd_tiles(block: int) -> None:
@@ -205,32 +205,35 @@ def _fit_flex_bwd_tiles(block: int) -> None:
     Inductor's default Hopper backward tile for head_dim 64..128 is 64x128, which does not divide a
     64-token block, and Inductor drops such configs before kernel_options apply; this adds the same
     configs with tiles shrunk to the block. It only appends choices, so other compiled code is unaffected.
+    The class is made module-level (name and qualname) so Inductor's cache can pickle it.
     """
-    global _FLEX_CHOICES_PATCHED
-    if _FLEX_CHOICES_PATCHED:
+    if _FLEX_BWD_TILE:
+        if block not in _FLEX_BWD_TILE:
+            _FLEX_BWD_TILE.append(block)
         return
+    import contextlib
     import dataclasses
 
     from torch._inductor import config as inductor_config
     from torch._inductor.choices import InductorChoices
     from torch._inductor.virtualized import V
 
-    class _FittedFlexChoices(InductorChoices):
-        def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):  # type: ignore[override]
-            confs = list(super().get_flex_attention_bwd_configs(head_dim, dtype, device_type))
-            extra = []
-            for c in confs:
-                try:
-                    b = min(block, 64)
-                    extra.append(dataclasses.replace(c, block_m1=min(c.block_m1, b), block_n1=b, block_m2=b,
-                                                     block_n2=min(c.block_n2, b)))
-                except (TypeError, ValueError):
-                    pass
-            return confs + [e for e in extra if e not in confs]
+    def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):  # noqa: ANN001
+        confs = list(InductorChoices.get_flex_attention_bwd_configs(self, head_dim, dtype, device_type))
+        b = min(*_FLEX_BWD_TILE, 64)
+        extra = []
+        for c in confs:
+            with contextlib.suppress(TypeError, ValueError):  # another torch's config type: leave it alone
+                extra.append(dataclasses.replace(c, block_m1=min(c.block_m1, b), block_n1=b, block_m2=b,
+                                                 block_n2=min(c.block_n2, b)))
+        return confs + [e for e in extra if e not in confs]
 
-    inductor_config.inductor_choices_class = _FittedFlexChoices
-    V.set_choices_handler(_FittedFlexChoices())
-    _FLEX_CHOICES_PATCHED = True
+    cls = type("_FittedFlexChoices", (InductorChoices,),
+               {"get_flex_attention_bwd_configs": get_flex_attention_bwd_configs, "__module__": __name__})
+    globals()["_FittedFlexChoices"] = cls
+    _FLEX_BWD_TILE.append(block)
+    inductor_config.inductor_choices_class = cls
+    V.set_choices_handler(cls())
 
 
 @ATTENTION_BACKENDS.register(
@@ -297,6 +300,8 @@ def _triton_runnable(device: torch.device) -> str | None:
             import triton  # noqa: F401
         except ImportError:
             return "triton is not installed"
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return "TRITON_INTERPRET=1 is set, so the kernels cannot take CUDA tensors"
         return None
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET", "0") != "1":

@@ -81,8 +81,20 @@ def block_importance(count: Tensor, mass: Tensor, alpha: float) -> Tensor:
 
 
 def ids_from_mask(mask: Tensor) -> Tensor:
-    """Boolean (n_blocks,) -> sorted int32 ids (the operator's active-block format)."""
+    """Boolean (n_blocks,) -> sorted int32 ids (the operator's active-block format; synchronizes)."""
     return mask.nonzero().flatten().to(torch.int32)
+
+
+def ids_with_count(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Boolean (n_blocks,) -> fixed-capacity (ids (n_blocks,) int32, count () int32), without a host sync.
+
+    The first `count` ids are the active blocks in increasing order; the rest are 0 (padding). The
+    operator takes this pair as `(active_block_ids, n_active)`.
+    """
+    n = mask.shape[-1]
+    ar = torch.arange(n, device=mask.device)
+    ordered = torch.sort(torch.where(mask, ar, ar + n), dim=-1).values
+    return torch.where(ordered < n, ordered, 0).to(torch.int32), mask.sum(-1, dtype=torch.int32)
 
 
 class MlpExposer:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from longexposure.exposers import (
     ThresholdMlp,
     head_specific_mask,
     ids_from_mask,
+    ids_with_count,
     snap_to_atoms,
 )
 
@@ -62,6 +63,8 @@ class PredictorConfig:
         tau, snap, strides: the `long-exposure` policy reproduced on predicted block mass.
         tau_slack: added to tau for predicted masses (>= 0 raises recall); set by calibration.
         reduce_batch: attention: one mask per head for the whole batch (the paper's reduction).
+        fixed_capacity: MLP: return (ids padded to n_blocks, count) without a host sync instead of
+            the exact-length ids (the operator accepts both; see `exposers.ids_with_count`).
         density: `random`: fixed density; None matches the oracle's on every call.
         seed: `random`: generator seed; also the training seed.
     """
@@ -78,9 +81,9 @@ class PredictorConfig:
     strides: tuple[int, ...] = ()
     tau_slack: float = 0.0
     reduce_batch: bool = True
+    fixed_capacity: bool = False
     density: float | None = None
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.target not in ("mlp", "attention"):
@@ -141,9 +144,10 @@ class MlpPredictor(nn.Module):
     def block_mask(self, x: Tensor) -> Tensor:
         return self.config.mlp_policy().mask_from_stats(*self.block_sums(x))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Sorted int32 ids of the predicted active neuron blocks."""
-        return ids_from_mask(self.block_mask(x))
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Sorted int32 ids of the predicted active neuron blocks (with `fixed_capacity`: (ids, count))."""
+        mask = self.block_mask(x)
+        return ids_with_count(mask) if self.config.fixed_capacity else ids_from_mask(mask)
 
 
 class MlpLowRank(MlpPredictor):

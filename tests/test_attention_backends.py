@@ -96,8 +96,17 @@ def test_no_silent_fallback(monkeypatch):
 def _tiny_opt(attn: str):
     from transformers import AutoModelForCausalLM, OPTConfig
 
-    cfg = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
-                    max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0)
+    cfg = OPTConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=attn)
 
@@ -153,14 +162,34 @@ def test_attention_operator_task_runs_and_records_what_ran():
     assert len(paper) == 60 and {c["backend"] for c in paper} == {"sdpa", "flex", "triton"}
     entry = TASKS.entry("attention-operator")
     ctx = RunContext(device=torch.device("cpu"), preset="cpu-tiny", out_dir=Path("."))
-    case = entry.meta["case"](backend="triton", batch=1, heads=2, seq_len=64, head_dim=16, block=16,
-                              block_sparsity=0.5, dtype="float32", warmup=0, reps=1)
+    case = entry.meta["case"](
+        backend="triton",
+        batch=1,
+        heads=2,
+        seq_len=64,
+        head_dim=16,
+        block=16,
+        block_sparsity=0.5,
+        dtype="float32",
+        warmup=0,
+        reps=1,
+    )
     out = entry.obj(case, ctx)
     assert {"fwd_ms", "bwd_ms", "layout_build_ms", "density"} <= set(out)
     assert out["info"]["backend_ran"] == "TritonBlockSparseAttention(triton)"
     assert out["fwd_rel_err"] < 1e-5 and out["bwd_rel_err"] < 1e-5
-    flex = entry.obj(entry.meta["case"](backend="flex", batch=1, heads=2, seq_len=64, head_dim=16, block=16,
-                                        dtype="float32", warmup=0, reps=1), ctx)
+    flex = entry.obj(
+        entry.meta["case"](
+            backend="flex", batch=1, heads=2, seq_len=64, head_dim=16, block=16, dtype="float32", warmup=0, reps=1
+        ),
+        ctx,
+    )
     assert "bwd_ms" not in flex and flex["info"]["bwd"].startswith("not run: attention backend 'flex'")
     with pytest.raises(ValueError, match="block_sparsity"):
         entry.meta["case"](block_sparsity=1.0)
+    from longexposure.tasks.attention_operator import build_case
+
+    built = build_case(case, "cpu")
+    grads = built.fwd_bwd()  # what the benchmark captures in a CUDA graph: grads at in-region views
+    assert len(grads) == 3 and all(g.shape == (1, 2, 64, 16) for g in grads)
+    assert built.build_layout().validate(causal=True, canonical=True).n_q_blocks == 4

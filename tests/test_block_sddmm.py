@@ -12,6 +12,7 @@ from longexposure.kernels.block_sddmm import (
     block_update_,
     make_block_update_plan,
 )
+from numerics import assert_close, assert_close_to_reference
 
 from longexposure.ops.block_sddmm import (
     block_adamw_reference,
@@ -19,7 +20,6 @@ from longexposure.ops.block_sddmm import (
     block_sddmm_reference,
     dense_to_blocks,
 )
-from tests.numerics import assert_close, assert_close_to_reference
 
 
 def random_blocks(shape, block, density, gen):

@@ -38,8 +38,9 @@ def make_layout(batch, heads, n, block, *, pattern, density, causal, broadcast, 
 
 def run_case(batch, heads, seq, head_dim, block, dtype, causal, pattern, density, ragged, broadcast, seed):
     n = -(-seq // block)
-    layout = make_layout(batch, heads, n, block, pattern=pattern, density=density, causal=causal,
-                         broadcast=broadcast, seed=seed)
+    layout = make_layout(
+        batch, heads, n, block, pattern=pattern, density=density, causal=causal, broadcast=broadcast, seed=seed
+    )
     layout.validate(causal=causal, canonical=True)
     gen = torch.Generator().manual_seed(seed + 1)
     x = [torch.randn(batch, heads, seq, head_dim, generator=gen) for _ in range(4)]
@@ -83,13 +84,40 @@ def run_case(batch, heads, seq, head_dim, block, dtype, causal, pattern, density
     seed=st.integers(0, 2**16),
 )
 # head_dim 64 with every block listed: a public flash block-sparse backward was silently wrong there
-@example(block=16, n=4, trim=0, batch=1, heads=2, head_dim=64, dtype="float32", causal=True, pattern="all",
-         density=1.0, ragged=False, broadcast="none", seed=0)
+@example(
+    block=16,
+    n=4,
+    trim=0,
+    batch=1,
+    heads=2,
+    head_dim=64,
+    dtype="float32",
+    causal=True,
+    pattern="all",
+    density=1.0,
+    ragged=False,
+    broadcast="none",
+    seed=0,
+)
 # odd length (97 = 3 blocks of 32 + 1), padding, a query block with only its diagonal, non-causal
-@example(block=32, n=4, trim=31, batch=2, heads=1, head_dim=64, dtype="float32", causal=False,
-         pattern="diagonal-row", density=0.5, ragged=True, broadcast="heads", seed=1)
-def test_forward_and_gradients_match_reference(block, n, trim, batch, heads, head_dim, dtype, causal, pattern,
-                                               density, ragged, broadcast, seed):
+@example(
+    block=32,
+    n=4,
+    trim=31,
+    batch=2,
+    heads=1,
+    head_dim=64,
+    dtype="float32",
+    causal=False,
+    pattern="diagonal-row",
+    density=0.5,
+    ragged=True,
+    broadcast="heads",
+    seed=1,
+)
+def test_forward_and_gradients_match_reference(
+    block, n, trim, batch, heads, head_dim, dtype, causal, pattern, density, ragged, broadcast, seed
+):
     seq = max(1, n * block - min(trim, block - 1))
     run_case(batch, heads, seq, head_dim, block, dtype, causal, pattern, density, ragged, broadcast, seed)
 
@@ -100,9 +128,9 @@ def test_empty_rows_and_padding_give_zero_output_and_gradient():
     for b in range(2):
         for h in range(2):
             assert torch.all(out[b, h, 32:48] == 0) == (not bool(dense[b, h, 2].any()))
-        assert torch.all(out[b, :, int(lens[b]):] == 0)
-        assert torch.all(grads[0][b, :, int(lens[b]):] == 0), "padded queries get no dq"
-        assert torch.all(grads[1][b, :, int(lens[b]):] == 0), "padded keys get no dk"
+        assert torch.all(out[b, :, int(lens[b]) :] == 0)
+        assert torch.all(grads[0][b, :, int(lens[b]) :] == 0), "padded queries get no dq"
+        assert torch.all(grads[1][b, :, int(lens[b]) :] == 0), "padded keys get no dk"
 
 
 def test_autograd_function_matches_op_and_needs_transpose():
@@ -116,8 +144,9 @@ def test_autograd_function_matches_op_and_needs_transpose():
     ref = torch.autograd.grad(block_sparse_attention(q, k, v, layout).sum(), (q, k, v))
     for got, want in zip(grads, ref, strict=True):
         assert_close(got, want)
-    bare = K.BlockSparseAttentionFunction.apply(q, k, v, layout.kv_counts, layout.kv_indices, None, None, None,
-                                               16, True, 32**-0.5)
+    bare = K.BlockSparseAttentionFunction.apply(
+        q, k, v, layout.kv_counts, layout.kv_indices, None, None, None, 16, True, 32**-0.5
+    )
     with pytest.raises(RuntimeError, match="transposed layout"):
         bare.sum().backward()
 
@@ -139,8 +168,9 @@ def test_launcher_errors_name_the_argument():
     with pytest.raises(ValueError, match="^seq_lens must be int32 of shape"):
         K.block_sparse_attention_fwd(q, q, q, layout.kv_counts, layout.kv_indices, torch.tensor([64]), **kw)
     with pytest.raises(ValueError, match="^block must be a power of two"):
-        K.block_sparse_attention_fwd(q, q, q, layout.kv_counts, layout.kv_indices, None, block=24, causal=True,
-                                     scale=0.25)
+        K.block_sparse_attention_fwd(
+            q, q, q, layout.kv_counts, layout.kv_indices, None, block=24, causal=True, scale=0.25
+        )
 
 
 def test_autotune_space_collapses_for_ci(monkeypatch):
@@ -165,8 +195,9 @@ def test_compile_traces_the_op_and_new_layouts_do_not_recompile():
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 64, 16, generator=gen).requires_grad_() for _ in range(3))
     for seed in range(3):
-        lay = make_layout(1, 2, 4, 16, pattern="random", density=0.3 + 0.3 * seed, causal=True, broadcast="none",
-                          seed=seed)
+        lay = make_layout(
+            1, 2, 4, 16, pattern="random", density=0.3 + 0.3 * seed, causal=True, broadcast="none", seed=seed
+        )
         out = step(q, k, v, lay.kv_counts, lay.kv_indices, lay.q_counts, lay.q_indices)
         assert_close(out, reference_attention(q, k, v, lay))
         out.sum().backward()
@@ -191,3 +222,19 @@ def test_split_tiles_match_reference(monkeypatch, causal, ragged):
 
     monkeypatch.setattr(K, "_launch", Split2)
     run_case(2, 2, 93, 32, 32, "float32", causal, "random", 0.7, ragged, "none", 11)
+
+
+def test_custom_op_matches_the_eager_function():
+    """The triton_op (what torch.compile traces) and the autograd.Function (eager) agree, gradients too."""
+    layout = make_layout(2, 2, 4, 16, pattern="random", density=0.6, causal=True, broadcast="batch", seed=6)
+    gen = torch.Generator().manual_seed(7)
+    x = [torch.randn(2, 2, 61, 32, generator=gen) for _ in range(4)]
+    lens = torch.tensor([61, 40], dtype=torch.int32)
+    args = (layout.kv_counts, layout.kv_indices, layout.q_counts, layout.q_indices, lens, 16, True, 0.2)
+    a = [t.clone().requires_grad_() for t in x[:3]]
+    b = [t.clone().requires_grad_() for t in x[:3]]
+    out_op, _ = torch.ops.longexposure.block_sparse_attn_fwd(*a, *args)
+    out_fn = K.BlockSparseAttentionFunction.apply(*b, *args)
+    assert_close(out_op, out_fn)
+    for g_op, g_fn in zip(torch.autograd.grad(out_op, a, x[3]), torch.autograd.grad(out_fn, b, x[3]), strict=True):
+        assert_close(g_op, g_fn)

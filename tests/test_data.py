@@ -42,3 +42,19 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     big.write_text('{"context": [1, 2, 3, 4, 5], "completion": [99, 7, 8, 9, 10]}\n' * 4)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         next(load_batches("e2e", batch=1, seq_len=8, vocab_size=50, path=str(big)))
+
+
+TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "opt-tokenizer"
+
+
+@pytest.mark.skipif(not TOKENIZER.is_dir(), reason=f"OPT tokenizer not found at {TOKENIZER}")
+def test_alpaca_tokenizes_instruction_input_output(tmp_path):
+    file = tmp_path / "alpaca.jsonl"
+    file.write_text('{"instruction": "Name a colour.", "input": "", "output": "Blue."}\n' * 20)
+    batches = load_batches("alpaca", batch=2, seq_len=16, vocab_size=50272, path=str(file), tokenizer=str(TOKENIZER))
+    ids = next(batches)["input_ids"]
+    assert ids.shape == (2, 16) and (ids == 2).any()  # OPT's </s> closes each example
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x"}\n')
+    with pytest.raises(ValueError, match="expected keys 'instruction' and 'output'"):
+        load_batches("alpaca", batch=1, seq_len=8, vocab_size=10, path=str(bad), tokenizer=str(TOKENIZER))

@@ -299,3 +299,15 @@ def test_every_registered_exposer_conforms(name, target):
         assert torch.equal(mask, pol(q, k)), "deterministic"
         with pytest.raises(ExposerError, match="not divisible"):
             pol(q[..., :36, :], k[..., :36, :])
+
+
+@given(n=st.integers(1, 64), p=st.floats(0.0, 1.0), seed=st.integers(0, 999))
+def test_fixed_capacity_ids_match_exact_ids(n, p, seed):
+    from longexposure.exposers import ids_from_mask, ids_with_count
+
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < p
+    ids, count = ids_with_count(mask)
+    exact = ids_from_mask(mask)
+    assert ids.dtype == count.dtype == torch.int32 and ids.shape == (n,) and count.dim() == 0
+    assert int(count) == exact.numel() and torch.equal(ids[: int(count)], exact)
+    assert (ids[int(count) :] == 0).all()

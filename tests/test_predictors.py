@@ -103,6 +103,16 @@ def test_oracle_recall_is_one(target, micro_model, micro_layer_data):  # noqa: F
         assert ev["density"] == pytest.approx(ev["exposer_density"])
 
 
+def test_fixed_capacity_output(micro_model, micro_layer_data):  # noqa: F811
+    _, held = micro_layer_data
+    x = held[1].mlp_x[0]
+    torch.manual_seed(0)
+    exact = build_predictor("mlp-lowrank", micro_model, 1, **OPTS)(x)
+    torch.manual_seed(0)
+    ids, count = build_predictor("mlp-lowrank", micro_model, 1, fixed_capacity=True, **OPTS)(x)
+    assert ids.shape == (512 // MLP_BLOCK,) and torch.equal(ids[: int(count)], exact)
+
+
 def test_full_rank_svd_is_exact_for_the_mlp(micro_model, micro_layer_data):  # noqa: F811
     _, held = micro_layer_data
     x = held[0].mlp_x[0]

@@ -4,12 +4,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from numerics import assert_close
 
 from longexposure.methods.builtin import apply_method
 from longexposure.methods.pruning import nm_pattern_ok, parse_sparsity, prune_, prune_mask, weight_view
 from longexposure.methods.sp_lora import VARIANTS, SparseLoRALinear, merge_
 from longexposure.models import build_model
-from tests.numerics import assert_close
 
 
 def pruned_weight(out_f, in_f, gen, dtype=torch.float64):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from numerics import assert_close
 
 from longexposure.methods.builtin import apply_method
 from longexposure.methods.sylva import collect_block_masks, unload_
@@ -21,7 +22,6 @@ from longexposure.methods.sylva_kfac import ExactFactor, HierarchicalFactor, bra
 from longexposure.methods.sylva_layer import SylvaAdamW, SylvaLinear, sylva_layers
 from longexposure.models import build_model
 from longexposure.ops.block_sddmm import block_mask_to_dense
-from tests.numerics import assert_close
 
 
 def correlated_data(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:

@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,11 +44,13 @@ def load_batches(
     seed: int = 0,
     device: torch.device | str = "cpu",
     family: str | None = None,
+    **options: Any,
 ) -> Batches:
     """Look the dataset up by name and open it.
 
     `family` (opt, gpt2, llama) picks the matching file when `path` is a directory holding one
-    tokenization per family (the E2E release has valid_opt.jsonl and valid_gpt.jsonl).
+    tokenization per family (the E2E release has valid_opt.jsonl and valid_gpt.jsonl). Other keyword
+    `options` go to the dataset (e.g. `tokenizer=` for `alpaca`); one it does not take is an error.
     """
     if batch < 1 or seq_len < 2:
         raise ValueError(f"batch ({batch}) must be >= 1 and seq_len ({seq_len}) >= 2")
@@ -59,6 +62,7 @@ def load_batches(
         seed=seed,
         device=torch.device(device),
         family=family,
+        **options,
     )
 
 
@@ -108,6 +112,17 @@ def _require_file(path: str | None, dataset: str, hint: str, family: str | None 
     return p
 
 
+def _rows(file: Path, keys: tuple[str, ...]) -> Iterator[dict]:
+    """JSONL rows that must have `keys`; a row without them is an error naming file, line and keys."""
+    with file.open() as f:
+        for line_no, line in enumerate(f, 1):
+            row = json.loads(line)
+            if any(k not in row for k in keys):
+                expected = " and ".join(repr(k) for k in keys)
+                raise ValueError(f"{file}:{line_no}: expected keys {expected}, got {sorted(row)}")
+            yield row
+
+
 def _pack(
     examples: list[list[int]], batch: int, seq_len: int, seed: int, device: torch.device, vocab_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -140,13 +155,7 @@ def e2e(
     file = _require_file(
         path, "e2e", "a directory or .jsonl with context/completion token ids, e.g. ../shared/data/e2e", family
     )
-    examples = []
-    with file.open() as f:
-        for line_no, line in enumerate(f, 1):
-            row = json.loads(line)
-            if "context" not in row or "completion" not in row:
-                raise ValueError(f"{file}:{line_no}: expected keys 'context' and 'completion', got {sorted(row)}")
-            examples.append(row["context"] + row["completion"])
+    examples = [row["context"] + row["completion"] for row in _rows(file, ("context", "completion"))]
     return Batches(
         _pack(examples, batch, seq_len, seed, device, vocab_size),
         f"e2e {file} ({len(examples)} examples, packed to {seq_len})",
@@ -173,13 +182,9 @@ def alpaca(
         raise FileNotFoundError(f"dataset 'alpaca': tokenizer directory {tok_path} does not exist")
     tok = AutoTokenizer.from_pretrained(tok_path)
     examples = []
-    with file.open() as f:
-        for line_no, line in enumerate(f, 1):
-            row = json.loads(line)
-            if "instruction" not in row or "output" not in row:
-                raise ValueError(f"{file}:{line_no}: expected keys 'instruction' and 'output', got {sorted(row)}")
-            prompt = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
-            examples.append(tok(prompt + "\n" + row["output"])["input_ids"] + [tok.eos_token_id])
+    for row in _rows(file, ("instruction", "output")):
+        prompt = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
+        examples.append(tok(prompt + "\n" + row["output"])["input_ids"] + [tok.eos_token_id])
     return Batches(
         _pack(examples, batch, seq_len, seed, device, vocab_size),
         f"alpaca {file} ({len(examples)} examples, tokenizer {tok_path}, packed to {seq_len})",

@@ -162,7 +162,9 @@ def block_sparse_attention(
     if not _HAVE_TRITON:
         raise RuntimeError("block_sparse_attention needs Triton; reference_attention runs without it")
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    args = (layout.kv_counts, layout.kv_indices, layout.q_counts, layout.q_indices, seq_lens, layout.block, causal, scale)
+    args = (
+        layout.kv_counts, layout.kv_indices, layout.q_counts, layout.q_indices, seq_lens, layout.block, causal, scale
+    )
     if torch.compiler.is_compiling():  # the custom op: traceable, the kernels visible to Inductor
         o, _ = torch.ops.longexposure.block_sparse_attn_fwd(q, k, v, *args)
         return o

@@ -138,9 +138,11 @@ def build_case(case: AttentionOperatorCase, device: torch.device | str, seed: in
         return torch.autograd.grad(state["o"], (q, k, v), do, retain_graph=True)
 
     def fwd_bwd() -> Any:
-        """A fresh forward and its backward (what a CUDA graph can capture: both on one stream)."""
-        o = fwd()
-        return torch.autograd.grad(o, (q, k, v), do) if backward else o
+        """A fresh forward and its backward, which a CUDA graph can capture: both run on the capturing
+        stream, and the gradients are taken at views made inside (no leaf's AccumulateGrad involved)."""
+        views = (q.view_as(q), k.view_as(k), v.view_as(v))
+        o = backend(*views, layout, causal=True)
+        return torch.autograd.grad(o, views, do) if backward else o
 
     def build_layout() -> BlockLayout:
         return pool.combine(selection)
