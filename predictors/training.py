@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,18 @@ def evaluate_mlp(
     return out
 
 
+def _calibrate(pred: nn.Module, field: str, grid: Sequence[float], score: Callable[[], float], target: float) -> float:
+    """Set `pred.config.<field>` to the first grid value whose score reaches `target` (else the last)."""
+    chosen = grid[-1]
+    for value in grid:
+        setattr(pred.config, field, value)
+        if score() >= target:
+            chosen = value
+            break
+    setattr(pred.config, field, chosen)
+    return chosen
+
+
 @torch.no_grad()
 def calibrate_mlp(
     pred: nn.Module,
@@ -199,14 +211,9 @@ def calibrate_mlp(
     grid: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3),
 ) -> float:
     """Set `pred.config.slack` to the largest grid value whose mean recall on `data` reaches the target."""
-    chosen = grid[-1]
-    for slack in grid:
-        pred.config.slack = slack
-        if evaluate_mlp(pred, data, pred.config, time_it=False)["recall"] >= recall_target:
-            chosen = slack
-            break
-    pred.config.slack = chosen
-    return chosen
+    return _calibrate(
+        pred, "slack", grid, lambda: evaluate_mlp(pred, data, pred.config, time_it=False)["recall"], recall_target
+    )
 
 
 # ========================================================================================== attention
@@ -283,14 +290,8 @@ def calibrate_attention(
     pred: nn.Module, data: LayerData, mass_target: float = 0.95, grid: Sequence[float] = (0.0, 0.01, 0.02, 0.03, 0.04)
 ) -> float:
     """Set `pred.config.tau_slack` to the smallest grid value whose mean true mass kept reaches the target."""
-    chosen = grid[-1]
-    for slack in grid:
-        pred.config.tau_slack = slack
-        if evaluate_attention(pred, data, pred.config, time_it=False)["mass_kept"] >= mass_target:
-            chosen = slack
-            break
-    pred.config.tau_slack = chosen
-    return chosen
+    score = lambda: evaluate_attention(pred, data, pred.config, time_it=False)["mass_kept"]  # noqa: E731
+    return _calibrate(pred, "tau_slack", grid, score, mass_target)
 
 
 # ============================================================================================== bank

@@ -55,6 +55,22 @@ def _upcast_trainable(model: nn.Module) -> None:
             p.data = p.data.float()
 
 
+def _synthetic_batches(model: nn.Module, batch: int, seq_len: int, seed: int, device: torch.device):
+    """Random token batches for a timing or memory case (values do not affect either)."""
+    from longexposure.data import load_batches
+    from longexposure.models import family_of
+
+    return load_batches(
+        "synthetic",
+        batch=batch,
+        seq_len=seq_len,
+        vocab_size=model.config.vocab_size,
+        seed=seed,
+        device=device,
+        family=family_of(model),
+    )
+
+
 def _adamw(params, lr: float, device: torch.device):
     return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
 
@@ -245,21 +261,11 @@ def _prepare_memory_model(case: SylvaMemoryCase, device: torch.device, seed: int
 
 @TASKS.register("sylva-memory", case=SylvaMemoryCase, help="Sylva Table 2: peak fine-tuning memory at r / sigma")
 def sylva_memory(case: SylvaMemoryCase, ctx: RunContext) -> dict[str, Any]:
-    from longexposure.data import load_batches
-    from longexposure.models import family_of
 
     device = ctx.device
     model, opt, n_trainable, (r, sigma) = _prepare_memory_model(case, device, ctx.seed)
     _, amp = PRECISIONS[case.precision]
-    batches = load_batches(
-        "synthetic",
-        batch=case.batch,
-        seq_len=case.seq_len,
-        vocab_size=model.config.vocab_size,
-        seed=ctx.seed,
-        device=device,
-        family=family_of(model),
-    )
+    batches = _synthetic_batches(model, case.batch, case.seq_len, ctx.seed, device)
     reset_peak_memory(device)
     times = []
     for _ in range(case.steps):
@@ -324,22 +330,13 @@ class SylvaPreprocessCase:
     "sylva-preprocess", case=SylvaPreprocessCase, help="Sylva preprocessing memory/time: hierarchical vs exact"
 )
 def sylva_preprocess(case: SylvaPreprocessCase, ctx: RunContext) -> dict[str, Any]:
-    from longexposure.data import load_batches
     from longexposure.methods.sylva import collect_block_masks
-    from longexposure.models import build_model, family_of
+    from longexposure.models import build_model
 
     device = ctx.device
     model = build_model(case.model, device=device, dtype=DTYPES[case.dtype], seed=ctx.seed)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    batches = load_batches(
-        "synthetic",
-        batch=case.batch,
-        seq_len=case.seq_len,
-        vocab_size=model.config.vocab_size,
-        seed=ctx.seed,
-        device=device,
-        family=family_of(model),
-    )
+    batches = _synthetic_batches(model, case.batch, case.seq_len, ctx.seed, device)
     reset_peak_memory(device)
     synchronize(device)
     started = time.perf_counter()
@@ -410,11 +407,10 @@ class SpLoraStepCase:
 
 @TASKS.register("splora-step", case=SpLoraStepCase, help="SP-LoRA Fig. 1: step time and peak memory")
 def splora_step(case: SpLoraStepCase, ctx: RunContext) -> dict[str, Any]:
-    from longexposure.data import load_batches
     from longexposure.methods.builtin import apply_method
     from longexposure.methods.pruning import prune_
     from longexposure.methods.sp_lora import _calibration
-    from longexposure.models import build_model, family_of
+    from longexposure.models import build_model
 
     device = ctx.device
     low, amp = PRECISIONS[case.precision]
@@ -430,15 +426,7 @@ def splora_step(case: SpLoraStepCase, ctx: RunContext) -> dict[str, Any]:
     _upcast_trainable(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = _adamw(trainable, 1e-4, device)
-    batches = load_batches(
-        "synthetic",
-        batch=case.batch,
-        seq_len=case.seq_len,
-        vocab_size=model.config.vocab_size,
-        seed=ctx.seed,
-        device=device,
-        family=family_of(model),
-    )
+    batches = _synthetic_batches(model, case.batch, case.seq_len, ctx.seed, device)
     losses: list[torch.Tensor] = []
 
     def step(timer: Timer) -> None:
