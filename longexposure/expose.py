@@ -12,21 +12,30 @@ and `p-tuning` apply before or after exposure unchanged, with or without a peft 
   forward hooks, e.g. Houlsby adapters, still run on the MLP output). LoRA adapters on fc1/fc2 are
   handed to the operator, which applies them where the math puts them.
 
-Sparsity sources (`ExposureConfig.source`), recorded in every report:
+Sparsity sources (`ExposureConfig.source`, per target with `mlp_source` / `attention_source`),
+recorded in every report:
     all-active  every block: the exposed model computes exactly the dense model (correctness check)
     replay      per-layer patterns from a recorded profile (`replay.RecordedProfile`); not this
                 model's activations, and every report says so
+    predicted   live predictors (a saved `PredictorBank` directory, `predictors=`), run once per layer
+                per step on the operator's input, under no_grad, before the operator
+    oracle      the exposer's true pattern computed from the frozen weights each step (upper bound)
+    random      random blocks at the oracle's density each step (the Fig. 11 baseline)
+Static sources (all-active, replay) are built once per (layer, sequence length); dynamic ones run
+every step, and their densities are those of the last step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from longexposure.attention.layout import BlockLayout
 from longexposure.models.factory import family_of
 from longexposure.registry import MLP_BACKENDS
 from longexposure.replay import RecordedProfile
@@ -38,7 +47,8 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "gpt2": {"layers": "transformer.h", "attn": "attn", "mlp": None},
     "llama": {"layers": "model.layers", "attn": "self_attn", "mlp": None},
 }
-SOURCES = ("all-active", "replay")
+SOURCES = ("all-active", "replay", "predicted", "oracle", "random")
+DYNAMIC = ("predicted", "oracle", "random")
 STATE_ATTR = "long_exposure"
 
 
@@ -54,6 +64,11 @@ class ExposureConfig:
         theta: replay MLP filter: keep neuron blocks with mass >= theta x the layer's peak block.
         global_blocks: replay attention layouts: causal window + this many global blocks.
         profile: the recorded profile for `replay`.
+        resample: replay on a model of another depth: stretch the profile's attention densities over
+            its layers by relative depth (`RecordedProfile.resampled`; attention only, and reports say so).
+        mlp_source, attention_source: per-target source (None: `source`).
+        predictors: `predicted`: directory of a saved `PredictorBank` for this model.
+        tau: `oracle`/`random` attention: the long-exposure policy's attention-mass target.
     """
 
     source: str = "replay"
@@ -66,14 +81,36 @@ class ExposureConfig:
     theta: float = 0.1
     global_blocks: int = 1
     profile: RecordedProfile | None = field(default=None, repr=False)
+    mlp_source: str | None = None
+    attention_source: str | None = None
+    predictors: str | None = None
+    tau: float = 0.95
+    resample: bool = False
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"sparsity source {self.source!r} is not one of {SOURCES}")
-        if self.source == "replay" and self.profile is None:
-            raise ValueError("source 'replay' needs a profile (RecordedProfile.from_reference(shared_dir) or .load)")
+        for name in ("source", "mlp_source", "attention_source"):
+            value = getattr(self, name)
+            if value is not None and value not in SOURCES:
+                raise ValueError(f"{name}: sparsity source {value!r} is not one of {SOURCES}")
         if not (self.attention or self.mlp):
             raise ValueError("nothing to expose: attention and mlp are both off")
+        used = self.sources()
+        if "replay" in used.values() and self.profile is None:
+            raise ValueError("source 'replay' needs a profile (RecordedProfile.from_reference(shared_dir) or .load)")
+        if "predicted" in used.values() and not self.predictors:
+            raise ValueError(
+                "source 'predicted' needs predictors=<directory of a saved PredictorBank> "
+                "(train one with `longexposure train-predictors`)"
+            )
+
+    def sources(self) -> dict[str, str]:
+        """The source of each exposed target: {"mlp": ..., "attention": ...}."""
+        out = {}
+        if self.mlp:
+            out["mlp"] = self.mlp_source or self.source
+        if self.attention:
+            out["attention"] = self.attention_source or self.source
+        return out
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -122,9 +159,17 @@ class Exposure:
         self._cache: dict[tuple, Any] = {}
         self.mlp_density: dict[int, float] = {}
         self.attn_density: dict[int, float] = {}
+        self.sources = config.sources()
+        self.timer: Any = None  # a measure.Timer: dynamic sources time their predictors as `predict_ms`
+        self._last: dict[tuple[str, int], Any] = {}  # dynamic sources: the last step's pattern per layer
         ffn = getattr(self.hf_config, "ffn_dim", None)
-        if config.profile is not None:
-            config.profile.check_model(len(self.layers), ffn if config.mlp else None)
+        depth = len(self.layers)
+        if config.resample and config.profile is not None and len(config.profile.attn_density or []) != depth:
+            if self.sources.get("mlp") == "replay":
+                raise ValueError("resample: a resampled profile has attention densities only; set mlp=False")
+            config = self.config = dataclasses.replace(config, profile=config.profile.resampled(depth))
+        if config.profile is not None and "replay" in self.sources.values():
+            config.profile.check_model(len(self.layers), ffn if self.sources.get("mlp") == "replay" else None)
         if config.mlp:
             if spec["mlp"] is None or getattr(self.hf_config, "activation_function", None) != "relu":
                 raise ValueError(
@@ -133,6 +178,70 @@ class Exposure:
                     "has none: expose attention only (mlp=False)"
                 )
             MLP_BACKENDS.entry(config.mlp_backend)  # unknown names fail before anything is patched
+        self.predictors = self._build_predictors()  # before patching: the oracle reads the unpatched layers
+
+    @property
+    def dynamic(self) -> bool:
+        """True when some target's pattern is computed every step (predictors run in the forward)."""
+        return any(src in DYNAMIC for src in self.sources.values())
+
+    def _build_predictors(self) -> dict[str, list[nn.Module]]:
+        """Per dynamic target, one predictor per layer, in eval mode and frozen."""
+        from longexposure.predictors.training import PredictorBank
+
+        wanted = {t: src for t, src in self.sources.items() if src in DYNAMIC}
+        if not wanted:
+            return {}
+        out: dict[str, list[nn.Module]] = {}
+        saved = PredictorBank.load(self.config.predictors, self.model) if "predicted" in wanted.values() else None
+        for target, src in wanted.items():
+            if src == "predicted":
+                if target not in saved.predictors:
+                    raise ValueError(
+                        f"{self.config.predictors} holds no {target} predictors (it has {list(saved.names)})"
+                    )
+                preds = saved.predictors[target]
+            else:
+                opts = (
+                    {"block_size": self.config.mlp_block, "theta": self.config.theta}
+                    if target == "mlp"
+                    else {"attn_block": self.config.attn_block, "tau": self.config.tau}
+                )
+                bank = PredictorBank.build(
+                    self.model,
+                    mlp=src if target == "mlp" else None,
+                    attention=src if target == "attention" else None,
+                    mlp_config=opts,
+                    attn_config=opts,
+                )
+                preds = bank.predictors[target]
+            for i, p in enumerate(preds):
+                size = p.config.block_size if target == "mlp" else p.config.attn_block
+                want = self.config.mlp_block if target == "mlp" else self.config.attn_block
+                if size != want:
+                    raise ValueError(
+                        f"{target} predictor of layer {i} uses blocks of {size}, the exposure {want}: "
+                        f"set {'mlp_block' if target == 'mlp' else 'attn_block'}={size}"
+                    )
+                if target == "mlp" and hasattr(p.config, "fixed_capacity") and hasattr(p, "token_stats"):
+                    p.config.fixed_capacity = True  # (ids, count) on the device: no host sync per layer
+                p.eval().requires_grad_(False)
+            out[target] = preds
+        return out
+
+    def _predict(self, target: str, layer: int, x: torch.Tensor) -> Any:
+        timing = self.timer.region("predict_ms") if self.timer is not None else contextlib.nullcontext()
+        with timing, torch.no_grad():
+            if target == "mlp" and x.dim() == 2:  # OPT flattens (B, S) before fc1; MLP sums over both anyway
+                x = x[None]
+            out = self.predictors[target][layer](x.detach())
+        if target == "mlp":
+            ids, count = out if isinstance(out, tuple) else (out, None)
+            out = (ids, None if count is None else count.reshape(1).to(torch.int32))
+        else:
+            out = BlockLayout.from_dense(out, self.config.attn_block)
+        self._last[(target, layer)] = out
+        return out
 
     # ------------------------------------------------------------------------------ sources
     # Both sources are static per (layer, shape, device): patterns are built once and reused, so the
@@ -141,7 +250,7 @@ class Exposure:
         key = ("mlp", layer, device)
         if key not in self._cache:
             n_blocks = self.hf_config.ffn_dim // self.config.mlp_block
-            if self.config.source == "all-active":
+            if self.sources["mlp"] == "all-active":
                 ids = torch.arange(n_blocks, dtype=torch.int32)
             else:
                 ids = self.config.profile.mlp_blocks(layer, self.config.mlp_block, self.config.theta)
@@ -157,7 +266,7 @@ class Exposure:
         if key not in self._cache:
             block = self.config.attn_block
             n = -(-seq_len // block)
-            if self.config.source == "all-active":
+            if self.sources["attention"] == "all-active":
                 layout = mask_layout("dense", 1, 1, seq_len, block, device=device)
             else:
                 window = self.config.profile.attention_window(layer, n, self.config.global_blocks)
@@ -172,8 +281,20 @@ class Exposure:
                     global_blocks=self.config.global_blocks,
                 )
             self.attn_density[layer] = float(layout.kv_counts.sum()) / (n * (n + 1) / 2)
-            self._cache[key] = layout
+            self._cache[key] = layout.with_transpose()  # the backward's transposed table, built once
         return self._cache[key]
+
+    def prepare(self, seq_len: int, device: torch.device | str) -> None:
+        """Build every layer's patterns for `seq_len` now (they are cached), so that torch.compile and
+        CUDA-graph capture only see cache lookups, never the host-side building."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        for i in range(len(self.layers)):
+            if self.sources.get("attention") in ("all-active", "replay"):
+                self._layout(i, seq_len, device)
+            if self.sources.get("mlp") in ("all-active", "replay"):
+                self._mlp_ids(i, device)
 
     # ------------------------------------------------------------------------------ patching
     def patch(self) -> None:
@@ -208,9 +329,11 @@ class Exposure:
 
             def pre_hook(module, args, kwargs, i=i):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
-                set_layout(
-                    module, self._layout(i, hidden.shape[1], hidden.device), backend=self.config.attention_backend
-                )
+                if self.sources["attention"] in DYNAMIC:
+                    layout = self._predict("attention", i, hidden)
+                else:
+                    layout = self._layout(i, hidden.shape[1], hidden.device)
+                set_layout(module, layout, backend=self.config.attention_backend)
 
             handle = attn.register_forward_pre_hook(pre_hook, with_kwargs=True)
             self._undo.append(handle.remove)
@@ -229,7 +352,10 @@ class Exposure:
         lora1, lora2 = _lora_of(fc1, allow_dropout=True), _lora_of(fc2, allow_dropout=False)
 
         def mlp_forward(x: torch.Tensor) -> torch.Tensor:
-            ids, count = self._mlp_ids(i, x.device)
+            if self.sources["mlp"] in DYNAMIC:
+                ids, count = self._predict("mlp", i, x)
+            else:
+                ids, count = self._mlp_ids(i, x.device)
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             weights = (base1.weight, base1.bias, base2.weight, base2.bias)
             cast = tuple(_cast(t, dtype) for t in weights)
@@ -255,11 +381,32 @@ class Exposure:
         while self._undo:
             self._undo.pop()()
 
+    def _densities_of_last_step(self) -> None:
+        """Densities of the dynamic sources' last patterns (synchronizes: for reports, not the hot path)."""
+        for (target, layer), out in self._last.items():
+            if target == "mlp":
+                ids, count = out
+                n_blocks = self.hf_config.ffn_dim // self.config.mlp_block
+                self.mlp_density[layer] = (ids.numel() if count is None else int(count.item())) / n_blocks
+            else:
+                n = out.n_q_blocks
+                total = out.kv_counts.shape[0] * out.kv_counts.shape[1] * n * (n + 1) / 2
+                self.attn_density[layer] = float(out.kv_counts.sum()) / total
+
     def report(self) -> dict[str, Any]:
         """Per-layer densities of the last step and what produced them (for result records)."""
-        source = self.config.source
-        if source == "replay":
-            source = f"replay: {self.config.profile.source} (recorded, not predicted from this model)"
+        self._densities_of_last_step()
+        described = {}
+        for target, src in self.sources.items():
+            if src == "replay":
+                src = f"replay: {self.config.profile.source} (recorded, not predicted from this model)"
+            elif src == "predicted":
+                src = f"predicted: live predictors from {self.config.predictors}"
+            elif src in ("oracle", "random"):
+                src = f"{src}: computed from this model's frozen weights every step"
+            described[target] = src
+        texts = set(described.values())
+        source = texts.pop() if len(texts) == 1 else "; ".join(f"{t}: {d}" for t, d in described.items())
         mean = lambda d: sum(d.values()) / len(d) if d else None  # noqa: E731
         return {
             "sparsity_source": source,

@@ -2,7 +2,11 @@
 
 Writes to `--out`: `losses.jsonl` (step, loss, ms), `summary.json` (phase-time stats, final loss,
 what weights/data/sparsity it used) and the trained parameters: a peft adapter directory, or the
-method's trainable tensors (`trainable.safetensors`) for methods peft does not implement.
+method's trainable tensors (`trainable.safetensors`) for methods peft does not implement; with live
+predictors (`--expose source=predicted predictors=DIR`), a copy of the predictor bank in `predictors/`.
+
+    longexposure finetune --model relu-micro --weights ~/.cache/longexposure/relu-micro --dataset e2e \
+        --expose source=predicted --expose predictors=BANK --expose mlp_block=32 --expose attn_block=16
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from longexposure.measure import Stats, Timer
 from longexposure.training import PRECISIONS, Trainer, TrainingSetup
 
 
-def _parse_options(pairs: list[str]) -> dict[str, Any]:
+def _parse_options(pairs: list[str], flag: str = "--method-option") -> dict[str, Any]:
     """`key=value` pairs; values parsed as YAML scalars (so r=8 is an int)."""
     import yaml
 
@@ -29,7 +33,7 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--method-option expects key=value, got {pair!r}")
+            raise ValueError(f"{flag} expects key=value, got {pair!r}")
         options[key] = yaml.safe_load(value)
     return options
 
@@ -83,6 +87,12 @@ def finetune(
         out.mkdir(parents=True, exist_ok=True)
         (out / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in losses))
         summary["saved"] = str(save_trained(trainer.model, out))
+        bank = (setup.exposure or {}).get("predictors")
+        if bank and trainer.exposure is not None and trainer.exposure.dynamic:
+            import shutil
+
+            shutil.copytree(bank, out / "predictors", dirs_exist_ok=True)
+            summary["saved_predictors"] = str(out / "predictors")
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     summary["losses"] = losses
     return summary
@@ -109,6 +119,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--precision", default="auto", choices=["auto", *PRECISIONS], help="auto: fp16-amp on a GPU, fp32 on a CPU"
     )
     parser.add_argument("--attn", default="sdpa", help="attention implementation")
+    parser.add_argument(
+        "--expose",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Long Exposure option, repeatable (ExposureConfig fields: source=replay|predicted|oracle|random, "
+        "predictors=DIR, profile=reference, mlp_block=64, ...); none: the dense model",
+    )
+    parser.add_argument("--cuda-graph", action="store_true", help="replay forward + backward as one CUDA graph")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
@@ -131,6 +150,8 @@ def main(args: argparse.Namespace) -> int:
         data_path=args.data_path,
         precision=precision,
         lr=args.lr,
+        exposure=_parse_options(args.expose, flag="--expose") or None,
+        cuda_graph=args.cuda_graph,
     )
     summary = finetune(
         setup,

@@ -122,6 +122,7 @@ TASKS: Registry[Callable[..., Any]] = Registry(
     "task",
     (
         "longexposure.tasks.train_step",
+        "longexposure.tasks.loss_curve",
         "longexposure.tasks.mlp_operator",
         "longexposure.tasks.attention_operator",
         "longexposure.tasks.sparsity_profile",

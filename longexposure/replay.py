@@ -75,6 +75,19 @@ class RecordedProfile:
                 f"the model has {num_layers}"
             )
 
+    def resampled(self, num_layers: int) -> RecordedProfile:
+        """The attention densities stretched to `num_layers` by relative depth (linear interpolation),
+        for a model of another depth (e.g. GPT-2); the MLP part, tied to one ffn width, is dropped."""
+        if self.attn_density is None:
+            raise ValueError(f"replay profile {self.source!r} has no attention densities to resample")
+        src = torch.tensor(self.attn_density, dtype=torch.float64)
+        pos = torch.linspace(0, len(src) - 1, num_layers, dtype=torch.float64)
+        lo = pos.floor().long().clamp(max=len(src) - 1)
+        hi = (lo + 1).clamp(max=len(src) - 1)
+        density = (src[lo] + (src[hi] - src[lo]) * (pos - lo)).tolist()
+        note = f"attention densities resampled from {len(src)} to {num_layers} layers by relative depth"
+        return RecordedProfile(f"{self.source}; {note}", None, density)
+
     def mlp_blocks(self, layer: int, block_size: int, theta: float) -> torch.Tensor:
         """Sorted int32 ids of the neuron blocks whose mass is >= theta x the layer's largest block mass."""
         if self.mlp_neuron_mass is None:

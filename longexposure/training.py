@@ -4,6 +4,12 @@ Mixed precision as the paper and users run it: `fp16-amp` keeps trainable parame
 frozen ones in fp16 under fp16 autocast with a gradient scaler (`bf16-amp` likewise, no scaler).
 Each step marks the phases every suite reports: forward (incl. loss), backward, optimizer (incl.
 scaler update and zeroing grads), and the whole step.
+
+`cuda_graph=True` captures forward + backward of one step in a CUDA graph (after `GRAPH_WARMUP` eager
+steps on a side stream) and replays it every step: on a fast GPU a 1B-parameter model's step is bound
+by the host's kernel launches, which a graph removes for dense and sparse models alike. The phases are
+then `forward_backward_ms` (the replay) and `optimizer_ms` (eager: the gradient scaler needs the host).
+It needs static shapes and no host sync inside the model.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from longexposure.methods.builtin import apply_method
 from longexposure.models import build_model, family_of
 
 PRECISIONS = {"fp32": None, "fp16-amp": torch.float16, "bf16-amp": torch.bfloat16}
+GRAPH_WARMUP = 2
 
 
 @dataclass
@@ -34,6 +41,7 @@ class TrainingSetup:
         dataset, data_path: dataset name and where its files are.
         precision: `fp32`, `fp16-amp` or `bf16-amp`.
         compile: wrap the model in `torch.compile` (the strongest dense baseline where it runs).
+        cuda_graph: capture forward + backward in a CUDA graph and replay it (see the module docstring).
         model_options: config overrides for the model (e.g. attn_pdrop=0.0).
         exposure: `expose.ExposureConfig` fields for Long Exposure (None: the dense model); its
             `profile` is `reference` (the paper artifact's OPT-1.3B profile under the shared directory)
@@ -52,12 +60,15 @@ class TrainingSetup:
     precision: str = "fp16-amp"
     lr: float = 1e-4
     compile: bool = False
+    cuda_graph: bool = False
     model_options: dict[str, Any] = field(default_factory=dict)
     exposure: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {sorted(PRECISIONS)}")
+        if self.cuda_graph and self.compile:
+            raise ValueError("cuda_graph and compile are alternatives; pick one (compile mode graphs are Inductor's)")
 
 
 def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> torch.nn.Module:
@@ -111,8 +122,16 @@ class Trainer:
         self.device = torch.device(device)
         self.model = prepare_model(setup, self.device, seed)
         self.exposure = None
+        if setup.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph needs a CUDA device, got {self.device}")
         if setup.exposure is not None:
             self.exposure = expose_from_options(self.model, setup.exposure)
+            # patterns built now, so torch.compile and CUDA graphs only ever see cache lookups
+            self.exposure.prepare(setup.seq_len, self.device)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_warm = 0
+        self._static_batch: dict[str, torch.Tensor] = {}
+        self._static_loss: torch.Tensor | None = None
         self.forward = torch.compile(self.model) if setup.compile else self.model
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=setup.lr)
@@ -131,11 +150,18 @@ class Trainer:
 
     def _autocast(self):
         low = PRECISIONS[self.setup.precision]
-        return contextlib.nullcontext() if low is None else torch.autocast(self.device.type, dtype=low)
+        if low is None:
+            return contextlib.nullcontext()
+        # a graph cannot keep autocast's cast cache across replays: casts are recomputed in the graph
+        return torch.autocast(self.device.type, dtype=low, cache_enabled=not self.setup.cuda_graph)
 
     def step(self, timer: Timer) -> torch.Tensor:
         """One optimizer step on the next batch; returns the (detached) loss without a host sync."""
         batch = next(self.batches)
+        if self.setup.cuda_graph:
+            return self._graph_step(batch, timer)
+        if self.exposure is not None and self.exposure.dynamic:
+            self.exposure.timer = timer  # live predictors mark `predict_ms` inside the forward
         with timer.region("total_ms"):
             with timer.region("forward_ms"), self._autocast():
                 loss = self.forward(**batch, use_cache=False).loss
@@ -146,6 +172,47 @@ class Trainer:
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._autocast():
+            loss = self.forward(**batch, use_cache=False).loss
+        self.scaler.scale(loss).backward()
+        return loss
+
+    def _graph_step(self, batch: dict[str, torch.Tensor], timer: Timer) -> torch.Tensor:
+        with timer.region("total_ms"):
+            with timer.region("forward_backward_ms"):
+                if self._graph is not None:
+                    for name, t in self._static_batch.items():
+                        t.copy_(batch[name])
+                    self._graph.replay()
+                    loss = self._static_loss
+                elif self._graph_warm < GRAPH_WARMUP:  # eager, on a side stream, as capture will be
+                    side = torch.cuda.Stream(self.device)
+                    side.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(side):
+                        loss = self._forward_backward(batch)
+                    torch.cuda.current_stream(self.device).wait_stream(side)
+                    self._graph_warm += 1
+                else:
+                    loss = self._capture(batch)
+            with timer.region("optimizer_ms"):
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if self._graph is None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                # with a graph, the replay overwrites the gradient buffers it owns: never free them
+        return loss.detach().clone()
+
+    def _capture(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's pool
+        self._static_batch = {name: t.clone() for name, t in batch.items()}
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._static_loss = self._forward_backward(self._static_batch)
+        graph.replay()  # capture records the work without running it
+        self._graph = graph
+        return self._static_loss
 
     def describe(self) -> dict[str, Any]:
         """What this run used, for artifacts: weights, data, sparsity source, sizes, numerics."""
@@ -158,6 +225,7 @@ class Trainer:
             "total_params": sum(p.numel() for p in self.model.parameters()),
             "precision": self.setup.precision,
             "compiled": self.setup.compile,
+            "cuda_graph": self.setup.cuda_graph,
         }
         if self.exposure is not None:
             info.update(self.exposure.report())

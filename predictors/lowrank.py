@@ -311,7 +311,10 @@ class AttnSvd(AttnPredictor):
 
 # ============================================================================================ oracle
 class MlpOracle(nn.Module):
-    """The exposer's true pattern: relu(fc1(x)) through the `threshold` policy (recall 1 by definition)."""
+    """The exposer's true pattern: relu(fc1(x)) through the `threshold` policy (recall 1 by definition).
+
+    fc1 is the frozen base layer: the pattern of the pretrained weights, which is also what the trained
+    predictors learn (a LoRA update on fc1 is not part of it)."""
 
     target = "mlp"
 
@@ -324,7 +327,9 @@ class MlpOracle(nn.Module):
 
     def block_mask(self, x: Tensor) -> Tensor:
         check_input(x, self.d_model)
-        return self.config.exposer().block_mask(self.act_fn(self.fc1(x.to(self.fc1.weight.dtype))))
+        # F.linear on the weights, not fc1's forward: an exposed model's fc1.forward runs the whole MLP
+        z = F.linear(x.to(self.fc1.weight.dtype), self.fc1.weight, self.fc1.bias)
+        return self.config.exposer().block_mask(self.act_fn(z))
 
     def forward(self, x: Tensor) -> Tensor:
         return ids_from_mask(self.block_mask(x))

@@ -397,6 +397,8 @@ def train_bank(
     model: nn.Module,
     train_data: Sequence[LayerData],
     *,
+    mlp: bool = True,
+    attention: bool = True,
     mlp_config: dict[str, Any] | None = None,
     attn_config: dict[str, Any] | None = None,
     steps: int = 500,
@@ -408,7 +410,13 @@ def train_bank(
     log: Any = None,
 ) -> tuple[PredictorBank, dict[str, Any]]:
     """Train mlp-lowrank and attn-lowrank for every layer, then calibrate each on held-back units."""
-    bank = PredictorBank.build(model, mlp_config=mlp_config, attn_config=attn_config)
+    bank = PredictorBank.build(
+        model,
+        mlp="mlp-lowrank" if mlp else None,
+        attention="attn-lowrank" if attention else None,
+        mlp_config=mlp_config,
+        attn_config=attn_config,
+    )
     info: dict[str, Any] = {"layers": []}
     for li, data in enumerate(train_data):
         n_cal = max(1, round(data.units() * calib_fraction))

@@ -30,8 +30,6 @@ def test_e2e_packs_the_family_tokenization(family, eos):
 def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_batches("e2e", batch=1, seq_len=8, vocab_size=10, path=str(tmp_path / "nope.jsonl"))
-    with pytest.raises(ValueError, match="needs a path"):
-        load_batches("e2e", batch=1, seq_len=8, vocab_size=10)
     with pytest.raises(RegistryError, match="Valid dataset names"):
         load_batches("e3e", batch=1, seq_len=8, vocab_size=10)
     bad = tmp_path / "bad.jsonl"
@@ -42,6 +40,19 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     big.write_text('{"context": [1, 2, 3, 4, 5], "completion": [99, 7, 8, 9, 10]}\n' * 4)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         next(load_batches("e2e", batch=1, seq_len=8, vocab_size=50, path=str(big)))
+
+
+def test_e2e_without_a_path_needs_the_shared_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGEXPOSURE_SHARED", str(tmp_path))  # a shared directory without data/e2e
+    with pytest.raises(ValueError, match="needs a path"):
+        load_batches("e2e", batch=1, seq_len=8, vocab_size=10)
+
+
+@needs_e2e
+def test_e2e_defaults_to_the_shared_copy(monkeypatch):
+    monkeypatch.setenv("LONGEXPOSURE_SHARED", str(E2E.parents[1]))
+    batches = load_batches("e2e", batch=2, seq_len=64, vocab_size=50272, family="opt")
+    assert next(batches)["input_ids"].shape == (2, 64) and "valid_opt.jsonl" in batches.description
 
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "opt-tokenizer"

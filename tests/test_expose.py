@@ -148,3 +148,44 @@ def test_reference_profile_of_the_paper_artifact(tmp_path):
     profile.save(tmp_path / "p.json")
     again = RecordedProfile.load(tmp_path / "p.json")
     assert torch.equal(again.mlp_blocks(5, 64, 0.1), ids)
+
+
+def test_prepare_builds_every_layer_pattern_once():
+    model = apply_method(build_model("opt-tiny", seed=1, attn_implementation="eager"), "lora").eval()
+    exposure = expose(
+        model,
+        source="replay",
+        profile=tiny_profile(),
+        attn_block=16,
+        mlp_block=32,
+        theta=0.3,
+        mlp_backend="torch-gather",
+        attention_backend="eager",
+    )
+    exposure.prepare(64, "cpu")
+    n = len(exposure.layers)
+    assert len(exposure.mlp_density) == n and len(exposure.attn_density) == n
+    layouts = [exposure._layout(i, 64, torch.device("cpu")) for i in range(n)]
+    assert all(layout.has_transpose for layout in layouts), "the backward's transpose is cached, not rebuilt"
+    cached = dict(exposure._cache)
+    ids = torch.randint(0, 1000, (2, 64))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert exposure._cache.keys() == cached.keys() and all(exposure._cache[k] is cached[k] for k in cached)
+
+
+def test_replay_resampled_to_another_depth_is_attention_only_and_says_so():
+    profile = RecordedProfile("recorded", None, [0.2, 0.3, 0.5, 0.4])
+    stretched = profile.resampled(7)
+    assert stretched.attn_density[0] == pytest.approx(0.2) and stretched.attn_density[-1] == pytest.approx(0.4)
+    assert stretched.attn_density[2] == pytest.approx(0.3) and stretched.attn_density[4] == pytest.approx(0.5)
+    assert "resampled from 4 to 7 layers" in stretched.source
+    model = apply_method(build_model("gpt2-tiny", seed=1, attn_implementation="eager"), "lora").eval()
+    with pytest.raises(ValueError, match="attention densities for 4 layers"):
+        expose(model, source="replay", profile=profile, mlp=False, attn_block=16, attention_backend="eager")
+    exposure = expose(
+        model, source="replay", profile=profile, mlp=False, resample=True, attn_block=16, attention_backend="eager"
+    )
+    ids = torch.randint(0, 1000, (2, 64))
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+    assert "resampled from 4 to" in exposure.report()["sparsity_source"]
+    assert profile.attn_density == [0.2, 0.3, 0.5, 0.4], "the caller's profile is not modified"

@@ -71,3 +71,50 @@ def test_method_options_parse_and_reject_malformed_pairs():
     }
     with pytest.raises(ValueError, match="key=value"):
         _parse_options(["r8"])
+
+
+def test_train_predictors_then_finetune_with_them(tmp_path, capsys):
+    """The CLI path of issue 6: a predictor bank trained and saved, then live in fine-tuning."""
+    bank = tmp_path / "bank"
+    common = ["--model", "opt-tiny", "--seq-len", "64", "--batch", "2", "--device", "cpu"]
+    assert (
+        main(
+            [
+                "train-predictors",
+                *common,
+                "--dataset",
+                "synthetic",
+                "--batches",
+                "3",
+                "--steps",
+                "10",
+                "--mlp-block",
+                "32",
+                "--attn-block",
+                "16",
+                "--out",
+                str(bank),
+            ]
+        )
+        == 0
+    )
+    assert (bank / "predictors.json").exists() and (bank / "predictors.pt").exists()
+    expose = [
+        "source=predicted",
+        f"predictors={bank}",
+        "mlp_block=32",
+        "attn_block=16",
+        "mlp_backend=torch-gather",
+        "attention_backend=eager",
+    ]
+    out = tmp_path / "run"
+    args = ["finetune", *common, "--attn", "eager", "--steps", "2", "--log-every", "1", "--out", str(out)]
+    for pair in expose:
+        args += ["--expose", pair]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ms_per_step"]["predict_ms"]["p50"] > 0
+    assert summary["info"]["sparsity_source"].startswith("predicted: live predictors from")
+    assert (out / "predictors" / "predictors.json").exists()
+    assert "sparsity: predicted" in capsys.readouterr().out
+    assert main(["finetune", *common, "--expose", "source=guess", "--steps", "1"]) == 2

@@ -36,3 +36,12 @@ def test_bad_case_values():
         TrainStepCase(precision="fp8")
     with pytest.raises(ValueError, match="steps"):
         TrainStepCase(steps=0)
+
+
+def test_cuda_graph_needs_cuda_and_excludes_compile():
+    with pytest.raises(ValueError, match="cuda_graph and compile"):
+        TrainStepCase(cuda_graph=True, compile=True)
+    from longexposure.training import Trainer
+
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Trainer(TrainStepCase(model="opt-tiny", cuda_graph=True, precision="fp32"), "cpu")

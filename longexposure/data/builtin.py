@@ -152,8 +152,18 @@ def e2e(
     device: torch.device,
     family: str | None = None,
 ) -> Batches:
+    if path is None:  # the copy in the shared directory, read in place (never copied into the project)
+        from longexposure.suite.runner import shared_dir
+
+        root = shared_dir()
+        if root is not None and (root / "data" / "e2e").is_dir():
+            path = str(root / "data" / "e2e")
     file = _require_file(
-        path, "e2e", "a directory or .jsonl with context/completion token ids, e.g. ../shared/data/e2e", family
+        path,
+        "e2e",
+        "a directory or .jsonl with context/completion token ids, e.g. ../shared/data/e2e; "
+        "by default the shared directory's data/e2e (LONGEXPOSURE_SHARED)",
+        family,
     )
     examples = [row["context"] + row["completion"] for row in _rows(file, ("context", "completion"))]
     return Batches(

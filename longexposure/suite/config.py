@@ -28,18 +28,24 @@ class SuiteError(ValueError):
 
 @dataclass
 class TableSpec:
-    """Rows (case keys), metric columns, `share_of` (show % of this metric), and speedup columns:
-    `speedup_of` metric of each `speedup_vs` variant over this row's (same case otherwise)."""
+    """Rows (case keys), metric columns, `share_of` (show % of this metric), speedup columns
+    (`speedup_of` metric of each `speedup_vs` variant over this row's, same case otherwise) and relative
+    columns (this row's `relative_of` metric over each `relative_vs` variant's, e.g. loss vs dense)."""
 
     rows: list[str] | None = None
     columns: list[str] | None = None
     share_of: str | None = None
     speedup_of: str | None = None
     speedup_vs: list[str] = field(default_factory=list)
+    relative_of: str | None = None
+    relative_vs: list[str] = field(default_factory=list)
 
 
 @dataclass
 class PlotSpec:
+    """`bar` (one bar per row, stacked over y), `line` (y against the case key x, one line per
+    `series`), or `curve` (each row's y metric is a list, e.g. a loss per step: one line per row)."""
+
     kind: str = "bar"
     x: str | None = None
     y: list[str] = field(default_factory=list)
@@ -259,8 +265,8 @@ def load_suite(path: str | Path) -> Suite:
             plot = PlotSpec(**raw)
         except TypeError as exc:
             raise SuiteError(f"{path}: plot: {exc}") from None
-        if plot.kind not in ("bar", "line"):
-            raise SuiteError(f"{path}: plot.kind must be 'bar' or 'line', got {plot.kind!r}")
+        if plot.kind not in ("bar", "line", "curve"):
+            raise SuiteError(f"{path}: plot.kind must be 'bar', 'line' or 'curve', got {plot.kind!r}")
     suite = Suite(
         path=path,
         name=_require(data, "name", str, path),

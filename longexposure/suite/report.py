@@ -55,6 +55,7 @@ def build_table(suite: Suite, preset: str, rows: list[dict[str, Any]]) -> tuple[
             header.append(f"{m} (paper)")
     speedup = suite.table.speedup_of
     header += [f"speedup vs {b}" for b in suite.table.speedup_vs]
+    header += [f"{suite.table.relative_of} / {b}" for b in suite.table.relative_vs]
     match_keys = [k for k in row_keys if k != "variant"]
     by_case = {(r["case"].get("variant"), *(str(r["case"].get(k)) for k in match_keys)): r for r in rows}
     unit = share.rsplit("_", 1)[-1] if share else None
@@ -80,6 +81,11 @@ def build_table(suite: Suite, preset: str, rows: list[dict[str, Any]]) -> tuple[
             mine = metric_value(row, speedup) if row["status"] == "ok" else None
             theirs = metric_value(other, speedup) if other and other["status"] == "ok" else None
             line.append(f"{theirs / mine:.2f}x" if mine and theirs else "-")
+        for base in suite.table.relative_vs:
+            other = by_case.get((base, *(str(case.get(k)) for k in match_keys)))
+            mine = metric_value(row, suite.table.relative_of) if row["status"] == "ok" else None
+            theirs = metric_value(other, suite.table.relative_of) if other and other["status"] == "ok" else None
+            line.append(f"{mine / theirs:.3f}" if mine is not None and theirs else "-")
         body.append(line)
     return header, body
 
@@ -150,6 +156,19 @@ def _plot(suite: Suite, preset: str, rows: list[dict[str, Any]], path: Path, dev
         for tick in ax.get_xticklabels():
             tick.set_horizontalalignment("right")
         ax.legend()
+        axes_list = [ax]
+    elif spec.kind == "curve":
+        fig, ax = plt.subplots(figsize=(7, 4))
+        label_keys = [k for k in (suite.table.rows or suite.axes(preset))]
+        for r in rows:
+            values = r.get("metrics", {}).get(ys[0])
+            if isinstance(values, list) and values:
+                ax.plot(range(1, len(values) + 1), values, label=" ".join(str(r["case"].get(k)) for k in label_keys))
+        ax.set_xlabel(spec.x or "step")
+        ax.set_ylabel(ys[0])
+        if spec.logy:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
         axes_list = [ax]
     else:
         facets = sorted({str(r["case"].get(spec.facet)) for r in rows}) if spec.facet else [None]

@@ -1,0 +1,149 @@
+"""Where a fine-tuning step's time goes: wall time per step against the GPU's busy time, and the top
+host-side and device-side operators (torch.profiler), for dense and Long Exposure variants side by side.
+
+A step whose wall time is well above its summed kernel time is bound by the host (Python and kernel
+launches), and a sparse kernel cannot make it faster; this script tells the two cases apart.
+
+Usage (GPU):
+    LONGEXPOSURE_SHARED=/path/to/shared python3 benchmarks/profile_step.py --seq 1024 \
+        --variants sdpa,le,le-compile,sdpa-compile --out profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from longexposure.measure import Timer
+from longexposure.training import Trainer, TrainingSetup
+
+REPLAY = {"source": "replay", "profile": "reference", "theta": 0.1, "attn_block": 64, "mlp_block": 64}
+VARIANTS = {
+    "eager": {"attn": "eager"},
+    "sdpa": {"attn": "sdpa"},
+    "sdpa-compile": {"attn": "sdpa", "compile": True},
+    "sdpa-graph": {"attn": "sdpa", "cuda_graph": True},
+    "le": {"attn": "sdpa", "exposure": REPLAY},
+    "le-graph": {"attn": "sdpa", "exposure": REPLAY, "cuda_graph": True},
+    "le-compile": {"attn": "sdpa", "exposure": REPLAY, "compile": True},
+    "le-mlp": {"attn": "sdpa", "exposure": {**REPLAY, "attention": False}},
+    "le-attn": {"attn": "sdpa", "exposure": {**REPLAY, "mlp": False}},
+}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(name: str, args: argparse.Namespace) -> dict:
+    setup = TrainingSetup(
+        model=args.model, method=args.method, batch=args.batch, seq_len=args.seq, precision="fp16-amp", **VARIANTS[name]
+    )
+    t0 = time.time()
+    trainer = Trainer(setup, args.device)
+    for _ in range(args.warmup):
+        trainer.step(Timer(args.device))
+    _sync(args.device)
+    warm_s = time.time() - t0
+    walls = []
+    for _ in range(args.steps):
+        t1 = time.perf_counter()
+        trainer.step(Timer(args.device))
+        _sync(args.device)
+        walls.append((time.perf_counter() - t1) * 1e3)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            trainer.step(Timer(args.device))
+        _sync(args.device)
+    if args.cprofile:
+        import cProfile
+        import io
+        import pstats
+
+        py = cProfile.Profile()
+        py.enable()
+        for _ in range(3):
+            trainer.step(Timer(args.device))
+        _sync(args.device)
+        py.disable()
+        text = io.StringIO()
+        pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(args.top)
+        print(text.getvalue()[-6000:], flush=True)
+    events = prof.key_averages()
+    # kernels only: operator-level events also carry the device time of the kernels they launched
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / 2
+    top_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]
+    top_gpu = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[: args.top]
+    walls.sort()
+    row = {
+        "variant": name,
+        "wall_ms_median": walls[len(walls) // 2],
+        "wall_ms_min": walls[0],
+        "gpu_busy_ms": gpu_ms,
+        "warmup_s": warm_s,
+        "launches_per_step": sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+        / 2,
+        "top_cpu": [(e.key, e.count // 2, round(e.self_cpu_time_total / 2e3, 3)) for e in top_cpu],
+        "top_gpu": [(e.key, e.count // 2, round(e.self_device_time_total / 2e3, 3)) for e in top_gpu],
+        "describe": trainer.describe(),
+    }
+    print(
+        f"== {name}: wall {row['wall_ms_median']:.1f} ms (min {row['wall_ms_min']:.1f}), GPU busy "
+        f"{gpu_ms:.1f} ms, warmup {warm_s:.0f} s",
+        flush=True,
+    )
+    for key, count, ms in row["top_cpu"]:
+        print(f"   cpu {ms:8.3f} ms x{count:5d} {key[:90]}")
+    for key, count, ms in row["top_gpu"][:12]:
+        print(f"   gpu {ms:8.3f} ms x{count:5d} {key[:90]}")
+    del trainer
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="opt-1.3b")
+    parser.add_argument("--method", default="lora")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--variants", default="sdpa,le")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--cprofile", action="store_true", help="also print a cProfile of 3 steps (host time)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows = []
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; valid: {sorted(VARIANTS)}")
+        try:
+            rows.append(measure(name, args))
+        except Exception as exc:  # one failing variant is a recorded row, not a lost run
+            print(f"== {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            rows.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"})
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                    "torch": torch.__version__,
+                    "args": vars(args),
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+                default=str,
+            )
+
+
+if __name__ == "__main__":
+    main()

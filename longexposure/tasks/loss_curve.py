@@ -1,0 +1,149 @@
+"""Task `loss-curve`: fine-tune a pretrained small ReLU model for N steps and record the loss of every
+step (paper Fig. 11 left: does Long Exposure's sparsity change what fine-tuning learns?).
+
+Every variant starts from the same checkpoint, data stream and seed, so the curves differ only by the
+sparsity. `weights: pretrained` is the project's own pretrained checkpoint of the preset (made with
+`longexposure pretrain` on first use, cached outside the repository); `exposure.predictors: auto`
+trains the model's predictor bank on batches of the fine-tuning dataset drawn with another seed
+(cached per checkpoint and options), as `longexposure train-predictors` would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from longexposure.measure import Stats, Timer
+from longexposure.registry import TASKS
+from longexposure.suite.context import RunContext
+from longexposure.training import Trainer, TrainingSetup
+
+PREDICTOR_OPTIONS = ("mlp_block", "attn_block", "theta", "tau")
+
+
+@dataclass
+class LossCurveCase(TrainingSetup):
+    """A training setup plus the run length and how to make what it needs.
+
+    Attributes:
+        steps: fine-tuning steps recorded.
+        pretrain_steps: steps for `weights: pretrained` when no checkpoint is cached (None: the recipe's).
+        predictor_batches, predictor_steps: data and training steps for `predictors: auto`.
+    """
+
+    steps: int = 100
+    pretrain_steps: int | None = None
+    predictor_batches: int = 16
+    predictor_steps: int = 300
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 2:
+            raise ValueError(f"steps must be >= 2, got {self.steps}")
+
+
+def pretrained_weights(preset: str, steps: int | None) -> Path:
+    """The cached pretrained checkpoint of `preset`, pretraining it first when there is none."""
+    from longexposure.pretrain import cache_dir, pretrain
+
+    path = cache_dir() / preset
+    if not (path / "config.json").exists():
+        tqdm.write(f"no pretrained {preset} at {path}: pretraining it now (cached for later runs)")
+        pretrain(preset, out=path, steps=steps, log=tqdm.write)
+    return path
+
+
+def auto_predictors(case: LossCurveCase, weights: Path, device: torch.device, seed: int) -> Path:
+    """Train (or reuse) the predictor bank of `weights` for this case's data and exposure options."""
+    from longexposure.data import load_batches
+    from longexposure.models import build_model, family_of
+    from longexposure.predictors.fit import fit_predictors
+    from longexposure.pretrain import cache_dir
+
+    exposure = case.exposure or {}
+    opts = {k: exposure[k] for k in PREDICTOR_OPTIONS if k in exposure}
+    key = {
+        "weights": str(weights),
+        "mtime": (weights / "config.json").stat().st_mtime,
+        "dataset": case.dataset,
+        "data_path": case.data_path,
+        "batch": case.batch,
+        "seq_len": case.seq_len,
+        "batches": case.predictor_batches,
+        "steps": case.predictor_steps,
+        "mlp": bool(exposure.get("mlp", True)),
+        "attention": bool(exposure.get("attention", True)),
+        **opts,
+    }
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_dir() / "predictors" / f"{case.model}-{digest}"
+    if (out / "predictors.json").exists():
+        return out
+    model = build_model(case.model, weights=str(weights), attn_implementation="eager", device=device, seed=seed)
+    model.requires_grad_(False)
+    stream = load_batches(
+        case.dataset,
+        batch=case.batch,
+        seq_len=case.seq_len,
+        vocab_size=model.config.vocab_size,
+        path=case.data_path,
+        seed=seed + 1,  # not the fine-tuning stream's batches
+        device=device,
+        family=family_of(model),
+    )
+    batches = [next(stream)["input_ids"] for _ in range(case.predictor_batches)]
+    fit_predictors(
+        model,
+        batches,
+        out,
+        mlp=key["mlp"],
+        attention=key["attention"],
+        mlp_block=opts.get("mlp_block", 64),
+        attn_block=opts.get("attn_block", 64),
+        theta=opts.get("theta", 0.1),
+        tau=opts.get("tau", 0.95),
+        steps=case.predictor_steps,
+        data_description=f"{stream.description} (seed {seed + 1})",
+    )
+    return out
+
+
+@TASKS.register("loss-curve", case=LossCurveCase, help="per-step fine-tuning loss of one variant (Fig. 11)")
+def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
+    weights = case.weights
+    if weights == "pretrained":
+        weights = str(pretrained_weights(case.model, case.pretrain_steps))
+    exposure = dict(case.exposure) if case.exposure is not None else None
+    if exposure is not None and exposure.get("predictors") == "auto":
+        exposure["predictors"] = str(auto_predictors(case, Path(weights), ctx.device, ctx.seed))
+    setup = replace(case, weights=weights, exposure=exposure)
+    trainer = Trainer(setup, ctx.device, seed=ctx.seed)
+    timer = Timer(ctx.device)
+    losses, times = [], []
+    for _ in tqdm(range(case.steps), desc=f"loss-curve {case.model}", unit="step", leave=False):
+        losses.append(trainer.step(timer))
+        times.append(timer.elapsed_ms())
+    curve = [float(v) for v in losses]
+    if not all(math.isfinite(v) for v in curve):
+        raise FloatingPointError(f"the loss became non-finite: {curve[-5:]}")
+    tail = max(1, case.steps // 10)
+    metrics: dict[str, Any] = {
+        "final_loss": sum(curve[-tail:]) / tail,
+        "first_loss": curve[0],
+        "loss_curve": curve,
+        "total_ms": Stats.of([t["total_ms"] for t in times[1:]]).to_dict(),
+    }
+    if "predict_ms" in times[-1]:
+        metrics["predict_ms"] = Stats.of([t.get("predict_ms", 0.0) for t in times[1:]]).to_dict()
+    info = trainer.describe()
+    metrics["mlp_block_density"] = info.get("mlp_block_density")  # of the last step (dynamic sources)
+    metrics["attention_block_density"] = info.get("attention_block_density_of_causal")
+    metrics["info"] = info
+    return metrics
