@@ -11,7 +11,7 @@ from pathlib import Path
 _MODULE_COMMANDS = {
     "pretrain": ("longexposure.pretrain", "pretrain a small ReLU OPT-architecture model on an offline corpus"),
     "finetune": ("longexposure.finetune", "fine-tune a model with a PEFT method (loss and ms/step as it goes)"),
-    "train-predictors": ("longexposure.predictors.fit", "train and save a model's sparsity predictors"),
+    "train-predictors": ("longexposure.train_predictors", "train and save a model's sparsity predictors"),
 }
 
 
