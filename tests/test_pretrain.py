@@ -113,3 +113,43 @@ def test_sparsity_profile_task_and_suite(micro_checkpoint, tmp_path):  # noqa: F
         parse_policy("threshold")
     with pytest.raises(ValueError, match="not divisible by attn_block"):
         SparsityProfileCase(seq_len=100, attn_block=16)
+
+
+def test_sparsity_profile_times_the_pattern_each_policy_chose(micro_checkpoint, tmp_path):  # noqa: F811
+    """Fig. 9 (right): the operator runs exactly the pattern the policy picked on the layer's real inputs."""
+    from pathlib import Path
+
+    from longexposure.suite.context import RunContext
+    from longexposure.tasks.sparsity_profile import SparsityProfileCase, sparsity_profile
+
+    ctx = RunContext(device=torch.device("cpu"), preset="cpu-tiny", out_dir=tmp_path, shared_dir=Path(SHARED))
+    common = dict(
+        model="relu-micro",
+        weights=str(micro_checkpoint),
+        batch=2,
+        seq_len=64,
+        batches=1,
+        profile_batches=2,
+        mlp_block=32,
+        attn_block=16,
+        layer=1,
+        dtype="float32",
+        warmup=1,
+        reps=2,
+    )
+    cases = [
+        ("mlp/threshold:theta=0.3", "torch-gather"),
+        ("mlp/threshold:theta=0.3", "triton"),
+        ("mlp/shadowy:block_size=1", "torch-gather"),
+        ("attention/long-exposure:tau=0.9", "triton"),
+    ]
+    for policy, backend in cases:
+        out = sparsity_profile(SparsityProfileCase(policy=policy, time_backend=backend, **common), ctx)
+        assert out["timed_density"] == pytest.approx(out["density"]), (policy, backend)
+        assert out["fwd_ms"]["p50"] > 0 and out["fwd_bwd_ms"]["p50"] > 0 and out["bwd_ms"] >= 0
+    dense = sparsity_profile(SparsityProfileCase(policy="attention/dense", time_backend="sdpa", **common), ctx)
+    assert dense["timed_density"] == 1.0
+    with pytest.raises(ValueError, match="block_size"):  # the neuron-block operator has no 1-neuron blocks
+        sparsity_profile(SparsityProfileCase(policy="mlp/shadowy:block_size=1", time_backend="triton", **common), ctx)
+    with pytest.raises(ValueError, match="Fig. 4 statistic"):
+        SparsityProfileCase(policy="mlp/per-token", time_backend="triton")

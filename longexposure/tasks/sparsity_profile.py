@@ -8,6 +8,14 @@ Policies are written `target/name[:key=value,...]`, e.g. `mlp/threshold:theta=0.
 `attention/long-exposure:tau=0.95,snap=false`; `mlp/per-token`, `mlp/per-sequence` and
 `mlp/per-batch` give the Fig. 4 contrast (density = fraction of neurons active per token / over a
 sequence / over the batch).
+
+With `time_backend` (Fig. 9 right, the per-layer time of each policy), the case also times that
+operator on the layer's real inputs of the first measured batch with exactly the pattern the policy
+chose for it: an MLP backend (`dense`, `torch-gather`, `triton`; `mlp/shadowy:block_size=1` through
+`torch-gather` is the unstructured case) on fc1's captured input and the layer's weights, or an
+attention backend on the captured q, k (v is random: time does not depend on its values) with the
+policy's layout (`sdpa` and `eager` as a token mask; the `dense` policy as plain causal attention, flash
+for sdpa). Forward and forward + backward are timed; `bwd_ms` is their difference.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from longexposure.profiling import PolicySpec, attention_row, capture, mlp_row, 
 from longexposure.registry import TASKS
 from longexposure.suite.context import RunContext
 
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FIG4 = {"per-token": "per_token_sparsity", "per-sequence": "per_sequence_sparsity", "per-batch": "per_batch_sparsity"}
 
 
@@ -62,9 +71,19 @@ class SparsityProfileCase:
     attn_block: int = 64
     policy: str = "mlp/threshold:theta=0.1"
     layer: int = 0
+    time_backend: str | None = field(
+        default=None, metadata={"help": "also time this mlp_backend / attention_backend with the policy's pattern"}
+    )
+    dtype: str = field(default="float16", metadata={"help": "timing dtype: float16, bfloat16 or float32"})
+    warmup: int = 3
+    reps: int = 10
 
     def __post_init__(self) -> None:
-        parse_policy(self.policy)
+        spec = parse_policy(self.policy)
+        if self.time_backend is not None and isinstance(spec, str):
+            raise ValueError(f"policy {self.policy!r} is a Fig. 4 statistic, not a pattern an operator can run")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(_DTYPES)}")
         if self.seq_len % self.attn_block:
             raise ValueError(f"seq_len {self.seq_len} is not divisible by attn_block {self.attn_block}")
         if self.batches < 1 or self.profile_batches < 0:
@@ -97,7 +116,8 @@ def _setup(case: SparsityProfileCase, ctx: RunContext) -> dict[str, Any]:
     from longexposure.models import build_model
     from longexposure.reorder import neuron_stats, reorder_mlp_
 
-    key = repr({k: v for k, v in asdict(case).items() if k not in ("policy", "layer")}) + str(ctx.device)
+    per_case = ("policy", "layer", "time_backend", "dtype", "warmup", "reps")
+    key = repr({k: v for k, v in asdict(case).items() if k not in per_case}) + str(ctx.device)
     if _CACHE.get("key") == key:
         return _CACHE
     _CACHE.clear()
@@ -132,6 +152,8 @@ def _setup(case: SparsityProfileCase, ctx: RunContext) -> dict[str, Any]:
         layers.append({"act": act, "mass": mass})
     _CACHE.update(
         key=key,
+        model=model,
+        first=caps[0],  # the first measured batch's captures, for timing
         layers=layers,
         info={
             "weights": str(getattr(model.config, "longexposure_weights", weights or "random-init")),
@@ -174,5 +196,56 @@ def sparsity_profile(case: SparsityProfileCase, ctx: RunContext) -> dict[str, An
             for u in units
         ]
         metrics = {k: sum(r[k] for r in rows) / len(rows) for k in ("density", "sparsity", "mass_kept")}
+        if case.time_backend is not None:
+            metrics.update(_time_pattern(case, setup, spec, pol, ctx))
     ctx.info.update(setup["info"])
     return {**metrics, "info": dict(setup["info"])}
+
+
+def _time_pattern(case: SparsityProfileCase, setup: dict[str, Any], spec: PolicySpec, pol: Any, ctx: RunContext):
+    """fwd / bwd time of `case.time_backend` running the pattern `pol` picks for the first measured batch."""
+    from longexposure.exposers import ids_from_mask
+    from longexposure.measure import time_fn
+    from longexposure.profiling import decoder_layers, layer_part
+
+    cap = setup["first"][case.layer]
+    dtype, device = _DTYPES[case.dtype], ctx.device
+    gen = torch.Generator(device=device).manual_seed(ctx.seed)
+    if spec.target == "mlp":
+        from longexposure.registry import MLP_BACKENDS
+
+        layer = decoder_layers(setup["model"])[case.layer]
+        fc1, fc2 = layer_part(setup["model"], layer, "fc1"), layer_part(setup["model"], layer, "fc2")
+        ids = ids_from_mask(pol.block_mask(cap.mlp_act))
+        # copies: the sparse backends re-lay fc2 in place, and the model serves the next cases
+        weights = [
+            None if t is None else t.detach().to(dtype).clone() for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        ]
+        backend = MLP_BACKENDS.get(case.time_backend)(block_size=pol.block_size).prepare(*weights)
+        x = cap.mlp_in.reshape(-1, cap.mlp_in.shape[-1]).to(dtype).requires_grad_(True)
+        fwd = lambda: backend(x, ids)  # noqa: E731
+        inputs: tuple[torch.Tensor, ...] = (x,)
+        density = ids.numel() * pol.block_size / fc1.weight.shape[0]
+    else:
+        from longexposure.attention.layout import BlockLayout
+        from longexposure.attention_backends import get_backend
+        from longexposure.exposers import attention_block_mass
+        backend = get_backend(case.time_backend)
+        mask = pol.block_mask(attention_block_mass(cap.q, cap.k, case.attn_block))
+        # the dense policy runs plain causal attention (flash for sdpa), not an all-ones mask
+        layout = None if spec.name == "dense" else BlockLayout.from_dense(mask, case.attn_block)
+        q, k = (t.detach().to(dtype).contiguous().requires_grad_(True) for t in (cap.q, cap.k))
+        v = torch.randn(q.shape, generator=gen, device=device, dtype=dtype).requires_grad_(True)
+        fwd = lambda: backend(q, k, v, layout, causal=True)  # noqa: E731
+        inputs = (q, k, v)
+        n = mask.shape[-1]
+        density = float(mask.sum()) / (mask.shape[0] * mask.shape[1] * n * (n + 1) / 2)
+    dy = torch.randn(fwd().shape, generator=gen, device=device, dtype=dtype)
+    fwd_stats = time_fn(lambda: fwd(), device, warmup=case.warmup, reps=case.reps)
+    both = time_fn(lambda: torch.autograd.grad(fwd(), inputs, dy), device, warmup=case.warmup, reps=case.reps)
+    return {
+        "fwd_ms": fwd_stats.to_dict(),
+        "fwd_bwd_ms": both.to_dict(),
+        "bwd_ms": max(both.p50 - fwd_stats.p50, 0.0),
+        "timed_density": density,
+    }
