@@ -5,11 +5,14 @@
 #   bash benchmarks/device_session.sh e2e        # GPU tests of the graph step, step profiles, fig7
 #   bash benchmarks/device_session.sh suites     # fig8, fig10, fig13 (resume where a call stopped)
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
+#   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig9_time, fig11, fig9_sparsity
 #
-# Needs: LONGEXPOSURE_SHARED pointing at a copy of shared/ (reference profile), $OUT (the device tool's
-# output folder). Each stage has its own time limit so the archive is always written.
+# Needs: LONGEXPOSURE_SHARED pointing at a copy of shared/ (reference profile; for `relu` also data/e2e and
+# data/opt-tokenizer), $OUT (the device tool's output folder); `relu` also LONGEXPOSURE_CORPUS, the
+# tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
+# the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|suites|operators}
+stage=${1:?usage: device_session.sh e2e|suites|operators|relu}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -39,6 +42,14 @@ case $stage in
     run 200 python3 benchmarks/bench_attention_operator.py --skip compile --quick-check --out "$work/attention.json"
     run 150 python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
     run 120 python3 benchmarks/bench_predictors.py cost --fixed-capacity --in-step --out "$work/predictor_cost.json"
+    ;;
+  relu)  # one call: a fresh machine has no cached checkpoint, and it is too large to bring back
+    export LONGEXPOSURE_CACHE=$work/cache
+    run 300 longexposure pretrain --preset relu-small
+    run 100 longexposure run suites/fig9_time.yaml --preset paper --out "$work"
+    run 150 longexposure run suites/fig11.yaml --preset paper --out "$work"
+    run 30 longexposure run suites/fig9_sparsity.yaml --preset paper --out "$work"
+    rm -rf "$work/cache/relu-small" "$work/cache/corpus"  # weights and corpus stay on the machine
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
