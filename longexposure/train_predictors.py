@@ -11,9 +11,6 @@ import json
 
 import torch
 
-from longexposure.data import load_batches
-from longexposure.models import build_model, family_of
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="relu-micro", help="preset name, or a local checkpoint dir / hub id")
@@ -37,25 +34,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(args.model, weights=args.weights, attn_implementation="eager", device=device, seed=args.seed)
-    model.requires_grad_(False)
-    stream = load_batches(
-        args.dataset,
+    from longexposure.predictors.fit import fit_predictors_for
+
+    _, report = fit_predictors_for(
+        args.model,
+        args.weights,
+        args.out,
+        dataset=args.dataset,
+        data_path=args.data_path,
         batch=args.batch,
         seq_len=args.seq_len,
-        vocab_size=model.config.vocab_size,
-        path=args.data_path,
-        seed=args.seed,
+        batches=args.batches,
         device=device,
-        family=family_of(model),
-    )
-    batches = [next(stream)["input_ids"] for _ in range(args.batches)]
-    from longexposure.predictors.fit import fit_predictors
-
-    _, report = fit_predictors(
-        model,
-        batches,
-        args.out,
+        seed=args.seed,
         mlp=not args.no_mlp,
         attention=not args.no_attention,
         mlp_block=args.mlp_block,
@@ -63,7 +54,6 @@ def main(args: argparse.Namespace) -> int:
         theta=args.theta,
         tau=args.tau,
         steps=args.steps,
-        data_description=stream.description,
     )
     summary = {k: report[k] for k in ("weights", "data", "batches", "batch_shape", "seconds")}
     print(json.dumps({"saved": str(args.out), **summary}, indent=1))

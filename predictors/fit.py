@@ -71,3 +71,41 @@ def fit_predictors(
     }
     bank.save(out, model, report=report)
     return bank, report
+
+
+def fit_predictors_for(
+    model_name: str,
+    weights: str | None,
+    out: str | Path,
+    *,
+    dataset: str,
+    data_path: str | None,
+    batch: int,
+    seq_len: int,
+    batches: int,
+    device: torch.device | str,
+    seed: int = 0,
+    data_seed: int | None = None,
+    **options: Any,
+) -> tuple[PredictorBank, dict[str, Any]]:
+    """Build the frozen model (preset or checkpoint; `seed` for a random init), draw `batches` batches of
+    `dataset` (seeded with `data_seed`, default `seed`) and `fit_predictors` on them (`options` are its
+    keyword arguments)."""
+    data_seed = seed if data_seed is None else data_seed
+    from longexposure.data import load_batches
+    from longexposure.models import build_model, family_of
+
+    model = build_model(model_name, weights=weights, attn_implementation="eager", device=device, seed=seed)
+    model.requires_grad_(False)
+    stream = load_batches(
+        dataset,
+        batch=batch,
+        seq_len=seq_len,
+        vocab_size=model.config.vocab_size,
+        path=data_path,
+        seed=data_seed,
+        device=device,
+        family=family_of(model),
+    )
+    ids = [next(stream)["input_ids"] for _ in range(batches)]
+    return fit_predictors(model, ids, out, data_description=f"{stream.description} (seed {data_seed})", **options)

@@ -79,6 +79,22 @@ def test_checkpoint_loads_as_a_model_path_and_as_preset_weights(micro_checkpoint
     assert (micro_checkpoint / "tokenizer.json").exists()
 
 
+def _profile_options(checkpoint, **over):
+    """sparsity-profile case options for layer 1 of the micro model on one small E2E batch."""
+    base = dict(
+        model="relu-micro",
+        weights=str(checkpoint),
+        batch=2,
+        seq_len=64,
+        batches=1,
+        profile_batches=2,
+        mlp_block=32,
+        attn_block=16,
+        layer=1,
+    )
+    return {**base, **over}
+
+
 def test_sparsity_profile_task_and_suite(micro_checkpoint, tmp_path):  # noqa: F811
     from pathlib import Path
 
@@ -89,17 +105,7 @@ def test_sparsity_profile_task_and_suite(micro_checkpoint, tmp_path):  # noqa: F
     suite = load_suite(Path(__file__).parents[1] / "suites" / "fig9_sparsity.yaml")
     assert suite.task == "sparsity-profile" and len(suite.cases("cpu-tiny")) == 13 * 4
     ctx = RunContext(device=torch.device("cpu"), preset="cpu-tiny", out_dir=tmp_path, shared_dir=Path(SHARED))
-    common = dict(
-        model="relu-micro",
-        weights=str(micro_checkpoint),
-        batch=2,
-        seq_len=64,
-        batches=1,
-        profile_batches=2,
-        mlp_block=32,
-        attn_block=16,
-        layer=1,
-    )
+    common = _profile_options(micro_checkpoint)
     tok = sparsity_profile(SparsityProfileCase(policy="mlp/per-token", **common), ctx)
     seq = sparsity_profile(SparsityProfileCase(policy="mlp/per-sequence", **common), ctx)
     assert tok["sparsity"] > seq["sparsity"]
@@ -123,20 +129,7 @@ def test_sparsity_profile_times_the_pattern_each_policy_chose(micro_checkpoint, 
     from longexposure.tasks.sparsity_profile import SparsityProfileCase, sparsity_profile
 
     ctx = RunContext(device=torch.device("cpu"), preset="cpu-tiny", out_dir=tmp_path, shared_dir=Path(SHARED))
-    common = dict(
-        model="relu-micro",
-        weights=str(micro_checkpoint),
-        batch=2,
-        seq_len=64,
-        batches=1,
-        profile_batches=2,
-        mlp_block=32,
-        attn_block=16,
-        layer=1,
-        dtype="float32",
-        warmup=1,
-        reps=2,
-    )
+    common = _profile_options(micro_checkpoint, dtype="float32", warmup=1, reps=2)
     cases = [
         ("mlp/threshold:theta=0.3", "torch-gather"),
         ("mlp/threshold:theta=0.3", "triton"),

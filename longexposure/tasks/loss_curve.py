@@ -60,18 +60,17 @@ def pretrained_weights(preset: str, steps: int | None) -> Path:
     return path
 
 
-def auto_predictors(case: LossCurveCase, weights: Path, device: torch.device, seed: int) -> Path:
-    """Train (or reuse) the predictor bank of `weights` for this case's data and exposure options."""
-    from longexposure.data import load_batches
-    from longexposure.models import build_model, family_of
-    from longexposure.predictors.fit import fit_predictors
+def auto_predictors(case: LossCurveCase, weights: Path | None, device: torch.device, seed: int) -> Path:
+    """Train (or reuse) the predictor bank of `weights` (None: the preset's random init, seeded) for this
+    case's data and exposure options."""
+    from longexposure.predictors.fit import fit_predictors_for
     from longexposure.pretrain import cache_dir
 
     exposure = case.exposure or {}
     opts = {k: exposure[k] for k in PREDICTOR_OPTIONS if k in exposure}
     key = {
-        "weights": str(weights),
-        "mtime": (weights / "config.json").stat().st_mtime,
+        "weights": str(weights) if weights else f"random-init seed {seed}",
+        "mtime": (weights / "config.json").stat().st_mtime if weights else None,
         "dataset": case.dataset,
         "data_path": case.data_path,
         "batch": case.batch,
@@ -86,23 +85,18 @@ def auto_predictors(case: LossCurveCase, weights: Path, device: torch.device, se
     out = cache_dir() / "predictors" / f"{case.model}-{digest}"
     if (out / "predictors.json").exists():
         return out
-    model = build_model(case.model, weights=str(weights), attn_implementation="eager", device=device, seed=seed)
-    model.requires_grad_(False)
-    stream = load_batches(
-        case.dataset,
+    fit_predictors_for(
+        case.model,
+        str(weights) if weights else None,
+        out,
+        dataset=case.dataset,
+        data_path=case.data_path,
         batch=case.batch,
         seq_len=case.seq_len,
-        vocab_size=model.config.vocab_size,
-        path=case.data_path,
-        seed=seed + 1,  # not the fine-tuning stream's batches
+        batches=case.predictor_batches,
         device=device,
-        family=family_of(model),
-    )
-    batches = [next(stream)["input_ids"] for _ in range(case.predictor_batches)]
-    fit_predictors(
-        model,
-        batches,
-        out,
+        seed=seed,  # the Trainer's model (a random init is seeded the same way)
+        data_seed=seed + 1,  # not the fine-tuning stream's batches
         mlp=key["mlp"],
         attention=key["attention"],
         mlp_block=opts.get("mlp_block", 64),
@@ -110,7 +104,6 @@ def auto_predictors(case: LossCurveCase, weights: Path, device: torch.device, se
         theta=opts.get("theta", 0.1),
         tau=opts.get("tau", 0.95),
         steps=case.predictor_steps,
-        data_description=f"{stream.description} (seed {seed + 1})",
     )
     return out
 
@@ -122,7 +115,7 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
         weights = str(pretrained_weights(case.model, case.pretrain_steps))
     exposure = dict(case.exposure) if case.exposure is not None else None
     if exposure is not None and exposure.get("predictors") == "auto":
-        exposure["predictors"] = str(auto_predictors(case, Path(weights), ctx.device, ctx.seed))
+        exposure["predictors"] = str(auto_predictors(case, Path(weights) if weights else None, ctx.device, ctx.seed))
     setup = replace(case, weights=weights, exposure=exposure)
     trainer = Trainer(setup, ctx.device, seed=ctx.seed)
     timer = Timer(ctx.device)
