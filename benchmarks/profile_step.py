@@ -18,7 +18,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from longexposure.measure import Timer
+from longexposure.measure import Timer, synchronize
 from longexposure.training import Trainer, TrainingSetup
 
 REPLAY = {"source": "replay", "profile": "reference", "theta": 0.1, "attn_block": 64, "mlp_block": 64}
@@ -35,11 +35,6 @@ VARIANTS = {
 }
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(name: str, args: argparse.Namespace) -> dict:
     setup = TrainingSetup(
         model=args.model, method=args.method, batch=args.batch, seq_len=args.seq, precision="fp16-amp", **VARIANTS[name]
@@ -48,18 +43,18 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     trainer = Trainer(setup, args.device)
     for _ in range(args.warmup):
         trainer.step(Timer(args.device))
-    _sync(args.device)
+    synchronize(args.device)
     warm_s = time.time() - t0
     walls = []
     for _ in range(args.steps):
         t1 = time.perf_counter()
         trainer.step(Timer(args.device))
-        _sync(args.device)
+        synchronize(args.device)
         walls.append((time.perf_counter() - t1) * 1e3)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             trainer.step(Timer(args.device))
-        _sync(args.device)
+        synchronize(args.device)
     if args.cprofile:
         import cProfile
         import io
@@ -69,7 +64,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         py.enable()
         for _ in range(3):
             trainer.step(Timer(args.device))
-        _sync(args.device)
+        synchronize(args.device)
         py.disable()
         text = io.StringIO()
         pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(args.top)

@@ -280,7 +280,7 @@ class Exposure:
                     window_blocks=window,
                     global_blocks=self.config.global_blocks,
                 )
-            self.attn_density[layer] = float(layout.kv_counts.sum()) / (n * (n + 1) / 2)
+            self.attn_density[layer] = float(layout.density(causal=True))
             self._cache[key] = layout.with_transpose()  # the backward's transposed table, built once
         return self._cache[key]
 
@@ -389,9 +389,7 @@ class Exposure:
                 n_blocks = self.hf_config.ffn_dim // self.config.mlp_block
                 self.mlp_density[layer] = (ids.numel() if count is None else int(count.item())) / n_blocks
             else:
-                n = out.n_q_blocks
-                total = out.kv_counts.shape[0] * out.kv_counts.shape[1] * n * (n + 1) / 2
-                self.attn_density[layer] = float(out.kv_counts.sum()) / total
+                self.attn_density[layer] = float(out.density(causal=True))
 
     def report(self) -> dict[str, Any]:
         """Per-layer densities of the last step and what produced them (for result records)."""

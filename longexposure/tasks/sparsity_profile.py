@@ -229,7 +229,8 @@ def _time_pattern(case: SparsityProfileCase, setup: dict[str, Any], spec: Policy
     else:
         from longexposure.attention.layout import BlockLayout
         from longexposure.attention_backends import get_backend
-        from longexposure.exposers import attention_block_mass
+        from longexposure.exposers import attention_block_mass, attention_density
+
         backend = get_backend(case.time_backend)
         mask = pol.block_mask(attention_block_mass(cap.q, cap.k, case.attn_block))
         # the dense policy runs plain causal attention (flash for sdpa), not an all-ones mask
@@ -238,8 +239,7 @@ def _time_pattern(case: SparsityProfileCase, setup: dict[str, Any], spec: Policy
         v = torch.randn(q.shape, generator=gen, device=device, dtype=dtype).requires_grad_(True)
         fwd = lambda: backend(q, k, v, layout, causal=True)  # noqa: E731
         inputs = (q, k, v)
-        n = mask.shape[-1]
-        density = float(mask.sum()) / (mask.shape[0] * mask.shape[1] * n * (n + 1) / 2)
+        density = attention_density(mask).mean().item()
     dy = torch.randn(fwd().shape, generator=gen, device=device, dtype=dtype)
     fwd_stats = time_fn(lambda: fwd(), device, warmup=case.warmup, reps=case.reps)
     both = time_fn(lambda: torch.autograd.grad(fwd(), inputs, dy), device, warmup=case.warmup, reps=case.reps)
