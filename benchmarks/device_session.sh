@@ -29,7 +29,7 @@ run() {  # run LIMIT_SECONDS CMD...: time-limited, output appended to the stage 
 case $stage in
   e2e)
     run 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py
-    run 150 python3 benchmarks/profile_step.py --seq 1024 --variants sdpa-graph,le-graph,le-compile \
+    run 150 python3 benchmarks/profile_step.py --seq 1024 --variants le-compile,sdpa-graph,le-graph \
       --out "$work/profile_graph_s1024.json"
     run 270 longexposure run suites/fig7.yaml --preset paper --only method=lora --out "$work"
     ;;

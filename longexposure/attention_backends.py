@@ -20,7 +20,7 @@ backend that cannot run here raises `BackendUnavailable` saying why, and is neve
 transformers integration
 ------------------------
 `register_transformers_attention()` registers `long_exposure` with transformers' `AttentionInterface`
-(and its mask function with `AttentionMaskInterface`: the 2-D padding mask, as for flash attention),
+(and its mask function with `AttentionMaskInterface`: the 2-D padding mask, read on the device),
 after which `AutoModelForCausalLM.from_pretrained(..., attn_implementation="long_exposure")` routes
 every attention layer to `long_exposure_attention_forward`. That function finds, in this order:
 
@@ -468,13 +468,23 @@ def long_exposure_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def padding_mask_for_long_exposure(
+    batch_size: int, q_length: int, kv_length: int, *args: Any, attention_mask: Tensor | None = None, **kwargs: Any
+) -> Tensor | None:
+    """transformers mask function: the 2-D padding mask, sliced to kv_length, passed on as it is.
+
+    transformers' flash-attention mask function asks `attention_mask.all()` on the host to drop an all-ones
+    mask; that sync breaks CUDA-graph capture, and `_lens_from_mask` reads the mask on the device anyway."""
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
+
+
 def register_transformers_attention(name: str = HF_NAME) -> str:
     """Register `long_exposure_attention_forward` (+ its 2-D padding mask) with transformers; idempotent."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(name, long_exposure_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, flash_attention_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, padding_mask_for_long_exposure)
     return name
 
 
