@@ -11,7 +11,7 @@
 
 Launch (GPU):
     python benchmarks/bench_predictors.py quality --weights ~/.cache/longexposure/relu-small --out q.json
-    python benchmarks/bench_predictors.py cost --out cost.json [--fixed-capacity] [--in-step]
+    python benchmarks/bench_predictors.py cost --out cost.json [--fixed-capacity] [--in-step] [--graph]
 Each prints a table and writes one JSON with the device, versions, weights, data and every number.
 """
 
@@ -202,6 +202,7 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         dataset="synthetic",
         precision="fp16-amp",
         attn="sdpa",
+        cuda_graph=args.graph,
     )
     trainer = Trainer(setup, dev, seed=0)
     phases = time_phases(lambda timer: trainer.step(timer), dev, warmup=3, reps=10)
@@ -244,7 +245,14 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(layers):
             attn[i](x)
 
-    pred = time_fn(all_predictors, dev, warmup=3, reps=10)
+    def timed(fn) -> dict[str, float]:  # noqa: ANN001
+        if not args.graph:
+            return time_fn(fn, dev, warmup=3, reps=10).to_dict()
+        import triton.testing as tt
+
+        return {"p50": tt.do_bench_cudagraph(fn, rep=100, return_mode="median")}
+
+    pred = timed(all_predictors)
     # In situ: the same step with every predictor called from hooks on its operator's input (q_proj's
     # and fc1's), so its launches overlap the step's GPU work as they would in the patched model.
     in_step = in_step_phases = None
@@ -276,21 +284,22 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         "shape": f"{args.model} (random init), LoRA, fp16-amp, sdpa, bs {args.batch}, seq {args.seq_len}",
         "step_phases_ms": {k: v.to_dict() for k, v in phases.items()},
         "step_ms": step_ms,
-        "predictors_ms": pred.to_dict(),
-        "mlp_predictors_ms": time_fn(mlp_only, dev, warmup=2, reps=10).to_dict(),
-        "attn_predictors_ms": time_fn(attn_only, dev, warmup=2, reps=10).to_dict(),
+        "cuda_graph": args.graph,
+        "predictors_ms": pred,
+        "mlp_predictors_ms": timed(mlp_only),
+        "attn_predictors_ms": timed(attn_only),
         "ranks": {"mlp": args.mlp_rank, "attn": args.attn_rank},
         "fixed_capacity": args.fixed_capacity,
-        "fraction_of_step": pred.p50 / step_ms,
+        "fraction_of_step": pred["p50"] / step_ms,
         "note": "standalone: predictors back to back on one shared random input per layer (cost does not depend "
         "on the values); ids include nonzero()'s host sync unless fixed_capacity",
     }
     if in_step is not None:
         res["step_with_predictors_phases_ms"] = {k: v.to_dict() for k, v in in_step_phases.items()}
         res["in_step_overhead_fraction"] = (in_step - step_ms) / step_ms
-    _log(f"\n== cost on {res['device']}: {res['shape']}")
+    _log(f"\n== cost on {res['device']}: {res['shape']}{', CUDA graphs' if args.graph else ''}")
     _log(
-        f"   training step {step_ms:.1f} ms; {layers} layers of predictors {pred.p50:.2f} ms standalone "
+        f"   training step {step_ms:.1f} ms; {layers} layers of predictors {pred['p50']:.2f} ms standalone "
         f"(mlp {res['mlp_predictors_ms']['p50']:.2f}, attention {res['attn_predictors_ms']['p50']:.2f}) "
         f"= {100 * res['fraction_of_step']:.2f}% of a step"
     )
@@ -334,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--attn-rank", type=int, default=16)
     c.add_argument("--fixed-capacity", action="store_true", help="MLP ids as (ids, count) without a host sync")
     c.add_argument("--in-step", action="store_true", help="also time the step with predictors called from hooks")
+    c.add_argument("--graph", action="store_true", help="time CUDA-graph replays (step and predictors), no launch cost")
     c.add_argument("--device", default=None)
     c.add_argument("--out", default=None)
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
 # brings back at most 8 files from $OUT, so everything lands in one archive plus a log).
 #
 #   bash benchmarks/device_session.sh e2e        # GPU tests of the graph step, step profiles, fig7
+#   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
 #   bash benchmarks/device_session.sh suites     # fig8, fig10, fig13 (resume where a call stopped)
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
 #   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig9_time, fig11, fig9_sparsity
@@ -12,7 +13,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|suites|operators|relu}
+stage=${1:?usage: device_session.sh e2e|methods|suites|operators|relu}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -29,9 +30,15 @@ run() {  # run LIMIT_SECONDS CMD...: time-limited, output appended to the stage 
 case $stage in
   e2e)
     run 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py
-    run 150 python3 benchmarks/profile_step.py --seq 1024 --variants le-compile,sdpa-graph,le-graph \
+    run 150 python3 benchmarks/profile_step.py --seq 1024 --variants sdpa-graph,le-graph \
       --out "$work/profile_graph_s1024.json"
     run 270 longexposure run suites/fig7.yaml --preset paper --only method=lora --out "$work"
+    ;;
+  methods)  # resumes the committed fig7 rows, so only the missing cases run
+    mkdir -p "$work/fig7" && cp -r artifacts/fig7/paper "$work/fig7/paper"
+    run 120 python3 benchmarks/bench_predictors.py cost --fixed-capacity --in-step --graph \
+      --out "$work/predictor_cost_graph.json"
+    run 300 longexposure run suites/fig7.yaml --preset paper --only seq_len=1024 --out "$work"
     ;;
   suites)
     run 200 longexposure run suites/fig7.yaml --preset paper --out "$work"
