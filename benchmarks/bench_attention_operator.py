@@ -171,10 +171,10 @@ def _time(fn, graph: bool) -> tuple[float, str]:
 
 
 def timings(device: torch.device, seqs: list[int], sparsities: list[float], backends: list[str], blocks: list[int],
-            dtype: str) -> list[dict]:
+            dtype: str, rows: list[dict], on_row=lambda: None) -> list[dict]:  # noqa: ANN001
+    """Appends one row per case to `rows` and calls `on_row()` after each (a cut-off run keeps its rows)."""
     from longexposure.tasks.attention_operator import AttentionOperatorCase, attention_flops, build_case
 
-    rows = []
     for s in seqs:
         for backend in backends:
             blocks_here = blocks if backend == "triton" else blocks[:1]
@@ -207,6 +207,7 @@ def timings(device: torch.device, seqs: list[int], sparsities: list[float], back
                         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                     print("time", json.dumps(row), flush=True)
                     rows.append(row)
+                    on_row()
                     torch.cuda.empty_cache()
     return rows
 
@@ -348,7 +349,8 @@ def main() -> None:
         res["layout_build"] = layout_build(device)
         save()
     if "timing" not in args.skip:
-        res["timings"] = timings(device, args.seq, args.sparsities, args.backends, args.blocks, args.dtype)
+        res["timings"] = []
+        timings(device, args.seq, args.sparsities, args.backends, args.blocks, args.dtype, res["timings"], save)
     res["summary"] = summarize(res.get("timings", []), res.get("layout_build", []))
     save()
     md = table(res.get("timings", []))

@@ -11,7 +11,7 @@
 
 Launch (GPU):
     python benchmarks/bench_predictors.py quality --weights ~/.cache/longexposure/relu-small --out q.json
-    python benchmarks/bench_predictors.py cost --out cost.json [--fixed-capacity] [--in-step] [--graph]
+    python benchmarks/bench_predictors.py cost --out cost.json [--fixed-capacity] [--in-step] [--graph] [--compile]
 Each prints a table and writes one JSON with the device, versions, weights, data and every number.
 """
 
@@ -229,21 +229,26 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(args.batch, args.seq_len, d, generator=gen, device=dev, dtype=torch.float16)
 
+    from longexposure.predictors.compiled import EAGER, compiled
+
+    # the calls the exposed model makes: MLP ids with their count, attention masks as layout tables
+    call = {t: compiled(t) if args.compile else EAGER[t] for t in EAGER}
+
     @torch.no_grad()
     def all_predictors() -> None:
         for i in range(layers):
-            attn[i](x)
-            mlp[i](x)
+            call["attention"](attn[i], x)
+            call["mlp"](mlp[i], x)
 
     @torch.no_grad()
     def mlp_only() -> None:
         for i in range(layers):
-            mlp[i](x)
+            call["mlp"](mlp[i], x)
 
     @torch.no_grad()
     def attn_only() -> None:
         for i in range(layers):
-            attn[i](x)
+            call["attention"](attn[i], x)
 
     def timed(fn) -> dict[str, float]:  # noqa: ANN001
         if not args.graph:
@@ -265,10 +270,14 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         def hook_for(pred_module):  # noqa: ANN202
             @torch.no_grad()
             def hook(mod, inputs):  # noqa: ANN001, ANN202
-                pred_module(inputs[0].reshape(b, s, -1))
+                call[pred_module.target](pred_module, inputs[0].reshape(b, s, -1))
 
             return hook
 
+        if args.graph:  # the first trainer's graph was captured without the hooks: capture a fresh one
+            del trainer
+            trainer = Trainer(setup, dev, seed=0)
+            model = trainer.model
         for i, lay in enumerate(decoder_layers(model)):
             handles.append(layer_part(model, lay, "q", base=False).register_forward_pre_hook(hook_for(attn[i])))
             handles.append(layer_part(model, lay, "fc1", base=False).register_forward_pre_hook(hook_for(mlp[i])))
@@ -285,6 +294,7 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         "step_phases_ms": {k: v.to_dict() for k, v in phases.items()},
         "step_ms": step_ms,
         "cuda_graph": args.graph,
+        "compiled_predictors": args.compile,
         "predictors_ms": pred,
         "mlp_predictors_ms": timed(mlp_only),
         "attn_predictors_ms": timed(attn_only),
@@ -297,7 +307,8 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
     if in_step is not None:
         res["step_with_predictors_phases_ms"] = {k: v.to_dict() for k, v in in_step_phases.items()}
         res["in_step_overhead_fraction"] = (in_step - step_ms) / step_ms
-    _log(f"\n== cost on {res['device']}: {res['shape']}{', CUDA graphs' if args.graph else ''}")
+    how = (", CUDA graphs" if args.graph else "") + (", compiled predictors" if args.compile else "")
+    _log(f"\n== cost on {res['device']}: {res['shape']}{how}")
     _log(
         f"   training step {step_ms:.1f} ms; {layers} layers of predictors {pred['p50']:.2f} ms standalone "
         f"(mlp {res['mlp_predictors_ms']['p50']:.2f}, attention {res['attn_predictors_ms']['p50']:.2f}) "
@@ -344,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--fixed-capacity", action="store_true", help="MLP ids as (ids, count) without a host sync")
     c.add_argument("--in-step", action="store_true", help="also time the step with predictors called from hooks")
     c.add_argument("--graph", action="store_true", help="time CUDA-graph replays (step and predictors), no launch cost")
+    c.add_argument("--compile", action="store_true", help="predictor calls through torch.compile (compile_predictors)")
     c.add_argument("--device", default=None)
     c.add_argument("--out", default=None)
     args = parser.parse_args(argv)

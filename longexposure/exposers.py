@@ -181,7 +181,7 @@ class ThresholdMlp(MlpExposer):
         keep = (imp >= self.theta * imp.max()) & (count > 0)
         k = min(self.min_blocks, imp.numel())
         if k > 0:
-            keep[imp.topk(k).indices] = True
+            keep.index_fill_(0, imp.topk(k).indices, True)  # a scalar fill: no host tensor (graph capture)
         return keep
 
     def block_mask(self, act: Tensor) -> Tensor:
@@ -408,7 +408,7 @@ def head_specific_mask(mass: Tensor, tau: float) -> Tensor:
     before = vals.cumsum(-1) - vals  # mass of the blocks ranked above
     total = vals.sum(-1, keepdim=True)
     take = before < tau * total - 1e-7  # keep a block while the ones above it are still short of tau
-    take[..., 0] = True
+    take[..., 0].fill_(True)  # (not `= True`: that copies a host tensor, which CUDA-graph capture refuses)
     mask = torch.zeros_like(take).scatter(-1, order, take)
     n = mass.shape[-1]
     return mask & causal_blocks(n, mass.device)

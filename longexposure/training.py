@@ -69,6 +69,12 @@ class TrainingSetup:
             raise ValueError(f"precision {self.precision!r} is not one of {sorted(PRECISIONS)}")
         if self.cuda_graph and self.compile:
             raise ValueError("cuda_graph and compile are alternatives; pick one (compile mode graphs are Inductor's)")
+        sources = {k: v for k, v in (self.exposure or {}).items() if k in ("source", "mlp_source", "attention_source")}
+        if self.cuda_graph and "random" in sources.values():
+            raise ValueError(
+                "cuda_graph cannot replay the `random` sparsity source: it draws its blocks on the host every "
+                "step; run it without cuda_graph"
+            )
 
 
 def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> torch.nn.Module:
@@ -126,6 +132,7 @@ class Trainer:
             raise ValueError(f"cuda_graph needs a CUDA device, got {self.device}")
         if setup.exposure is not None:
             self.exposure = expose_from_options(self.model, setup.exposure)
+
             # patterns built now, so torch.compile and CUDA graphs only ever see cache lookups
             self.exposure.prepare(setup.seq_len, self.device)
         self._graph: torch.cuda.CUDAGraph | None = None

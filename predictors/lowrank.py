@@ -331,8 +331,10 @@ class MlpOracle(nn.Module):
         z = F.linear(x.to(self.fc1.weight.dtype), self.fc1.weight, self.fc1.bias)
         return self.config.exposer().block_mask(self.act_fn(z))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return ids_from_mask(self.block_mask(x))
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Sorted int32 active-block ids (with `fixed_capacity`: (ids, count), no host sync)."""
+        mask = self.block_mask(x)
+        return ids_with_count(mask) if self.config.fixed_capacity else ids_from_mask(mask)
 
 
 class AttnOracle(nn.Module):
@@ -383,8 +385,9 @@ class MlpRandom(nn.Module):
         pick = torch.randperm(self.n_blocks, generator=self.gen)[:k].to(x.device)
         return torch.zeros(self.n_blocks, dtype=torch.bool, device=x.device).index_fill(0, pick, True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return ids_from_mask(self.block_mask(x))
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        mask = self.block_mask(x)
+        return ids_with_count(mask) if self.config.fixed_capacity else ids_from_mask(mask)
 
 
 class AttnRandom(nn.Module):

@@ -1,5 +1,6 @@
 """The CUDA-graph training step (GPU only): replaying forward + backward gives the same losses and the
-same trained parameters as eager steps, for the dense model and for an exposed one."""
+same trained parameters as eager steps, for the dense model and for exposed ones: a static pattern, and
+live patterns (oracle, predicted) that the replayed graph must recompute for every new batch."""
 
 import pytest
 import torch
@@ -10,6 +11,22 @@ from longexposure.training import Trainer, TrainingSetup
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 EXPOSED = {"source": "all-active", "attn_block": 16, "mlp_block": 32}
+ORACLE = {"source": "oracle", "attn_block": 16, "mlp_block": 32, "theta": 0.3, "tau": 0.8}
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    from longexposure.predictors.fit import fit_predictors
+
+    from longexposure.models import build_model
+
+    model = build_model("opt-tiny", attn_implementation="eager", seed=0)
+    model.requires_grad_(False)
+    out = tmp_path_factory.mktemp("bank")
+    fit_predictors(
+        model, [torch.randint(0, 1000, (2, 64)) for _ in range(3)], out, mlp_block=32, attn_block=16, steps=5
+    )
+    return out
 
 
 def _run(cuda_graph: bool, exposure, steps: int = 6):
@@ -32,8 +49,16 @@ def _run(cuda_graph: bool, exposure, steps: int = 6):
     return losses, params, timer.elapsed_ms()
 
 
-@pytest.mark.parametrize("exposure", [None, EXPOSED], ids=["dense", "exposed"])
-def test_graph_replay_trains_like_eager_steps(exposure):
+@pytest.mark.parametrize(
+    "exposure",
+    [None, EXPOSED, ORACLE, "predicted", "predicted-compiled"],
+    ids=["dense", "exposed", "oracle", "predicted", "predicted-compiled"],
+)
+def test_graph_replay_trains_like_eager_steps(exposure, request):
+    if isinstance(exposure, str):
+        compiled = exposure.endswith("compiled")
+        bank = str(request.getfixturevalue("bank"))
+        exposure = {**EXPOSED, "source": "predicted", "predictors": bank, "compile_predictors": compiled}
     eager_losses, eager_params, _ = _run(False, exposure)
     graph_losses, graph_params, phases = _run(True, exposure)
     assert "forward_backward_ms" in phases and "forward_ms" not in phases

@@ -113,3 +113,32 @@ def test_bad_live_configurations_are_clear_errors(micro_checkpoint, bank_dir):  
         )
     with pytest.raises(FileNotFoundError, match="no saved predictors"):
         expose(_micro(micro_checkpoint), source="predicted", predictors="/nonexistent/bank", **BLOCKS)
+
+
+@pytest.mark.parametrize("source", ["predicted", "oracle"])
+def test_compiled_predictors_match_eager_calls(micro_checkpoint, e2e_ids, bank_dir, source):  # noqa: F811
+    """compile_predictors runs the same patterns (hence the same loss, gradients and densities) through
+    torch.compile, and one compilation per target serves every layer."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    ids = e2e_ids[0]
+    results = []
+    for compile_predictors in (False, True):
+        model = _micro(micro_checkpoint)
+        opts = {"predictors": str(bank_dir), "theta": 0.9, "compile_predictors": compile_predictors}
+        exposure = expose(model, source=source, **opts, **BLOCKS, **REFERENCE_BACKENDS)
+        before = counters["stats"]["unique_graphs"]
+        loss, grads = _loss_and_grads(model, ids)
+        graphs = counters["stats"]["unique_graphs"] - before
+        results.append((loss, grads, exposure.report(), graphs))
+    (l0, g0, r0, graphs0), (l1, g1, r1, graphs1) = results
+    assert graphs0 == 0 and graphs1 == 2, "one program for the MLP predictors and one for attention, all layers"
+    assert len(r1["mlp_density_per_layer"]) > 1
+    torch.testing.assert_close(l1, l0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], msg=name)
+    assert r1["mlp_density_per_layer"] == r0["mlp_density_per_layer"]
+    assert r1["attention_density_per_layer"] == r0["attention_density_per_layer"]
+    if source == "oracle":  # (a saved bank keeps its own calibrated threshold; theta is the oracle's)
+        assert r1["mlp_block_density"] < 1, "some blocks dropped, so equal results mean equal patterns"

@@ -20,6 +20,7 @@ HOST_VALUE_OPS = {
     "aten.nonzero.default",
     "aten.is_nonzero.default",
     "aten.equal.default",
+    "aten.lift_fresh.default",  # a host-made tensor (x[i] = True, torch.tensor(v)) copied to the device
 }
 # the operator validates index values on the host for CPU tensors only (on a GPU that check is opt-in)
 CPU_ONLY_CHECKS = ("check_inputs",)
@@ -92,3 +93,8 @@ def test_the_probe_sees_a_host_sync(bank):
     live = {"source": "predicted", "predictors": str(bank), "attn_block": 16, "mlp_block": 32}
     seen = _step_ops({**live, "mlp_backend": "torch-gather"})
     assert any("_local_scalar_dense" in op and "mlp_backends.py" in op for op in seen), seen
+
+
+def test_oracle_step_never_asks_the_host():
+    """The exposer's own pattern from the frozen weights, each step (what Fig. 11's upper bound trains with)."""
+    assert _step_ops({"source": "oracle", "attn_block": 16, "mlp_block": 32}) == {}

@@ -41,6 +41,9 @@ def test_bad_case_values():
 def test_cuda_graph_needs_cuda_and_excludes_compile():
     with pytest.raises(ValueError, match="cuda_graph and compile"):
         TrainStepCase(cuda_graph=True, compile=True)
+    with pytest.raises(ValueError, match="cannot replay the `random`"):
+        TrainStepCase(cuda_graph=True, exposure={"source": "oracle", "mlp_source": "random"})
+    TrainStepCase(cuda_graph=True, exposure={"source": "oracle"})  # sync-free sources are fine
     from longexposure.training import Trainer
 
     with pytest.raises(ValueError, match="needs a CUDA device"):
