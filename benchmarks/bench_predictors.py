@@ -207,6 +207,7 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(setup, dev, seed=0)
     phases = time_phases(lambda timer: trainer.step(timer), dev, warmup=3, reps=10)
     step_ms = phases["total_ms"].p50 if "total_ms" in phases else sum(s.p50 for s in phases.values())
+    _log(f"[cost] training step {step_ms:.1f} ms")
     model = trainer.model
     layers = model.config.num_hidden_layers
     d = model.config.hidden_size
@@ -257,7 +258,10 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
 
         return {"p50": tt.do_bench_cudagraph(fn, rep=100, return_mode="median")}
 
+    t0 = time.perf_counter()
     pred = timed(all_predictors)
+    took = time.perf_counter() - t0
+    _log(f"[cost] predictors {pred['p50']:.2f} ms standalone (first calls and timing: {took:.0f} s)")
     # In situ: the same step with every predictor called from hooks on its operator's input (q_proj's
     # and fc1's), so its launches overlap the step's GPU work as they would in the patched model.
     in_step = in_step_phases = None

@@ -3,6 +3,7 @@
 # brings back at most 8 files from $OUT, so everything lands in one archive plus a log).
 #
 #   bash benchmarks/device_session.sh e2e        # GPU tests of the graph step, step profiles, fig7
+#   bash benchmarks/device_session.sh predictors # graph-step test with compiled predictors; predictor cost --compile
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
 #   bash benchmarks/device_session.sh suites     # fig8, fig10, fig13 (resume where a call stopped)
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
@@ -13,7 +14,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|methods|suites|operators|relu}
+stage=${1:?usage: device_session.sh e2e|predictors|methods|suites|operators|relu}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -40,7 +41,13 @@ case $stage in
       --out "$work/predictor_cost_graph.json"
     run 300 longexposure run suites/fig7.yaml --preset paper --only seq_len=1024 --out "$work"
     ;;
-  suites)
+  predictors)
+    run 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py
+    run 300 python3 benchmarks/bench_predictors.py cost --fixed-capacity --in-step --graph --compile \
+      --out "$work/predictor_cost_graph_compiled.json"
+    ;;
+  suites)  # fig7 resumes the committed rows, so only the missing cases (other methods at 512) run
+    mkdir -p "$work/fig7" && cp -r artifacts/fig7/paper "$work/fig7/paper"
     run 200 longexposure run suites/fig7.yaml --preset paper --out "$work"
     run 150 longexposure run suites/fig10.yaml --preset paper --out "$work"
     run 150 longexposure run suites/fig13.yaml --preset paper --out "$work"
