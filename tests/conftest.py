@@ -17,3 +17,21 @@ settings.register_profile("local", max_examples=100, deadline=None, suppress_hea
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_bank(tmp_path_factory):
+    """A saved predictor bank for random-init opt-tiny (mlp_block 32, attn_block 16), briefly trained."""
+    from longexposure.predictors.fit import fit_predictors
+
+    from longexposure.models import build_model
+
+    model = build_model("opt-tiny", attn_implementation="eager", seed=0)
+    model.requires_grad_(False)
+    out = tmp_path_factory.mktemp("tiny_bank")
+    batches = [torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    fit_predictors(model, batches, out, mlp_block=32, attn_block=16, steps=5)
+    return out

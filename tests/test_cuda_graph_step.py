@@ -14,21 +14,6 @@ EXPOSED = {"source": "all-active", "attn_block": 16, "mlp_block": 32}
 ORACLE = {"source": "oracle", "attn_block": 16, "mlp_block": 32, "theta": 0.3, "tau": 0.8}
 
 
-@pytest.fixture(scope="module")
-def bank(tmp_path_factory):
-    from longexposure.predictors.fit import fit_predictors
-
-    from longexposure.models import build_model
-
-    model = build_model("opt-tiny", attn_implementation="eager", seed=0)
-    model.requires_grad_(False)
-    out = tmp_path_factory.mktemp("bank")
-    fit_predictors(
-        model, [torch.randint(0, 1000, (2, 64)) for _ in range(3)], out, mlp_block=32, attn_block=16, steps=5
-    )
-    return out
-
-
 def _run(cuda_graph: bool, exposure, steps: int = 6):
     setup = TrainingSetup(
         model="opt-tiny",
@@ -57,7 +42,7 @@ def _run(cuda_graph: bool, exposure, steps: int = 6):
 def test_graph_replay_trains_like_eager_steps(exposure, request):
     if isinstance(exposure, str):
         compiled = exposure.endswith("compiled")
-        bank = str(request.getfixturevalue("bank"))
+        bank = str(request.getfixturevalue("tiny_bank"))
         exposure = {**EXPOSED, "source": "predicted", "predictors": bank, "compile_predictors": compiled}
     eager_losses, eager_params, _ = _run(False, exposure)
     graph_losses, graph_params, phases = _run(True, exposure)

@@ -6,12 +6,9 @@ exposed with replayed and with predicted sparsity through the Triton operators (
 import collections
 import traceback
 
-import pytest
 import torch
-from longexposure.predictors.fit import fit_predictors
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from longexposure.models import build_model
 from longexposure.replay import RecordedProfile
 from longexposure.training import Trainer, TrainingSetup
 
@@ -63,17 +60,6 @@ def _step_ops(exposure, padding_mask=True):
     return probe.seen
 
 
-@pytest.fixture(scope="module")
-def bank(tmp_path_factory):
-    model = build_model("opt-tiny", attn_implementation="eager", seed=0)
-    model.requires_grad_(False)
-    out = tmp_path_factory.mktemp("bank")
-    fit_predictors(
-        model, [torch.randint(0, 1000, (2, 64)) for _ in range(3)], out, mlp_block=32, attn_block=16, steps=5
-    )
-    return out
-
-
 def test_dense_and_replayed_steps_never_ask_the_host(tmp_path):
     # transformers' sdpa mask asks the host whether a padding mask is all ones, except while a CUDA graph
     # is being captured (its own check); so the dense step is probed without one
@@ -84,13 +70,13 @@ def test_dense_and_replayed_steps_never_ask_the_host(tmp_path):
     assert _step_ops(replay) == {}
 
 
-def test_predicted_step_never_asks_the_host(bank):
-    assert _step_ops({"source": "predicted", "predictors": str(bank), "attn_block": 16, "mlp_block": 32}) == {}
+def test_predicted_step_never_asks_the_host(tiny_bank):
+    assert _step_ops({"source": "predicted", "predictors": str(tiny_bank), "attn_block": 16, "mlp_block": 32}) == {}
 
 
-def test_the_probe_sees_a_host_sync(bank):
+def test_the_probe_sees_a_host_sync(tiny_bank):
     """Control: the torch-gather baseline reads a device-side active-block count on the host (by design)."""
-    live = {"source": "predicted", "predictors": str(bank), "attn_block": 16, "mlp_block": 32}
+    live = {"source": "predicted", "predictors": str(tiny_bank), "attn_block": 16, "mlp_block": 32}
     seen = _step_ops({**live, "mlp_backend": "torch-gather"})
     assert any("_local_scalar_dense" in op and "mlp_backends.py" in op for op in seen), seen
 
