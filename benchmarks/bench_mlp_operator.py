@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -228,7 +229,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def diagnose() -> dict:
-    """Per-kernel CUDA-graph times against the matching torch matmul, and where the host time goes."""
+    """Per-kernel CUDA-graph times against the matching torch matmul, with pointer loads and with tensor
+    descriptors (LONGEXPOSURE_TMA=1), and where the host time goes."""
     import cProfile
     import io
     import pstats
@@ -265,9 +267,17 @@ def diagnose() -> dict:
             "zeros_like(W1)": g(lambda: torch.zeros_like(w1)),
         }
 
+    before = os.environ.get("LONGEXPOSURE_TMA")
     for density in (1.0, 0.1):
-        out[f"density {density}"] = kernel_times(density)
-        print(density, json.dumps(out[f"density {density}"]))
+        for tma in ("0", "1"):  # pointer loads, then tensor descriptors (LONGEXPOSURE_TMA, read per launch)
+            os.environ["LONGEXPOSURE_TMA"] = tma
+            label = f"density {density}" + (" tma" if tma == "1" else "")
+            out[label] = kernel_times(density)
+            print(label, json.dumps(out[label]))
+    if before is None:
+        os.environ.pop("LONGEXPOSURE_TMA")
+    else:
+        os.environ["LONGEXPOSURE_TMA"] = before
     built = build_case(MlpOperatorCase(backend="triton", density=0.1), "cuda")
     for _ in range(5):
         built.fwd()

@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/device_session.sh e2e        # GPU tests of the graph step, step profiles, fig7
 #   bash benchmarks/device_session.sh predictors # graph-step test with compiled predictors; predictor cost --compile
+#   bash benchmarks/device_session.sh tma        # MLP kernels with tensor descriptors: GPU test, per-kernel A/B
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
 #   bash benchmarks/device_session.sh suites     # fig8, fig10, fig13 (resume where a call stopped)
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
@@ -14,7 +15,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|methods|suites|operators|relu}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|relu}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -45,6 +46,11 @@ case $stage in
     run 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py
     run 300 python3 benchmarks/bench_predictors.py cost --fixed-capacity --in-step --graph --compile \
       --out "$work/predictor_cost_graph_compiled.json"
+    ;;
+  tma)  # LONGEXPOSURE_TMA=1 correctness on the real kernels, then pointer vs descriptor kernel times
+    run 90 python3 -m pytest -q -p no:cacheprovider tests/test_neuron_block_mlp.py -k descriptor
+    run 240 python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_diagnose_tma.json"
+    LONGEXPOSURE_TMA=1 run 200 python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick_tma.json"
     ;;
   suites)  # fig7 resumes the committed rows, so only the missing cases (other methods at 512) run
     mkdir -p "$work/fig7" && cp -r artifacts/fig7/paper "$work/fig7/paper"

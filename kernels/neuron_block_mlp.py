@@ -25,6 +25,10 @@ Four kernels (named by which operand is compact, stk-style):
   - `_dsd_kernel`: dense = compact @ W[act] (+ bias); fc2 forward and, in backward, dx = dZ @ W1[act].
   - `_wgrad_kernel`: G[act rows] = compact^T @ dense; dW1, dB1 (LoRA), dW2^T, dA2^T.
   - `_colsum_kernel`: g[act] = sum over tokens of compact; db1.
+With LONGEXPOSURE_TMA=1 (opt-in, not yet timed on a GPU) sdd and dsd read their main product's operands
+through tensor descriptors (Hopper's bulk tensor copies) instead of per-element pointers: in dsd a K step
+inside one neuron block is BK contiguous weight rows (one box at `id * BLOCK + k % BLOCK`); in sdd a column
+tile no wider than the block is BN contiguous rows (one (BN, BK) box per K step).
 Then the launchers (validation, allocation, grids) and `NeuronBlockMLPFunction`.
 """
 
@@ -95,7 +99,7 @@ def _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK: tl.constexpr):
 
 # reset_to_zero: the skinny output is accumulated by atomics, so every autotuning run must start from
 # zeros (without it the first, tuning call returned the sum of all benchmark runs: seen on the H100).
-@triton.autotune(configs=_autotune_configs(large_tiles=False), key=_KEY, reset_to_zero=["o2_ptr"])
+@triton.autotune(configs=_autotune_configs(large_tiles=False), key=[*_KEY, "USE_TMA"], reset_to_zero=["o2_ptr"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
 def _sdd_kernel(
@@ -111,6 +115,7 @@ def _sdd_kernel(
     ids_ptr,  # (capacity,) int32 active block ids; the first count are valid
     count_ptr,  # (1,) int32
     T, K, R, R2, T_BUCKET,
+    W_ROWS,  # ffn: rows of w (the descriptor's bound)
     stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr,
     stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om,
     BLOCK: tl.constexpr,
@@ -122,6 +127,7 @@ def _sdd_kernel(
     BR2: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # main product through tensor descriptors when a column tile is inside one block
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -147,18 +153,32 @@ def _sdd_kernel(
     w_ptrs = w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, K, BK):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k, other=0.0)
-        if UPCAST:
-            a, w = a.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        a_ptrs += BK * stride_ak
-        w_ptrs += BK * stride_wk
+    if USE_TMA and BLOCK % BN == 0:
+        # The tile's BN compact columns are BN consecutive rows of one neuron block: one (BN, BK) box per
+        # K step. Rows past the tokens and a ragged K tail load as zeros.
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[T, K], strides=[stride_am, 1], block_shape=[BM, BK])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1], block_shape=[BN, BK])
+        c0 = pid_n * BN
+        w_row = tl.load(ids_ptr + c0 // BLOCK) * BLOCK + c0 % BLOCK
+        for k in range(0, K, BK):
+            a = a_desc.load([pid_m * BM, k])
+            wt = w_desc.load([w_row, k])
+            if UPCAST:
+                a, wt = a.to(tl.float32), wt.to(tl.float32)
+            acc = tl.dot(a, wt.T, acc, input_precision=PRECISION)
+    else:
+        for k in range(0, K, BK):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k, other=0.0)
+                w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k, other=0.0)
+            if UPCAST:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            a_ptrs += BK * stride_ak
+            w_ptrs += BK * stride_wk
     if HAS_LOW_RANK:
         for r in range(0, R, BR):
             offs_r = r + tl.arange(0, BR)
@@ -193,7 +213,7 @@ def _sdd_kernel(
                       mask=mask_m[:, None] & mask_r2[None, :], sem="relaxed")
 
 
-@triton.autotune(configs=_autotune_configs(), key=_KEY)
+@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "USE_TMA"])
 @triton.jit
 def _dsd_kernel(
     c_ptr,  # (tokens, capacity*BLOCK) compact left operand: h (forward) or dZ (backward)
@@ -202,7 +222,8 @@ def _dsd_kernel(
     o_ptr,  # (tokens, N) dense output
     ids_ptr,  # (capacity,) int32
     count_ptr,  # (1,) int32
-    T, N, K, T_BUCKET,  # K is unused in the body; it keys the autotuner (capacity*BLOCK)
+    T, N, K, T_BUCKET,  # K: the compact width (capacity*BLOCK); it also keys the autotuner
+    W_ROWS,  # ffn: rows of w (the descriptor's bound)
     stride_cm, stride_cc, stride_wn, stride_wk, stride_om, stride_on,
     BLOCK: tl.constexpr,
     HAS_LOW_RANK: tl.constexpr,  # unused; keeps one autotune key for every kernel
@@ -210,6 +231,7 @@ def _dsd_kernel(
     EPILOGUE: tl.constexpr,  # unused
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # operands through tensor descriptors (needs unit inner strides, 16-byte rows)
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -226,7 +248,18 @@ def _dsd_kernel(
     w_offs = (offs_n % N)[None, :] * stride_wk
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if BLOCK % BK == 0:
+    if USE_TMA and BLOCK % BK == 0:
+        # Out-of-range rows/columns of a tile load as zeros; the store below is masked.
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[T, K], strides=[stride_cm, 1], block_shape=[BM, BK])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, N], strides=[stride_wn, 1], block_shape=[BK, BN])
+        for k in range(0, k_end, BK):
+            block_id = tl.load(ids_ptr + k // BLOCK)
+            c = c_desc.load([pid_m * BM, k])
+            w = w_desc.load([block_id * BLOCK + k % BLOCK, pid_n * BN])
+            if UPCAST:
+                c, w = c.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(c, w, acc, input_precision=PRECISION)
+    elif BLOCK % BK == 0:
         # Every K step lies inside one neuron block: one id, then BK consecutive weight rows.
         w_offs += offs_k[:, None] * stride_wn
         for k in range(0, k_end, BK):
@@ -506,7 +539,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, h=None, 
         a, w, dummy if e is None else e, dummy if lw is None else lw, dummy if bias is None else bias,
         dummy if h is None else h, out, dummy if skinny is None else skinny,
         skinny_out, ids, count,
-        tokens, k, r, r2, _bucket(tokens),
+        tokens, k, r, r2, _bucket(tokens), w.shape[0],
         a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         0 if e is None else e.stride(0), 0 if e is None else e.stride(1),
         0 if lw is None else lw.stride(0), 0 if lw is None else lw.stride(1),
@@ -517,8 +550,34 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, h=None, 
     ), dict(
         BLOCK=block, HAS_LOW_RANK=e is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
         HAS_SKINNY=skinny is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
+        USE_TMA=_use_tma(a, w),
     ), key=(a.dtype, _bucket(tokens), k, r, r2), even=("EVEN_K", k))
     return out
+
+
+def _tma_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global scratch for device-side tensor descriptors (Triton asks for it at launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
+
+
+@functools.lru_cache(maxsize=16)
+def _has_tma(device: torch.device) -> bool:
+    return INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _use_tma(*operands: torch.Tensor) -> bool:
+    """LONGEXPOSURE_TMA=1 (read per launch), a Hopper GPU (or the interpreter), descriptor-legal operands."""
+    if os.environ.get("LONGEXPOSURE_TMA", "0") != "1" or not _has_tma(operands[0].device):
+        return False
+    for t in operands:
+        size = t.element_size()
+        if t.stride(1) != 1 or (t.stride(0) * size) % 16 or t.data_ptr() % 16:
+            return False
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_allocator)
+    return True
 
 
 def _launch_dsd(c, w, ids, count, block, *, bias=None, out, wrap=_no_wrap):
@@ -530,9 +589,10 @@ def _launch_dsd(c, w, ids, count, block, *, bias=None, out, wrap=_no_wrap):
     grid = lambda meta: (triton.cdiv(tokens, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
     _launch(wrap, _dsd_kernel, grid, (
         c, w, c if bias is None else bias, out, ids, count,
-        tokens, n, c.shape[1], _bucket(tokens),
+        tokens, n, c.shape[1], _bucket(tokens), w.shape[0],
         c.stride(0), c.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-    ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=bias is not None, EPILOGUE=0, **_flags(c.dtype)),
+    ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=bias is not None, EPILOGUE=0, **_flags(c.dtype),
+            USE_TMA=_use_tma(c, w)),
         key=(c.dtype, _bucket(tokens), c.shape[1], n))
     return out
 

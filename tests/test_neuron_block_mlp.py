@@ -170,6 +170,27 @@ def test_forward_and_every_gradient_match_reference(seed, tokens, d_units, block
     check_against_reference(p)
 
 
+@pytest.mark.parametrize(
+    "block, dtype, pattern, capacity",
+    [
+        (32, torch.float32, "random", "padded"),
+        (64, torch.float16, "all", "exact"),
+        (128, torch.bfloat16, "one", "padded"),
+        (64, torch.float32, "empty", "padded"),
+    ],
+)
+def test_tensor_descriptor_path_matches_reference(monkeypatch, block, dtype, pattern, capacity):
+    """LONGEXPOSURE_TMA=1: the compact x neuron-major products read their operands through tensor
+    descriptors (rows past the tokens load as zeros, and a past-count tail is never read)."""
+    monkeypatch.setenv("LONGEXPOSURE_TMA", "1")
+    decided = []
+    use_tma = K._use_tma
+    monkeypatch.setattr(K, "_use_tma", lambda *ops: decided.append(use_tma(*ops)) or decided[-1])
+    p = make_problem(5, 37, 48, 256 // block, block, dtype, pattern, capacity, lora=True, bias=True)
+    check_against_reference(p)
+    assert any(decided) or pattern == "empty", "the descriptor path must have run"
+
+
 def test_relu_boundary_pre_activation_exactly_zero():
     """Integer-valued inputs make many pre-activations exactly 0: h = 0 there and no gradient flows."""
     gen = torch.Generator().manual_seed(0)
