@@ -25,10 +25,11 @@ Four kernels (named by which operand is compact, stk-style):
   - `_dsd_kernel`: dense = compact @ W[act] (+ bias); fc2 forward and, in backward, dx = dZ @ W1[act].
   - `_wgrad_kernel`: G[act rows] = compact^T @ dense; dW1, dB1 (LoRA), dW2^T, dA2^T.
   - `_colsum_kernel`: g[act] = sum over tokens of compact; db1.
-With LONGEXPOSURE_TMA=1 (opt-in, not yet timed on a GPU) sdd and dsd read their main product's operands
-through tensor descriptors (Hopper's bulk tensor copies) instead of per-element pointers: in dsd a K step
-inside one neuron block is BK contiguous weight rows (one box at `id * BLOCK + k % BLOCK`); in sdd a column
-tile no wider than the block is BN contiguous rows (one (BN, BK) box per K step).
+With LONGEXPOSURE_TMA=1 (opt-in, not yet timed on a GPU) sdd, dsd and wgrad read their main product's
+operands through tensor descriptors (Hopper's bulk tensor copies) instead of per-element pointers: in dsd a
+K step inside one neuron block is BK contiguous weight rows (one box at `id * BLOCK + k % BLOCK`); in sdd a
+column tile no wider than the block is BN contiguous rows (one (BN, BK) box per K step); wgrad loads
+(tokens, columns) boxes of the compact buffer and transposes them in shared memory.
 Then the launchers (validation, allocation, grids) and `NeuronBlockMLPFunction`.
 """
 
@@ -287,7 +288,7 @@ def _dsd_kernel(
              acc.to(o_ptr.dtype.element_ty), mask=(offs_m < T)[:, None] & mask_n[None, :])
 
 
-@triton.autotune(configs=_autotune_configs(large_tiles=False), key=_KEY)
+@triton.autotune(configs=_autotune_configs(large_tiles=False), key=[*_KEY, "USE_TMA"])
 @triton.heuristics({"EVEN_T": lambda args: args["T"] % args["BK"] == 0})
 @triton.jit
 def _wgrad_kernel(
@@ -296,7 +297,7 @@ def _wgrad_kernel(
     g_ptr,  # (ffn, N) neuron-major gradient; rows of active blocks are written, others untouched
     ids_ptr,  # (capacity,) int32
     count_ptr,  # (1,) int32
-    T, N, K, T_BUCKET,  # K: the capacity*BLOCK, only an autotune key
+    T, N, K, T_BUCKET,  # K: the capacity*BLOCK (compact width)
     stride_cm, stride_cc, stride_dm, stride_dn, stride_gn, stride_gk,
     BLOCK: tl.constexpr,
     HAS_LOW_RANK: tl.constexpr,  # unused
@@ -304,6 +305,7 @@ def _wgrad_kernel(
     EPILOGUE: tl.constexpr,  # unused
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # operands through tensor descriptors; the compact box is transposed in shared memory
     BM: tl.constexpr,  # compact rows of G per program
     BN: tl.constexpr,
     BK: tl.constexpr,  # tokens per reduction step
@@ -329,18 +331,30 @@ def _wgrad_kernel(
     d_ptrs = d_ptr + offs_t[:, None] * stride_dm + (offs_n % N)[None, :] * stride_dn
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for t in range(0, T, BK):
-        if EVEN_T:
-            ct = tl.load(ct_ptrs)
-            d = tl.load(d_ptrs)
-        else:
-            ct = tl.load(ct_ptrs, mask=offs_t[None, :] < T - t, other=0.0)
-            d = tl.load(d_ptrs, mask=offs_t[:, None] < T - t, other=0.0)
-        if UPCAST:
-            ct, d = ct.to(tl.float32), d.to(tl.float32)
-        acc = tl.dot(ct, d, acc, input_precision=PRECISION)
-        ct_ptrs += BK * stride_cm
-        d_ptrs += BK * stride_dm
+    if USE_TMA:
+        # (tokens, columns) boxes; columns past the count are finite data of the buffer (or zeros past
+        # its width) and their rows are never stored; a ragged token tail loads as zeros.
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[T, K], strides=[stride_cm, 1], block_shape=[BK, BM])
+        d_desc = tl.make_tensor_descriptor(d_ptr, shape=[T, N], strides=[stride_dm, 1], block_shape=[BK, BN])
+        for t in range(0, T, BK):
+            c = c_desc.load([t, pid_m * BM])
+            d = d_desc.load([t, pid_n * BN])
+            if UPCAST:
+                c, d = c.to(tl.float32), d.to(tl.float32)
+            acc = tl.dot(c.T, d, acc, input_precision=PRECISION)
+    else:
+        for t in range(0, T, BK):
+            if EVEN_T:
+                ct = tl.load(ct_ptrs)
+                d = tl.load(d_ptrs)
+            else:
+                ct = tl.load(ct_ptrs, mask=offs_t[None, :] < T - t, other=0.0)
+                d = tl.load(d_ptrs, mask=offs_t[:, None] < T - t, other=0.0)
+            if UPCAST:
+                ct, d = ct.to(tl.float32), d.to(tl.float32)
+            acc = tl.dot(ct, d, acc, input_precision=PRECISION)
+            ct_ptrs += BK * stride_cm
+            d_ptrs += BK * stride_dm
     rows = _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK)
     tl.store(g_ptr + rows[:, None] * stride_gn + offs_n[None, :] * stride_gk,
              acc.to(g_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_n[None, :])
@@ -607,7 +621,7 @@ def _launch_wgrad(c, d, ids, count, block, *, out, wrap=_no_wrap):
         c, d, out, ids, count,
         tokens, n, cap_cols, _bucket(tokens),
         c.stride(0), c.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
-    ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=False, EPILOGUE=3, **_flags(c.dtype)),
+    ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=False, EPILOGUE=3, **_flags(c.dtype), USE_TMA=_use_tma(c, d)),
         key=(c.dtype, _bucket(tokens), cap_cols, n), even=("EVEN_T", tokens))
     return out
 
