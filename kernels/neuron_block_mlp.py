@@ -564,7 +564,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, h=None, 
     ), dict(
         BLOCK=block, HAS_LOW_RANK=e is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
         HAS_SKINNY=skinny is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
-        USE_TMA=_use_tma(a, w),
+        USE_TMA=wrap is _no_wrap and _use_tma(a, w),
     ), key=(a.dtype, _bucket(tokens), k, r, r2), even=("EVEN_K", k))
     return out
 
@@ -580,7 +580,9 @@ def _has_tma(device: torch.device) -> bool:
 
 
 def _use_tma(*operands: torch.Tensor) -> bool:
-    """LONGEXPOSURE_TMA=1 (read per launch), a Hopper GPU (or the interpreter), descriptor-legal operands."""
+    """LONGEXPOSURE_TMA=1 (read per launch), a Hopper GPU (or the interpreter), descriptor-legal operands.
+
+    Eager launches only: a traced call (torch.compile) keeps pointer loads (its operands have no address)."""
     if os.environ.get("LONGEXPOSURE_TMA", "0") != "1" or not _has_tma(operands[0].device):
         return False
     for t in operands:
@@ -606,7 +608,7 @@ def _launch_dsd(c, w, ids, count, block, *, bias=None, out, wrap=_no_wrap):
         tokens, n, c.shape[1], _bucket(tokens), w.shape[0],
         c.stride(0), c.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
     ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=bias is not None, EPILOGUE=0, **_flags(c.dtype),
-            USE_TMA=_use_tma(c, w)),
+            USE_TMA=wrap is _no_wrap and _use_tma(c, w)),
         key=(c.dtype, _bucket(tokens), c.shape[1], n))
     return out
 
@@ -621,7 +623,8 @@ def _launch_wgrad(c, d, ids, count, block, *, out, wrap=_no_wrap):
         c, d, out, ids, count,
         tokens, n, cap_cols, _bucket(tokens),
         c.stride(0), c.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
-    ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=False, EPILOGUE=3, **_flags(c.dtype), USE_TMA=_use_tma(c, d)),
+    ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=False, EPILOGUE=3, **_flags(c.dtype),
+            USE_TMA=wrap is _no_wrap and _use_tma(c, d)),
         key=(c.dtype, _bucket(tokens), cap_cols, n), even=("EVEN_T", tokens))
     return out
 
