@@ -37,6 +37,8 @@ from torch import nn
 
 from longexposure.attention.layout import BlockLayout
 from longexposure.models.factory import family_of
+from longexposure.predictors.compiled import EAGER as EAGER_CALLS
+from longexposure.predictors.compiled import compiled as compiled_call
 from longexposure.registry import MLP_BACKENDS
 from longexposure.replay import RecordedProfile
 
@@ -227,7 +229,7 @@ class Exposure:
                         f"{target} predictor of layer {i} uses blocks of {size}, the exposure {want}: "
                         f"set {'mlp_block' if target == 'mlp' else 'attn_block'}={size}"
                     )
-                if target == "mlp" and src in ("predicted", "oracle"):
+                if target == "mlp":
                     p.config.fixed_capacity = True  # (ids, count) on the device: no host sync per layer
                 p.eval().requires_grad_(False)
             out[target] = preds
@@ -238,21 +240,12 @@ class Exposure:
         with timing, torch.no_grad():
             if target == "mlp" and x.dim() == 2:  # OPT flattens (B, S) before fc1; MLP sums over both anyway
                 x = x[None]
-            predictor = self.predictors[target][layer]
-            if self.config.compile_predictors and self.sources[target] != "random":  # random draws on the host
-                from longexposure.predictors.compiled import compiled
-
-                out = compiled(target)(predictor, x.detach())
-                if target == "attention":
-                    out = BlockLayout(self.config.attn_block, *out)
-                self._last[(target, layer)] = out
-                return out
-            out = predictor(x.detach())
-        if target == "mlp":
-            ids, count = out if isinstance(out, tuple) else (out, None)
-            out = (ids, None if count is None else count.reshape(1).to(torch.int32))
-        else:
-            out = BlockLayout.from_dense(out, self.config.attn_block)
+            # MLP: (ids, count); attention: the layout tables. `random` draws on the host: never compiled.
+            use_compiled = self.config.compile_predictors and self.sources[target] != "random"
+            call = compiled_call(target) if use_compiled else EAGER_CALLS[target]
+            out = call(self.predictors[target][layer], x.detach())
+        if target == "attention":
+            out = BlockLayout(self.config.attn_block, *out)
         self._last[(target, layer)] = out
         return out
 
