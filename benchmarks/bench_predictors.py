@@ -233,7 +233,10 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
     from longexposure.predictors.compiled import EAGER, compiled
 
     # the calls the exposed model makes: MLP ids with their count, attention masks as layout tables
+    # (without --fixed-capacity, the MLP predictors' exact-length ids, with nonzero()'s host sync)
     call = {t: compiled(t) if args.compile else EAGER[t] for t in EAGER}
+    if not args.fixed_capacity:
+        call["mlp"] = lambda predictor, inp: predictor(inp)
 
     @torch.no_grad()
     def all_predictors() -> None:
@@ -363,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--device", default=None)
     c.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.cmd == "cost" and args.compile and not args.fixed_capacity:
+        parser.error("--compile times the exposed model's calls, which take fixed-capacity ids: add --fixed-capacity")
     if args.cmd == "quality" and args.data is None:
         from longexposure.suite.runner import shared_dir
 

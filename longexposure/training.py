@@ -132,7 +132,6 @@ class Trainer:
             raise ValueError(f"cuda_graph needs a CUDA device, got {self.device}")
         if setup.exposure is not None:
             self.exposure = expose_from_options(self.model, setup.exposure)
-
             # patterns built now, so torch.compile and CUDA graphs only ever see cache lookups
             self.exposure.prepare(setup.seq_len, self.device)
         self._graph: torch.cuda.CUDAGraph | None = None

@@ -119,6 +119,11 @@ def check_input(x: Tensor, d_model: int, *, block: int | None = None) -> tuple[i
 
 
 # ================================================================================================ MLP
+def _block_ids(mask: Tensor, config: PredictorConfig) -> Tensor | tuple[Tensor, Tensor]:
+    """An MLP source's output: sorted int32 ids, or with `fixed_capacity` (ids, count) without a host sync."""
+    return ids_with_count(mask) if config.fixed_capacity else ids_from_mask(mask)
+
+
 class MlpPredictor(nn.Module):
     """Base: subclasses give per-token block (count fraction, mass); this class reduces and decides."""
 
@@ -147,7 +152,7 @@ class MlpPredictor(nn.Module):
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Sorted int32 ids of the predicted active neuron blocks (with `fixed_capacity`: (ids, count))."""
         mask = self.block_mask(x)
-        return ids_with_count(mask) if self.config.fixed_capacity else ids_from_mask(mask)
+        return _block_ids(mask, self.config)
 
 
 class MlpLowRank(MlpPredictor):
@@ -334,7 +339,7 @@ class MlpOracle(nn.Module):
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Sorted int32 active-block ids (with `fixed_capacity`: (ids, count), no host sync)."""
         mask = self.block_mask(x)
-        return ids_with_count(mask) if self.config.fixed_capacity else ids_from_mask(mask)
+        return _block_ids(mask, self.config)
 
 
 class AttnOracle(nn.Module):
@@ -387,7 +392,7 @@ class MlpRandom(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         mask = self.block_mask(x)
-        return ids_with_count(mask) if self.config.fixed_capacity else ids_from_mask(mask)
+        return _block_ids(mask, self.config)
 
 
 class AttnRandom(nn.Module):
