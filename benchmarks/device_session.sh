@@ -8,14 +8,15 @@
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
 #   bash benchmarks/device_session.sh suites     # fig8, fig10, fig13 (resume where a call stopped)
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
-#   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig9_time, fig11, fig9_sparsity
+#   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig11 (reordered neurons)
+#   bash benchmarks/device_session.sh relu-profiles  # pretrain relu-small, fig9_time, fig9_sparsity
 #
 # Needs: LONGEXPOSURE_SHARED pointing at a copy of shared/ (reference profile; for `relu` also data/e2e and
 # data/opt-tokenizer), $OUT (the device tool's output folder); `relu` also LONGEXPOSURE_CORPUS, the
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|relu}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|relu|relu-profiles}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -43,7 +44,7 @@ case $stage in
     run 300 longexposure run suites/fig7.yaml --preset paper --only seq_len=1024 --out "$work"
     ;;
   predictors)
-    run 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py
+    run 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py -k predicted-compiled
     run 300 python3 benchmarks/bench_predictors.py cost --fixed-capacity --in-step --graph --compile \
       --out "$work/predictor_cost_graph_compiled.json"
     ;;
@@ -64,12 +65,18 @@ case $stage in
     run 120 python3 benchmarks/bench_predictors.py cost --fixed-capacity --in-step --out "$work/predictor_cost.json"
     ;;
   relu)  # one call: a fresh machine has no cached checkpoint, and it is too large to bring back
+    # (fig9_time and fig9_sparsity ran on 2026-11-23: `relu-profiles` reruns them)
     export LONGEXPOSURE_CACHE=$work/cache
-    run 300 longexposure pretrain --preset relu-small
-    run 100 longexposure run suites/fig9_time.yaml --preset paper --out "$work"
-    run 150 longexposure run suites/fig11.yaml --preset paper --out "$work"
-    run 30 longexposure run suites/fig9_sparsity.yaml --preset paper --out "$work"
-    rm -rf "$work/cache/relu-small" "$work/cache/corpus"  # weights and corpus stay on the machine
+    run 240 longexposure pretrain --preset relu-small
+    run 330 longexposure run suites/fig11.yaml --preset paper --out "$work"
+    rm -rf "$work/cache/relu-small" "$work/cache/reordered" "$work/cache/corpus"  # weights and corpus stay here
+    ;;
+  relu-profiles)
+    export LONGEXPOSURE_CACHE=$work/cache
+    run 240 longexposure pretrain --preset relu-small
+    run 120 longexposure run suites/fig9_time.yaml --preset paper --out "$work"
+    run 200 longexposure run suites/fig9_sparsity.yaml --preset paper --out "$work"
+    rm -rf "$work/cache/relu-small" "$work/cache/corpus"
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

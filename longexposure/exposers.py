@@ -347,6 +347,18 @@ def _candidates(n: int, strides: tuple[int, ...], device: str) -> tuple[tuple[At
     return specs, masks, cost
 
 
+@torch.compiler.assume_constant_result
+def _candidate_masks(n: int, strides: tuple[int, ...], device: str) -> Tensor:
+    """`_candidates`' masks; under torch.compile a constant on `device`, not a CPU build copied in per call."""
+    return _candidates(n, strides, device)[1]
+
+
+@torch.compiler.assume_constant_result
+def _candidate_cost(n: int, strides: tuple[int, ...], device: str) -> Tensor:
+    """`_candidates`' costs, a compile-time constant like `_candidate_masks`."""
+    return _candidates(n, strides, device)[2]
+
+
 def snap_to_atoms(
     mass: Tensor, required: Tensor, tau: float, *, strides: tuple[int, ...] = ()
 ) -> tuple[Tensor, Tensor]:
@@ -366,7 +378,8 @@ def snap_to_atoms(
         mask (B, H, N, N) bool, and choice (B, H) int64 indexing `candidate_atoms(N, strides)`.
     """
     b, h, n = _check_mass(mass)
-    _, cands, cost = _candidates(n, tuple(strides), str(mass.device))
+    key = (n, tuple(strides), str(mass.device))
+    cands, cost = _candidate_masks(*key), _candidate_cost(*key)
     need = torch.minimum((mass * required).sum(-1), torch.full_like(mass[..., 0], tau)) - 1e-5  # (B, H, N)
     kept = torch.einsum("kij,bhij->bhki", cands.to(mass.dtype), mass)  # (B, H, K, N)
     ok = (kept >= need[:, :, None, :]).all(-1)  # (B, H, K)

@@ -55,3 +55,28 @@ def test_loss_curve_records_every_step_and_reuses_trained_predictors(tmp_path, m
 def test_bad_loss_curve_cases():
     with pytest.raises(ValueError, match="steps must be >= 2"):
         _case(steps=1)
+    with pytest.raises(ValueError, match="reorder_batches needs weights"):
+        _case(reorder_batches=2)
+
+
+def test_reordered_checkpoint_trains_the_same_function(tmp_path, monkeypatch):
+    """`reorder_batches` saves a neuron-permuted checkpoint once and fine-tunes it: exact, so dense LoRA's
+    loss curve is the original's, while the neurons (fc1 rows) did move."""
+    from longexposure.models import build_model
+
+    monkeypatch.setenv("LONGEXPOSURE_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    build_model("opt-tiny", attn_implementation="eager", seed=3).save_pretrained(ckpt)
+    ctx = RunContext(device=torch.device("cpu"), preset="cpu-tiny", out_dir=tmp_path)
+    exact = {"model_options": {"dropout": 0.0, "attention_dropout": 0.0}, "method_options": {"dropout": 0.0}}
+    plain = loss_curve(_case(weights=str(ckpt), **exact), ctx)
+    moved = loss_curve(_case(weights=str(ckpt), reorder_batches=2, **exact), ctx)
+    curves = torch.tensor(moved["loss_curve"]), torch.tensor(plain["loss_curve"])
+    torch.testing.assert_close(*curves, rtol=1e-4, atol=1e-4)
+    assert plain["info"]["neuron_reorder"] == "none"
+    assert moved["info"]["neuron_reorder"].startswith(f"MLP neurons of {ckpt} reordered by activation mass on 2")
+    (saved,) = (tmp_path / "cache" / "reordered").iterdir()
+    assert moved["info"]["weights"] == str(saved)
+    fc1 = "model.decoder.layers.0.fc1.weight"
+    before, after = (build_model("opt-tiny", weights=str(p)).state_dict()[fc1] for p in (ckpt, saved))
+    assert not torch.equal(before, after) and torch.equal(before.sum(1).sort().values, after.sum(1).sort().values)

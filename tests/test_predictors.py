@@ -214,3 +214,29 @@ def test_bank_build_for_any_pair(micro_model):  # noqa: F811
     )
     assert bank.names == {"mlp": "svd", "attention": "oracle"}
     assert len(bank.predictors["mlp"]) == len(bank.predictors["attention"]) == 4
+
+
+@pytest.mark.parametrize("name, target", [c for c in CASES if c[0] != "random"])
+def test_compiled_call_builds_no_host_tensor(name, target, micro_model):  # noqa: F811
+    """The torch.compile'd predictor call keeps every tensor on the input's device. A constant built on
+    the host inside the traced region (it happened: the pattern-atom masks) becomes a host-to-device copy
+    on every call, which a CUDA-graph capture refuses. Traced on `meta`, any host tensor shows."""
+    from longexposure.predictors.compiled import EAGER
+
+    opts = {**OPTS, "fixed_capacity": target == "mlp"}
+    predictor = build_predictor(name, micro_model, 0, target=target, **opts)
+    predictor = copy.deepcopy(predictor).to("meta")
+    host_nodes = []
+
+    def record(gm, example_inputs):
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            for t in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    host_nodes.append(f"{node.op} {node.target}")
+        return gm.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 4 * ATTN_BLOCK, micro_model.config.hidden_size, device="meta")
+    torch.compile(EAGER[target], backend=record, fullgraph=True)(predictor, x)
+    assert not host_nodes, f"{name}/{target} builds host tensors in the compiled call: {host_nodes[:5]}"
