@@ -49,8 +49,8 @@ case $stage in
       --out "$work/predictor_cost_graph_compiled.json"
     ;;
   tma)  # LONGEXPOSURE_TMA=1 correctness on the real kernels, then pointer vs descriptor kernel times
-    run 90 python3 -m pytest -q -p no:cacheprovider tests/test_neuron_block_mlp.py -k descriptor
-    run 240 python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_diagnose_tma.json"
+    run 240 python3 -m pytest -q -p no:cacheprovider tests/test_neuron_block_mlp.py -k descriptor
+    # (per-kernel A/B, `bench_mlp_operator.py --diagnose`, ran on 2026-11-23: artifacts/fig12_mlp run 6)
     LONGEXPOSURE_TMA=1 run 200 python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick_tma.json"
     ;;
   suites)  # fig7 resumes the committed rows, so only the missing cases (other methods at 512) run
