@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from longexposure.measure import gpu_time_ms as queued_ms
 from longexposure.tasks.mlp_operator import MlpOperatorCase, build_case
 
 DENSITIES = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
@@ -58,36 +59,6 @@ def matrix(quick: bool) -> list[MlpOperatorCase]:
     for density in (1.0, 0.5, 0.1):  # the cost of the fixed capacity: exact ids instead
         cases.append(MlpOperatorCase(backend="triton", tokens=2048, density=density, grads="x", capacity="exact"))
     return cases
-
-
-_SLEEP_CYCLES = 60_000_000
-
-
-def queued_ms(fn, n: int = 10, repeats: int = 5) -> tuple[float, bool]:
-    """GPU time per call with the launch gaps removed: a GPU sleep holds the stream while the host queues
-    `n` calls, then CUDA events time the `n` calls back to back. Returns (median ms, host_bound), where
-    host_bound says the host needed longer than the sleep to queue them (then gaps are back in)."""
-    fn()
-    torch.cuda.synchronize()
-    s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s0.record()
-    torch.cuda._sleep(_SLEEP_CYCLES)
-    s1.record()
-    s1.synchronize()
-    sleep_ms = s0.elapsed_time(s1)
-    times, host_bound = [], False
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(_SLEEP_CYCLES)
-        t0 = time.perf_counter()
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        host_bound |= (time.perf_counter() - t0) * 1e3 > 0.9 * sleep_ms
-        end.synchronize()
-        times.append(start.elapsed_time(end) / n)
-    return sorted(times)[len(times) // 2], host_bound
 
 
 def run_case(case: MlpOperatorCase, queued: bool) -> dict:

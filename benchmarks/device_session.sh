@@ -10,13 +10,14 @@
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
 #   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig11 (reordered neurons)
 #   bash benchmarks/device_session.sh relu-profiles  # pretrain relu-small, fig9_time, fig9_sparsity
+#   bash benchmarks/device_session.sh peers      # sylva_fig5 (single-layer latency)
 #
 # Needs: LONGEXPOSURE_SHARED pointing at a copy of shared/ (reference profile; for `relu` also data/e2e and
 # data/opt-tokenizer), $OUT (the device tool's output folder); `relu` also LONGEXPOSURE_CORPUS, the
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|relu|relu-profiles}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|relu|relu-profiles|peers}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -70,6 +71,9 @@ case $stage in
     run 240 longexposure pretrain --preset relu-small
     run 330 longexposure run suites/fig11.yaml --preset paper --out "$work"
     rm -rf "$work/cache/relu-small" "$work/cache/reordered" "$work/cache/corpus"  # weights and corpus stay here
+    ;;
+  peers)  # Sylva's single-layer latency (Fig. 5): its >= 1.5x-vs-LoRA target at d 4096, s 2048
+    run 200 longexposure run suites/sylva_fig5.yaml --preset paper --out "$work"
     ;;
   relu-profiles)
     export LONGEXPOSURE_CACHE=$work/cache

@@ -95,6 +95,41 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 
     return Stats.of(values)
 
 
+_SLEEP_CYCLES = 60_000_000  # ~30-40 ms on an H100: long enough for the host to queue a batch of calls
+
+
+def gpu_time_ms(fn: Callable[[], object], n: int = 10, repeats: int = 5) -> tuple[float, bool]:
+    """GPU time per call of `fn` with the host's launch gaps removed (CUDA only).
+
+    A GPU sleep holds the stream while the host queues `n` calls, then CUDA events time the `n` calls back
+    to back; median over `repeats`. Returns (ms, host_bound): host_bound says the host needed longer than
+    the sleep to queue them, so gaps are back in. Eager timings of small ops measure the host; this does not.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("gpu_time_ms needs a CUDA device")
+    fn()
+    torch.cuda.synchronize()
+    s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s0.record()
+    torch.cuda._sleep(_SLEEP_CYCLES)
+    s1.record()
+    s1.synchronize()
+    sleep_ms = s0.elapsed_time(s1)
+    times, host_bound = [], False
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(_SLEEP_CYCLES)
+        t0 = time.perf_counter()
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        host_bound |= (time.perf_counter() - t0) * 1e3 > 0.9 * sleep_ms
+        end.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    return sorted(times)[len(times) // 2], host_bound
+
+
 def time_phases(step: Callable[[Timer], None], device: torch.device | str, warmup: int, reps: int) -> dict[str, Stats]:
     """Run `step(timer)` (which marks its own named regions) warmup + reps times; per-region stats.
 

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from longexposure.measure import Timer, peak_memory_gib, reset_peak_memory, synchronize, time_fn, time_phases
+from longexposure.measure import (
+    Timer,
+    gpu_time_ms,
+    peak_memory_gib,
+    reset_peak_memory,
+    synchronize,
+    time_fn,
+    time_phases,
+)
 from longexposure.registry import TASKS
 from longexposure.suite.context import RunContext
 
@@ -176,6 +184,10 @@ def sylva_layer(case: SylvaLayerCase, ctx: RunContext) -> dict[str, Any]:
         "total_ms": fb.p50 + step.p50,
         "trainable_params": float(trainable),
     }
+    if device.type == "cuda":  # a single layer's eager time is mostly host launches; this is the GPU's
+        (fb_gpu, fb_host_bound), (opt_gpu, opt_host_bound) = gpu_time_ms(fwd_bwd), gpu_time_ms(opt.step)
+        metrics.update(fwd_bwd_gpu_ms=fb_gpu, opt_gpu_ms=opt_gpu, total_gpu_ms=fb_gpu + opt_gpu)
+        metrics["gpu_host_bound"] = fb_host_bound or opt_host_bound
     if peak is not None:
         metrics["peak_mem_gib"] = peak
     metrics["info"] = {
