@@ -11,13 +11,14 @@
 #   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig11 (reordered neurons)
 #   bash benchmarks/device_session.sh relu-profiles  # pretrain relu-small, fig9_time, fig9_sparsity
 #   bash benchmarks/device_session.sh peers      # sylva_fig5 (single-layer latency)
+#   bash benchmarks/device_session.sh act-l1     # relu-small pretrained with / without --act-l1: block density
 #
 # Needs: LONGEXPOSURE_SHARED pointing at a copy of shared/ (reference profile; for `relu` also data/e2e and
 # data/opt-tokenizer), $OUT (the device tool's output folder); `relu` also LONGEXPOSURE_CORPUS, the
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|relu|relu-profiles|peers}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|relu|relu-profiles|peers|act-l1}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -74,6 +75,12 @@ case $stage in
     ;;
   peers)  # Sylva's single-layer latency (Fig. 5): its >= 1.5x-vs-LoRA target at d 4096, s 2048
     run 200 longexposure run suites/sylva_fig5.yaml --preset paper --out "$work"
+    ;;
+  act-l1)  # relu-small pretrained with and without an activation-L1 penalty: held-out block density at 90% mass
+    export LONGEXPOSURE_CACHE=$work/cache
+    run 560 python3 benchmarks/act_l1_sweep.py --preset relu-small --act-l1 0 1 --blocks 64 \
+      --out "$work/act_l1_sweep_relu_small.json"
+    rm -rf "$work/cache/corpus"
     ;;
   relu-profiles)
     export LONGEXPOSURE_CACHE=$work/cache
