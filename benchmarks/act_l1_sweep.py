@@ -57,8 +57,8 @@ def main() -> None:
             seq = record["recipe"]["seq_len"]
             data = load_batches("e2e", batch=4, seq_len=seq, vocab_size=model.config.vocab_size, path=args.data_path,
                                 seed=0, device=device, family="opt")
-            profile = [next(data)["input_ids"] for _ in range(4)]
-            measure = [next(data)["input_ids"] for _ in range(3)]
+            profile = data.input_ids(4)
+            measure = data.input_ids(3)
             with torch.no_grad():
                 reorder_mlp_(model, neuron_stats(model, profile))
                 d90 = {str(b): held_out_density(model, measure, b) for b in args.blocks}

@@ -98,7 +98,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         device=dev,
         family="opt",
     )
-    take = lambda n: [next(data)["input_ids"] for _ in range(n)]  # noqa: E731
+    take = data.input_ids
     profile_ids, train_ids, eval_ids = take(args.profile_batches), take(args.train_batches), take(args.eval_batches)
     result: dict[str, Any] = {
         "device": _device_name(dev),

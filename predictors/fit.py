@@ -107,5 +107,5 @@ def fit_predictors_for(
         device=device,
         family=family_of(model),
     )
-    ids = [next(stream)["input_ids"] for _ in range(batches)]
+    ids = stream.input_ids(batches)
     return fit_predictors(model, ids, out, data_description=f"{stream.description} (seed {data_seed})", **options)

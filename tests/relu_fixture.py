@@ -67,7 +67,7 @@ def e2e_ids() -> list[torch.Tensor]:
     data = load_batches(
         "e2e", batch=2, seq_len=SEQ, vocab_size=50272, path=os.path.join(SHARED, "data", "e2e"), family="opt"
     )
-    return [next(data)["input_ids"] for _ in range(8)]
+    return data.input_ids(8)
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,10 @@ class Batches:
     def __next__(self) -> dict[str, torch.Tensor]:
         return next(self.iterator)
 
+    def input_ids(self, n: int) -> list[torch.Tensor]:
+        """The input ids of the next `n` batches (profiling, predictor training, reordering)."""
+        return [next(self.iterator)["input_ids"] for _ in range(n)]
+
 
 def load_batches(
     name: str,

@@ -84,7 +84,7 @@ def _batches(case: LossCurveCase, model: torch.nn.Module, n: int, device: torch.
         device=device,
         family=family_of(model),
     )
-    return [next(stream)["input_ids"] for _ in range(n)], f"{stream.description} (seed {seed})"
+    return stream.input_ids(n), f"{stream.description} (seed {seed})"
 
 
 def reordered_weights(case: LossCurveCase, weights: Path, device: torch.device, seed: int) -> tuple[Path, str]:

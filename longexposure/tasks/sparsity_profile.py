@@ -136,8 +136,8 @@ def _setup(case: SparsityProfileCase, ctx: RunContext) -> dict[str, Any]:
         device=ctx.device,
         family="opt",
     )
-    profile_ids = [next(data)["input_ids"] for _ in range(case.profile_batches)]
-    measure_ids = [next(data)["input_ids"] for _ in range(case.batches)]
+    profile_ids = data.input_ids(case.profile_batches)
+    measure_ids = data.input_ids(case.batches)
     reorder_note = "none"
     if case.reorder:
         if not profile_ids:
