@@ -41,11 +41,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the recipe's)")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="pretraining seed (default: the recipe's)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--data-path", default=None, help="E2E directory (default: the shared copy)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
-    overrides = {k: v for k, v in {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len}.items() if v}
+    given = {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "seed": args.seed}
+    overrides = {k: v for k, v in given.items() if v is not None}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
