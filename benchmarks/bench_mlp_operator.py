@@ -9,7 +9,7 @@ CUDA GPU (reported numbers: H100). Launch:
 Every case is first checked on fresh random inputs (output and gradients against an fp32 reference on
 the GPU, beside the same-precision torch reference's error), then timed with `triton.testing.do_bench`
 (median, L2 flushed between calls), which includes host launch overhead wherever it exceeds the GPU
-time, and as GPU time alone (`queued_ms`: the calls are queued behind a GPU sleep, then timed back to
+time, and as GPU time alone (`measure.gpu_time_ms`: the calls are queued behind a GPU sleep, then timed back to
 back with CUDA events). Setup is shared with the `mlp-operator` task
 (`longexposure.tasks.mlp_operator.build_case`).
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from longexposure.measure import gpu_time_ms as queued_ms
+from longexposure.measure import gpu_time_ms
 from longexposure.tasks.mlp_operator import MlpOperatorCase, build_case
 
 DENSITIES = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
@@ -80,9 +80,9 @@ def run_case(case: MlpOperatorCase, queued: bool) -> dict:
         built.fwd()
     row["fwd_host_us"] = (time.perf_counter() - start) / 20 * 1e6
     torch.cuda.synchronize()
-    if queued:  # GPU time without host launch gaps (see queued_ms)
-        row["fwd_gpu_ms"], row["fwd_host_bound"] = queued_ms(built.fwd)
-        row["bwd_gpu_ms"], row["bwd_host_bound"] = queued_ms(built.bwd)
+    if queued:  # GPU time without host launch gaps (see gpu_time_ms)
+        row["fwd_gpu_ms"], row["fwd_host_bound"] = gpu_time_ms(built.fwd)
+        row["bwd_gpu_ms"], row["bwd_host_bound"] = gpu_time_ms(built.bwd)
     return row
 
 
@@ -98,7 +98,7 @@ def evaluate(rows: list[dict]) -> list[dict]:
     """Target checks per (timing, tokens, grads, direction, density) for the fixed-capacity triton rows.
 
     `eager` is do_bench over Python calls (host launch overhead included where it exceeds the GPU
-    time); `gpu` is the same calls queued behind a GPU sleep (GPU time only, see queued_ms).
+    time); `gpu` is the same calls queued behind a GPU sleep (GPU time only, see gpu_time_ms).
     """
     by = {}
     for r in rows:

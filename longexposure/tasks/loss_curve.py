@@ -69,6 +69,11 @@ def pretrained_weights(preset: str, steps: int | None) -> Path:
     return path
 
 
+def _digest(key: dict[str, Any]) -> str:
+    """A short stable name for a cache entry made from `key` (a JSON-able description of its inputs)."""
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _batches(case: LossCurveCase, model: torch.nn.Module, n: int, device: torch.device, seed: int) -> tuple[list, str]:
     """`n` batches of the case's dataset drawn with `seed`, and their description."""
     from longexposure.data import load_batches
@@ -105,8 +110,7 @@ def reordered_weights(case: LossCurveCase, weights: Path, device: torch.device, 
         "batches": case.reorder_batches,
         "seed": seed + 2,
     }
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    out = cache_dir() / "reordered" / f"{case.model}-{digest}"
+    out = cache_dir() / "reordered" / f"{case.model}-{_digest(key)}"
     note_file = out / "longexposure_reorder.txt"
     if note_file.exists():
         return out, note_file.read_text()
@@ -140,8 +144,7 @@ def auto_predictors(case: LossCurveCase, weights: Path | None, device: torch.dev
         "attention": bool(exposure.get("attention", True)),
         **opts,
     }
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    out = cache_dir() / "predictors" / f"{case.model}-{digest}"
+    out = cache_dir() / "predictors" / f"{case.model}-{_digest(key)}"
     if (out / "predictors.json").exists():
         return out
     fit_predictors_for(
