@@ -45,15 +45,17 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--data-path", default=None, help="E2E directory (default: the shared copy)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--keep", default=None, help="keep the checkpoints here (DIR/l1-VALUE) instead of a temp dir")
     args = parser.parse_args()
     given = {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "seed": args.seed}
     overrides = {k: v for k, v in given.items() if v is not None}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep) if args.keep else Path(tmp)
         for l1 in args.act_l1:
             log: list[str] = []
-            ckpt = pretrain(args.preset, out=Path(tmp) / f"l1-{l1}", act_l1=l1, log=log.append, **overrides)
+            ckpt = pretrain(args.preset, out=root / f"l1-{l1}", act_l1=l1, log=log.append, **overrides)
             record = json.loads((ckpt / "pretrain.json").read_text())
             model = build_model(args.preset, weights=str(ckpt), attn_implementation="eager", device=device).eval()
             seq = record["recipe"]["seq_len"]
@@ -66,6 +68,7 @@ def main() -> None:
                 d90 = {str(b): held_out_density(model, measure, b) for b in args.blocks}
             row = {
                 "act_l1": l1,
+                "checkpoint": str(ckpt) if args.keep else "discarded",
                 "held_out_loss": record["held_out_loss"],
                 "seconds": record["seconds"],
                 "per_token_sparsity": [r["per_token_sparsity"] for r in record["mlp_sparsity_held_out"]],

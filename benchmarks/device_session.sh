@@ -12,20 +12,33 @@
 #   bash benchmarks/device_session.sh relu-profiles  # pretrain relu-small, fig9_time, fig9_sparsity
 #   bash benchmarks/device_session.sh peers      # sylva_fig5 (single-layer latency)
 #   bash benchmarks/device_session.sh act-l1     # relu-small pretrained with / without --act-l1: block density
+#   bash benchmarks/device_session.sh relu-quality  # predictor quality (recall, mass, density) + fig9_sparsity
+#
+# LONGEXPOSURE_CACHE set outside (an ignored folder of the checkout, e.g. $PWD/cache) keeps checkpoints
+# between calls while the machine stays warm: the relu* stages then reuse a cached relu-small instead of
+# pretraining it again, and act-l1 keeps its checkpoints under $LONGEXPOSURE_CACHE/act-l1.
 #
 # Needs: LONGEXPOSURE_SHARED pointing at a copy of shared/ (reference profile; for `relu` also data/e2e and
 # data/opt-tokenizer), $OUT (the device tool's output folder); `relu` also LONGEXPOSURE_CORPUS, the
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|relu|relu-profiles|peers|act-l1}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|relu|relu-profiles|relu-quality|peers|act-l1}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
+export LONGEXPOSURE_CACHE=${LONGEXPOSURE_CACHE:-$work/cache}  # under $work it is deleted before archiving
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$work/install.log" 2>&1 || {
   echo "install failed"; tail -20 "$work/install.log"; }
 log=$out/$stage.log
+pretrain_relu_small() {  # a cached relu-small (from an earlier call on this machine) is reused, and said so
+  if [ -f "$LONGEXPOSURE_CACHE/relu-small/config.json" ]; then
+    echo "== using cached $LONGEXPOSURE_CACHE/relu-small: $(grep -o '"act_l1": [0-9.]*' "$LONGEXPOSURE_CACHE/relu-small/pretrain.json")" | tee -a "$log"
+  else
+    run 240 longexposure pretrain --preset relu-small
+  fi
+}
 run() {  # run LIMIT_SECONDS CMD...: time-limited, output appended to the stage log
   local limit=$1; shift
   echo "== $(date +%T) $*" | tee -a "$log"
@@ -68,28 +81,31 @@ case $stage in
     ;;
   relu)  # one call: a fresh machine has no cached checkpoint, and it is too large to bring back
     # (fig9_time and fig9_sparsity ran on 2026-11-23: `relu-profiles` reruns them)
-    export LONGEXPOSURE_CACHE=$work/cache
-    run 240 longexposure pretrain --preset relu-small
+    pretrain_relu_small
     run 330 longexposure run suites/fig11.yaml --preset paper --out "$work"
-    rm -rf "$work/cache/relu-small" "$work/cache/reordered" "$work/cache/corpus"  # weights and corpus stay here
     ;;
   peers)  # Sylva's single-layer latency (Fig. 5): its >= 1.5x-vs-LoRA target at d 4096, s 2048
     run 200 longexposure run suites/sylva_fig5.yaml --preset paper --out "$work"
     ;;
   act-l1)  # relu-small pretrained with and without an activation-L1 penalty: held-out block density at 90% mass
-    export LONGEXPOSURE_CACHE=$work/cache
-    run 560 python3 benchmarks/act_l1_sweep.py --preset relu-small --act-l1 0 1 --blocks 64 \
-      --out "$work/act_l1_sweep_relu_small.json"
-    rm -rf "$work/cache/corpus"
+    run 570 python3 benchmarks/act_l1_sweep.py --preset relu-small --act-l1 0 1 --blocks 64 \
+      --keep "$LONGEXPOSURE_CACHE/act-l1" --out "$work/act_l1_sweep_relu_small.json"
     ;;
   relu-profiles)
-    export LONGEXPOSURE_CACHE=$work/cache
-    run 240 longexposure pretrain --preset relu-small
+    pretrain_relu_small
     run 120 longexposure run suites/fig9_time.yaml --preset paper --out "$work"
     run 200 longexposure run suites/fig9_sparsity.yaml --preset paper --out "$work"
-    rm -rf "$work/cache/relu-small" "$work/cache/corpus"
+    ;;
+  relu-quality)  # the issue-5 numbers on relu-small: block density at 90% mass, predictor recall / mass / density
+    pretrain_relu_small
+    cp "$LONGEXPOSURE_CACHE/relu-small/pretrain.json" "$work/relu_small_pretrain.json"
+    run 240 python3 benchmarks/bench_predictors.py quality --train-batches 16 --eval-batches 6 \
+      --save "$work/predictors-relu-small" --out "$work/quality.json"
+    rm -rf "$work/predictors-relu-small"  # only the reload check needed them
+    run 330 longexposure run suites/fig9_sparsity.yaml --preset paper --out "$work"
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
+rm -rf "$work/cache"  # weights and corpus stay on the machine
 tar czf "$out/$stage.tgz" -C "$work" . && rm -rf "$work"
 grep "^==" "$log"
