@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -240,7 +240,11 @@ def block_sddmm(
 
 @dataclass
 class BlockUpdatePlan:
-    """Per-block metadata of a set of layers, built once (device int32 arrays and shape tables)."""
+    """Per-block metadata of a set of layers, built once (device int32 arrays and shape tables).
+
+    `blocks_per_layer` is the host copy of each layer's block count, so a step validates shapes
+    without reading the device; `_tables` caches the device pointer tables of the layers' tensors.
+    """
 
     block: int
     layer: torch.Tensor
@@ -250,6 +254,27 @@ class BlockUpdatePlan:
     n_rows: torch.Tensor
     n_cols: torch.Tensor
     nnz: int
+    blocks_per_layer: tuple[int, ...] = ()
+    _tables: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def pointer_table(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The tensors' addresses as a device int64 table, with no host sync on the step's path.
+
+        Keyed by the addresses themselves (so a hit is always right); weights and compact values never
+        move, and the allocator hands gradients the same addresses step after step. A miss copies
+        from pinned memory without blocking.
+        """
+        key = tuple(t.data_ptr() for t in tensors)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= 32:  # addresses that keep changing: do not grow without bound
+                self._tables.clear()
+            host = torch.tensor(key, dtype=torch.int64)
+            device = self.layer.device
+            pinned = device.type == "cuda"
+            table = (host.pin_memory() if pinned else host).to(device, non_blocking=pinned)
+            self._tables[key] = table
+        return table
 
 
 def make_block_update_plan(
@@ -268,7 +293,8 @@ def make_block_update_plan(
     col = torch.cat([c.to(torch.int32) for c in cols])
     n_rows = torch.tensor([s[0] for s in shapes], dtype=torch.int32, device=device)
     n_cols = torch.tensor([s[1] for s in shapes], dtype=torch.int32, device=device)
-    return BlockUpdatePlan(block, layer, row, col, local, n_rows, n_cols, int(row.numel()))
+    counts = tuple(int(r.numel()) for r in rows)
+    return BlockUpdatePlan(block, layer, row, col, local, n_rows, n_cols, sum(counts), counts)
 
 
 def block_update_(
@@ -307,7 +333,7 @@ def block_update_(
         for t in ts:
             if t.device != device or not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous tensors on {device}, got one on {t.device}")
-    for w, v, g, rows_l in zip(weights, values, grads, torch.bincount(plan.layer, minlength=n).tolist(), strict=True):
+    for w, v, g, rows_l in zip(weights, values, grads, plan.blocks_per_layer, strict=True):
         if v.shape != (rows_l, b, b) or g.shape != v.shape:
             raise ValueError(
                 f"values and grads of a layer must be ({rows_l}, {b}, {b}), got {tuple(v.shape)} and {tuple(g.shape)}"
@@ -321,10 +347,9 @@ def block_update_(
             )
     if plan.nnz == 0:
         return
-    table = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64).to(device)  # noqa: E731
     _block_update_kernel[(plan.nnz,)](
         plan.layer, plan.row, plan.col, plan.local,
-        table(weights), table(values), table(grads), plan.n_rows, plan.n_cols,
+        plan.pointer_table(weights), plan.pointer_table(values), plan.pointer_table(grads), plan.n_rows, plan.n_cols,
         exp_avg, exp_avg_sq,
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
         float(1 - beta1**step), float(1 - beta2**step),

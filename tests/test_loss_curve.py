@@ -1,5 +1,6 @@
 """Task `loss-curve` (Fig. 11): per-step losses of a variant, live predictors trained on first use and reused."""
 
+import json
 import math
 
 import pytest
@@ -67,6 +68,8 @@ def test_reordered_checkpoint_trains_the_same_function(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGEXPOSURE_CACHE", str(tmp_path / "cache"))
     ckpt = tmp_path / "ckpt"
     build_model("opt-tiny", attn_implementation="eager", seed=3).save_pretrained(ckpt)
+    recipe = {"steps": 7, "batch": 2, "seq_len": 32, "act_l1": 2.0}  # as if `longexposure pretrain` made it
+    (ckpt / "pretrain.json").write_text(json.dumps({"preset": "relu-micro", "recipe": recipe, "held_out_loss": 5.0}))
     ctx = RunContext(device=torch.device("cpu"), preset="cpu-tiny", out_dir=tmp_path)
     exact = {"model_options": {"dropout": 0.0, "attention_dropout": 0.0}, "method_options": {"dropout": 0.0}}
     plain = loss_curve(_case(weights=str(ckpt), **exact), ctx)
@@ -76,7 +79,9 @@ def test_reordered_checkpoint_trains_the_same_function(tmp_path, monkeypatch):
     assert plain["info"]["neuron_reorder"] == "none"
     assert moved["info"]["neuron_reorder"].startswith(f"MLP neurons of {ckpt} reordered by activation mass on 2")
     (saved,) = (tmp_path / "cache" / "reordered").iterdir()
-    assert moved["info"]["weights"] == str(saved)
+    for result, path in ((plain, ckpt), (moved, saved)):  # the pretraining record travels with the reordering
+        assert result["info"]["weights"] == f"{path} (longexposure pretrain --preset relu-micro: 7 steps of 2x32, " \
+            "act_l1 2.0, held-out loss 5.000)"
     fc1 = "model.decoder.layers.0.fc1.weight"
     before, after = (build_model("opt-tiny", weights=str(p)).state_dict()[fc1] for p in (ckpt, saved))
     assert not torch.equal(before, after) and torch.equal(before.sum(1).sort().values, after.sum(1).sort().values)

@@ -77,6 +77,17 @@ def test_checkpoint_loads_as_a_model_path_and_as_preset_weights(micro_checkpoint
     with torch.no_grad():
         torch.testing.assert_close(by_path(input_ids=e2e_ids[0]).logits, by_preset(input_ids=e2e_ids[0]).logits)
     assert (micro_checkpoint / "tokenizer.json").exists()
+    # every output names the weights and how they were pretrained (the recipe's act_l1 shapes the sparsity)
+    described = by_path.config.longexposure_weights
+    assert described.startswith(str(micro_checkpoint)) and "act_l1 0.0" in described and "held-out loss" in described
+
+
+def test_weights_description_survives_a_broken_record(tmp_path):
+    from longexposure.models.factory import describe_weights
+
+    assert describe_weights(str(tmp_path)) == str(tmp_path)
+    (tmp_path / "pretrain.json").write_text("{not json")
+    assert "unreadable" in describe_weights(str(tmp_path))
 
 
 def _profile_options(checkpoint, **over):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,5 +77,23 @@ def build_model(
             f"could not load weights {source!r}: not a local checkpoint directory, and the hub is unreachable "
             f"or has no such model ({exc.__class__.__name__}). Pass a local path to a saved HF checkpoint."
         ) from exc
-    lm.config.longexposure_weights = source
+    lm.config.longexposure_weights = describe_weights(source)
     return lm.train()
+
+
+def describe_weights(source: str) -> str:
+    """`source`, plus how `longexposure pretrain` made it when its `pretrain.json` is there: the recipe
+    (act_l1 included) changes the sparsity every downstream number measures, so outputs must say it."""
+    record = Path(source) / "pretrain.json"
+    if not record.is_file():
+        return source
+    try:
+        run = json.loads(record.read_text())
+        recipe = run["recipe"]
+        return (
+            f"{source} (longexposure pretrain --preset {run['preset']}: {recipe['steps']} steps of "
+            f"{recipe['batch']}x{recipe['seq_len']}, act_l1 {recipe.get('act_l1', 0.0)}, "
+            f"held-out loss {run['held_out_loss']:.3f})"
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{source} (its pretrain.json is unreadable: {exc.__class__.__name__})"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,8 @@ def reordered_weights(case: LossCurveCase, weights: Path, device: torch.device, 
     reorder_mlp_(model, neuron_stats(model, ids))
     note = f"MLP neurons of {weights} reordered by activation mass on {len(ids)} batches of {description}"
     model.save_pretrained(out)
+    if (weights / "pretrain.json").is_file():  # how the source was pretrained travels with its reordering
+        shutil.copyfile(weights / "pretrain.json", out / "pretrain.json")
     note_file.write_text(note)  # last: a checkpoint without it is incomplete and is rebuilt
     return out, note
 
