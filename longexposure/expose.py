@@ -74,6 +74,11 @@ class ExposureConfig:
         compile_predictors: run `predicted`/`oracle` patterns through torch.compile programs
             (`predictors/compiled.py`): a few fused kernels per layer instead of ~35 (MLP) / ~60
             (attention); compiles once per sequence length, on the first step.
+        refresh_every: `predicted` MLP: every this many training forwards, retrain each layer's
+            predictor briefly on that batch's true activations and recalibrate it
+            (`predictors/refresh.py`), so it follows what fine-tuning does to the activations;
+            0 (default) keeps the offline predictors. Eager steps only (not inside a CUDA graph).
+        refresh_steps: optimizer steps per refresh.
     """
 
     source: str = "replay"
@@ -92,6 +97,8 @@ class ExposureConfig:
     tau: float = 0.95
     resample: bool = False
     compile_predictors: bool = False
+    refresh_every: int = 0
+    refresh_steps: int = 50
 
     def __post_init__(self) -> None:
         for name in ("source", "mlp_source", "attention_source"):
@@ -108,6 +115,10 @@ class ExposureConfig:
                 "source 'predicted' needs predictors=<directory of a saved PredictorBank> "
                 "(train one with `longexposure train-predictors`)"
             )
+        if self.refresh_every < 0 or self.refresh_steps < 0:
+            raise ValueError(f"refresh_every, refresh_steps must be >= 0: {self.refresh_every}, {self.refresh_steps}")
+        if self.refresh_every and used.get("mlp") != "predicted":
+            raise ValueError(f"refresh_every refreshes predicted MLP patterns; the MLP source is {used.get('mlp')!r}")
 
     def sources(self) -> dict[str, str]:
         """The source of each exposed target: {"mlp": ..., "attention": ...}."""
@@ -168,6 +179,9 @@ class Exposure:
         self.sources = config.sources()
         self.timer: Any = None  # a measure.Timer: dynamic sources time their predictors as `predict_ms`
         self._last: dict[tuple[str, int], Any] = {}  # dynamic sources: the last step's pattern per layer
+        self.training_forwards = 0  # counted at layer 0's MLP, for refresh_every
+        self.refreshes: list[dict[str, float]] = []  # the last refresh of each layer
+        self._refreshers: dict[int, Any] = {}
         ffn = getattr(self.hf_config, "ffn_dim", None)
         depth = len(self.layers)
         if config.resample and config.profile is not None and len(config.profile.attn_density or []) != depth:
@@ -358,6 +372,8 @@ class Exposure:
         lora1, lora2 = _lora_of(fc1, allow_dropout=True), _lora_of(fc2, allow_dropout=False)
 
         def mlp_forward(x: torch.Tensor) -> torch.Tensor:
+            if self.config.refresh_every and self.model.training and torch.is_grad_enabled():
+                self._maybe_refresh(i, x, base1)
             if self.sources["mlp"] in DYNAMIC:
                 ids, count = self._predict("mlp", i, x)
             else:
@@ -383,6 +399,24 @@ class Exposure:
         self._undo.append(lambda: fc2.__dict__.pop("forward", None))
         self._undo.append(lambda: fc1.__dict__.pop("forward", None))
 
+    def _maybe_refresh(self, layer: int, x: torch.Tensor, fc1: nn.Linear) -> None:
+        """In every `refresh_every`-th training forward, refresh this layer's MLP predictor on `x`."""
+        from longexposure.predictors.refresh import MlpRefresher, RefreshConfig
+
+        if layer == 0:
+            self.training_forwards += 1
+        if self.training_forwards % self.config.refresh_every:
+            return
+        if layer not in self._refreshers:
+            config = RefreshConfig(steps=self.config.refresh_steps)
+            self._refreshers[layer] = MlpRefresher(self.predictors["mlp"][layer], fc1, config, seed=layer)
+        # a refresh is predictor work: it counts in the step's `predict_ms` (phases stay the same every step)
+        timing = self.timer.region("predict_ms") if self.timer is not None else contextlib.nullcontext()
+        with timing:
+            row = self._refreshers[layer](x)
+        row.update(layer=layer, forward=self.training_forwards)
+        self.refreshes = [r for r in self.refreshes if r["layer"] != layer] + [row]
+
     def unpatch(self) -> None:
         while self._undo:
             self._undo.pop()()
@@ -406,6 +440,11 @@ class Exposure:
                 src = f"replay: {self.config.profile.source} (recorded, not predicted from this model)"
             elif src == "predicted":
                 src = f"predicted: live predictors from {self.config.predictors}"
+                if target == "mlp" and self.config.refresh_every:
+                    src += (
+                        f", MLP predictors refreshed every {self.config.refresh_every} training steps on that "
+                        f"step's batch ({self.config.refresh_steps} optimizer steps + slack recalibration)"
+                    )
             elif src in ("oracle", "random"):
                 src = f"{src}: computed from this model's frozen weights every step"
             described[target] = src
@@ -420,6 +459,7 @@ class Exposure:
             "attention_block_density_of_causal": mean(self.attn_density),
             "mlp_density_per_layer": dict(self.mlp_density),
             "attention_density_per_layer": dict(self.attn_density),
+            **({"mlp_refreshes": list(self.refreshes)} if self.config.refresh_every else {}),
         }
 
 

@@ -75,6 +75,11 @@ class TrainingSetup:
                 "cuda_graph cannot replay the `random` sparsity source: it draws its blocks on the host every "
                 "step; run it without cuda_graph"
             )
+        if self.cuda_graph and (self.exposure or {}).get("refresh_every"):
+            raise ValueError(
+                "cuda_graph cannot replay predictor refreshes (they train the predictors on the host's schedule); "
+                "run refresh_every without cuda_graph"
+            )
 
 
 def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> torch.nn.Module:

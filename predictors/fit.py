@@ -34,6 +34,7 @@ def fit_predictors(
     noise: float = 0.05,
     recall_target: float = 0.97,
     mass_target: float = 0.95,
+    seed: int = 0,
     data_description: str = "",
 ) -> tuple[PredictorBank, dict[str, Any]]:
     """Collect, train, calibrate and save one predictor per (layer, target); returns (bank, report)."""
@@ -55,6 +56,7 @@ def fit_predictors(
         noise=noise,
         recall_target=recall_target,
         mass_target=mass_target,
+        seed=seed,
         log=lambda _msg: bar.update(1),
     )
     bar.close()
@@ -67,6 +69,7 @@ def fit_predictors(
         "weights": str(getattr(model.config, "longexposure_weights", "unknown")),
         "theta": theta,
         "tau": tau,
+        "seed": seed,
         "seconds": round(time.perf_counter() - started, 1),
     }
     bank.save(out, model, report=report)
@@ -108,4 +111,5 @@ def fit_predictors_for(
         family=family_of(model),
     )
     ids = stream.input_ids(batches)
+    options.setdefault("seed", seed)
     return fit_predictors(model, ids, out, data_description=f"{stream.description} (seed {data_seed})", **options)

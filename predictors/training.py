@@ -407,16 +407,23 @@ def train_bank(
     recall_target: float = 0.97,
     mass_target: float = 0.95,
     calib_fraction: float = 0.2,
+    seed: int = 0,
     log: Any = None,
 ) -> tuple[PredictorBank, dict[str, Any]]:
-    """Train mlp-lowrank and attn-lowrank for every layer, then calibrate each on held-back units."""
-    bank = PredictorBank.build(
-        model,
-        mlp="mlp-lowrank" if mlp else None,
-        attention="attn-lowrank" if attention else None,
-        mlp_config=mlp_config,
-        attn_config=attn_config,
-    )
+    """Train mlp-lowrank and attn-lowrank for every layer, then calibrate each on held-back units.
+
+    `seed` fixes the predictors' initial weights and their training noise: the same data and seed give
+    the same bank whatever the caller's RNG state (which is left as it was).
+    """
+    with torch.random.fork_rng(devices=[]):  # the modules are initialised on the CPU, then moved
+        torch.manual_seed(seed)
+        bank = PredictorBank.build(
+            model,
+            mlp="mlp-lowrank" if mlp else None,
+            attention="attn-lowrank" if attention else None,
+            mlp_config=mlp_config,
+            attn_config=attn_config,
+        )
     info: dict[str, Any] = {"layers": []}
     for li, data in enumerate(train_data):
         n_cal = max(1, round(data.units() * calib_fraction))
@@ -427,11 +434,13 @@ def train_bank(
         row: dict[str, Any] = {"layer": li}
         if "mlp" in bank.predictors:
             p = bank["mlp", li]
-            row["mlp_loss"] = train_mlp(p, fit, steps=steps, noise=noise, recall_weight=recall_weight, seed=li)
+            row["mlp_loss"] = train_mlp(
+                p, fit, steps=steps, noise=noise, recall_weight=recall_weight, seed=seed * 1000 + li
+            )
             row["mlp_slack"] = calibrate_mlp(p, cal, recall_target)
         if "attention" in bank.predictors:
             p = bank["attention", li]
-            row["attn_loss"] = train_attention(p, fit, steps=steps, noise=noise, seed=li)
+            row["attn_loss"] = train_attention(p, fit, steps=steps, noise=noise, seed=seed * 1000 + li)
             row["attn_tau_slack"] = calibrate_attention(p, cal, mass_target)
         row["train_s"] = round(time.perf_counter() - started, 2)
         info["layers"].append(row)

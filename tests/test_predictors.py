@@ -164,6 +164,26 @@ def test_training_is_deterministic_under_a_seed(micro_model, micro_layer_data): 
     assert any(not torch.equal(p, q) for p, q in zip(first, other, strict=True))
 
 
+def test_train_bank_is_reproducible_whatever_the_callers_rng(micro_model, micro_layer_data):  # noqa: F811
+    """The bank a user trains depends on the data and `seed` only (the initial weights included), and
+    training it leaves the caller's RNG where it was."""
+    train, _ = micro_layer_data
+    opts = dict(mlp_config={"block_size": MLP_BLOCK, "rank": 16, "theta": 0.1}, attention=False, steps=10)
+
+    def fit(seed: int, rng_state: int) -> list[torch.Tensor]:
+        torch.manual_seed(rng_state)
+        bank, _ = train_bank(micro_model, train[:2], seed=seed, **opts)
+        return [p.detach().clone() for m in bank.predictors["mlp"] for p in m.parameters()]
+
+    first = fit(5, rng_state=1)
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(1)), "train_bank moved the caller's RNG"
+    second, other = fit(5, rng_state=2), fit(6, rng_state=1)
+    assert all(torch.equal(p, q) for p, q in zip(first, second, strict=True))
+    assert any(not torch.equal(p, q) for p, q in zip(first, other, strict=True))
+
+
 def test_save_load_reproduces_outputs(tmp_path, micro_model, micro_layer_data):  # noqa: F811
     train, held = micro_layer_data
     bank, _ = train_bank(
@@ -240,3 +260,42 @@ def test_compiled_call_builds_no_host_tensor(name, target, micro_model):  # noqa
     x = torch.randn(2, 4 * ATTN_BLOCK, micro_model.config.hidden_size, device="meta")
     torch.compile(EAGER[target], backend=record, fullgraph=True)(predictor, x)
     assert not host_nodes, f"{name}/{target} builds host tensors in the compiled call: {host_nodes[:5]}"
+
+
+def test_refresher_follows_a_moved_pattern(micro_model):  # noqa: F811
+    """A predictor fitted where neuron blocks {0, 1} fire is refreshed on batches where {4, 5} fire instead:
+    its recall on a held-out batch of the new pattern goes from near 0 to >= 0.9, and each refresh
+    calibrates on the batch before training on it (so `recall_after` is measured on unseen data)."""
+    from longexposure.predictors.refresh import MlpRefresher, RefreshConfig, layer_data
+
+    from longexposure.profiling import decoder_layers, layer_part
+
+    fc1 = copy.deepcopy(layer_part(micro_model, decoder_layers(micro_model)[1], "fc1"))
+    gen = torch.Generator().manual_seed(0)
+    batch = lambda: torch.randn(2, 64, fc1.in_features, generator=gen)  # noqa: E731
+
+    def firing(blocks: tuple[int, ...]) -> torch.nn.Linear:
+        layer = copy.deepcopy(fc1)
+        with torch.no_grad():
+            layer.bias.fill_(-1e3)  # silent ...
+            for b in blocks:  # ... except these blocks
+                layer.bias[b * MLP_BLOCK : (b + 1) * MLP_BLOCK] = 10.0
+        return layer
+
+    old, new = firing((0, 1)), firing((4, 5))
+    pred = build_predictor("mlp-lowrank", micro_model, 1, block_size=MLP_BLOCK, theta=0.1, rank=16)
+    config = RefreshConfig(steps=60, lr=3e-3, buffer=2)
+    first = MlpRefresher(pred, old, config)
+    for _ in range(3):
+        first(batch())
+    held = layer_data(batch(), new, MLP_BLOCK)
+    stale = evaluate_mlp(pred, held, pred.config, time_it=False)["recall"]
+    refresher = MlpRefresher(pred, new, config)
+    rows = [refresher(batch()) for _ in range(4)]
+    fresh = evaluate_mlp(pred, held, pred.config, time_it=False)
+    assert stale < 0.5 and fresh["recall"] >= 0.9, (stale, fresh, rows)
+    assert rows[0]["recall_before"] < 0.5 and rows[-1]["recall_after"] >= 0.9, rows
+    assert abs(fresh["density"] - fresh["exposer_density"]) <= 2 / (fc1.out_features // MLP_BLOCK), fresh
+    assert not any(p.requires_grad for p in pred.parameters()) and not pred.training
+    with pytest.raises(ValueError, match="refresh needs"):
+        RefreshConfig(buffer=0)
