@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from longexposure.predictors.training import LayerData, calibrate_mlp, evaluate_mlp, train_mlp
+from longexposure.predictors.training import LayerData, calibrate_mlp, evaluate_mlp, mlp_block_stats, train_mlp
 from torch import Tensor, nn
 
 # slack multiplies theta: above 1 drops more blocks than the exposer's theta would, below 1 keeps more
@@ -52,15 +52,9 @@ def layer_data(x: Tensor, fc1: nn.Linear, block_size: int) -> LayerData:
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
         bias = None if fc1.bias is None else fc1.bias.float()
-        act = F.relu(F.linear(x2, fc1.weight.float(), bias))
-        ffn = act.shape[-1]
-        if ffn % block_size:
-            raise ValueError(f"ffn dim {ffn} is not divisible by block_size {block_size}")
-        blocks = act.view(act.shape[0], ffn // block_size, block_size)
+        frac, mass = mlp_block_stats(F.relu(F.linear(x2, fc1.weight.float(), bias)), block_size)
         unit = lambda t: t[None, None]  # noqa: E731  (U=1, B=1, S=tokens, ...)
-        return LayerData(
-            mlp_x=unit(x2), mlp_frac=unit((blocks > 0).float().mean(-1)), mlp_mass=unit(blocks.sum(-1))
-        )
+        return LayerData(mlp_x=unit(x2), mlp_frac=unit(frac), mlp_mass=unit(mass))
 
 
 class MlpRefresher:

@@ -68,6 +68,16 @@ class LayerData:
 
 
 @torch.no_grad()
+def mlp_block_stats(act: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Per token and neuron block of the ReLU outputs `act` (..., ffn): the fraction of the block's neurons
+    that fire, and the block's activation mass (the MLP predictors' two targets)."""
+    ffn = act.shape[-1]
+    if ffn % block_size:
+        raise PredictorError(f"ffn dim {ffn} is not divisible by block_size {block_size}")
+    blocks = act.view(*act.shape[:-1], ffn // block_size, block_size)
+    return (blocks > 0).float().mean(-1), blocks.sum(-1)
+
+
 def collect(
     model: nn.Module,
     batches: Sequence[Tensor],
@@ -84,14 +94,10 @@ def collect(
         for li, cap in enumerate(capture(model, ids, mlp=mlp, attention=attention)):
             store = per_layer[li]
             if mlp:
-                act = cap.mlp_act
-                ffn = act.shape[-1]
-                if ffn % block_size:
-                    raise PredictorError(f"ffn dim {ffn} is not divisible by block_size {block_size}")
-                blocks = act.view(*act.shape[:-1], ffn // block_size, block_size)
+                frac, mass = mlp_block_stats(cap.mlp_act, block_size)
                 store.setdefault("mlp_x", []).append(cap.mlp_in.to(store_dtype))
-                store.setdefault("mlp_frac", []).append((blocks > 0).float().mean(-1).to(store_dtype))
-                store.setdefault("mlp_mass", []).append(blocks.sum(-1).to(store_dtype))
+                store.setdefault("mlp_frac", []).append(frac.to(store_dtype))
+                store.setdefault("mlp_mass", []).append(mass.to(store_dtype))
             if attention:
                 store.setdefault("attn_x", []).append(cap.attn_in.to(store_dtype))
                 store.setdefault("attn_mass", []).append(attention_block_mass(cap.q, cap.k, attn_block))
