@@ -180,7 +180,7 @@ class Exposure:
         self.timer: Any = None  # a measure.Timer: dynamic sources time their predictors as `predict_ms`
         self._last: dict[tuple[str, int], Any] = {}  # dynamic sources: the last step's pattern per layer
         self.training_forwards = 0  # counted at layer 0's MLP, for refresh_every
-        self.refreshes: list[dict[str, float]] = []  # the last refresh of each layer
+        self.refreshes: dict[int, dict[str, float]] = {}  # per layer, its last refresh
         self._refreshers: dict[int, Any] = {}
         ffn = getattr(self.hf_config, "ffn_dim", None)
         depth = len(self.layers)
@@ -415,7 +415,7 @@ class Exposure:
         with timing:
             row = self._refreshers[layer](x)
         row.update(layer=layer, forward=self.training_forwards)
-        self.refreshes = [r for r in self.refreshes if r["layer"] != layer] + [row]
+        self.refreshes[layer] = row
 
     def unpatch(self) -> None:
         while self._undo:
@@ -459,7 +459,7 @@ class Exposure:
             "attention_block_density_of_causal": mean(self.attn_density),
             "mlp_density_per_layer": dict(self.mlp_density),
             "attention_density_per_layer": dict(self.attn_density),
-            **({"mlp_refreshes": list(self.refreshes)} if self.config.refresh_every else {}),
+            **({"mlp_refreshes": list(self.refreshes.values())} if self.config.refresh_every else {}),
         }
 
 
