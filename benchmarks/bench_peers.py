@@ -173,28 +173,35 @@ def correctness(device: torch.device) -> list[dict]:
         up = torch.randn(n_out, 16, generator=gen).to(device) * 0.01
         down = torch.randn(16, n_in, generator=gen).to(device) * 0.01
         res = {}
-        for v, wdt in (("sp-lora", dt), ("sp-lora-no", dt), ("sp-lora-no", torch.float64)):
-            lay = SparseLoRALinear(w.to(wdt), None, v, 16)
+        runs = (("sp-lora", dt, "triton"), ("sp-lora", dt, "torch"), ("sp-lora-no", dt, "auto"),
+                ("sp-lora-no", torch.float64, "auto"))  # fmt: skip
+        for v, wdt, backend in runs:
+            lay = SparseLoRALinear(w.to(wdt), None, v, 16, backend=backend)
             lay.lora_up.data, lay.lora_down.data = up.to(wdt).clone(), down.to(wdt).clone()
             xx = x.to(wdt).clone().requires_grad_()
             lay(xx).backward(dy.to(wdt))
-            res[(v, wdt)] = (xx.grad, lay.lora_up.grad, lay.lora_down.grad, lay.weight.detach().clone())
-        hi = res[("sp-lora-no", torch.float64)]
-        errs = [_rel(a, h) for a, h in zip(res[("sp-lora", dt)][:3], hi[:3], strict=True)]
-        ref_errs = [_rel(a, h) for a, h in zip(res[("sp-lora-no", dt)][:3], hi[:3], strict=True)]
-        zeros_kept = bool(((res[("sp-lora", dt)][3] == 0) == (w == 0)).all())
-        tol = 1e-2 if dt == torch.bfloat16 else 1e-5
-        ok = zeros_kept and all(e <= max(2 * re, tol) for e, re in zip(errs, ref_errs, strict=True))
-        rows_out.append(
-            {
-                "check": "sp_lora_grads_vs_naive",
-                "dtype": str(dt),
-                "rel_err_dx_dup_ddown": errs,
-                "naive_same_precision_rel_err": ref_errs,
-                "zeros_kept": zeros_kept,
-                "ok": bool(ok),
-            }
-        )
+            res[(v, wdt, backend)] = (xx.grad, lay.lora_up.grad, lay.lora_down.grad, lay.weight.detach().clone())
+        hi = res[("sp-lora-no", torch.float64, "auto")]
+        ref_errs = [_rel(a, h) for a, h in zip(res[("sp-lora-no", dt, "auto")][:3], hi[:3], strict=True)]
+        for backend in ("triton", "torch"):
+            got = res[("sp-lora", dt, backend)]
+            errs = [_rel(a, h) for a, h in zip(got[:3], hi[:3], strict=True)]
+            zeros_kept = bool(((got[3] == 0) == (w == 0)).all())
+            restore_err = _rel(got[3], w)
+            tol = 1e-2 if dt == torch.bfloat16 else 1e-5
+            ok = zeros_kept and all(e <= max(2 * re, tol) for e, re in zip(errs, ref_errs, strict=True))
+            rows_out.append(
+                {
+                    "check": "sp_lora_grads_vs_naive",
+                    "backend": backend,
+                    "dtype": str(dt),
+                    "rel_err_dx_dup_ddown": errs,
+                    "naive_same_precision_rel_err": ref_errs,
+                    "restored_weight_rel_err": restore_err,
+                    "zeros_kept": zeros_kept,
+                    "ok": bool(ok and restore_err < tol),
+                }
+            )
     return rows_out
 
 
@@ -226,6 +233,58 @@ def _sylva_breakdown(device: torch.device, dim: int, seq: int, sparsity: float, 
         ).p50,
         "trainable_blocks": layer.nnz_blocks,
     }
+
+
+def _splora_shape(device: torch.device, n_out: int, n_in: int, seq: int, rank: int, gen: torch.Generator) -> dict:
+    from longexposure.kernels.masked_low_rank import masked_adapter_grads_restore_, masked_low_rank_add_
+
+    from longexposure.measure import time_fn
+    from longexposure.ops.masked_low_rank import (
+        masked_adapter_grads_restore_reference_,
+        masked_low_rank_add_reference_,
+    )
+
+    w = torch.randn(n_out, n_in, generator=gen)
+    w = (w * (torch.rand(n_out, n_in, generator=gen) > 0.5)).to(device, torch.bfloat16)
+    x = torch.randn(seq, n_in, device=device, dtype=torch.bfloat16)
+    dy = torch.randn(seq, n_out, device=device, dtype=torch.bfloat16)
+    up = torch.randn(n_out, rank, device=device) * 0.01
+    down = torch.randn(rank, n_in, device=device) * 0.01
+    g = dy.t() @ x
+
+    def torch_pair():  # forward merge + backward mask / adapter gradients / restore, as torch ops
+        masked_low_rank_add_reference_(w, up, down, 2.0)
+        masked_adapter_grads_restore_reference_(g, w, up, down, 2.0)
+
+    def fused_pair():
+        masked_low_rank_add_(w, up, down, 2.0)
+        masked_adapter_grads_restore_(g, w, up, down, 2.0)
+
+    def ms(fn) -> float:
+        return time_fn(fn, device, 5, 30).p50
+
+    return {
+        "shape": [n_out, n_in],
+        "tokens": seq,
+        "fwd_gemm_ms": ms(lambda: x @ w.t()),
+        "dx_gemm_ms": ms(lambda: dy @ w),
+        "dw_dense_gemm_ms": ms(lambda: dy.t() @ x),
+        "merge_torch_ms": ms(lambda: masked_low_rank_add_reference_(w, up, down, 0.0)),
+        "merge_fused_ms": ms(lambda: masked_low_rank_add_(w, up, down, 0.0)),
+        "merge_and_grads_restore_torch_ms": ms(torch_pair),
+        "merge_and_grads_restore_fused_ms": ms(fused_pair),
+    }
+
+
+def splora_breakdown(device: torch.device, seq: int = 2048, rank: int = 16) -> list[dict]:
+    """SP-LoRA's per-layer pieces at LLaMA-7B shapes, bf16: the GEMMs LoRA also runs, the dense weight
+    gradient SP-LoRA adds, and its weight-sized passes as torch ops (Alg. 1-2) against the fused kernels."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for n_out, n_in in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        rows.append(_splora_shape(device, n_out, n_in, seq, rank, gen))
+        print(rows[-1], flush=True)
+    return rows
 
 
 def layer_timings(device: torch.device, dims, seqs, sparsity: float, block: int) -> list[dict]:
@@ -287,7 +346,7 @@ def task_rows(task: str, cases: list[dict], device: torch.device) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="JSON file for all rows")
-    p.add_argument("--sections", default="correctness,layer,preprocess,splora")
+    p.add_argument("--sections", default="correctness,layer,preprocess,splora-breakdown,splora")
     p.add_argument("--dims", default="4096", help="layer dims for the layer section")
     p.add_argument("--seqs", default="2048")
     p.add_argument("--sparsity", type=float, default=0.95)
@@ -342,11 +401,15 @@ def main() -> int:
         cases = [dict(model="llama-3b", factor=f, batches=4, batch=4, seq_len=256) for f in ("hierarchical", "exact")]
         result["preprocess"] = task_rows("sylva-preprocess", cases, device)
         save()
+    if "splora-breakdown" in sections:
+        result["splora_breakdown"] = splora_breakdown(device)
+        save()
     if "splora" in sections:
         cases = [
             dict(model="llama-7b", method=m)
-            for m in ("lora", "sp-lora", "sp-lora-gc", "sp-lora-no", "spp-gc", "spp-no")
+            for m in ("lora", "lora-wgrad", "sp-lora", "sp-lora-gc", "sp-lora-no", "spp-gc", "spp-no")
         ]
+        cases.insert(3, dict(model="llama-7b", method="sp-lora", backend="torch"))
         result["splora"] = task_rows("splora-step", cases, device)
         save()
 
@@ -374,10 +437,12 @@ def main() -> int:
         targets["T2 exact/hierarchical preprocessing peak"] = (
             pre["exact"]["peak_mem_gib"] / pre["hierarchical"]["peak_mem_gib"]
         )
-    sp = {r["method"]: r for r in result.get("splora", [])}
+    sp = {r["method"]: r for r in result.get("splora", []) if r.get("backend", "auto") == "auto"}
     if sp.get("lora", {}).get("status") == "ok" and sp.get("sp-lora", {}).get("status") == "ok":
         targets["T3 sp-lora/lora time"] = sp["sp-lora"]["total_ms"] / sp["lora"]["total_ms"]
         targets["T3 sp-lora/lora memory"] = sp["sp-lora"]["peak_mem_gib"] / sp["lora"]["peak_mem_gib"]
+        if sp.get("lora-wgrad", {}).get("status") == "ok":  # the floor: LoRA + the dense weight gradients
+            targets["   lora-wgrad/lora time (SP-LoRA's floor)"] = sp["lora-wgrad"]["total_ms"] / sp["lora"]["total_ms"]
         no = sp.get("spp-no", {})
         targets["T3 spp-no/lora memory"] = (
             "OOM" if no.get("status") == "OOM" else (no["peak_mem_gib"] / sp["lora"]["peak_mem_gib"] if no else None)

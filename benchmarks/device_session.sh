@@ -10,7 +10,8 @@
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
 #   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig11 (reordered neurons)
 #   bash benchmarks/device_session.sh relu-profiles  # pretrain relu-small, fig9_time, fig9_sparsity
-#   bash benchmarks/device_session.sh peers      # sylva_fig5 (single-layer latency)
+#   bash benchmarks/device_session.sh peers      # SP-LoRA fused kernels + splora_fig1, sylva_fig5, sylva_table2
+#   bash benchmarks/device_session.sh memory     # fig8 (peak memory vs sequence length)
 #   bash benchmarks/device_session.sh act-l1     # relu-small pretrained with / without --act-l1: block density
 #   bash benchmarks/device_session.sh relu-quality  # predictor quality (recall, mass, density) + fig9_sparsity
 #
@@ -23,7 +24,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|relu|relu-profiles|relu-quality|peers|act-l1}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|relu|relu-profiles|relu-quality|peers|memory|act-l1}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -84,8 +85,15 @@ case $stage in
     pretrain_relu_small
     run 330 longexposure run suites/fig11.yaml --preset paper --out "$work"
     ;;
-  peers)  # Sylva's single-layer latency (Fig. 5): its >= 1.5x-vs-LoRA target at d 4096, s 2048
-    run 200 longexposure run suites/sylva_fig5.yaml --preset paper --out "$work"
+  peers)  # SP-LoRA's fused kernels (GPU tests, correctness, per-layer pieces, 7B steps), Sylva Fig. 5 and Table 2
+    run 150 python3 -m pytest -q -p no:cacheprovider tests/test_masked_low_rank.py
+    run 200 python3 benchmarks/bench_peers.py --sections correctness,splora-breakdown,splora --out "$work/peers.json"
+    run 90 longexposure run suites/sylva_fig5.yaml --preset paper --out "$work"
+    run 90 longexposure run suites/splora_fig1.yaml --preset paper --out "$work"
+    run 200 longexposure run suites/sylva_table2.yaml --preset paper --out "$work"
+    ;;
+  memory)  # Fig. 8: peak memory vs sequence length (full, LoRA eager / sdpa, Long Exposure + LoRA)
+    run 400 longexposure run suites/fig8.yaml --preset paper --out "$work"
     ;;
   act-l1)  # relu-small pretrained with and without an activation-L1 penalty: held-out block density at 90% mass
     run 570 python3 benchmarks/act_l1_sweep.py --preset relu-small --act-l1 0 1 --blocks 64 \

@@ -31,23 +31,37 @@ from torch.utils.checkpoint import checkpoint
 
 from longexposure.methods.builtin import freeze
 from longexposure.methods.pruning import is_conv1d, linear_targets, prune_, weight_view
+from longexposure.ops.backend import BACKENDS, resolve_backend
+from longexposure.ops.masked_low_rank import (
+    masked_adapter_grads_restore_reference_,
+    masked_low_rank_add_reference_,
+)
 from longexposure.registry import PEFT_METHODS
 
 VARIANTS = ("sp-lora", "sp-lora-gc", "sp-lora-no", "spp-gc", "spp-no")
+
+
+def _merge_ops(backend: str):
+    """(merge_, grads_restore_) of the backend: fused Triton kernels or the torch lines of Alg. 1-2."""
+    if backend == "triton":
+        from longexposure.kernels.masked_low_rank import masked_adapter_grads_restore_, masked_low_rank_add_
+
+        return masked_low_rank_add_, masked_adapter_grads_restore_
+    return masked_low_rank_add_reference_, masked_adapter_grads_restore_reference_
 
 
 class SparseLoRAFunction(torch.autograd.Function):
     """Memory-optimised SP-LoRA (Alg. 1-2): merge in place in forward, recompute M and restore in backward.
 
     `weight` is modified in place between forward and backward; the owning module marks itself
-    merged so a second forward before backward is refused instead of merging twice.
+    merged so a second forward before backward is refused instead of merging twice. The weight-sized
+    passes (merge; mask, adapter gradients, restore) go through `owner.backend_ran`'s implementation.
     """
 
     @staticmethod
     def forward(ctx, x, weight, up, down, scaling, owner):  # noqa: D102
-        mask = weight != 0  # Alg. 1 line 1
-        weight.addmm_(up.to(weight.dtype), down.to(weight.dtype), alpha=scaling).mul_(mask)  # line 2
-        del mask
+        merge_, _ = _merge_ops(owner.backend_ran)
+        merge_(weight, up, down, scaling)  # Alg. 1 lines 1-2
         ctx.scaling, ctx.owner, ctx.x_dtype = scaling, owner, x.dtype
         ctx.weight = weight  # not save_for_backward: it is restored in place in backward
         x = x.to(weight.dtype)
@@ -58,17 +72,15 @@ class SparseLoRAFunction(torch.autograd.Function):
     def backward(ctx, dy):  # noqa: D102
         x, up, down = ctx.saved_tensors
         weight, s = ctx.weight, ctx.scaling
+        _, grads_restore_ = _merge_ops(ctx.owner.backend_ran)
         dy = dy.to(weight.dtype)
-        mask = weight != 0  # Alg. 2 line 1
-        dx = (dy @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None  # line 2
+        dx = (dy @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None  # Alg. 2 line 2
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        dw = (dy2.t() @ x2).mul_(mask)  # line 3
-        d_up = (dw @ down.to(weight.dtype).t()).mul_(s).to(up.dtype)  # line 4
-        d_down = (up.to(weight.dtype).t() @ dw).mul_(s).to(down.dtype)  # line 5
+        dw = dy2.t() @ x2  # line 3 (the mask is applied inside grads_restore_, from the merged weight: line 1)
+        d_up, d_down = grads_restore_(dw, weight, up, down, s, restore=True)  # lines 3-6
         del dw
-        weight.addmm_(up.to(weight.dtype), down.to(weight.dtype), alpha=-s).mul_(mask)  # line 6
         ctx.owner.merged = False
-        return dx, None, d_up, d_down, None, None
+        return dx, None, d_up.to(up.dtype), d_down.to(down.dtype), None, None
 
 
 def _sp_lora_weight(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -96,12 +108,26 @@ class SparseLoRALinear(nn.Module):
         bias: (out,) or None; frozen.
         variant: one of `VARIANTS`.
         rank: r; alpha: LoRA scale numerator (s = alpha / r, SP-LoRA only).
+        backend: `sp-lora`'s weight-sized passes: `triton` (fused kernels), `torch` (Alg. 1-2 as torch
+            ops) or `auto` (triton where it runs and supports the weight's dtype; `backend_ran` says which).
     """
 
-    def __init__(self, weight, bias, variant: str, rank: int = 16, alpha: float = 32.0, source: str = "linear"):
+    def __init__(
+        self,
+        weight,
+        bias,
+        variant: str,
+        rank: int = 16,
+        alpha: float = 32.0,
+        source: str = "linear",
+        backend: str = "auto",
+    ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown SP-LoRA variant {variant!r}; valid: {VARIANTS}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown SP-LoRA backend {backend!r}; valid: {BACKENDS}")
+        self.backend, self.backend_ran = backend, None
         out_f, in_f = weight.shape
         self.in_features, self.out_features = in_f, out_f
         self.variant, self.rank, self.source, self.merged = variant, rank, source, False
@@ -132,6 +158,7 @@ class SparseLoRALinear(nn.Module):
                         "twice (run backward after each training forward, or call restore_() after a failed step)"
                     )
                 self.merged = True
+                self.backend_ran = self._resolve_backend()
                 y = SparseLoRAFunction.apply(x, w, self.lora_up, self.lora_down, self.scaling, self)
         elif v == "sp-lora-no":
             y = F.linear(x.to(w.dtype), _sp_lora_weight(w, self.lora_up, self.lora_down, self.scaling))
@@ -155,14 +182,22 @@ class SparseLoRALinear(nn.Module):
             y = y1 + y2
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def _resolve_backend(self) -> str:
+        from longexposure.kernels.masked_low_rank import DTYPES
+
+        ran = resolve_backend(self.backend, self.weight.device, "SP-LoRA")
+        if ran == "triton" and self.weight.dtype not in DTYPES:
+            if self.backend == "triton":
+                raise ValueError(f"SP-LoRA backend 'triton' supports weights in {DTYPES}, not {self.weight.dtype}")
+            ran = "torch"
+        return ran
+
     @torch.no_grad()
     def restore_(self) -> None:
         """Undo an in-place merge whose backward never ran (sp-lora only)."""
         if self.merged:
-            mask = self.weight != 0
-            self.weight.addmm_(
-                self.lora_up.to(self.weight.dtype), self.lora_down.to(self.weight.dtype), alpha=-self.scaling
-            ).mul_(mask)
+            merge_, _ = _merge_ops(self.backend_ran)
+            merge_(self.weight, self.lora_up, self.lora_down, -self.scaling)
             self.merged = False
 
     @torch.no_grad()
@@ -230,9 +265,13 @@ def apply_sp_lora(
     calibration_samples: int = 4,
     calibration_seq_len: int = 128,
     seed: int = 0,
+    backend: str = "auto",
 ) -> nn.Module:
-    """Prune (optional) then wrap every block linear projection with a `variant` adapter; only adapters train."""
-    info: dict[str, Any] = {"variant": variant, "rank": rank}
+    """Prune (optional) then wrap every block linear projection with a `variant` adapter; only adapters train.
+
+    `backend` picks `sp-lora`'s fused Triton kernels or the torch reference (see `SparseLoRALinear`).
+    """
+    info: dict[str, Any] = {"variant": variant, "rank": rank, "backend": backend}
     if prune is not None:
         calib = None
         if prune == "wanda":
@@ -244,9 +283,8 @@ def apply_sp_lora(
         w = weight_view(m).detach()
         w = w.contiguous() if not is_conv1d(m) else w.clone(memory_format=torch.contiguous_format)
         bias = m.bias.detach() if m.bias is not None else None
-        _set_module(
-            model, name, SparseLoRALinear(w, bias, variant, rank, alpha, "conv1d" if is_conv1d(m) else "linear")
-        )
+        source = "conv1d" if is_conv1d(m) else "linear"
+        _set_module(model, name, SparseLoRALinear(w, bias, variant, rank, alpha, source, backend))
     model.peer_method_info = info
     return model
 
@@ -261,13 +299,17 @@ def _register(variant: str, help_text: str) -> None:
         calibration_samples: int = 4,
         calibration_seq_len: int = 128,
         seed: int = 0,
+        backend: str = "auto",
     ) -> nn.Module:
         return apply_sp_lora(
-            model, variant, rank, alpha, prune, sparsity, calibration_samples, calibration_seq_len, seed
+            model, variant, rank, alpha, prune, sparsity, calibration_samples, calibration_seq_len, seed, backend
         )
 
     method.__name__ = variant.replace("-", "_")
-    method.__doc__ = f"{help_text}. `prune` (magnitude | wanda) and `sparsity` (ratio or 'N:M') prune first."
+    method.__doc__ = (
+        f"{help_text}. `prune` (magnitude | wanda) and `sparsity` (ratio or 'N:M') prune first; "
+        "`backend` (auto | triton | torch) runs sp-lora's weight-sized passes."
+    )
     PEFT_METHODS.register(variant, method, help=help_text)
 
 

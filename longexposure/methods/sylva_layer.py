@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from longexposure.ops.backend import BACKENDS, resolve_backend
 from longexposure.ops.block_sddmm import (
     block_adamw_reference,
     block_mask_to_dense,
@@ -26,29 +27,6 @@ from longexposure.ops.block_sddmm import (
     blocks_to_dense,
     dense_to_blocks,
 )
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-def _interpret() -> bool:
-    from longexposure.kernels import block_sddmm as k
-
-    return k.INTERPRET
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """`auto` -> `triton` on CUDA (or under TRITON_INTERPRET=1), else the pure-torch reference.
-
-    An explicit `triton` that cannot run here is an error that says why; it never falls back.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown Sylva backend {backend!r}; valid: {BACKENDS}")
-    if backend == "torch":
-        return "torch"
-    can = device.type == "cuda" or _interpret()
-    if backend == "triton" and not can:
-        raise RuntimeError(f"backend 'triton' needs a CUDA device or TRITON_INTERPRET=1 (tensor is on {device})")
-    return "triton" if can else "torch"
 
 
 class _EmbeddedSparseLinearTorch(torch.autograd.Function):
@@ -148,7 +126,7 @@ class SylvaLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.values._version != self._synced_version:
             self.sync_()
-        self.backend_ran = resolve_backend(self.backend, self.weight.device)
+        self.backend_ran = resolve_backend(self.backend, self.weight.device, "Sylva")
         if self.backend_ran == "triton":
             from longexposure.kernels.block_sddmm import EmbeddedSparseLinearFunction as Fn
         else:
@@ -204,7 +182,7 @@ class SylvaAdamW(torch.optim.Optimizer):
             )
             moments = [torch.zeros(plan.nnz, block, block, device=device) for _ in range(2 if adam else 0)]
             self._groups.append((mods, plan, moments))
-        self.backend_ran = resolve_backend(backend, self.layers[0].weight.device)
+        self.backend_ran = resolve_backend(backend, self.layers[0].weight.device, "Sylva")
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zeroes the gradients in place by default: they then keep their addresses, so the fused

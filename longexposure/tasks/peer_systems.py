@@ -394,7 +394,10 @@ def sylva_preprocess(case: SylvaPreprocessCase, ctx: RunContext) -> dict[str, An
 # ----------------------------------------------------------------------------------------------- SP-LoRA Fig. 1
 
 
-SPLORA_METHODS = ("lora", "sp-lora", "sp-lora-gc", "sp-lora-no", "spp-gc", "spp-no")
+SPLORA_METHODS = ("lora", "lora-wgrad", "sp-lora", "sp-lora-gc", "sp-lora-no", "spp-gc", "spp-no")
+# `lora-wgrad` is a yardstick, not a method: LoRA that also computes (and drops) every adapted weight's dense
+# gradient dY^T X. SP-LoRA's adapter gradients need that (out, in) product under the mask, so this row is
+# the time SP-LoRA cannot go below with dense GEMMs; its peak memory includes those gradients.
 
 
 @dataclass
@@ -411,9 +414,11 @@ class SpLoraStepCase:
     precision: str = "bf16-amp"
     warmup: int = 2
     steps: int = 5
+    backend: str = "auto"  # sp-lora's weight-sized passes: fused triton kernels or torch ops (auto: triton on a GPU)
 
     def __post_init__(self) -> None:
         _check("method", self.method, SPLORA_METHODS)
+        _check("backend", self.backend, ("auto", "triton", "torch"))
         _check("precision", self.precision, PRECISIONS)
         _check("prune", self.prune, ("magnitude", "wanda"))
 
@@ -432,12 +437,19 @@ def splora_step(case: SpLoraStepCase, ctx: RunContext) -> dict[str, Any]:
     if case.prune == "wanda":
         calib, _ = _calibration(model, 4, min(case.seq_len, 128), ctx.seed)
     prune_info = prune_(model, case.prune, case.sparsity, calib)
-    if case.method == "lora":
+    if case.method in ("lora", "lora-wgrad"):
         model = apply_method(model, "lora", r=case.rank, alpha=2 * case.rank, target_modules=_target_names(model))
     else:
-        model = apply_method(model, case.method, rank=case.rank, alpha=2 * case.rank)
+        extra = {"backend": case.backend} if case.method == "sp-lora" else {}
+        model = apply_method(model, case.method, rank=case.rank, alpha=2 * case.rank, **extra)
     _upcast_trainable(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if case.method == "lora-wgrad":
+        from peft.tuners.lora import LoraLayer
+
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                m.get_base_layer().weight.requires_grad_(True)  # gradient computed, never stepped
     opt = _adamw(trainable, 1e-4, device)
     batches = _synthetic_batches(model, case.batch, case.seq_len, ctx.seed, device)
     losses: list[torch.Tensor] = []
@@ -451,7 +463,7 @@ def splora_step(case: SpLoraStepCase, ctx: RunContext) -> dict[str, Any]:
                 loss.backward()
             with timer.region("optimizer_ms"):
                 opt.step()
-                opt.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)  # also drops lora-wgrad's dense gradients
         losses.append(loss.detach())
 
     reset_peak_memory(device)
@@ -469,4 +481,9 @@ def splora_step(case: SpLoraStepCase, ctx: RunContext) -> dict[str, Any]:
         "sparsity_source": f"{case.prune} {case.sparsity} pruning (zero fraction {prune_info['zero_fraction']:.3f})",
         "targets": ",".join(_target_names(model)),
     }
+    ran = {getattr(m, "backend_ran", None) for m in model.modules() if getattr(m, "variant", None) == "sp-lora"}
+    if ran:
+        metrics["info"]["merge_backend"] = ",".join(sorted(str(r) for r in ran))  # fused triton kernels or torch ops
+    if case.method == "lora-wgrad":
+        metrics["info"]["note"] = "yardstick: LoRA + every adapted weight's dense gradient (dropped); not a method"
     return metrics
