@@ -46,6 +46,10 @@ class TrainingSetup:
         exposure: `expose.ExposureConfig` fields for Long Exposure (None: the dense model); its
             `profile` is `reference` (the paper artifact's OPT-1.3B profile under the shared directory)
             or the path of a recorded profile JSON.
+        narrow_mlp: a speed yardstick, not a method (`longexposure.narrow`): {profile, theta, block}
+            cuts each layer's MLP to the neuron blocks the replayed profile keeps, as dense layers of
+            exactly that width (what an ideal neuron-block operator would cost); combine with an
+            `exposure` whose `mlp` is false to expose attention only.
     """
 
     model: str = "opt-tiny"
@@ -63,6 +67,7 @@ class TrainingSetup:
     cuda_graph: bool = False
     model_options: dict[str, Any] = field(default_factory=dict)
     exposure: dict[str, Any] | None = None
+    narrow_mlp: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -75,6 +80,14 @@ class TrainingSetup:
                 "cuda_graph cannot replay the `random` sparsity source: it draws its blocks on the host every "
                 "step; run it without cuda_graph"
             )
+        if self.narrow_mlp is not None:
+            unknown = sorted(set(self.narrow_mlp) - {"profile", "theta", "block"})
+            if unknown or "profile" not in self.narrow_mlp:
+                raise ValueError(
+                    f"narrow_mlp takes profile (required), theta and block; got {sorted(self.narrow_mlp)}"
+                )
+            if self.exposure is not None and self.exposure.get("mlp", True):
+                raise ValueError("narrow_mlp replaces the MLP: its exposure must set mlp: false")
         if self.cuda_graph and (self.exposure or {}).get("refresh_every"):
             raise ValueError(
                 "cuda_graph cannot replay predictor refreshes (they train the predictors on the host's schedule); "
@@ -93,6 +106,20 @@ def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> 
         **setup.model_options,
     )
     model.config.use_cache = False  # training: no KV cache (it also makes torch.compile recompile per layer)
+    if setup.narrow_mlp is not None:
+        from longexposure.narrow import narrow_mlp_
+
+        opts = setup.narrow_mlp
+        profile, theta, block = load_profile(opts["profile"]), float(opts.get("theta", 0.1)), int(opts.get("block", 64))
+        n_layers = model.config.num_hidden_layers
+        profile.check_model(n_layers, model.config.ffn_dim)
+        widths = narrow_mlp_(model, [profile.mlp_blocks(i, block, theta) for i in range(n_layers)], block)
+        model.config.longexposure_narrowed_mlp = {
+            "profile": profile.source,
+            "theta": theta,
+            "block": block,
+            "mlp_density_per_layer": [w / model.config.ffn_dim for w in widths],
+        }
     model = apply_method(model, setup.method, **setup.method_options)
     low = PRECISIONS[setup.precision]
     if low is not None:
@@ -102,22 +129,29 @@ def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> 
     return model
 
 
-def expose_from_options(model: torch.nn.Module, options: dict[str, Any]):
-    """`expose` from plain suite/CLI options; a `profile` name or path becomes a RecordedProfile."""
-    from longexposure.expose import ExposureConfig, expose
+def load_profile(profile: str):
+    """A recorded profile by suite/CLI name: `reference` (the paper artifact's, under the shared directory)
+    or the path of a profile JSON."""
     from longexposure.replay import RecordedProfile
 
-    options = dict(options)
-    profile = options.pop("profile", None)
     if profile == "reference":
         from longexposure.suite.runner import shared_dir
 
         root = shared_dir()
         if root is None:
             raise FileNotFoundError("profile 'reference' needs the shared directory: set LONGEXPOSURE_SHARED")
-        options["profile"] = RecordedProfile.from_reference(root)
-    elif profile is not None:
-        options["profile"] = RecordedProfile.load(profile)
+        return RecordedProfile.from_reference(root)
+    return RecordedProfile.load(profile)
+
+
+def expose_from_options(model: torch.nn.Module, options: dict[str, Any]):
+    """`expose` from plain suite/CLI options; a `profile` name or path becomes a RecordedProfile."""
+    from longexposure.expose import ExposureConfig, expose
+
+    options = dict(options)
+    profile = options.pop("profile", None)
+    if profile is not None:
+        options["profile"] = load_profile(profile)
     try:
         config = ExposureConfig(**options)
     except TypeError as exc:
@@ -240,4 +274,16 @@ class Trainer:
         }
         if self.exposure is not None:
             info.update(self.exposure.report())
+        narrowed = getattr(self.model.config, "longexposure_narrowed_mlp", None)
+        if narrowed is not None:
+            dens = narrowed["mlp_density_per_layer"]
+            info["mlp_narrowed"] = (
+                f"speed yardstick, not a method: each MLP cut to the neuron blocks (block {narrowed['block']}, "
+                f"theta {narrowed['theta']}) that replay of {narrowed['profile']} keeps, as dense layers "
+                f"(mean density {sum(dens) / len(dens):.3f}); recorded, not predicted from this model"
+            )
+            info["mlp_block_density"] = sum(dens) / len(dens)
+            if self.exposure is None:
+                info["sparsity_source"] = f"MLP narrowed to replay of {narrowed['profile']} (dense layers)"
+            info["mlp_density_per_layer"] = {str(i): d for i, d in enumerate(dens)}
         return info
