@@ -8,10 +8,15 @@
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
 #   bash benchmarks/device_session.sh suites     # fig8, fig10, fig13 (resume where a call stopped)
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
+#   bash benchmarks/device_session.sh operators-quick  # attention 0/50/80% + MLP quick (about 5 minutes)
 #   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig11 (reordered neurons)
+#   bash benchmarks/device_session.sh relu-refresh   # pretrain relu-small, fig11 dense / live / refreshed predictors
 #   bash benchmarks/device_session.sh relu-profiles  # pretrain relu-small, fig9_time, fig9_sparsity
-#   bash benchmarks/device_session.sh peers      # SP-LoRA fused kernels + splora_fig1, sylva_fig5, sylva_table2
-#   bash benchmarks/device_session.sh memory     # fig8 (peak memory vs sequence length)
+#   bash benchmarks/device_session.sh peers      # SP-LoRA fused kernels + splora_fig1, sylva_fig5
+#   bash benchmarks/device_session.sh peers-check  # bench_peers correctness + SP-LoRA breakdown only
+#   bash benchmarks/device_session.sh splora     # splora_fig1 only
+#   bash benchmarks/device_session.sh ideal      # fig7 LoRA at 1024, all variants incl. the ideal-MLP yardsticks
+#   bash benchmarks/device_session.sh memory     # fig8 (peak memory vs sequence length), sylva_table2
 #   bash benchmarks/device_session.sh act-l1     # relu-small pretrained with / without --act-l1: block density
 #   bash benchmarks/device_session.sh relu-quality  # predictor quality (recall, mass, density) + fig9_sparsity
 #
@@ -24,7 +29,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|relu|relu-profiles|relu-quality|peers|memory|act-l1}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -80,24 +85,44 @@ case $stage in
     run 150 python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
     run 120 python3 benchmarks/bench_predictors.py cost --fixed-capacity --in-step --out "$work/predictor_cost.json"
     ;;
+  operators-quick)  # attention at 0 / 50 / 80% block sparsity and the MLP quick table, for a short lease
+    run 170 python3 benchmarks/bench_attention_operator.py --skip compile --quick-check --sparsities 0 0.5 0.8 \
+      --blocks 64 --out "$work/attention.json"
+    run 140 python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
+    ;;
   relu)  # one call: a fresh machine has no cached checkpoint, and it is too large to bring back
     # (fig9_time and fig9_sparsity ran on 2026-11-23: `relu-profiles` reruns them)
     pretrain_relu_small
     run 330 longexposure run suites/fig11.yaml --preset paper --out "$work"
     ;;
-  peers)  # SP-LoRA's fused kernels (GPU tests, correctness, per-layer pieces, 7B steps), Sylva Fig. 5 and Table 2
+  peers)  # SP-LoRA's fused kernels (GPU tests, correctness, per-layer pieces, 7B steps), Sylva Fig. 5
     run 150 python3 -m pytest -q -p no:cacheprovider tests/test_masked_low_rank.py
     run 200 python3 benchmarks/bench_peers.py --sections correctness,splora-breakdown,splora --out "$work/peers.json"
     run 90 longexposure run suites/sylva_fig5.yaml --preset paper --out "$work"
-    run 90 longexposure run suites/splora_fig1.yaml --preset paper --out "$work"
-    run 200 longexposure run suites/sylva_table2.yaml --preset paper --out "$work"
+    run 120 longexposure run suites/splora_fig1.yaml --preset paper --out "$work"
     ;;
-  memory)  # Fig. 8: peak memory vs sequence length (full, LoRA eager / sdpa, Long Exposure + LoRA)
-    run 400 longexposure run suites/fig8.yaml --preset paper --out "$work"
+  peers-check)  # bench_peers' GPU correctness checks and SP-LoRA's per-layer breakdown (no suites)
+    run 150 python3 benchmarks/bench_peers.py --sections correctness,splora-breakdown --out "$work/peers.json"
+    ;;
+  splora)  # SP-LoRA Fig. 1 alone (LoRA, the lora-wgrad yardstick, SP-LoRA and its variants, SPP)
+    run 200 longexposure run suites/splora_fig1.yaml --preset paper --out "$work"
+    ;;
+  ideal)  # fig7's LoRA rows at seq 1024, every variant side by side, with the ideal-MLP yardsticks
+    run 420 longexposure run suites/fig7.yaml --preset paper --only method=lora --only seq_len=1024 --out "$work"
+    ;;
+  memory)  # Fig. 8 (peak memory vs sequence length: full, LoRA eager / sdpa, Long Exposure + LoRA), Sylva Table 2
+    run 300 longexposure run suites/fig8.yaml --preset paper --out "$work"
+    run 200 longexposure run suites/sylva_table2.yaml --preset paper --out "$work"
     ;;
   act-l1)  # relu-small pretrained with and without an activation-L1 penalty: held-out block density at 90% mass
     run 570 python3 benchmarks/act_l1_sweep.py --preset relu-small --act-l1 0 1 --blocks 64 \
       --keep "$LONGEXPOSURE_CACHE/act-l1" --out "$work/act_l1_sweep_relu_small.json"
+    ;;
+  relu-refresh)  # fig11 on a fresh relu-small: dense LoRA, live predictors, and predictors refreshed in fine-tuning
+    pretrain_relu_small
+    for v in dense-lora long-exposure long-exposure-refresh; do
+      run 200 longexposure run suites/fig11.yaml --preset paper --only variant=$v --out "$work"
+    done
     ;;
   relu-profiles)
     pretrain_relu_small
