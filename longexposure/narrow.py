@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from longexposure.profiling import LAYOUT, _family, decoder_layers
+from longexposure.replay import RecordedProfile
 
 
 def _replace(layer: nn.Module, path: str, new: nn.Module) -> None:
@@ -62,3 +63,14 @@ def narrow_mlp_(model: nn.Module, keep: Sequence[Tensor], block: int) -> list[in
         _replace(layer, layout["fc1"], new1)
         _replace(layer, layout["fc2"], new2)
     return [int(idx.numel()) for idx in neurons]
+
+
+def narrow_to_profile_(model: nn.Module, profile: RecordedProfile, theta: float, block: int) -> list[float]:
+    """`narrow_mlp_` to the blocks that replaying `profile` keeps (`RecordedProfile.mlp_blocks`, the same
+    rule the `replay` source uses); returns each layer's kept fraction of the neurons."""
+    layout = LAYOUT[_family(model)]  # a clear error for an architecture without a ReLU MLP
+    layers = decoder_layers(model)
+    ffn = layers[0].get_submodule(layout["fc1"]).out_features
+    profile.check_model(len(layers), ffn)
+    widths = narrow_mlp_(model, [profile.mlp_blocks(i, block, theta) for i in range(len(layers))], block)
+    return [w / ffn for w in widths]

@@ -107,18 +107,15 @@ def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> 
     )
     model.config.use_cache = False  # training: no KV cache (it also makes torch.compile recompile per layer)
     if setup.narrow_mlp is not None:
-        from longexposure.narrow import narrow_mlp_
+        from longexposure.narrow import narrow_to_profile_
 
         opts = setup.narrow_mlp
         profile, theta, block = load_profile(opts["profile"]), float(opts.get("theta", 0.1)), int(opts.get("block", 64))
-        n_layers = model.config.num_hidden_layers
-        profile.check_model(n_layers, model.config.ffn_dim)
-        widths = narrow_mlp_(model, [profile.mlp_blocks(i, block, theta) for i in range(n_layers)], block)
         model.config.longexposure_narrowed_mlp = {
             "profile": profile.source,
             "theta": theta,
             "block": block,
-            "mlp_density_per_layer": [w / model.config.ffn_dim for w in widths],
+            "mlp_density_per_layer": narrow_to_profile_(model, profile, theta, block),
         }
     model = apply_method(model, setup.method, **setup.method_options)
     low = PRECISIONS[setup.precision]

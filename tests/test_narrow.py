@@ -89,6 +89,18 @@ def test_trainer_narrows_from_a_profile_and_says_so(tmp_path):
     assert "narrowed" in info["sparsity_source"]
 
 
+def test_narrowing_needs_a_relu_opt_model_and_a_matching_profile(tiny):
+    from longexposure.narrow import narrow_to_profile_
+
+    gpt2 = build_model("gpt2-tiny", attn_implementation="eager", device="cpu", seed=0)
+    profile = RecordedProfile("two layers of ffn 256", torch.ones(2, 256), [0.5, 0.5])
+    with pytest.raises(ValueError, match="profiling supports model types"):
+        narrow_to_profile_(gpt2, profile, 0.1, BLOCK)
+    with pytest.raises(ValueError, match="does not match the model"):
+        narrow_to_profile_(copy.deepcopy(tiny), RecordedProfile("wide", torch.ones(2, 512), [0.5, 0.5]), 0.1, BLOCK)
+    assert narrow_to_profile_(copy.deepcopy(tiny), profile, 0.1, BLOCK) == [1.0, 1.0]
+
+
 def test_narrowing_refuses_an_exposed_mlp_and_unknown_options():
     with pytest.raises(ValueError, match="mlp: false"):
         TrainingSetup(narrow_mlp={"profile": "reference"}, exposure={"source": "replay", "profile": "reference"})
