@@ -274,12 +274,13 @@ class Trainer:
         narrowed = getattr(self.model.config, "longexposure_narrowed_mlp", None)
         if narrowed is not None:
             dens = narrowed["mlp_density_per_layer"]
+            mean = sum(dens) / len(dens)
             info["mlp_narrowed"] = (
                 f"speed yardstick, not a method: each MLP cut to the neuron blocks (block {narrowed['block']}, "
                 f"theta {narrowed['theta']}) that replay of {narrowed['profile']} keeps, as dense layers "
-                f"(mean density {sum(dens) / len(dens):.3f}); recorded, not predicted from this model"
+                f"(mean density {mean:.3f}); recorded, not predicted from this model"
             )
-            info["mlp_block_density"] = sum(dens) / len(dens)
+            info["mlp_block_density"] = mean
             if self.exposure is None:
                 info["sparsity_source"] = f"MLP narrowed to replay of {narrowed['profile']} (dense layers)"
             info["mlp_density_per_layer"] = {str(i): d for i, d in enumerate(dens)}
