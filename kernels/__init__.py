@@ -1,1 +1,0 @@
-"""Triton operators. Kernels, launchers and autograd Functions only; wrappers live in longexposure/."""

@@ -1,1 +1,0 @@
-"""Sequence-oriented sparsity predictors and their offline training."""
