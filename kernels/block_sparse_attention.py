@@ -23,7 +23,12 @@ suffix (forward, dQ) or a prefix (dK/dV) of each row: they run in a separate mas
 bulk loop carries no mask arithmetic.
 
 Padding: tokens at or beyond seq_lens[b] are masked as keys; their query rows get O = 0, lse = +inf
-and zero gradients. A row with no visible key (e.g. an empty layout row) also gets O = 0.
+and zero gradients. A row with no visible key (e.g. an empty layout row) also gets O = 0. A row that
+sees a NaN score gets NaN, as in dense attention.
+
+Layout values (ranges, order, no repeats) are checked where a layout is built (`BlockLayout`), not
+here: reading them is a host sync. The kernels clamp counts and block indices into the grid, so a
+layout that skipped the check can give wrong numbers but never reads outside q, k, v or the tables.
 
 Program ids are widened to int64 before pointer math (tile offsets inside a block stay 32-bit). A
 128-token block may be visited as two 64-row tiles (`SPLIT`, autotuned). Autotune spaces come from
@@ -123,6 +128,20 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _row_count(cnt_ptr, n_blocks):
+    """A row's block count, clamped into [0, n_blocks]: a count past the grid read past the row (a crash)."""
+    return tl.minimum(tl.maximum(tl.load(cnt_ptr), 0), n_blocks)
+
+
+@triton.jit
+def _block_at(list_ptr, j, S, BLOCK: tl.constexpr):
+    """Entry j of a block list (int64), clamped into the grid. Layouts are validated where they are built
+    (`BlockLayout`); one that skipped it (device tensors, unchecked) may compute wrong numbers, but never
+    reads outside q, k, v."""
+    return tl.minimum(tl.maximum(tl.load(list_ptr + j).to(tl.int64), 0), (S - 1) // BLOCK)
+
+
+@triton.jit
 def _row_entries(row_ptr, cnt, NKP: tl.constexpr):
     """The row's block list as a (NKP,) vector; slots past `cnt` hold a large sentinel."""
     pos = tl.arange(0, NKP)
@@ -137,7 +156,7 @@ def _fwd_inner(
 ):
     SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile: a listed block is visited in SPLIT tiles
     for j in range(lo, hi):
-        kb = tl.load(row_ptr + j).to(tl.int64)
+        kb = _block_at(row_ptr, j, S, BLOCK)
         for t in tl.static_range(SPLIT):
             n0 = kb * BLOCK + t * SUB
             k = _load_tile(k_base, n0, sks, offs_d, S, D, SUB, EVEN_S, EVEN_D)
@@ -195,7 +214,7 @@ def _bsa_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(q_ptr + b * sqb + h * sqh, qb * BLOCK, sqs, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
 
-    cnt = tl.load(kv_cnt_ptr + b * scb + h * sch + qb * scr)
+    cnt = _row_count(kv_cnt_ptr + b * scb + h * sch + qb * scr, NQ)
     cnt = tl.where(qb * BLOCK < L, cnt, 0)  # a fully padded query block does nothing
     row_ptr = kv_idx_ptr + b * sib + h * sih + qb * sir
     # blocks before min(qb, L // BLOCK) need no element mask; sorted rows put them first
@@ -217,7 +236,9 @@ def _bsa_fwd_kernel(
         acc, m_i, l_i, q, row_ptr, n_full, cnt, k_base, v_base, sks, svs, offs_m, offs_d, qb, L, S, D, qk_scale,
         BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC,
     )
-    live = (l_i > 0.0) & (offs_m < L)
+    # a row that saw a NaN score has l_i = NaN: it stays live, so O is NaN as in dense attention (only a
+    # row with no visible key, l_i = 0, or a padded row gets O = 0)
+    live = ((l_i > 0.0) | (l_i != l_i)) & (offs_m < L)
     o = acc / tl.where(live, l_i, 1.0)[:, None]
     o = tl.where(live[:, None], o, 0.0)
     lse = tl.where(live, m_i + tl.math.log2(tl.where(live, l_i, 1.0)), float("inf"))
@@ -267,7 +288,7 @@ def _dkdv_inner(
 ):
     SUB: tl.constexpr = BLOCK // SPLIT  # query rows per tile
     for j in range(lo, hi):
-        qb = tl.load(col_ptr + j).to(tl.int64)
+        qb = _block_at(col_ptr, j, S, BLOCK)
         for t in tl.static_range(SPLIT):
             m0 = qb * BLOCK + t * SUB
             offs_m = m0 + tl.arange(0, SUB)
@@ -330,7 +351,7 @@ def _bsa_bwd_dkdv_kernel(
     k = _load_tile(k_ptr + b * skb + h * skh, kb * BLOCK, sks, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
     v = _load_tile(v_ptr + b * svb + h * svh, kb * BLOCK, svs, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
 
-    cnt = tl.load(q_cnt_ptr + b * scb + h * sch + kb * scr)
+    cnt = _row_count(q_cnt_ptr + b * scb + h * sch + kb * scr, tl.cdiv(S, BLOCK))
     cnt = tl.where(kb * BLOCK < L, cnt, 0)
     col_ptr = q_idx_ptr + b * sib + h * sih + kb * sir
     # masked blocks form a prefix: the causal diagonal (and anything above it), or the whole column
@@ -367,7 +388,7 @@ def _dq_inner(
 ):
     SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile
     for j in range(lo, hi):
-        kb = tl.load(row_ptr + j).to(tl.int64)
+        kb = _block_at(row_ptr, j, S, BLOCK)
         for t in tl.static_range(SPLIT):
             n0 = kb * BLOCK + t * SUB
             k = _load_tile(k_base, n0, sks, offs_d, S, D, SUB, EVEN_S, EVEN_D)
@@ -428,7 +449,7 @@ def _bsa_bwd_dq_kernel(
         lse = tl.load(lse_ptr + bh * S + offs_m, mask=offs_m < S, other=float("inf"))
         delta = tl.load(delta_ptr + bh * S + offs_m, mask=offs_m < S, other=0.0)
 
-    cnt = tl.load(kv_cnt_ptr + b * scb + h * sch + qb * scr)
+    cnt = _row_count(kv_cnt_ptr + b * scb + h * sch + qb * scr, NQ)
     cnt = tl.where(qb * BLOCK < L, cnt, 0)
     row_ptr = kv_idx_ptr + b * sib + h * sih + qb * sir
     lim = L // BLOCK
@@ -478,6 +499,7 @@ def _layout_union_kernel(
         ent = tl.load(tab_ptr + (a * R + r) * W + w, mask=w < n, other=-1)
         hit = (ent[:, None] == cols[None, :]).to(tl.int32)
         member = tl.maximum(member, tl.max(hit, axis=0))
+    member = tl.where(cols < C, member, 0)  # entries past the width would be written past the row
     count = tl.sum(member, axis=0)
     pos = tl.cumsum(member, axis=0) - 1
     out = idx_ptr + (bh * R + r) * C

@@ -118,11 +118,11 @@ def _sdd_kernel(
     T, K, R, R2, T_BUCKET,
     W_ROWS,  # ffn: rows of w (the descriptor's bound)
     stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr,
-    stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om,
+    stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias,
     BLOCK: tl.constexpr,
     HAS_LOW_RANK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    EPILOGUE: tl.constexpr,  # 0: none, 1: ReLU, 2: multiply by (h > 0)
+    EPILOGUE: tl.constexpr,  # 0: none, 1: ReLU, 2: ReLU's backward mask (zero where h <= 0)
     HAS_SKINNY: tl.constexpr,
     BR: tl.constexpr,
     BR2: tl.constexpr,
@@ -192,13 +192,15 @@ def _sdd_kernel(
                 e, lw = e.to(tl.float32), lw.to(tl.float32)
             acc = tl.dot(e, lw, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rows * stride_bias).to(tl.float32)[None, :]
     mask_mc = mask_m[:, None] & mask_c[None, :]
+    # NaN stays NaN, as in torch.relu and its backward (which zeroes only where h <= 0): the default
+    # maximum returns the non-NaN operand, which turned a NaN token's row into fc2's bias.
     if EPILOGUE == 1:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if EPILOGUE == 2:
         h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_c[None, :] * stride_hc, mask=mask_mc, other=0.0)
-        acc = tl.where(h > 0, acc, 0.0)
+        acc = tl.where(h <= 0, 0.0, acc)
     out = acc.to(c_ptr.dtype.element_ty)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_c[None, :] * stride_cc, out, mask=mask_mc)
     if HAS_SKINNY:  # the LoRA product of this compact tile, summed over column tiles by fp32 atomics
@@ -225,7 +227,7 @@ def _dsd_kernel(
     count_ptr,  # (1,) int32
     T, N, K, T_BUCKET,  # K: the compact width (capacity*BLOCK); it also keys the autotuner
     W_ROWS,  # ffn: rows of w (the descriptor's bound)
-    stride_cm, stride_cc, stride_wn, stride_wk, stride_om, stride_on,
+    stride_cm, stride_cc, stride_wn, stride_wk, stride_om, stride_on, stride_bias,
     BLOCK: tl.constexpr,
     HAS_LOW_RANK: tl.constexpr,  # unused; keeps one autotune key for every kernel
     HAS_BIAS: tl.constexpr,
@@ -283,7 +285,7 @@ def _dsd_kernel(
             c_ptrs += BK * stride_cc
     mask_n = offs_n < N
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(o_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(o_ptr.dtype.element_ty), mask=(offs_m < T)[:, None] & mask_n[None, :])
 
@@ -560,7 +562,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, h=None, 
         0 if h is None else h.stride(0), 0 if h is None else h.stride(1),
         out.stride(0), out.stride(1),
         0 if skinny is None else skinny.stride(0), 0 if skinny is None else skinny.stride(1),
-        skinny_out.stride(0),
+        skinny_out.stride(0), 0 if bias is None else bias.stride(0),
     ), dict(
         BLOCK=block, HAS_LOW_RANK=e is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
         HAS_SKINNY=skinny is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
@@ -607,6 +609,7 @@ def _launch_dsd(c, w, ids, count, block, *, bias=None, out, wrap=_no_wrap):
         c, w, c if bias is None else bias, out, ids, count,
         tokens, n, c.shape[1], _bucket(tokens), w.shape[0],
         c.stride(0), c.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        0 if bias is None else bias.stride(0),
     ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=bias is not None, EPILOGUE=0, **_flags(c.dtype),
             USE_TMA=wrap is _no_wrap and _use_tma(c, w)),
         key=(c.dtype, _bucket(tokens), c.shape[1], n))
@@ -642,6 +645,8 @@ def _launch_colsum(c, ids, count, block, *, out, wrap=_no_wrap):
 
 
 def _ids_and_count(active_block_ids: torch.Tensor, n_active: torch.Tensor | None):
+    """Kernel-ready (ids, count, capacity): the kernels index ids densely, so a strided view is copied."""
+    active_block_ids = active_block_ids.contiguous()
     capacity = active_block_ids.numel()
     if n_active is None:
         n_active = _full_count(capacity, active_block_ids.device)

@@ -91,6 +91,8 @@ class AttentionBackend:
     def _prepare(self, q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout | None) -> None:
         self.check(q.device, q.dtype, torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
         if layout is not None:
+            if not isinstance(layout, BlockLayout):  # not an AttributeError below
+                raise TypeError(f"layout: expected a BlockLayout or None, got {type(layout).__name__}")
             layout.check_compatible(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
@@ -102,7 +104,7 @@ def _row_guard(mask: Tensor) -> tuple[Tensor, Tensor]:
 
 @ATTENTION_BACKENDS.register(
     "eager", devices=("cuda", "cpu"), dtypes=("float16", "bfloat16", "float32", "float64"), supports_backward=True,
-    sparse=False, description="materialised scores + mask + softmax (paper baseline)",
+    sparse=False, help="materialised scores + mask + softmax (paper baseline)",
 )
 class EagerAttention(AttentionBackend):
     name = "eager"
@@ -117,7 +119,7 @@ class EagerAttention(AttentionBackend):
 
 @ATTENTION_BACKENDS.register(
     "sdpa", devices=("cuda", "cpu"), dtypes=_FLOATS + ("float64",), supports_backward=True, sparse=False,
-    description="dense F.scaled_dot_product_attention (flash when causal without mask); layouts as token masks",
+    help="dense F.scaled_dot_product_attention (flash when causal without mask); layouts as token masks",
 )
 class SdpaAttention(AttentionBackend):
     name = "sdpa"
@@ -161,8 +163,8 @@ def _flex_split(layout: BlockLayout, causal: bool, seq_lens: Tensor | None, batc
         n = idx.shape[-1]
         pos = torch.arange(n, device=idx.device)
         row = torch.arange(idx.shape[-2], device=idx.device)[:, None]
-        valid = pos < counts[..., None]
         ent = idx.long()
+        valid = (pos < counts[..., None]) & (ent >= 0) & (ent < n)  # an unchecked layout's stray entries: dropped
         kb, qb = (ent, row) if rows_are_q else (row, ent)
         partial = (kb >= qb) if causal else torch.zeros_like(valid)
         if lens is not None:
@@ -238,7 +240,7 @@ def _fit_flex_bwd_tiles(block: int) -> None:
 
 @ATTENTION_BACKENDS.register(
     "flex", devices=("cuda", "cpu"), backward_devices=("cuda",), dtypes=_FLOATS, supports_backward=True, sparse=True,
-    description="torch FlexAttention with a BlockMask from the layout (compiled, static shapes)",
+    help="torch FlexAttention with a BlockMask from the layout (compiled, static shapes)",
 )
 class FlexAttentionBackend(AttentionBackend):
     name = "flex"
@@ -312,7 +314,7 @@ def _triton_runnable(device: torch.device) -> str | None:
 
 @ATTENTION_BACKENDS.register(
     "triton", devices=("cuda", "cpu-interpret"), dtypes=_FLOATS, supports_backward=True, sparse=True,
-    description="fused block-sparse flash attention (Triton), forward + backward over the layout",
+    help="fused block-sparse flash attention (Triton), forward + backward over the layout",
 )
 class TritonBlockSparseAttention(AttentionBackend):
     name = "triton"

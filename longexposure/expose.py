@@ -23,6 +23,12 @@ recorded in every report:
     random      random blocks at the oracle's density each step (the Fig. 11 baseline)
 Static sources (all-active, replay) are built once per (layer, sequence length); dynamic ones run
 every step, and their densities are those of the last step.
+
+Backends default to `auto`: `triton` where its kernels can run on the device of the model's parameters
+when `expose` is called (a GPU, or a CPU under TRITON_INTERPRET=1), else the torch backends
+(`torch-gather` MLP, `sdpa` attention), and the report's `backend_choice` says which and why. A named
+backend is used as named: one that cannot run here raises `BackendUnavailable` at `expose`, never
+replaced by another.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from longexposure.attention.layout import BlockLayout
 from longexposure.models.factory import family_of
 from longexposure.predictors.compiled import EAGER as EAGER_CALLS
 from longexposure.predictors.compiled import compiled as compiled_call
-from longexposure.registry import MLP_BACKENDS
+from longexposure.registry import ATTENTION_BACKENDS, MLP_BACKENDS
 from longexposure.replay import RecordedProfile
 
 # Per architecture: where the decoder layers are, the attention module in a layer, and the MLP's
@@ -50,6 +56,8 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "llama": {"layers": "model.layers", "attn": "self_attn", "mlp": None},
 }
 SOURCES = ("all-active", "replay", "predicted", "oracle", "random")
+AUTO = "auto"
+TORCH_BACKENDS = {"mlp": "torch-gather", "attention": "sdpa"}  # `auto` where Triton cannot run
 DYNAMIC = ("predicted", "oracle", "random")
 STATE_ATTR = "long_exposure"
 
@@ -61,7 +69,8 @@ class ExposureConfig:
     Attributes:
         source: where the patterns come from (see the module docstring).
         attention, mlp: expose attention / the MLP (MLP needs a ReLU MLP).
-        attention_backend, mlp_backend: registered backends that run the sparse computation.
+        attention_backend, mlp_backend: registered backends that run the sparse computation; `auto`
+            (default): `triton` where it can run, else the torch backends (the report says which).
         attn_block, mlp_block: tokens per attention block; neurons per MLP block.
         theta: replay MLP filter: keep neuron blocks with mass >= theta x the layer's peak block.
         global_blocks: replay attention layouts: causal window + this many global blocks.
@@ -74,18 +83,20 @@ class ExposureConfig:
         compile_predictors: run `predicted`/`oracle` patterns through torch.compile programs
             (`predictors/compiled.py`): a few fused kernels per layer instead of ~35 (MLP) / ~60
             (attention); compiles once per sequence length, on the first step.
-        refresh_every: `predicted` MLP: every this many training forwards, retrain each layer's
-            predictor briefly on that batch's true activations and recalibrate it
-            (`predictors/refresh.py`), so it follows what fine-tuning does to the activations;
-            0 (default) keeps the offline predictors. Eager steps only (not inside a CUDA graph).
+        refresh_every: `predicted` MLP: every this many training steps, recalibrate each layer's predictor
+            on that step's batch and retrain it briefly on recent ones (`predictors/refresh.py`), so it
+            follows what fine-tuning does to the activations; 0 (default) keeps the offline predictors.
+            The refresh runs in `Exposure.after_step()`, after the step (the step itself ran with the
+            pattern predicted before it) and outside any CUDA graph: the predictors' weights and
+            thresholds are updated in place, so a captured step stays valid.
         refresh_steps: optimizer steps per refresh.
     """
 
     source: str = "replay"
     attention: bool = True
     mlp: bool = True
-    attention_backend: str = "triton"
-    mlp_backend: str = "triton"
+    attention_backend: str = AUTO
+    mlp_backend: str = AUTO
     attn_block: int = 64
     mlp_block: int = 64
     theta: float = 0.1
@@ -157,6 +168,37 @@ def _lora_of(module: nn.Module, allow_dropout: bool) -> Any:
     return LowRank(module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name], dropout)
 
 
+def _param_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the model's (first floating) parameters live: what `auto` backends are chosen for."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _check_backend(target: str, name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """The named backend's own capability check; raises its `BackendUnavailable` saying why it cannot run."""
+    if target == "mlp":
+        MLP_BACKENDS.get(name)().check(device, dtype)
+    else:
+        from longexposure.attention_backends import get_backend
+
+        # the backward is checked when it runs: a CPU forward-only backend (flex) may serve evaluation
+        get_backend(name).check(device, dtype, needs_grad=False)
+
+
+def _why_triton_cannot_run(target: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if `target`'s triton backend can run on (device, dtype), by that backend's own check; else why not."""
+    from longexposure.attention_backends import BackendUnavailable as AttentionUnavailable
+    from longexposure.mlp_backends import BackendUnavailable as MlpUnavailable
+
+    try:
+        _check_backend(target, "triton", device, dtype)
+    except (MlpUnavailable, AttentionUnavailable) as exc:
+        return str(exc)
+    return None
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
@@ -180,8 +222,13 @@ class Exposure:
         self.timer: Any = None  # a measure.Timer: dynamic sources time their predictors as `predict_ms`
         self._last: dict[tuple[str, int], Any] = {}  # dynamic sources: the last step's pattern per layer
         self.training_forwards = 0  # counted at layer 0's MLP, for refresh_every
+        self.steps_done = 0  # after_step() calls
         self.refreshes: dict[int, dict[str, float]] = {}  # per layer, its last refresh
         self._refreshers: dict[int, Any] = {}
+        # refresh_every: each layer's MLP input in the last training forward (kept, not copied: in a captured
+        # step it is the graph's buffer, which every replay rewrites)
+        self._mlp_inputs: dict[int, torch.Tensor] = {}
+        self._step_density: dict[str, list[torch.Tensor]] = {"mlp": [], "attention": []}  # on the device
         ffn = getattr(self.hf_config, "ffn_dim", None)
         depth = len(self.layers)
         if config.resample and config.profile is not None and len(config.profile.attn_density or []) != depth:
@@ -190,15 +237,34 @@ class Exposure:
             config = self.config = dataclasses.replace(config, profile=config.profile.resampled(depth))
         if config.profile is not None and "replay" in self.sources.values():
             config.profile.check_model(len(self.layers), ffn if self.sources.get("mlp") == "replay" else None)
-        if config.mlp:
-            if spec["mlp"] is None or getattr(self.hf_config, "activation_function", None) != "relu":
-                raise ValueError(
-                    f"MLP exposure needs a ReLU MLP; {self.family} "
-                    f"({getattr(self.hf_config, 'activation_function', getattr(self.hf_config, 'hidden_act', '?'))}) "
-                    "has none: expose attention only (mlp=False)"
-                )
-            MLP_BACKENDS.entry(config.mlp_backend)  # unknown names fail before anything is patched
+        if config.mlp and (spec["mlp"] is None or getattr(self.hf_config, "activation_function", None) != "relu"):
+            raise ValueError(
+                f"MLP exposure needs a ReLU MLP; {self.family} "
+                f"({getattr(self.hf_config, 'activation_function', getattr(self.hf_config, 'hidden_act', '?'))}) "
+                "has none: expose attention only (mlp=False)"
+            )
+        self.config = self._resolve_backends(config)
         self.predictors = self._build_predictors()  # before patching: the oracle reads the unpatched layers
+
+    def _resolve_backends(self, config: ExposureConfig) -> ExposureConfig:
+        """`auto` backends made concrete for the parameters' device (Triton where it can run, else torch),
+        named ones checked there; before anything is patched, so a backend that cannot run patches nothing."""
+        device, dtype = _param_device_dtype(self.model)
+        chosen: dict[str, str] = {}
+        notes = []
+        for target in self.sources:
+            key = f"{target}_backend"
+            name = getattr(config, key)
+            if name != AUTO:
+                (MLP_BACKENDS if target == "mlp" else ATTENTION_BACKENDS).entry(name)  # unknown names list the valid
+                _check_backend(target, name, device, dtype)  # a named backend is never replaced by another
+                continue
+            why = _why_triton_cannot_run(target, device, dtype)
+            chosen[key] = "triton" if why is None else TORCH_BACKENDS[target]
+            reason = f"Triton runs on {device.type}" if why is None else f"not triton: {why}"
+            notes.append(f"{target} {chosen[key]} (auto: {reason})")
+        self.backend_choice = "; ".join(notes) or None  # None: every backend was named
+        return dataclasses.replace(config, **chosen) if chosen else config
 
     @property
     def dynamic(self) -> bool:
@@ -373,7 +439,7 @@ class Exposure:
 
         def mlp_forward(x: torch.Tensor) -> torch.Tensor:
             if self.config.refresh_every and self.model.training and torch.is_grad_enabled():
-                self._maybe_refresh(i, x, base1)
+                self._keep_for_refresh(i, x, base1)
             if self.sources["mlp"] in DYNAMIC:
                 ids, count = self._predict("mlp", i, x)
             else:
@@ -399,23 +465,58 @@ class Exposure:
         self._undo.append(lambda: fc2.__dict__.pop("forward", None))
         self._undo.append(lambda: fc1.__dict__.pop("forward", None))
 
-    def _maybe_refresh(self, layer: int, x: torch.Tensor, fc1: nn.Linear) -> None:
-        """In every `refresh_every`-th training forward, refresh this layer's MLP predictor on `x`."""
+    def _keep_for_refresh(self, layer: int, x: torch.Tensor, fc1: nn.Linear) -> None:
+        """A training forward: keep this layer's MLP input for the refresh that `after_step` may run."""
         from longexposure.predictors.refresh import MlpRefresher, RefreshConfig
 
         if layer == 0:
+            if self.steps_done == 0 and self.training_forwards >= 2 * self.config.refresh_every:
+                raise RuntimeError(
+                    f"refresh_every={self.config.refresh_every}: {self.training_forwards} training forwards and "
+                    "exposure.after_step() was never called, so no refresh ran (call it after each optimizer "
+                    "step; longexposure.training.Trainer does)"
+                )
             self.training_forwards += 1
-        if self.training_forwards % self.config.refresh_every:
-            return
         if layer not in self._refreshers:
             config = RefreshConfig(steps=self.config.refresh_steps)
             self._refreshers[layer] = MlpRefresher(self.predictors["mlp"][layer], fc1, config, seed=layer)
-        # a refresh is predictor work: it counts in the step's `predict_ms` (phases stay the same every step)
-        timing = self.timer.region("predict_ms") if self.timer is not None else contextlib.nullcontext()
+        self._mlp_inputs[layer] = x
+
+    def after_step(self, timer: Any = None) -> None:
+        """Call after each training step (the optimizer step included), outside any CUDA graph.
+
+        Records the density each dynamic target's patterns had in this step (on the device: no host sync),
+        and with `refresh_every`, every N-th step refreshes each layer's MLP predictor on that step's MLP
+        inputs: recalibrate its threshold on this batch, then a few optimizer steps on recent batches. The
+        step has already run with the pattern predicted before the refresh; the next step uses the refreshed
+        predictor. Weights and thresholds change in place, so a CUDA graph that captured the predictors
+        replays the refreshed ones. A `measure.Timer` times the refresh as `refresh_ms`.
+        """
+        self.steps_done += 1
+        self._record_step_density()
+        if not self.config.refresh_every or self.steps_done % self.config.refresh_every or not self._mlp_inputs:
+            return
+        timing = timer.region("refresh_ms") if timer is not None else contextlib.nullcontext()
         with timing:
-            row = self._refreshers[layer](x)
-        row.update(layer=layer, forward=self.training_forwards)
-        self.refreshes[layer] = row
+            for layer, x in sorted(self._mlp_inputs.items()):
+                row = self._refreshers[layer](x)
+                row.update(layer=layer, step=self.steps_done)
+                self.refreshes[layer] = row
+
+    def _record_step_density(self) -> None:
+        """This step's mean density per dynamic target, as a device tensor (read once, in `report`)."""
+        n_blocks = self.hf_config.ffn_dim // self.config.mlp_block if self.config.mlp else 0
+        per_target: dict[str, list[torch.Tensor]] = {"mlp": [], "attention": []}
+        for (target, _), out in self._last.items():
+            if target == "mlp":
+                ids, count = out
+                kept = torch.tensor(float(ids.numel()), device=ids.device) if count is None else count.float().sum()
+                per_target["mlp"].append(kept / n_blocks)
+            else:
+                per_target["attention"].append(out.density(causal=True).float())
+        for target, values in per_target.items():
+            if values:
+                self._step_density[target].append(torch.stack(values).mean())
 
     def unpatch(self) -> None:
         while self._undo:
@@ -451,10 +552,18 @@ class Exposure:
         texts = set(described.values())
         source = texts.pop() if len(texts) == 1 else "; ".join(f"{t}: {d}" for t, d in described.items())
         mean = lambda d: sum(d.values()) / len(d) if d else None  # noqa: E731
+        over_steps = {
+            f"{'mlp' if t == 'mlp' else 'attention'}_block_density_mean_over_steps": float(torch.stack(v).mean())
+            for t, v in self._step_density.items()
+            if v
+        }
         return {
+            **over_steps,
+            **({"steps_recorded": self.steps_done} if over_steps else {}),
             "sparsity_source": source,
             "attention_backend": self.config.attention_backend if self.config.attention else None,
             "mlp_backend": self.config.mlp_backend if self.config.mlp else None,
+            "backend_choice": self.backend_choice,
             "mlp_block_density": mean(self.mlp_density),
             "attention_block_density_of_causal": mean(self.attn_density),
             "mlp_density_per_layer": dict(self.mlp_density),
@@ -464,10 +573,14 @@ class Exposure:
 
 
 def expose(model: nn.Module, config: ExposureConfig | None = None, **overrides: Any) -> Exposure:
-    """Patch `model` in place (see the module docstring); returns the `Exposure` (also `model.long_exposure`)."""
+    """Patch `model` in place (see the module docstring); returns the `Exposure` (also `model.long_exposure`).
+
+    Keyword `overrides` are ExposureConfig fields; with a `config` they replace its fields (a copy: the
+    caller's config is unchanged), so `expose(model, config, mlp=False)` exposes attention only.
+    """
     if getattr(model, STATE_ATTR, None) is not None:
         raise ValueError("model is already exposed; call unexpose(model) first")
-    config = config or ExposureConfig(**overrides)
+    config = ExposureConfig(**overrides) if config is None else dataclasses.replace(config, **overrides)
     exposure = Exposure(model, config)
     exposure.patch()
     object.__setattr__(model, STATE_ATTR, exposure)

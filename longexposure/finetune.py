@@ -15,17 +15,20 @@ On a GPU add `--cuda-graph` (the step is captured once and replayed) and `--expo
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from tqdm import tqdm
+if TYPE_CHECKING:  # torch and the trainer are imported when a run starts: `finetune --help` stays fast
+    import torch
 
-from longexposure.measure import Stats, Timer
-from longexposure.training import PRECISIONS, Trainer, TrainingSetup
+    from longexposure.training import TrainingSetup
+
+PRECISION_CHOICES = ("auto", "fp32", "fp16-amp", "bf16-amp")  # auto + `training.PRECISIONS` (a test keeps them equal)
 
 
 def _parse_options(pairs: list[str], flag: str = "--method-option") -> dict[str, Any]:
@@ -53,34 +56,67 @@ def save_trained(model: torch.nn.Module, out: Path) -> Path:
     return out / "trainable.safetensors"
 
 
+def warmup_steps(setup: TrainingSetup, steps: int) -> int:
+    """Steps left out of the ms/step statistics: the first one (allocations, autotuning, lazy compiles) and,
+    with a CUDA graph, its eager warm-up and capture steps. None when the run is no longer than that."""
+    from longexposure.training import GRAPH_WARMUP
+
+    n = GRAPH_WARMUP + 1 if setup.cuda_graph else 1
+    return n if steps > n else 0
+
+
 def finetune(
     setup: TrainingSetup, steps: int, out: Path | None, device: str | None = None, seed: int = 0, log_every: int = 10
 ) -> dict[str, Any]:
-    """Train for `steps` steps; returns the summary (also written to `out` when given)."""
+    """Train for `steps` steps; returns the summary (also written to `out` when given).
+
+    ms/step statistics are per step, over every step after `warmup_steps`; the device is synchronised once per
+    log interval, not per step. Progress: a tqdm bar on a terminal; otherwise (CI, logs, a pipe) one line on
+    stderr every `log_every` steps, since tqdm shows nothing there.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from longexposure.measure import Stats, Timer
+    from longexposure.training import Trainer
+
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {log_every}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     trainer = Trainer(setup, dev, seed=seed)
-    timer = Timer(dev)
+    warmup = warmup_steps(setup, steps)
     losses: list[dict[str, float]] = []
-    pending: list[torch.Tensor] = []
+    pending: list[tuple[torch.Tensor, Timer]] = []
     times: dict[str, list[float]] = {}
+    log_lines = not sys.stderr.isatty()
     bar = tqdm(range(1, steps + 1), desc="finetune", unit="step", disable=None)
     for step in bar:
-        pending.append(trainer.step(timer))
+        timer = Timer(dev)  # one per step: per-step times, read back once per log interval
+        pending.append((trainer.step(timer), timer))
         if step % log_every == 0 or step == steps:
-            for name, ms in timer.elapsed_ms().items():  # one sync per log interval
-                times.setdefault(name, []).append(ms / len(pending))
             first = step - len(pending) + 1
-            for i, loss in enumerate(pending):
-                losses.append({"step": first + i, "loss": float(loss)})
+            interval_ms = []
+            for i, (loss, step_timer) in enumerate(pending):
+                step_ms = step_timer.elapsed_ms()  # the first call synchronises the device
+                interval_ms.append(step_ms["total_ms"])
+                if first + i > warmup:
+                    for name, ms in step_ms.items():
+                        times.setdefault(name, []).append(ms)
+                losses.append({"step": first + i, "loss": float(loss), "ms": step_ms["total_ms"]})
             pending.clear()
-            bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}", ms_per_step=f"{times['total_ms'][-1]:.1f}")
-            if not math.isfinite(losses[-1]["loss"]):
-                raise FloatingPointError(f"loss became {losses[-1]['loss']} at step {step}")
+            loss_now, ms_now = losses[-1]["loss"], Stats.of(interval_ms).p50
+            bar.set_postfix(loss=f"{loss_now:.4f}", ms_per_step=f"{ms_now:.1f}")
+            if log_lines:
+                print(f"finetune: step {step}/{steps}, loss {loss_now:.4f}, {ms_now:.1f} ms/step", file=sys.stderr)
+                sys.stderr.flush()
+            if not math.isfinite(loss_now):
+                raise FloatingPointError(f"loss became {loss_now} at step {step}")
     summary = {
         "setup": asdict(setup),
         "steps": steps,
+        "warmup_steps": warmup,
         "device": str(dev),
         "final_loss": losses[-1]["loss"],
         "ms_per_step": {k: Stats.of(v).to_dict() for k, v in times.items()},
@@ -101,7 +137,20 @@ def finetune(
     return summary
 
 
+def check_exposure_keys(options: dict[str, Any]) -> None:
+    """Unknown `--expose` keys fail before the model is built, naming the keys that exist."""
+    from longexposure.expose import ExposureConfig
+
+    valid = [f.name for f in fields(ExposureConfig)]
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"--expose: unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
+    """The `finetune` options; needs no torch, so `longexposure finetune --help` is quick."""
     parser.add_argument("--model", default="opt-tiny", help="preset name, or a local checkpoint dir / hub id")
     parser.add_argument("--weights", default=None, help="checkpoint to load into a preset's architecture")
     parser.add_argument("--method", default="lora", help="PEFT method (see `longexposure list peft_method`)")
@@ -114,12 +163,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dataset", default="synthetic", help="dataset name (see `longexposure list dataset`)")
     parser.add_argument("--data-path", default=None, help="file or directory of the dataset")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     parser.add_argument(
-        "--precision", default="auto", choices=["auto", *PRECISIONS], help="auto: fp16-amp on a GPU, fp32 on a CPU"
+        "--precision", default="auto", choices=PRECISION_CHOICES, help="auto: fp16-amp on a GPU, fp32 on a CPU"
     )
     parser.add_argument("--attn", default="sdpa", help="attention implementation")
     parser.add_argument(
@@ -132,12 +181,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cuda-graph", action="store_true", help="replay forward + backward as one CUDA graph")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation and the data")
+    parser.add_argument(
+        "--log-every", type=int, default=10, help="steps between loss/time read-backs (and log lines when not a tty)"
+    )
     parser.add_argument("--out", default=None, help="directory for losses, summary and trained parameters")
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from longexposure.training import TrainingSetup
+
+    exposure = _parse_options(args.expose, flag="--expose") or None
+    if exposure:
+        check_exposure_keys(exposure)
     precision = args.precision
     if precision == "auto":
         precision = "fp16-amp" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu" else "fp32"
@@ -153,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
         data_path=args.data_path,
         precision=precision,
         lr=args.lr,
-        exposure=_parse_options(args.expose, flag="--expose") or None,
+        exposure=exposure,
         cuda_graph=args.cuda_graph,
     )
     summary = finetune(
@@ -164,11 +222,11 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         log_every=args.log_every,
     )
-    ms = summary["ms_per_step"]["total_ms"]["p50"]
+    total = summary["ms_per_step"]["total_ms"]
     print(
-        f"final loss {summary['final_loss']:.4f}; {ms:.1f} ms/step (median); "
-        f"weights: {summary['info']['weights']}; data: {summary['info']['data']}; "
-        f"sparsity: {summary['info']['sparsity_source']}"
+        f"final loss {summary['final_loss']:.4f}; {total['p50']:.1f} ms/step (median of {total['n']} steps after "
+        f"{summary['warmup_steps']} warm-up); weights: {summary['info']['weights']}; "
+        f"data: {summary['info']['data']}; sparsity: {summary['info']['sparsity_source']}"
     )
     if "saved" in summary:
         print(f"saved {summary['saved']}")

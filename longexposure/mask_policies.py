@@ -87,9 +87,9 @@ class BigBirdPolicy:
         return _uniform(self.atoms(), batch, heads, seq_len, block, causal, device)
 
 
-MASK_POLICIES.register("dense", DensePolicy, description="all (causal) blocks")
-MASK_POLICIES.register("longformer", LongformerPolicy, description="sliding window + global blocks")
-MASK_POLICIES.register("bigbird", BigBirdPolicy, description="sliding window + global + seeded random blocks")
+MASK_POLICIES.register("dense", DensePolicy, help="all (causal) blocks")
+MASK_POLICIES.register("longformer", LongformerPolicy, help="sliding window + global blocks")
+MASK_POLICIES.register("bigbird", BigBirdPolicy, help="sliding window + global + seeded random blocks")
 
 
 def mask_layout(

@@ -26,6 +26,7 @@ class Stats:
     min: float
     max: float
     n: int
+    mean: float = float("nan")  # every value counts (a median hides rare slow steps, e.g. predictor refreshes)
 
     @classmethod
     def of(cls, values: list[float]) -> Stats:
@@ -33,7 +34,9 @@ class Stats:
             raise ValueError("Stats.of needs at least one value")
         v = sorted(values)
         q = lambda p: v[min(len(v) - 1, max(0, round(p * (len(v) - 1))))]  # noqa: E731
-        return cls(p50=statistics.median(v), p20=q(0.2), p80=q(0.8), min=v[0], max=v[-1], n=len(v))
+        return cls(
+            p50=statistics.median(v), p20=q(0.2), p80=q(0.8), min=v[0], max=v[-1], n=len(v), mean=statistics.fmean(v)
+        )
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

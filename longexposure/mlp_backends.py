@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from longexposure.ops.neuron_block_mlp import LowRank, neuron_block_mlp, neuron_major_
+from longexposure.ops.neuron_block_mlp import LowRank, check_active_set, neuron_block_mlp, neuron_major_
 from longexposure.registry import MLP_BACKENDS
 
 _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -92,7 +92,7 @@ def _lora(out: torch.Tensor, inp: torch.Tensor, lora: LowRank | None, a: torch.T
 
 
 @MLP_BACKENDS.register("dense", devices=("cuda", "cpu"), dtypes=_ALL_DTYPES, supports_backward=True,
-                       uses_active_set=False)
+                       uses_active_set=False, help="the unmodified MLP: every neuron, the active set ignored")
 class DenseMLP(MLPBackend):
     """The unmodified MLP (nn.Linear -> ReLU -> nn.Linear): every neuron, the active set ignored."""
 
@@ -106,7 +106,7 @@ class DenseMLP(MLPBackend):
 
 
 @MLP_BACKENDS.register("torch-gather", devices=("cuda", "cpu"), dtypes=_ALL_DTYPES, supports_backward=True,
-                       uses_active_set=True)
+                       uses_active_set=True, help="index_select the active weight rows, then dense matmuls on them")
 class TorchGatherMLP(MLPBackend):
     """index_select the active weight rows, then cuBLAS/CPU matmuls on the gathered (compact) weights."""
 
@@ -121,6 +121,7 @@ class TorchGatherMLP(MLPBackend):
         self.check(x.device, x.dtype)
         if active_block_ids is None:
             raise ValueError("active_block_ids: torch-gather needs the active block ids")
+        check_active_set(active_block_ids, n_active, x)
         ids = active_block_ids if n_active is None else active_block_ids[: int(n_active.reshape(()).item())]
         neurons = (ids.long()[:, None] * self.block_size
                    + torch.arange(self.block_size, device=ids.device)).reshape(-1)
@@ -137,7 +138,7 @@ class TorchGatherMLP(MLPBackend):
 
 
 @MLP_BACKENDS.register("triton", devices=("cuda", "cpu-interpret"), dtypes=_ALL_DTYPES, supports_backward=True,
-                       uses_active_set=True)
+                       uses_active_set=True, help="neuron-block Triton operator: fc1 to a compact buffer, fc2 from it")
 class TritonMLP(MLPBackend):
     """The neuron-block Triton operator (kernels/neuron_block_mlp.py): fc1 into a compact buffer, fc2 from it."""
 

@@ -50,9 +50,16 @@ class Registry(Generic[T]):
         """Register `obj` under `name`; without `obj`, return a decorator.
 
         Names are lowercase-hyphenated; registering a taken name is an error (no silent override).
+        `help` is the one-line description `longexposure list` shows; it is the only description key, so
+        `description=` is refused rather than silently not shown.
         """
         if not _NAME.match(name):
             raise RegistryError(f"{self.kind} name {name!r} must be lowercase letters, digits, '-' or '.'")
+        if "description" in meta:
+            raise RegistryError(f"{self.kind} {name!r}: pass its one-line description as help=, not description=")
+        text = meta.get("help")
+        if text is not None and (not isinstance(text, str) or "\n" in text):
+            raise RegistryError(f"{self.kind} {name!r}: help must be one line of text, got {text!r}")
 
         def add(target: T) -> T:
             if name in self._entries and self._entries[name].obj is not target:

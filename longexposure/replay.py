@@ -29,8 +29,21 @@ class RecordedProfile:
     attn_density: list[float] | None = None
 
     @classmethod
-    def from_reference(cls, shared_dir: str | Path) -> RecordedProfile:
-        """The OPT-1.3B profile of the paper's artifact (`<shared>/reference/long-exposure-artifact`)."""
+    def from_reference(cls, shared_dir: str | Path | None = None) -> RecordedProfile:
+        """The OPT-1.3B profile of the paper's artifact (`<shared>/reference/long-exposure-artifact`).
+
+        `shared_dir` None: `LONGEXPOSURE_SHARED`, else the `shared/` folder beside the repository (or beside
+        the working directory), so the call works from any directory.
+        """
+        if shared_dir is None:
+            from longexposure.suite.runner import shared_dir as find_shared
+
+            shared_dir = find_shared()
+            if shared_dir is None:
+                raise FileNotFoundError(
+                    "replay profile: no shared directory (set LONGEXPOSURE_SHARED, put shared/ beside the "
+                    "repository, or pass its path)"
+                )
         root = Path(shared_dir)
         if (root / "reference" / ARTIFACT).is_dir():
             root = root / "reference" / ARTIFACT

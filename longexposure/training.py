@@ -8,8 +8,15 @@ scaler update and zeroing grads), and the whole step.
 `cuda_graph=True` captures forward + backward of one step in a CUDA graph (after `GRAPH_WARMUP` eager
 steps on a side stream) and replays it every step: on a fast GPU a 1B-parameter model's step is bound
 by the host's kernel launches, which a graph removes for dense and sparse models alike. The phases are
-then `forward_backward_ms` (the replay) and `optimizer_ms` (eager: the gradient scaler needs the host).
+then `forward_backward_ms` (the replay) and `optimizer_ms` (fused AdamW, outside the graph).
 It needs static shapes and no host sync inside the model.
+
+`compile=True` compiles every decoder layer and the loss with Inductor (`longexposure.compiled_model`);
+with `cuda_graph` the warm-up steps compile and the capture records Inductor's kernels: the strongest
+dense baseline is compile + graph. Every variant uses fused AdamW on a GPU (one kernel for all
+parameters; the gradient scaler hands it the scale and inf flag on the device, no host sync), and under
+autocast PEFT layers skip their cast of activations to the fp32 adapter dtype (autocast casts the small
+adapter weights instead: the same low-precision matmul without two activation-sized copies per adapter).
 """
 
 from __future__ import annotations
@@ -38,10 +45,12 @@ class TrainingSetup:
         weights: checkpoint to load into a preset's architecture (None: random init).
         method: PEFT method name; method_options: its keyword arguments.
         attn: attention implementation (`eager`, `sdpa`, or a registered AttentionInterface name).
-        dataset, data_path: dataset name and where its files are.
+        dataset, data_path: dataset name and where its files are; data_split: the dataset's split (e2e:
+            `train` / `held-out`, disjoint meaning representations; None: the dataset's default).
         precision: `fp32`, `fp16-amp` or `bf16-amp`.
-        compile: wrap the model in `torch.compile` (the strongest dense baseline where it runs).
-        cuda_graph: capture forward + backward in a CUDA graph and replay it (see the module docstring).
+        compile: compile each decoder layer and the loss with torch.compile (see the module docstring).
+        cuda_graph: capture forward + backward in a CUDA graph and replay it (see the module docstring);
+            combines with `compile`.
         model_options: config overrides for the model (e.g. attn_pdrop=0.0).
         exposure: `expose.ExposureConfig` fields for Long Exposure (None: the dense model); its
             `profile` is `reference` (the paper artifact's OPT-1.3B profile under the shared directory)
@@ -61,6 +70,7 @@ class TrainingSetup:
     seq_len: int = 512
     dataset: str = "synthetic"
     data_path: str | None = None
+    data_split: str | None = None
     precision: str = "fp16-amp"
     lr: float = 1e-4
     compile: bool = False
@@ -72,8 +82,6 @@ class TrainingSetup:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {sorted(PRECISIONS)}")
-        if self.cuda_graph and self.compile:
-            raise ValueError("cuda_graph and compile are alternatives; pick one (compile mode graphs are Inductor's)")
         sources = {k: v for k, v in (self.exposure or {}).items() if k in ("source", "mlp_source", "attention_source")}
         if self.cuda_graph and "random" in sources.values():
             raise ValueError(
@@ -88,11 +96,6 @@ class TrainingSetup:
                 )
             if self.exposure is not None and self.exposure.get("mlp", True):
                 raise ValueError("narrow_mlp replaces the MLP: its exposure must set mlp: false")
-        if self.cuda_graph and (self.exposure or {}).get("refresh_every"):
-            raise ValueError(
-                "cuda_graph cannot replay predictor refreshes (they train the predictors on the host's schedule); "
-                "run refresh_every without cuda_graph"
-            )
 
 
 def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> torch.nn.Module:
@@ -123,7 +126,15 @@ def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> 
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(low)
+        for module in model.modules():  # peft: autocast does the casting (see the module docstring)
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
     return model
+
+
+def split_option(split: str | None) -> dict[str, str]:
+    """`load_batches` options for a split (none when the dataset's default is wanted)."""
+    return {} if split is None else {"split": split}
 
 
 def load_profile(profile: str):
@@ -174,9 +185,16 @@ class Trainer:
         self._graph_warm = 0
         self._static_batch: dict[str, torch.Tensor] = {}
         self._static_loss: torch.Tensor | None = None
-        self.forward = torch.compile(self.model) if setup.compile else self.model
+        self.compiled: dict[str, Any] = {}
+        if setup.compile:
+            from longexposure.compiled_model import compile_layers_, reset_dynamo_counters
+
+            reset_dynamo_counters()  # so describe() counts this model's compilations only
+            self.compiled = compile_layers_(self.model)
+        self.forward = self.model
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=setup.lr)
+        fused = self.device.type == "cuda" and all(p.is_floating_point() for p in self.trainable)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=setup.lr, fused=fused or None)
         use_scaler = setup.precision == "fp16-amp" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.batches = load_batches(
@@ -188,6 +206,7 @@ class Trainer:
             seed=seed,
             device=self.device,
             family=family_of(self.model),
+            **split_option(setup.data_split),
         )
 
     def _autocast(self):
@@ -213,6 +232,8 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
+            if self.exposure is not None:
+                self.exposure.after_step(timer)  # step densities; predictor refreshes (outside the step's graph)
         return loss.detach()
 
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -244,6 +265,8 @@ class Trainer:
                 if self._graph is None:
                     self.optimizer.zero_grad(set_to_none=True)
                 # with a graph, the replay overwrites the gradient buffers it owns: never free them
+            if self.exposure is not None:
+                self.exposure.after_step(timer)
         return loss.detach().clone()
 
     def _capture(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -268,7 +291,12 @@ class Trainer:
             "precision": self.setup.precision,
             "compiled": self.setup.compile,
             "cuda_graph": self.setup.cuda_graph,
+            "optimizer": f"AdamW ({'fused' if self.optimizer.defaults.get('fused') else 'for-each'})",
         }
+        if self.setup.compile:
+            from longexposure.compiled_model import dynamo_counters
+
+            info.update(self.compiled, **dynamo_counters())
         if self.exposure is not None:
             info.update(self.exposure.report())
         narrowed = getattr(self.model.config, "longexposure_narrowed_mlp", None)

@@ -189,3 +189,72 @@ def test_replay_resampled_to_another_depth_is_attention_only_and_says_so():
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
     assert "resampled from 4 to" in exposure.report()["sparsity_source"]
     assert profile.attn_density == [0.2, 0.3, 0.5, 0.4], "the caller's profile is not modified"
+
+
+def _config(**fields):
+    return ExposureConfig(source="all-active", attn_block=16, mlp_block=32, **fields)
+
+
+def test_keyword_overrides_apply_to_a_given_config():
+    """`expose(model, config, mlp=False)` exposed the MLP anyway: the keyword was dropped silently."""
+    _, model = pair("opt-tiny", "lora")
+    config = _config(mlp_backend="torch-gather", attention_backend="eager")
+    exposure = expose(model, config, mlp=False)
+    assert exposure.sources == {"attention": "all-active"} and exposure.report()["mlp_backend"] is None
+    assert "forward" not in exposure.layers[0].fc1.__dict__, "fc1 must stay unpatched with mlp=False"
+    assert config.mlp is True, "the caller's config is not modified"
+    unexpose(model)
+    with pytest.raises(ValueError, match="needs a profile"):  # overrides are validated like the config
+        expose(model, config, source="replay")
+    with pytest.raises(TypeError, match="no_such_field"):
+        expose(model, config, no_such_field=1)
+
+
+@pytest.fixture
+def cpu_without_triton(monkeypatch):
+    """A CPU without the Triton interpreter, as a newcomer's is (this test session runs under it)."""
+    from longexposure.kernels import neuron_block_mlp as kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+
+
+def test_default_backends_on_a_cpu_without_triton_are_the_torch_ones_and_the_report_says_so(cpu_without_triton):
+    """On a CPU the Triton defaults failed unless TRITON_INTERPRET=1; `auto` picks the torch backends."""
+    ref, model = pair("opt-tiny", "lora")
+    exposure = expose(model, _config())
+    report = exposure.report()
+    assert (report["mlp_backend"], report["attention_backend"]) == ("torch-gather", "sdpa")
+    assert "mlp torch-gather (auto: not triton: mlp backend 'triton'" in report["backend_choice"]
+    assert "attention sdpa (auto: not triton: attention backend 'triton'" in report["backend_choice"]
+    assert "TRITON_INTERPRET=1" in report["backend_choice"], "the report says why Triton was not used"
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(4))
+    assert_same_training_signal(ref, model, ids)
+    assert exposure.layers[0].self_attn.long_exposure_slot.last_backend == "sdpa"
+
+
+def test_a_named_triton_backend_never_falls_back(cpu_without_triton):
+    """An explicit `triton` that cannot run is an error at expose, naming the cause; nothing is patched."""
+    from longexposure.attention_backends import BackendUnavailable as AttentionUnavailable
+    from longexposure.mlp_backends import BackendUnavailable as MlpUnavailable
+
+    _, model = pair("opt-tiny", "lora")
+    with pytest.raises(MlpUnavailable, match="TRITON_INTERPRET=1"):
+        expose(model, _config(mlp_backend="triton"))
+    with pytest.raises(AttentionUnavailable, match="TRITON_INTERPRET=1"):
+        expose(model, _config(attention_backend="triton", mlp=False))
+    assert getattr(model, "long_exposure", None) is None
+    fc1 = model.get_base_model().model.decoder.layers[0].fc1
+    assert model.config._attn_implementation == "eager" and "forward" not in fc1.__dict__
+
+
+def test_triton_stays_the_default_where_it_can_run():
+    """Under the interpreter (as on a GPU) `auto` is Triton, and the report says it was the automatic choice."""
+    _, model = pair("opt-tiny", "lora")
+    report = expose(model, _config()).report()
+    assert (report["mlp_backend"], report["attention_backend"]) == ("triton", "triton")
+    auto = "(auto: Triton runs on cpu)"
+    assert report["backend_choice"] == f"mlp triton {auto}; attention triton {auto}"
+    _, named = pair("opt-tiny", "lora")
+    named_report = expose(named, _config(mlp_backend="torch-gather", attention_backend="eager")).report()
+    assert named_report["backend_choice"] is None, "named backends are not an automatic choice"

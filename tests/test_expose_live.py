@@ -144,7 +144,7 @@ def test_compiled_predictors_match_eager_calls(micro_checkpoint, e2e_ids, bank_d
         assert r1["mlp_block_density"] < 1, "some blocks dropped, so equal results mean equal patterns"
 
 
-def test_refresh_every_retrains_the_mlp_predictors_in_training_forwards_only(micro_checkpoint, e2e_ids, bank_dir):  # noqa: F811
+def test_refresh_every_retrains_the_mlp_predictors_after_training_steps_only(micro_checkpoint, e2e_ids, bank_dir):  # noqa: F811
     model = _micro(micro_checkpoint)
     exposure = expose(
         model, source="predicted", predictors=str(bank_dir), attention=False, refresh_every=2, refresh_steps=5,
@@ -155,16 +155,28 @@ def test_refresh_every_retrains_the_mlp_predictors_in_training_forwards_only(mic
         model(input_ids=e2e_ids[0])  # eval mode, no grad: not a training forward
     assert exposure.training_forwards == 0
     model.train()
+    _loss_and_grads(model, e2e_ids[0])
+    _loss_and_grads(model, e2e_ids[1])
+    assert not exposure.refreshes, "a refresh runs after a step (after_step), never inside a forward"
     for step in range(4):
+        exposure.after_step()
         _loss_and_grads(model, e2e_ids[step % 2])
+    exposure.after_step()
     report = exposure.report()
     rows = report["mlp_refreshes"]
-    assert exposure.training_forwards == 4 and [r["layer"] for r in rows] == list(range(len(exposure.layers)))
-    assert all(r["forward"] == 4 and 0 <= r["recall_after"] <= 1 for r in rows), rows
+    assert exposure.training_forwards == 6 and [r["layer"] for r in rows] == list(range(len(exposure.layers)))
+    assert all(r["step"] == 4 and 0 <= r["recall_after"] <= 1 for r in rows), rows
+    assert report["steps_recorded"] == 5 and 0 < report["mlp_block_density_mean_over_steps"] <= 1
     now = [p for m in exposure.predictors["mlp"] for p in m.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(loaded, now, strict=True)), "the refreshes trained nothing"
     assert "refreshed every 2 training steps" in report["sparsity_source"]
     with pytest.raises(ValueError, match="refresh_every refreshes predicted MLP patterns"):
         expose(_micro(micro_checkpoint), source="oracle", refresh_every=2, **BLOCKS)
-    with pytest.raises(ValueError, match="cuda_graph cannot replay predictor refreshes"):
-        TrainingSetup(model="relu-micro", cuda_graph=True, exposure={"source": "predicted", "refresh_every": 5})
+    forgotten = _micro(micro_checkpoint)
+    expose(forgotten, source="predicted", predictors=str(bank_dir), attention=False, refresh_every=1,
+           mlp_block=MLP_BLOCK, mlp_backend="torch-gather")  # fmt: skip
+    forgotten.train()
+    _loss_and_grads(forgotten, e2e_ids[0])
+    _loss_and_grads(forgotten, e2e_ids[0])
+    with pytest.raises(RuntimeError, match="after_step"):
+        _loss_and_grads(forgotten, e2e_ids[0])

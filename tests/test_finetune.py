@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from longexposure.cli import main
-from longexposure.finetune import _parse_options, finetune
-from longexposure.training import TrainingSetup
+from longexposure.finetune import PRECISION_CHOICES, _parse_options, finetune
+from longexposure.training import PRECISIONS, TrainingSetup
 
 E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
 
@@ -29,7 +29,7 @@ def test_finetune_lowers_the_loss_and_saves_what_it_trained(tmp_path):
     assert summary["final_loss"] == losses[-1]
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["info"]["sparsity_source"] == "none (dense)"
-    assert saved["ms_per_step"]["total_ms"]["n"] == 3
+    assert saved["ms_per_step"]["total_ms"]["n"] == 11  # every step after the first
     assert (tmp_path / "trainable.safetensors").exists()
 
 
@@ -118,3 +118,49 @@ def test_train_predictors_then_finetune_with_them(tmp_path, capsys):
     assert (out / "predictors" / "predictors.json").exists()
     assert "sparsity: predicted" in capsys.readouterr().out
     assert main(["finetune", *common, "--expose", "source=guess", "--steps", "1"]) == 2
+
+
+def _tiny_setup() -> TrainingSetup:
+    return TrainingSetup(model="opt-tiny", method="bitfit", batch=2, seq_len=16, precision="fp32")
+
+
+def test_ms_per_step_is_a_median_over_every_step_after_warmup():
+    """The median was over one mean per log interval (2 values for 20 steps, the first holding the warm-up
+    step): it is over every step after the first, read back once per interval."""
+    summary = finetune(_tiny_setup(), steps=6, out=None, device="cpu", log_every=3)
+    assert summary["warmup_steps"] == 1
+    assert summary["ms_per_step"]["total_ms"]["n"] == 5
+    assert all(row["ms"] > 0 for row in summary["losses"]) and len(summary["losses"]) == 6
+
+
+def test_progress_is_logged_when_stderr_is_not_a_terminal(capsys):
+    """tqdm shows nothing when stderr is piped (CI, logs): a line every log interval shows progress there."""
+    finetune(_tiny_setup(), steps=4, out=None, device="cpu", log_every=2)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune: step")]
+    assert [line.split(",")[0] for line in lines] == ["finetune: step 2/4", "finetune: step 4/4"]
+    assert all("loss " in line and "ms/step" in line for line in lines)
+
+
+def test_help_shows_the_defaults(capsys):
+    """`finetune --help` did not say what --steps, --batch or --lr default to."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("optimizer steps (default: 100)", "sequences per step (default: 4)", "(default: 0.0001)"):
+        assert text in out
+    assert "(default: None)" not in out
+
+
+def test_unknown_expose_key_is_one_line_naming_the_valid_keys(capsys):
+    """A misspelt --expose key failed after the model was built, without saying which keys exist."""
+    assert main(["finetune", "--expose", "sorce=replay", "--steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "unknown key 'sorce' (did you mean 'source'?)" in err
+    assert "valid keys: " in err and "mlp_block" in err and "predictors" in err
+
+
+def test_precision_choices_match_the_trainer():
+    """`--precision` choices are spelt out so the parser needs no torch; they must stay the trainer's."""
+    assert set(PRECISION_CHOICES) == {"auto", *PRECISIONS}

@@ -70,3 +70,35 @@ def test_loads_a_local_checkpoint_with_from_pretrained(tmp_path):
 def test_every_preset_names_a_known_family():
     for entry in MODEL_PRESETS:
         assert entry.obj.family in {"opt", "gpt2", "llama"}
+
+
+
+def test_hub_id_offline_is_one_line_naming_what_to_pass(monkeypatch):
+    """A name with `/` goes to the Hugging Face hub. Offline, that was ~50 s of retries and transformers'
+    paragraph; it must be a prompt one-line error saying so and naming the alternatives (a local checkpoint, the
+    presets)."""
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: an unreachable hub
+    with pytest.raises(FileNotFoundError) as err:
+        build_model("longexposure-test/no-such-model")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("model 'longexposure-test/no-such-model' is not a local path and the hub cannot be reached")
+    assert "pass a local checkpoint directory or one of the presets: " in msg and "opt-1.3b" in msg.split("presets:")[1]
+
+
+def test_hub_id_online_says_it_goes_to_the_hub(monkeypatch, caplog):
+    """Loading a hub id is still possible, but it is the one download at run time: it is logged."""
+    import transformers
+
+    from longexposure.models import factory
+
+    def missing(*args, **kwargs):
+        raise OSError("longexposure-test/no-such-model is not a valid model identifier listed on the hub")
+
+    monkeypatch.setattr(factory, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", missing)
+    with pytest.raises(FileNotFoundError, match="is not a local path and loading it from the hub failed"):
+        build_model("longexposure-test/no-such-model")
+    assert "'longexposure-test/no-such-model' is not a local path: loading it from the Hugging Face hub" in caplog.text

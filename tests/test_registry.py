@@ -62,3 +62,23 @@ def test_import_is_light():
     code = "import sys, longexposure; print(sorted(m for m in ('torch', 'triton', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize("kind", sorted(ALL))
+def test_every_registered_plugin_has_a_one_line_help(kind):
+    """`longexposure list` shows each entry's `help`: every built-in plug-in of every kind has one (model
+    presets, MLP backends and two tasks had none; attention backends and mask policies used `description=`)."""
+    reg = registry(kind)
+    assert len(reg) > 0
+    for entry in reg:
+        text = entry.meta.get("help")
+        assert isinstance(text, str) and text.strip() and "\n" not in text, f"{kind} {entry.name!r}: help {text!r}"
+
+
+def test_help_is_the_one_description_key():
+    """A second key (`description=`) was silently not shown by `longexposure list`: it is refused."""
+    reg = Registry("widget")
+    with pytest.raises(RegistryError, match="help="):
+        reg.register("a", object(), description="a widget")
+    with pytest.raises(RegistryError, match="one line"):
+        reg.register("b", object(), help="two\nlines")

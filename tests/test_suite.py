@@ -17,6 +17,7 @@ class CountingCase:
     x: int = 0
     fail_at: int = -1
     oom_at: int = -1
+    source: str = "none"
 
 
 CALLS: list[int] = []
@@ -32,8 +33,21 @@ def counting(case: CountingCase, ctx):
     return {
         "y_ms": {"p50": 2.0 * case.x, "p20": 1.0, "p80": 3.0, "min": 0.0, "max": 4.0, "n": 3},
         "z_ms": float(case.x),
-        "info": {"weights": "none", "data": "counting", "sparsity_source": "none"},
+        "info": {"weights": "none", "data": "counting", "sparsity_source": case.source},
     }
+
+
+def tables(markdown: str) -> list[list[list[str]]]:
+    """The github tables of a markdown text: each a list of rows (header first) of stripped cells."""
+    found, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):  # the separator line under the header
+                current.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif current:
+            found.append(current)
+            current = []
+    return found
 
 
 def write(tmp_path, text, name="suite.yaml"):
@@ -59,6 +73,8 @@ plot: {kind: line, x: x, y: y_ms}
 def test_every_shipped_suite_validates(suite):
     loaded = load_suite(suite)
     assert loaded.cases("cpu-tiny"), f"{suite.name} has no cpu-tiny cases"
+    for preset in loaded.presets:
+        loaded.check_paths(preset)
 
 
 @pytest.mark.parametrize(
@@ -97,10 +113,41 @@ def test_run_writes_rows_table_and_plot_with_paper_numbers(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["device"].startswith("CPU") and "torch" in meta["versions"]
     table = (out / "table.md").read_text()
-    assert "| y_ms (paper)" in table.replace("|   ", "| ").replace("|  ", "| ") or "y_ms (paper)" in table
-    assert "5" in table.splitlines()[-2] or "5" in table
+    measured, paper = tables(table)
+    assert measured[0] == ["x", "y_ms", "z_ms"]
+    assert measured[2] == ["2", "4", "2 (50.0%)"], "y_ms is 2x; z_ms is x, a share of y_ms (same unit)"
+    assert paper == [["x", "y_ms"], ["2", "5"]]
+    assert tables(table.split("## The paper's numbers: test")[1]) == [paper], "under their own heading"
     assert "sparsity source: none" in table
     assert (out / "table.png").stat().st_size > 1000
+
+
+def test_the_heading_says_what_was_measured_and_the_paper_numbers_keep_their_own_setup(tmp_path):
+    text = BASE.replace("paper: test", "paper: Long Exposure, Table I\npaper_setup: OPT-1.3B, bs 4, A100")
+    text = text.replace("matrix:", "params: {oom_at: -1}\nmatrix:")
+    out = run_suite(write(tmp_path, text), preset="cpu-tiny", out=tmp_path / "art", device="cpu")
+    table = (out / "table.md").read_text()
+    heading, paper_part = table.split("## The paper's numbers: Long Exposure, Table I")
+    first = heading.splitlines()[0]
+    assert first.startswith("# counting, preset `cpu-tiny`: measured on CPU") and "A100" not in heading
+    assert "- measured: oom_at -1; per row: x" in heading
+    assert "smoke test" in heading and "swing from run to run" in heading
+    assert "- the paper's setup: OPT-1.3B, bs 4, A100" in paper_part
+
+
+def test_a_speedup_of_a_row_that_keeps_every_block_is_marked(tmp_path):
+    path = write(tmp_path, VARIANTS.replace("fail_at: -2", "fail_at: -2, source: all-active"))
+    out = run_suite(path, preset="cpu-tiny", out=tmp_path / "art", device="cpu", only={"x": "2"})
+    measured = tables((out / "table.md").read_text())[0]
+    assert measured[0][-1] == "speedup vs slow"
+    assert [(line[1], line[-1]) for line in measured[1:]] == [("slow", "1.00x"), ("fast", "1.00x (all-active)")]
+    assert "`(all-active)`: that row keeps every block" in (out / "table.md").read_text()
+
+
+def test_without_a_terminal_each_finished_case_is_one_line_on_stderr(tmp_path, capsys):
+    run_suite(write(tmp_path, BASE), preset="cpu-tiny", out=tmp_path / "art", device="cpu")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("counting/cpu-tiny")]
+    assert [line.split(" in ")[0] for line in lines] == [f"counting/cpu-tiny [{x}/4] x={x}: ok" for x in (1, 2, 3, 4)]
 
 
 def test_interrupted_run_keeps_finished_cases_and_resumes(tmp_path):

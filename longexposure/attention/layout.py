@@ -12,14 +12,20 @@ Block (i, j) covers queries [i*block, (i+1)*block) and keys [j*block, (j+1)*bloc
 or head dimension broadcasts (uniform policies use (1, 1, NQ, NK)). Causality and padding are not
 part of the layout: the operator masks causally inside diagonal blocks and masks padded tokens.
 
-Construction checks shapes, dtypes and devices (metadata only, no sync); `validate()` checks the
-values (range, order, transpose consistency, causality) and names the first offending entry. It
-synchronizes, so it belongs in tests and debugging, not on the training hot path.
+Construction checks shapes, dtypes and devices (metadata only, no sync), and the values (range,
+order, transpose consistency: `validate()`) where that costs no device sync: host tensors always,
+device tensors when asked (`check=True`, or LONGEXPOSURE_CHECK_INDICES=1), never while torch.compile
+traces. The builders here (`from_dense`, the pattern pool, and views of a checked layout) produce valid
+layouts by construction and vouch for them (`check=False`), so a pattern is checked once, where it
+is built, and a training step never waits for the device. A malformed layout is a `LayoutError` (a
+ValueError). An unchecked device layout that is malformed gives wrong numbers, never a crash: the
+kernels clamp counts and indices into the grid and `to_dense` drops out-of-range entries.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import InitVar, dataclass, field
 
 import torch
 from torch import Tensor
@@ -58,6 +64,12 @@ class BlockLayout:
         kv_indices: (B, H, NQ, NK) int32.
         q_counts: (B, H, NK) int32 or None.
         q_indices: (B, H, NK, NQ) int32 or None.
+        check: validate the values now (True; a host sync for device tensors), or vouch for them
+            (False: the caller built them valid); None: validate host tensors, and device tensors
+            with LONGEXPOSURE_CHECK_INDICES=1.
+
+    Attributes:
+        checked: the values were validated or vouched for.
     """
 
     block: int
@@ -65,8 +77,20 @@ class BlockLayout:
     kv_indices: Tensor
     q_counts: Tensor | None = None
     q_indices: Tensor | None = None
+    check: InitVar[bool | None] = None
+    checked: bool = field(default=False, init=False, repr=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check: bool | None) -> None:
+        self._check_metadata()
+        if check is None:
+            if torch.compiler.is_compiling() or not _checks_values(self.device):
+                return  # unchecked: device tensors (reading them is a sync) or traced ones
+            check = True
+        if check:
+            check_inputs(self)
+        object.__setattr__(self, "checked", True)
+
+    def _check_metadata(self) -> None:
         _check_block(self.block)
         for name in ("kv_counts", "kv_indices", "q_counts", "q_indices"):
             t = getattr(self, name)
@@ -100,6 +124,10 @@ class BlockLayout:
                 )
             if self.q_indices.stride(-1) != 1:  # type: ignore[union-attr]
                 raise LayoutError("q_indices must be contiguous in its last dimension")
+
+    def _derived(self, *tables: Tensor | None) -> BlockLayout:
+        """A layout over tables derived from this one's (views, moves, its transpose): checked iff this is."""
+        return BlockLayout(self.block, *tables, check=False if self.checked else None)  # type: ignore[arg-type]
 
     # ----------------------------------------------------------------------------------- shape facts
     @property
@@ -159,16 +187,17 @@ class BlockLayout:
         q_counts = q_indices = None
         if transpose:
             q_counts, q_indices = compact_rows(mask.transpose(-1, -2))
-        return cls(block, kv_counts, kv_indices, q_counts, q_indices)
+        return cls(block, kv_counts, kv_indices, q_counts, q_indices, check=False)  # canonical by construction
 
     def to_dense(self) -> Tensor:
         """Boolean block mask (B, H, NQ, NK) from kv_counts/kv_indices; device-side, no host sync."""
         nk = self.n_k_blocks
         pos = torch.arange(nk, device=self.device)
-        valid = pos < self.kv_counts[..., None]
+        idx = self.kv_indices.long()
+        valid = (pos < self.kv_counts[..., None]) & (idx >= 0) & (idx < nk)  # out-of-range: unchecked layouts
         dense = torch.zeros(*self.kv_counts.shape, nk + 1, dtype=torch.bool, device=self.device)
         # invalid slots scatter into the spare last column, which is dropped
-        dense.scatter_(-1, torch.where(valid, self.kv_indices.long(), nk), True)
+        dense.scatter_(-1, torch.where(valid, idx, nk), True)
         return dense[..., :nk]
 
     def with_transpose(self) -> BlockLayout:
@@ -176,7 +205,7 @@ class BlockLayout:
         if self.has_transpose:
             return self
         q_counts, q_indices = compact_rows(self.to_dense().transpose(-1, -2))
-        return BlockLayout(self.block, self.kv_counts, self.kv_indices, q_counts, q_indices)
+        return self._derived(self.kv_counts, self.kv_indices, q_counts, q_indices)
 
     def expand(self, batch: int, heads: int) -> BlockLayout:
         """Broadcast a (1 or B, 1 or H) layout to (batch, heads) as views (stride 0, no copy)."""
@@ -184,7 +213,7 @@ class BlockLayout:
         def ex(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.expand(batch, heads, *t.shape[2:])
 
-        return BlockLayout(self.block, ex(self.kv_counts), ex(self.kv_indices), ex(self.q_counts), ex(self.q_indices))  # type: ignore[arg-type]
+        return self._derived(ex(self.kv_counts), ex(self.kv_indices), ex(self.q_counts), ex(self.q_indices))
 
     def narrow(self, batch: int, heads: int) -> BlockLayout:
         """The layout of the first `batch` batch rows and `heads` heads (broadcast dims stay size 1)."""
@@ -192,13 +221,13 @@ class BlockLayout:
         def nr(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[: min(batch, t.shape[0]), : min(heads, t.shape[1])]
 
-        return BlockLayout(self.block, nr(self.kv_counts), nr(self.kv_indices), nr(self.q_counts), nr(self.q_indices))  # type: ignore[arg-type]
+        return self._derived(nr(self.kv_counts), nr(self.kv_indices), nr(self.q_counts), nr(self.q_indices))
 
     def to(self, device: torch.device | str) -> BlockLayout:
         def mv(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)
 
-        return BlockLayout(self.block, mv(self.kv_counts), mv(self.kv_indices), mv(self.q_counts), mv(self.q_indices))  # type: ignore[arg-type]
+        return self._derived(mv(self.kv_counts), mv(self.kv_indices), mv(self.q_counts), mv(self.q_indices))
 
     def nnz(self) -> Tensor:
         """Total listed blocks over the (broadcast-free) grid, as a 0-d tensor (no sync)."""
@@ -244,7 +273,7 @@ class BlockLayout:
         if self.has_transpose:
             _validate_rows("q", self.q_counts, self.q_indices, self.n_q_blocks, canonical)  # type: ignore[arg-type]
             dense = self.to_dense()
-            qt = BlockLayout(self.block, self.q_counts, self.q_indices).to_dense().transpose(-1, -2)  # type: ignore[arg-type]
+            qt = BlockLayout(self.block, self.q_counts, self.q_indices, check=False).to_dense().transpose(-1, -2)  # type: ignore[arg-type]
             bad = (dense != qt).nonzero()
             if len(bad):
                 b, h, i, j = (int(x) for x in bad[0])
@@ -264,7 +293,21 @@ class BlockLayout:
                     f"causal layout lists key block {j} for query block {i} at (b={b}, h={h}): "
                     f"above the diagonal ({int(bad.shape[0])} such blocks)"
                 )
+        object.__setattr__(self, "checked", True)
         return self
+
+
+def _checks_values(device: torch.device) -> bool:
+    """Whether a new layout's values are validated by default: host tensors (no device to wait for), or
+    anywhere with LONGEXPOSURE_CHECK_INDICES=1 (a sync per construction on a GPU)."""
+    return device.type == "cpu" or os.environ.get("LONGEXPOSURE_CHECK_INDICES") == "1"
+
+
+def check_inputs(layout: BlockLayout) -> None:
+    """The value check a layout gets where it is built: `validate()` (range, order, no repeats, the
+    transpose). Reads the values on the host, so it runs on device tensors only when asked; under
+    this name tests/test_no_host_sync.py accepts its host reads, as for the MLP operator's CPU check."""
+    layout.validate()
 
 
 def _validate_rows(prefix: str, counts: Tensor, indices: Tensor, n_cols: int, canonical: bool) -> None:

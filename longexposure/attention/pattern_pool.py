@@ -172,6 +172,11 @@ class PatternPool:
         self._dense = torch.stack([a.dense(n_blocks, causal=causal) for a in self.atoms])  # (A, N, N) CPU
         row_c, row_i = compact_rows(self._dense)
         col_c, col_i = compact_rows(self._dense.transpose(-1, -2))
+        # checked once here, on the host (atoms as heads): every combination is a union of these rows,
+        # so `combine` vouches for its layouts and a step never checks (nor syncs) again
+        BlockLayout(block, row_c[None], row_i[None], col_c[None], col_i[None], check=False).validate(
+            causal=causal, canonical=True
+        )
         counts = torch.cat([row_c, col_c], dim=1)  # (A, 2N)
         width = max(16, _next_pow2(int(counts.max())))
         entries = torch.cat([row_i, col_i], dim=1)[..., : min(width, n_blocks)]  # (A, 2N, <=W)
@@ -251,7 +256,10 @@ class PatternPool:
             raise ValueError(f"impl must be 'triton' or 'torch', got {impl!r}")
         counts = counts.view(bsz, heads, 2 * n)
         indices = indices.view(bsz, heads, 2 * n, n)
-        return BlockLayout(self.block, counts[..., :n], indices[:, :, :n], counts[..., n:], indices[:, :, n:])
+        # valid by construction: sorted, repeat-free unions of the rows checked in __init__
+        return BlockLayout(
+            self.block, counts[..., :n], indices[:, :, :n], counts[..., n:], indices[:, :, n:], check=False
+        )
 
     def _combine_torch(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         n, bh = self.n_blocks, flat.shape[0]

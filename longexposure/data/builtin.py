@@ -145,7 +145,23 @@ def _pack(
             yield {"input_ids": ids, "labels": ids}
 
 
-@DATASETS.register("e2e", help="E2E NLG tokenized JSONL with context/completion ids (packed)")
+E2E_SPLITS = ("all", "train", "held-out")
+HELD_OUT_EVERY = 10  # every 10th meaning representation (in sorted order) is held out
+
+
+def e2e_split(examples: list[tuple[list[int], list[int]]], split: str) -> list[tuple[list[int], list[int]]]:
+    """The examples of one split. `held-out` takes every HELD_OUT_EVERY-th distinct meaning representation
+    (context) in sorted order, with all of its references; `train` the rest: no MR is in both, so a model
+    is never evaluated on the texts of an MR it was fine-tuned on."""
+    if split not in E2E_SPLITS:
+        raise ValueError(f"e2e split {split!r} is not one of {list(E2E_SPLITS)}")
+    if split == "all":
+        return examples
+    held = set(sorted({tuple(c) for c, _ in examples})[::HELD_OUT_EVERY])
+    return [(c, r) for c, r in examples if (tuple(c) in held) == (split == "held-out")]
+
+
+@DATASETS.register("e2e", help="E2E NLG tokenized JSONL with context/completion ids (packed; split all/train/held-out)")
 def e2e(
     *,
     batch: int,
@@ -155,6 +171,7 @@ def e2e(
     seed: int,
     device: torch.device,
     family: str | None = None,
+    split: str = "all",
 ) -> Batches:
     if path is None:  # the copy in the shared directory, read in place (never copied into the project)
         from longexposure.suite.runner import shared_dir
@@ -169,10 +186,12 @@ def e2e(
         "by default the shared directory's data/e2e (LONGEXPOSURE_SHARED)",
         family,
     )
-    examples = [row["context"] + row["completion"] for row in _rows(file, ("context", "completion"))]
+    pairs = e2e_split([(row["context"], row["completion"]) for row in _rows(file, ("context", "completion"))], split)
+    examples = [c + r for c, r in pairs]
+    part = "" if split == "all" else f", split {split}: every {HELD_OUT_EVERY}th meaning representation held out"
     return Batches(
         _pack(examples, batch, seq_len, seed, device, vocab_size),
-        f"e2e {file} ({len(examples)} examples, packed to {seq_len})",
+        f"e2e {file} ({len(examples)} examples{part}, packed to {seq_len})",
     )
 
 

@@ -2,7 +2,8 @@
 
 A preset is a config, not weights: `build_model` random-initialises it (no download), or loads
 `from_pretrained` weights when the user gives a local path or hub id. `hub_id` names the checkpoint
-the preset's config was copied from, for users who have it locally.
+the preset's config was copied from, for users who have it locally. This module imports no torch, so
+`longexposure list model_preset` stays fast.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ _GPT2_VOCAB = {"vocab_size": 50257, "n_positions": 1024}
 
 
 def _preset(name: str, family: str, hub_id: str | None, description: str, **config: Any) -> None:
-    MODEL_PRESETS.register(name, ModelPreset(name, family, config, hub_id, description), family=family)
+    help_text = description if hub_id is None else f"{description}, config of {hub_id}"
+    MODEL_PRESETS.register(name, ModelPreset(name, family, config, hub_id, description), family=family, help=help_text)
 
 
 # The paper's models (Table II), from their published configs.
@@ -136,6 +138,18 @@ _preset(
     num_hidden_layers=8,
     num_attention_heads=8,
     word_embed_proj_dim=512,
+)
+_preset(
+    "relu-base",
+    "opt",
+    None,
+    "OPT-1.3B's layer shape (d=2048, ffn 8192, 32 heads) with 8 layers, ReLU, for GPU pretraining (~0.5B)",
+    **_OPT_VOCAB,
+    hidden_size=2048,
+    ffn_dim=8192,
+    num_hidden_layers=8,
+    num_attention_heads=32,
+    word_embed_proj_dim=2048,
 )
 
 # LLaMA-architecture shapes for the peer systems' memory tables (random-init).

@@ -26,6 +26,16 @@ from torch import Tensor
 from longexposure.attention.layout import BlockLayout
 
 
+def check_layout_arg(layout: object) -> None:
+    """TypeError naming the argument for a non-layout (raw tables, a mask), not an AttributeError later.
+
+    The layout's values were checked where it was built (see `BlockLayout`); here only metadata is."""
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(
+            f"layout: expected a BlockLayout (e.g. BlockLayout.from_dense(mask, block)), got {type(layout).__name__}"
+        )
+
+
 def reference_attention(
     q: Tensor,
     k: Tensor,
@@ -46,6 +56,7 @@ def reference_attention(
     qi = torch.arange(seq, device=q.device)[:, None]
     kj = torch.arange(seq, device=q.device)[None, :]
     if layout is not None:
+        check_layout_arg(layout)
         layout.check_compatible(bsz, heads, seq, seq)
         mask = layout.token_mask(seq, causal=causal, seq_lens=seq_lens)
     else:
@@ -151,6 +162,7 @@ def block_sparse_attention(
     The layout's tensors go in as tensors of fixed shape, so new layouts never recompile.
     """
     bsz, heads, seq, dim = q.shape
+    check_layout_arg(layout)
     layout.check_compatible(bsz, heads, seq, k.shape[2])
     if k.shape[2] != seq:
         raise ValueError(f"block-sparse attention needs q_len == k_len, got {seq} and {k.shape[2]}")

@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - platforms without Triton
 
 __all__ = [
     "LowRank",
+    "check_active_set",
     "is_neuron_major",
     "neuron_block_mlp",
     "neuron_block_mlp_reference",
@@ -60,6 +61,24 @@ class LowRank:
     dropout: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
+def check_active_set(active_block_ids: object, n_active: object, x: object = None) -> None:
+    """TypeError naming the argument for a non-tensor active set (ids as a list, the count as an int).
+
+    Every path reads their dtype/device, which made these an AttributeError. A Python int count is not
+    converted: that would copy it to the device on every call, which a CUDA-graph step cannot do.
+    """
+    if x is not None and not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor (..., d_model), got {type(x).__name__}")
+    if not isinstance(active_block_ids, torch.Tensor):
+        raise TypeError(
+            f"active_block_ids: expected a 1-D int32 torch.Tensor of block ids, got {type(active_block_ids).__name__}"
+        )
+    if n_active is not None and not isinstance(n_active, torch.Tensor):
+        raise TypeError(
+            f"n_active: expected a (1,) int32 torch.Tensor on the device, or None, got {type(n_active).__name__}"
+        )
+
+
 def _count(active_block_ids: torch.Tensor, n_active: torch.Tensor | None) -> int:
     return active_block_ids.numel() if n_active is None else int(n_active.reshape(()).item())
 
@@ -68,6 +87,7 @@ def neuron_mask(
     active_block_ids: torch.Tensor, num_neurons: int, block_size: int, n_active: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Boolean (num_neurons,) mask of the neurons in the first `n_active` active blocks (host sync)."""
+    check_active_set(active_block_ids, n_active)
     blocks = torch.zeros(num_neurons // block_size, dtype=torch.bool, device=active_block_ids.device)
     blocks[active_block_ids[: _count(active_block_ids, n_active)].long()] = True
     return blocks.repeat_interleave(block_size)
@@ -176,6 +196,7 @@ def neuron_block_mlp(
     """
     if _kernels is None:
         raise RuntimeError("neuron_block_mlp needs Triton, which is not importable here")
+    check_active_set(active_block_ids, n_active, x)
     lead, d_model = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, d_model)
     u, b1lr, a2 = _low_rank_inputs(x2, fc1_lora, fc2_lora)

@@ -1,25 +1,48 @@
 """Suite files: flat YAML naming a paper table/figure, a task, a grid, presets and the paper's numbers.
 
 Validation is strict and names the file and key: an unknown top-level key, an unknown task, a
-parameter the task's case type does not have, a preset that does not exist. Nothing is ignored.
+parameter the task's case type does not have, a preset that does not exist, a name that is not
+registered, an option the typed config it feeds does not have. Nothing is ignored, and all of it is
+checked before a run starts, so a typo in the last case never costs the cases before it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import inspect
 import itertools
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from longexposure.registry import TASKS, RegistryError
+from longexposure.registry import MODEL_PRESETS, PEFT_METHODS, TASKS, RegistryError, registry
 
-PRESETS = ("cpu-tiny", "paper")
+# What each preset is, as its table says it (a cpu-tiny number is never read as a paper number).
+PRESETS = {
+    "cpu-tiny": "a smoke test: tiny shapes on the CPU check that the pipeline runs end to end; its times swing "
+    "from run to run and say nothing about the paper's claims",
+    "paper": "the paper's shapes, for a GPU",
+}
+# A suite's name is a folder under `--out`: the registry's name pattern, plus '_' (shipped suites use it).
+SUITE_NAME = re.compile(r"[a-z0-9][a-z0-9._\-]*")
+# `weights` keywords a task resolves itself (anything else is a local path or a hub id `org/name`).
+WEIGHTS_KEYWORDS = {"loss-curve": ("pretrained",), "sparsity-profile": ("random-init",)}
+# Case fields that name a registered backend, per task.
+BACKEND_FIELDS = {
+    "mlp-operator": {"backend": ("mlp_backend",)},
+    "attention-operator": {"backend": ("attention_backend",)},
+    "sparsity-profile": {"time_backend": ("mlp_backend", "attention_backend")},
+}
+# Keywords that stand for a file a task finds or makes itself.
+PATH_KEYWORDS = {"profile": ("reference",), "predictors": ("auto",)}
 
 
 class SuiteError(ValueError):
@@ -71,6 +94,7 @@ class Suite:
     plot: PlotSpec | None
     notes: str = ""
     variants: list[dict[str, Any]] = field(default_factory=list)
+    paper_setup: str = ""
 
     @property
     def case_type(self) -> type:
@@ -78,6 +102,8 @@ class Suite:
 
     def resolve_preset(self, preset: str) -> str:
         if preset == "auto":
+            import torch
+
             return "paper" if torch.cuda.is_available() else "cpu-tiny"
         if preset not in self.presets:
             raise SuiteError(
@@ -113,6 +139,24 @@ class Suite:
         axes = [k for k, v in self.grid(preset)[1].items() if len(v) > 1]
         return axes + (["variant"] if len(self.variants_of(preset)) > 1 else [])
 
+    def label(self, preset: str, case: dict[str, Any]) -> str:
+        """The case as its row names it (`method=lora, variant=peft-sdpa`), or its whole dict with one case."""
+        axes = self.axes(preset) + (["variant"] if "variant" in case and "variant" not in self.axes(preset) else [])
+        return ", ".join(f"{a}={case[a]}" for a in axes) or str(case_fields(case))
+
+    def check_paths(self, preset: str) -> None:
+        """Every local path the preset's cases name exists on this machine (FileNotFoundError naming the file,
+        case and key otherwise). Apart from `load_suite` because it is a fact of this machine, not of the file."""
+        keywords = {"weights": WEIGHTS_KEYWORDS.get(self.task, ()), **PATH_KEYWORDS}
+        for case in self.cases(preset):
+            for key, value in _local_paths(case, keywords):
+                if not Path(value).expanduser().exists():
+                    hint = " (a hub id is org/name)" if key.endswith(("weights", "model")) else ""
+                    raise FileNotFoundError(
+                        f"{self.path}: preset {preset!r}, case {self.label(preset, case)}: {key}: {value!r} does not "
+                        f"exist{hint}"
+                    )
+
 
 _TOP_KEYS = {
     "name",
@@ -128,6 +172,7 @@ _TOP_KEYS = {
     "include",
     "notes",
     "variants",
+    "paper_setup",
 }
 
 
@@ -205,16 +250,191 @@ def case_fields(case: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in case.items() if k != "variant"}
 
 
-def _check_case(path: Path, preset: str, case: dict[str, Any], case_type: type) -> None:
-    case = case_fields(case)
+def _close(value: object, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(value), list(valid), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+def _is_hub_id(value: str) -> bool:
+    """`owner/name`, as the Hugging Face hub spells a repository (what `from_pretrained` would fetch)."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*", value) is not None
+
+
+def _is_path_like(value: str) -> bool:
+    return value.startswith((".", "/", "~"))
+
+
+def _check_name(key: str, kinds: tuple[str, ...], value: Any, default: Any = None) -> None:
+    """`value` is registered in one of the registries `kinds` (or is the field's own default, e.g. `auto`)."""
+    if value is None or value == default or any(value in registry(kind) for kind in kinds):
+        return
+    if len(kinds) == 1:
+        try:
+            registry(kinds[0]).entry(value)
+        except RegistryError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    names = sorted({name for kind in kinds for name in registry(kind).names()})
+    raise ValueError(
+        f"{key}: {value!r} is not a registered {' or '.join(kinds)}.{_close(value, names)} Valid names: "
+        f"{', '.join(names)}"
+    )
+
+
+def _check_model(value: str) -> None:
+    """A preset, or what `build_model` loads instead: a local checkpoint directory or a hub id."""
+    if value in MODEL_PRESETS or _is_path_like(value) or _is_hub_id(value) or os.path.isdir(value):
+        return
+    try:
+        MODEL_PRESETS.entry(value)
+    except RegistryError as exc:
+        raise ValueError(f"model: {exc} (or a local checkpoint directory, or a hub id owner/name)") from None
+
+
+@functools.cache
+def attention_implementations() -> tuple[str, ...]:
+    """What `attn_implementation=` accepts: eager, transformers' AttentionInterface names, this project's."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from longexposure.attention_backends import HF_NAME
+
+    return tuple(sorted({"eager", HF_NAME, *ALL_ATTENTION_FUNCTIONS.valid_keys()}))
+
+
+def _check_attn(value: str) -> None:
+    valid = attention_implementations()
+    if value in valid or "/" in value:  # owner/name: a hub kernel transformers fetches itself
+        return
+    raise ValueError(
+        f"attn: unknown attention implementation {value!r}.{_close(value, valid)} Valid: {', '.join(valid)}"
+    )
+
+
+def _check_options(key: str, options: Any, hints: dict[str, Any], owner: str, of: str = "") -> None:
+    """`options` is a mapping of `owner`'s option names (`hints`: name -> type) to values of those types."""
+    if not isinstance(options, dict):
+        raise ValueError(f"{key} must be a mapping of {owner} options, got {options!r}")
+    for name, value in options.items():
+        if name not in hints:
+            raise ValueError(
+                f"{key}: unknown option {name!r}{of}.{_close(name, hints)} Valid options ({owner}): {', '.join(hints)}"
+            )
+        if not _type_ok(value, hints[name]):
+            raise ValueError(f"{key}.{name}: {value!r} is not {_type_name(hints[name])}")
+
+
+class _NamedProfile:
+    """Stands for the profile a suite names (`reference` or a path) while ExposureConfig checks its fields;
+    validation never reads profile files."""
+
+
+def _check_exposure(options: Any) -> None:
+    """Keys and value types of `expose.ExposureConfig`, its source and backend names, then its own checks."""
+    from longexposure.expose import SOURCES, ExposureConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ExposureConfig)}
+    hints = {**typing.get_type_hints(ExposureConfig), "profile": str}  # a suite names its profile
+    _check_options("exposure", options, hints, "longexposure.expose.ExposureConfig")
+    for name in ("source", "mlp_source", "attention_source"):
+        value = options.get(name)
+        if value is not None and value not in SOURCES:
+            raise ValueError(
+                f"exposure.{name}: unknown sparsity source {value!r}.{_close(value, SOURCES)} Valid: "
+                f"{', '.join(SOURCES)}"
+            )
+    for name in ("attention_backend", "mlp_backend"):
+        _check_name(f"exposure.{name}", (name,), options.get(name), defaults[name])
+    try:
+        ExposureConfig(**{**options, **({"profile": _NamedProfile()} if "profile" in options else {})})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"exposure: {exc}") from None
+
+
+def _check_narrow_mlp(options: Any) -> None:
+    """The options of `narrow.narrow_to_profile_` (all but the model); the profile is required."""
+    from longexposure.narrow import narrow_to_profile_
+
+    hints = typing.get_type_hints(narrow_to_profile_)
+    names = list(inspect.signature(narrow_to_profile_).parameters)[1:]
+    _check_options("narrow_mlp", options, {n: str if n == "profile" else hints[n] for n in names}, "narrow_mlp")
+    if "profile" not in options:
+        raise ValueError("narrow_mlp: missing 'profile' (`reference` or a recorded profile JSON)")
+
+
+@functools.cache
+def method_options(method: str) -> dict[str, Any] | None:
+    """Option name -> type of a PEFT method, read from its signature (None: it takes any **options)."""
+    fn = PEFT_METHODS.get(method)
+    params = list(inspect.signature(fn).parameters.values())[1:]  # the first is the model
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - an annotation this module cannot resolve: check names only
+        hints = {}
+    return {p.name: hints.get(p.name, Any) for p in params}
+
+
+def check_case_names(task: str, case: dict[str, Any], case_type: type) -> None:
+    """Every name a case gives (model, PEFT method, dataset, attention, backends) is registered and every
+    nested option (`exposure`, `method_options`, `narrow_mlp`) is a field of the typed config it feeds.
+    Raises ValueError naming the key; builds nothing."""
+    from longexposure.training import TrainingSetup
+
+    if isinstance(case.get("model"), str):
+        _check_model(case["model"])
+    if isinstance(case.get("dataset"), str):
+        _check_name("dataset", ("dataset",), case["dataset"])
+    if isinstance(case.get("attn"), str):
+        _check_attn(case["attn"])
+    defaults = {f.name: f.default for f in dataclasses.fields(case_type)}
+    for key, kinds in BACKEND_FIELDS.get(task, {}).items():
+        _check_name(key, kinds, case.get(key), defaults.get(key))
+    if issubclass(case_type, TrainingSetup) and isinstance(case.get("method"), str):
+        _check_name("method", ("peft_method",), case["method"])
+        options = method_options(case["method"])
+        if options is not None:
+            of = f" of peft_method {case['method']!r}"
+            _check_options("method_options", case.get("method_options", {}), options, case["method"], of)
+    if case.get("exposure") is not None:
+        _check_exposure(case["exposure"])
+    if case.get("narrow_mlp") is not None:
+        _check_narrow_mlp(case["narrow_mlp"])
+
+
+def _local_paths(case: dict[str, Any], keywords: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
+    """(key, path) of each local file or directory the case names; keywords and hub ids are not local."""
+    named = [(k, case.get(k)) for k in ("model", "weights", "data_path")]
+    for group in ("exposure", "narrow_mlp"):
+        options = case.get(group) or {}
+        named += [(f"{group}.{k}", options.get(k)) for k in ("profile", "predictors") if isinstance(options, dict)]
+    paths = []
+    for key, value in named:
+        if not isinstance(value, str) or value in keywords.get(key.rsplit(".", 1)[-1], ()):
+            continue
+        if (key == "model" and not _is_path_like(value)) or (key == "weights" and _is_hub_id(value)):
+            continue  # a preset or a hub id (`load_suite` refuses a bare model name that is neither)
+        paths.append((key, value))
+    return paths
+
+
+def _check_case(path: Path, preset: str, case: dict[str, Any], where: str, task: str, case_type: type) -> None:
+    fields = case_fields(case)
     hints = typing.get_type_hints(case_type)
-    for key, value in case.items():
+    for key, value in fields.items():
         if not _type_ok(value, hints.get(key, Any)):
             raise SuiteError(f"{path}: preset {preset!r}: parameter {key!r} = {value!r} is not {hints[key]}")
     try:
-        case_type(**case)
+        check_case_names(task, fields, case_type)
+    except ValueError as exc:
+        raise SuiteError(f"{path}: preset {preset!r}, case {where}: {exc}") from None
+    try:
+        case_type(**fields)
     except (TypeError, ValueError) as exc:
-        raise SuiteError(f"{path}: preset {preset!r}: invalid case {case}: {exc}") from None
+        raise SuiteError(f"{path}: preset {preset!r}: invalid case {fields}: {exc}") from None
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -267,9 +487,15 @@ def load_suite(path: str | Path) -> Suite:
             raise SuiteError(f"{path}: plot: {exc}") from None
         if plot.kind not in ("bar", "line", "curve"):
             raise SuiteError(f"{path}: plot.kind must be 'bar', 'line' or 'curve', got {plot.kind!r}")
+    name = _require(data, "name", str, path)
+    if not SUITE_NAME.fullmatch(name):
+        raise SuiteError(
+            f"{path}: key 'name': {name!r} names the folder under --out, so it must be lowercase letters, digits, "
+            "'-', '_' or '.' (not first)"
+        )
     suite = Suite(
         path=path,
-        name=_require(data, "name", str, path),
+        name=name,
         paper=str(data.get("paper", "")),
         task=task,
         metrics=metrics,
@@ -281,10 +507,11 @@ def load_suite(path: str | Path) -> Suite:
         plot=plot,
         notes=str(data.get("notes", "")),
         variants=variants,
+        paper_setup=str(data.get("paper_setup", "")).strip(),
     )
     for pname in presets:
         for case in suite.cases(pname):
-            _check_case(path, pname, case, case_type)
+            _check_case(path, pname, case, suite.label(pname, case), task, case_type)
     known = set(metrics) | {f.name for f in dataclasses.fields(case_type)} | {"variant"}
     for i, row in enumerate(suite.paper_results):
         unknown = sorted(set(row) - known)

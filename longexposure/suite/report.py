@@ -1,4 +1,9 @@
-"""Tables and plots generated from a suite's result rows (never typed by hand), paper numbers beside ours."""
+"""Tables and plots generated from a suite's result rows (never typed by hand).
+
+The heading says what was measured (the setup every row shares, the device, what the preset is); the
+paper's numbers follow under their own heading with the paper's setup, so a small CPU run is never read
+as a claim about the paper's hardware.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,12 @@ from typing import Any
 
 from tabulate import tabulate
 
-from longexposure.suite.config import Suite
+from longexposure.suite.config import PRESETS, Suite, case_fields
+
+# Setup keys named first in a heading (when the suite's cases have them), then the others.
+SETUP_FIRST = ("model", "weights", "batch", "seq_len", "tokens", "precision", "dtype", "dataset")
+# A row with this sparsity source keeps every block: sparsity cannot make it faster.
+ALL_ACTIVE = "all-active"
 
 
 def metric_value(row: dict[str, Any], metric: str) -> float | None:
@@ -27,44 +37,36 @@ def fmt(value: float | None) -> str:
     return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def paper_row(suite: Suite, case: dict[str, Any]) -> dict[str, Any] | None:
-    """The paper row whose parameter keys all match the case (metrics are the other keys)."""
-    for ref in suite.paper_results:
-        keys = [k for k in ref if k not in suite.metrics]
-        if keys and all(str(case.get(k)) == str(ref[k]) for k in keys):
-            return ref
-    return None
-
-
 def _with_share(value: float | None, total: float | None) -> str:
     if value is None or not total:
         return fmt(value)
     return f"{fmt(value)} ({100 * value / total:.1f}%)"
 
 
+def _row_keys(suite: Suite, preset: str) -> list[str]:
+    return suite.table.rows or suite.axes(preset) or []
+
+
 def build_table(suite: Suite, preset: str, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and body: one line per case; each metric measured, then the paper's value when it has one."""
-    row_keys = suite.table.rows or suite.axes(preset) or []
+    """Header and body of the measured table: one line per case, its metrics, then speedup and relative
+    columns. A speedup cell of a row that keeps every block (`all-active`) is marked: it cannot be a
+    speedup from sparsity."""
+    row_keys = _row_keys(suite, preset)
     metrics = suite.table.columns or suite.metrics
     share = suite.table.share_of
-    has_paper = {m for ref in suite.paper_results for m in ref if m in metrics}
-    header = list(row_keys)
-    for m in metrics:
-        header.append(m)
-        if m in has_paper:
-            header.append(f"{m} (paper)")
+    header = [*row_keys, *metrics]
     speedup = suite.table.speedup_of
-    header += [f"speedup vs {b}" for b in suite.table.speedup_vs]
-    header += [f"{suite.table.relative_of} / {b}" for b in suite.table.relative_vs]
+    speedup_vs = _bases(suite, preset, suite.table.speedup_vs)
+    relative_vs = _bases(suite, preset, suite.table.relative_vs)
+    header += [f"speedup vs {b}" for b in speedup_vs]
+    header += [f"{suite.table.relative_of} / {b}" for b in relative_vs]
     match_keys = [k for k in row_keys if k != "variant"]
     by_case = {(r["case"].get("variant"), *(str(r["case"].get(k)) for k in match_keys)): r for r in rows}
-    unit = share.rsplit("_", 1)[-1] if share else None
-    shared = {m for m in metrics if share and m != share and m.rsplit("_", 1)[-1] == unit}
+    shared = _shared_metrics(suite, metrics)
     body = []
     for row in rows:
         case = row["case"]
         line = [str(case.get(k)) for k in row_keys]
-        ref = paper_row(suite, case) or {}
         total = metric_value(row, share) if share else None
         for m in metrics:
             if row["status"] == "OOM":
@@ -73,21 +75,68 @@ def build_table(suite: Suite, preset: str, rows: list[dict[str, Any]]) -> tuple[
                 line.append(_with_share(metric_value(row, m), total))
             else:
                 line.append(fmt(metric_value(row, m)))
-            if m in has_paper:
-                pv = ref.get(m)
-                line.append(_with_share(pv, ref.get(share)) if m in shared and pv is not None else fmt(pv))
-        for base in suite.table.speedup_vs:
+        mark = f" ({ALL_ACTIVE})" if all_active(row) else ""
+        for base in speedup_vs:
             other = by_case.get((base, *(str(case.get(k)) for k in match_keys)))
             mine = metric_value(row, speedup) if row["status"] == "ok" else None
             theirs = metric_value(other, speedup) if other and other["status"] == "ok" else None
-            line.append(f"{theirs / mine:.2f}x" if mine and theirs else "-")
-        for base in suite.table.relative_vs:
+            line.append(f"{theirs / mine:.2f}x{mark}" if mine and theirs else "-")
+        for base in relative_vs:
             other = by_case.get((base, *(str(case.get(k)) for k in match_keys)))
             mine = metric_value(row, suite.table.relative_of) if row["status"] == "ok" else None
             theirs = metric_value(other, suite.table.relative_of) if other and other["status"] == "ok" else None
             line.append(f"{mine / theirs:.3f}" if mine is not None and theirs else "-")
         body.append(line)
     return header, body
+
+
+def _bases(suite: Suite, preset: str, bases: list[str]) -> list[str]:
+    """The comparison variants this preset runs (a column against a variant it lacks would be empty)."""
+    names = {v["name"] for v in suite.variants_of(preset)}
+    return [b for b in bases if b in names] if names else list(bases)
+
+
+def _shared_metrics(suite: Suite, metrics: list[str]) -> set[str]:
+    """Metrics shown with their % of `share_of` (those in its unit, e.g. every `*_ms` of a total_ms)."""
+    share = suite.table.share_of
+    unit = share.rsplit("_", 1)[-1] if share else None
+    return {m for m in metrics if share and m != share and m.rsplit("_", 1)[-1] == unit}
+
+
+def all_active(row: dict[str, Any]) -> bool:
+    return row.get("info", {}).get("sparsity_source") == ALL_ACTIVE
+
+
+def build_paper_table(suite: Suite, preset: str) -> tuple[list[str], list[list[str]]]:
+    """The paper's numbers as the suite records them: its case keys, then the metrics it reports."""
+    refs = suite.paper_results
+    metrics = [m for m in (suite.table.columns or suite.metrics) if any(m in ref for ref in refs)]
+    keys = [k for k in _row_keys(suite, preset) if any(k in ref for ref in refs)]
+    keys += [k for ref in refs for k in ref if k not in metrics and k not in keys and k not in suite.metrics]
+    keys = list(dict.fromkeys(keys))
+    share, shared = suite.table.share_of, _shared_metrics(suite, metrics)
+    body = []
+    for ref in refs:
+        line = [str(ref.get(k, "")) for k in keys]
+        for m in metrics:
+            value = ref.get(m)
+            line.append(_with_share(value, ref.get(share)) if m in shared and value is not None else fmt(value))
+        body.append(line)
+    return [*keys, *metrics], body
+
+
+def measured_setup(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """('key value' of each setting every row shares, the keys that vary per row), from the rows themselves."""
+    cases = [case_fields(r["case"]) for r in rows]
+    keys = list(dict.fromkeys(k for c in cases for k in c))
+    fixed, varying = [], []
+    for key in sorted(keys, key=lambda k: SETUP_FIRST.index(k) if k in SETUP_FIRST else len(SETUP_FIRST)):
+        values = {json.dumps(c.get(key), sort_keys=True, default=str) for c in cases}
+        if len(values) > 1:
+            varying.append(key)
+        elif not isinstance(cases[0].get(key), dict | list):
+            fixed.append(f"{key} {cases[0].get(key)}")
+    return fixed, varying
 
 
 def _sources(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -106,13 +155,17 @@ def write_report(suite: Suite, preset: str, out_dir: Path) -> tuple[Path, Path |
 
     rows = read_rows(out_dir / RESULTS)
     meta = json.loads((out_dir / META).read_text()) if (out_dir / META).exists() else {}
+    device = meta.get("device", "?")
     header, body = build_table(suite, preset, rows)
     versions = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
-    lines = [
-        f"# {suite.name}: {suite.paper}",
-        "",
-        f"- preset: `{preset}`; device: **{meta.get('device', '?')}**; git: {meta.get('git', '?')}",
-        f"- versions: {versions}",
+    fixed, varying = measured_setup(rows)
+    lines = [f"# {suite.name}, preset `{preset}`: measured on {device}", ""]
+    if rows:
+        per_row = f"per row: {', '.join(varying)}" if varying else "one case"
+        lines.append(f"- measured: {'; '.join([', '.join(fixed), per_row] if fixed else [per_row])}")
+    lines += [
+        f"- preset `{preset}`: {PRESETS.get(preset, '')}",
+        f"- git: {meta.get('git', '?')}; versions: {versions}",
     ]
     for key, values in _sources(rows).items():
         lines.append(f"- {key.replace('_', ' ')}: {'; '.join(values)}")
@@ -123,12 +176,25 @@ def write_report(suite: Suite, preset: str, out_dir: Path) -> tuple[Path, Path |
     if suite.notes:
         lines += ["", suite.notes.strip()]
     lines += ["", tabulate(body, headers=header, tablefmt="github"), ""]
+    if _bases(suite, preset, suite.table.speedup_vs) and any(all_active(r) for r in rows):
+        lines += [
+            f"`({ALL_ACTIVE})`: that row keeps every block, so sparsity cannot make it faster; its ratio is the rest "
+            "of its setup (e.g. the attention implementation) and run-to-run noise, not a speedup.",
+            "",
+        ]
+    lines += [f"## The paper's numbers: {suite.paper}", ""]
+    lines += [f"- the paper's setup: {suite.paper_setup or 'not recorded in the suite file'}", ""]
+    if suite.paper_results:
+        paper_header, paper_body = build_paper_table(suite, preset)
+        lines += [tabulate(paper_body, headers=paper_header, tablefmt="github"), ""]
+    else:
+        lines += ["(no numbers recorded in the suite file)", ""]
     table_md = out_dir / "table.md"
     table_md.write_text("\n".join(lines))
     png = None
     if suite.plot is not None and rows:
         png = out_dir / "table.png"
-        _plot(suite, preset, rows, png, meta.get("device", ""))
+        _plot(suite, preset, rows, png, device)
     return table_md, png
 
 

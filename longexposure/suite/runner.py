@@ -1,9 +1,16 @@
 """Run a suite: one JSON line per finished case (so an interrupted run keeps its work and resumes),
 `OOM` cells instead of crashes, then the table and plot from the rows.
+
+The results file is never lost nor doubled: one run at a time holds an output directory (an exclusive
+`flock` on its lock file; a second run is refused), the file is only ever appended to or replaced whole
+(written aside, then `os.replace`), and a torn line (a kill mid-write) is skipped with a warning and its
+case runs again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import json
 import os
@@ -11,6 +18,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,12 @@ from longexposure.suite.report import write_report
 
 RESULTS = "results.jsonl"
 META = "meta.json"
+LOCK = ".run.lock"
+FINISHED = ("ok", "OOM")
+
+
+class OutputInUse(ValueError):
+    """Another run holds this output directory."""
 
 
 def _git_hash() -> str:
@@ -78,22 +92,64 @@ def _case_key(case: dict[str, Any]) -> str:
     return json.dumps(case, sort_keys=True, default=str)
 
 
+def warn(message: str) -> None:
+    """One line on stderr, above a progress bar if one is drawn."""
+    tqdm.write(message, file=sys.stderr)
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a results file; a truncated last line (from a killed run) is dropped, anything else is an error."""
+    """Rows of a results file. A torn line (a run killed mid-write) is skipped with a warning naming it: its
+    case counts as not run, so the next run runs it again."""
     if not path.exists():
         return []
     rows = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
+    for i, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{i + 1}: corrupt result line") from None
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("case"), dict) or "status" not in row:
+            warn(f"warning: {path}:{i + 1}: skipped a torn result line (a run killed mid-write); its case runs again")
+            continue
+        rows.append(row)
     return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` whole: written beside it, synced, then renamed over it (a kill leaves the
+    old file or the new one, never a part)."""
+    aside = path.with_name(f".{path.name}.tmp")
+    with open(aside, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(aside, path)
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir` for this run: an exclusive flock on its lock file (released when the process ends,
+    however it ends); a second run into the same directory is refused instead of running every case again."""
+    lock_path = out_dir / LOCK
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise OutputInUse(
+                f"{out_dir} is in use by another run ({holder}): wait for it to finish, or pass another --out"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}".replace("\n", " "))
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def run_suite(
@@ -105,22 +161,11 @@ def run_suite(
     only: dict[str, str] | None = None,
 ) -> Path:
     """Run every pending case of `preset` (or those matching `only`: key -> value as text) and write
-    the artifacts; returns the artifact directory."""
+    the artifacts; returns the artifact directory. Every case is checked (names, options, local paths)
+    before the first one runs."""
     suite: Suite = load_suite(suite_path)
     preset = suite.resolve_preset(preset)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out_dir = Path(out) / suite.name / preset
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = out_dir / RESULTS
-    if force and results.exists():
-        results.unlink()
-    rows = read_rows(results)
-    done = {_case_key(r["case"]) for r in rows if r.get("status") in ("ok", "OOM")}
-    rows = [r for r in rows if r.get("status") in ("ok", "OOM")]
-    results.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop failed/truncated lines
-    ctx = RunContext(device=dev, preset=preset, out_dir=out_dir, shared_dir=shared_dir())
-    entry = TASKS.entry(suite.task)
-    task, case_type = entry.obj, entry.meta["case"]
+    suite.check_paths(preset)
     cases = suite.cases(preset)
     if only:
         unknown = sorted(set(only) - {k for c in cases for k in c})
@@ -129,6 +174,27 @@ def run_suite(
         cases = [c for c in cases if all(str(c.get(k)) == v for k, v in only.items())]
         if not cases:
             raise ValueError(f"--only {only}: no case of preset {preset!r} matches")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = Path(out) / suite.name / preset
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_dir):
+        return _run_cases(suite, preset, cases, out_dir, dev, force)
+
+
+def _run_cases(
+    suite: Suite, preset: str, cases: list[dict[str, Any]], out_dir: Path, dev: torch.device, force: bool
+) -> Path:
+    results = out_dir / RESULTS
+    if force and results.exists():
+        results.unlink()
+    kept = [r for r in read_rows(results) if r.get("status") in FINISHED]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    if results.exists() and results.read_text() != text:
+        write_atomic(results, text)  # drop failed and torn lines, so appends start on a clean line
+    done = {_case_key(r["case"]) for r in kept}
+    ctx = RunContext(device=dev, preset=preset, out_dir=out_dir, shared_dir=shared_dir())
+    entry = TASKS.entry(suite.task)
+    task, case_type = entry.obj, entry.meta["case"]
     pending = [c for c in cases if _case_key(c) not in done]
     meta = {
         "suite": suite.name,
@@ -144,11 +210,12 @@ def run_suite(
         "resumed_cases": len(cases) - len(pending),
         "command": " ".join(sys.argv),
     }
-    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
-    axes = suite.axes(preset)
-    progress = tqdm(pending, desc=f"{suite.name}/{preset}", unit="case", disable=None)
-    for case in progress:
-        label = ", ".join(f"{a}={case[a]}" for a in axes)
+    write_atomic(out_dir / META, json.dumps(meta, indent=2) + "\n")
+    name = f"{suite.name}/{preset}"
+    progress = tqdm(pending, desc=name, unit="case", disable=None)
+    log_lines = not sys.stderr.isatty()  # no bar is drawn: one line per case, for logs and CI
+    for i, case in enumerate(progress, 1):
+        label = suite.label(preset, case)
         progress.set_postfix_str(label)
         started = time.perf_counter()
         row: dict[str, Any] = {"case": case, "device": meta["device"], "git": meta["git"]}
@@ -159,7 +226,7 @@ def run_suite(
             row["metrics"] = result
         except Exception as exc:  # noqa: BLE001 - only OOM is turned into a cell; everything else re-raises
             if not is_oom(exc):
-                raise RuntimeError(f"suite {suite.name} ({preset}): case {label or case} failed: {exc}") from exc
+                raise RuntimeError(f"suite {suite.name} ({preset}): case {label} failed: {exc}") from exc
             row["status"] = "OOM"
             row["metrics"] = {}
             row["info"] = {"error": str(exc).splitlines()[0][:200]}
@@ -172,8 +239,10 @@ def run_suite(
             f.write(json.dumps(row, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if log_lines:
+            print(f"{name} [{i}/{len(pending)}] {label}: {row['status']} in {row['elapsed_s']:.1f} s", file=sys.stderr)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     meta["run_info"] = ctx.info
-    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    write_atomic(out_dir / META, json.dumps(meta, indent=2) + "\n")
     write_report(suite, preset, out_dir)
     return out_dir

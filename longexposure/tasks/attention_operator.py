@@ -195,7 +195,11 @@ def attention_flops(case: AttentionOperatorCase, density: float) -> float:
     return 4.0 * case.batch * case.heads * case.seq_len**2 * case.head_dim * 0.5 * density
 
 
-@TASKS.register("attention-operator", case=AttentionOperatorCase)
+@TASKS.register(
+    "attention-operator",
+    case=AttentionOperatorCase,
+    help="Fig. 12 (left): one attention backend's forward and backward time, and the layout build time",
+)
 def attention_operator(case: AttentionOperatorCase, ctx: RunContext) -> dict[str, Any]:
     """Check one backend on fresh inputs, then time forward, backward and the pool's layout build."""
     built = build_case(case, ctx.device, seed=ctx.seed)

@@ -177,7 +177,9 @@ def _reference(case, ids, x, weights, fc1_lora, fc2_lora, trainable, dy, cast, d
     return out, torch.autograd.grad(out, [copies[id(t)] for t in trainable], dy.to(dev, cast))
 
 
-@TASKS.register("mlp-operator", case=MlpOperatorCase)
+@TASKS.register(
+    "mlp-operator", case=MlpOperatorCase, help="Fig. 12 (right): one MLP backend's forward and backward time"
+)
 def mlp_operator(case: MlpOperatorCase, ctx: RunContext) -> dict[str, Any]:
     """Check one backend on fresh inputs, then time its forward and backward separately."""
     built = build_case(case, ctx.device, seed=ctx.seed)
