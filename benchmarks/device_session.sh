@@ -19,6 +19,9 @@
 #   bash benchmarks/device_session.sh memory     # fig8 (peak memory vs sequence length), sylva_table2
 #   bash benchmarks/device_session.sh act-l1     # relu-small pretrained with / without --act-l1: block density
 #   bash benchmarks/device_session.sh relu-quality  # predictor quality (recall, mass, density) + fig9_sparsity
+#   bash benchmarks/device_session.sh real-prep  # GPU tests (graph + compile + refresh), pretrain relu-base (cached)
+#   bash benchmarks/device_session.sh real-run   # e2e_real on relu-base (pretrains it first if not cached)
+#   bash benchmarks/device_session.sh strongest  # fig7 LoRA at 1024 against the compiled + graph baseline, profiles
 #
 # LONGEXPOSURE_CACHE set outside (an ignored folder of the checkout, e.g. $PWD/cache) keeps checkpoints
 # between calls while the machine stays warm: the relu* stages then reuse a cached relu-small instead of
@@ -29,7 +32,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-run|strongest}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -136,6 +139,22 @@ case $stage in
       --save "$work/predictors-relu-small" --out "$work/quality.json"
     rm -rf "$work/predictors-relu-small"  # only the reload check needed them
     run 330 longexposure run suites/fig9_sparsity.yaml --preset paper --out "$work"
+    ;;
+  real-prep)  # issue 17/18 GPU tests, then relu-base pretrained into $LONGEXPOSURE_CACHE for real-run
+    run 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py tests/test_compiled_model.py
+    run 60 python3 -m pytest -q -p no:cacheprovider -x tests/test_operator_inputs.py
+    if [ -f "$LONGEXPOSURE_CACHE/relu-base/pretrain.json" ]; then echo "== cached relu-base" | tee -a "$log"
+    else run 420 longexposure pretrain --preset relu-base; fi
+    cp "$LONGEXPOSURE_CACHE/relu-base/pretrain.json" "$work/relu_base_pretrain.json" 2>/dev/null
+    ;;
+  real-run)  # e2e_real: dense LoRA (sdpa, graph, compile + graph), Long Exposure live + refreshed in a graph, random
+    run 570 longexposure run suites/e2e_real.yaml --preset paper --keep-going --out "$work"
+    ;;
+  strongest)  # fig7 LoRA at 1024: the compiled + graph dense baseline beside Long Exposure (paper and mass order)
+    run 420 longexposure run suites/fig7.yaml --preset paper --keep-going --out "$work" --only method=lora \
+      --only seq_len=1024 --only variant=peft-eager,peft-sdpa,peft-sdpa-graph,peft-sdpa-compile-graph,long-exposure-graph,long-exposure-reordered-graph,long-exposure-reordered-compile-graph
+    run 150 python3 benchmarks/profile_step.py --seq 1024 --steps 5 --warmup 4 \
+      --variants sdpa-graph,sdpa-compile-graph,le-reordered-graph --out "$work/profile_strongest_s1024.json"
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -22,6 +22,7 @@ from longexposure.measure import Timer, synchronize
 from longexposure.training import Trainer, TrainingSetup
 
 REPLAY = {"source": "replay", "profile": "reference", "theta": 0.1, "attn_block": 64, "mlp_block": 64}
+REORDERED = {**REPLAY, "reorder": True, "mlp_mass": 0.9}
 VARIANTS = {
     "eager": {"attn": "eager"},
     "sdpa": {"attn": "sdpa"},
@@ -32,7 +33,31 @@ VARIANTS = {
     "le-compile": {"attn": "sdpa", "exposure": REPLAY, "compile": True},
     "le-mlp": {"attn": "sdpa", "exposure": {**REPLAY, "attention": False}},
     "le-attn": {"attn": "sdpa", "exposure": {**REPLAY, "mlp": False}},
+    "sdpa-compile-graph": {"attn": "sdpa", "compile": True, "cuda_graph": True},
+    "le-reordered-graph": {"attn": "sdpa", "exposure": REORDERED, "cuda_graph": True},
+    "le-reordered-compile-graph": {"attn": "sdpa", "exposure": REORDERED, "compile": True, "cuda_graph": True},
 }
+# kernel name -> category, first match wins (names as the profiler shows them on Hopper with torch 2.11)
+CATEGORIES = (
+    ("inductor (fused elementwise/reductions)", ("triton_poi", "triton_red", "triton_per", "triton_")),
+    ("neuron-block MLP (ours)", ("_sdd", "_dsd", "_wgrad", "_colsum", "neuron", "_mlp")),
+    ("block-sparse attention (ours)", ("_attn", "block_sparse", "_bsa")),
+    ("dense attention (sdpa / flash)", ("flash", "fmha", "attention", "cudnn")),
+    ("GEMM (cuBLAS / CUTLASS)", ("gemm", "sm90_xmma", "cutlass", "nvjet", "cublas", "sgemm", "hgemm")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "_amp_")),
+    ("copies / casts", ("copy", "cast", "Memcpy", "Memset", "fill")),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("elementwise (aten)", ("elementwise", "vectorized", "unrolled", "reduce_kernel", "index")),
+)
+
+
+def category(kernel: str) -> str:
+    low = kernel.lower()
+    for name, keys in CATEGORIES:
+        if any(k.lower() in low for k in keys):
+            return name
+    return "other"
+
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
@@ -75,6 +100,11 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / 2
     top_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]
     top_gpu = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[: args.top]
+    by_category: dict[str, float] = {}
+    for e in kernels:
+        cat = category(e.key)
+        by_category[cat] = round(by_category.get(cat, 0.0) + e.self_device_time_total / 2e3, 3)
+    by_category = dict(sorted(by_category.items(), key=lambda kv: -kv[1]))
     walls.sort()
     row = {
         "variant": name,
@@ -86,6 +116,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         / 2,
         "top_cpu": [(e.key, e.count // 2, round(e.self_cpu_time_total / 2e3, 3)) for e in top_cpu],
         "top_gpu": [(e.key, e.count // 2, round(e.self_device_time_total / 2e3, 3)) for e in top_gpu],
+        "gpu_ms_by_category": by_category,
         "describe": trainer.describe(),
     }
     print(
@@ -97,6 +128,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         print(f"   cpu {ms:8.3f} ms x{count:5d} {key[:90]}")
     for key, count, ms in row["top_gpu"][:12]:
         print(f"   gpu {ms:8.3f} ms x{count:5d} {key[:90]}")
+    print("   by category: " + ", ".join(f"{k} {v:.1f}" for k, v in by_category.items()))
     del trainer
     torch.cuda.empty_cache()
     return row

@@ -153,7 +153,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--only expects key=value, got {pair!r}")
         only[key] = value
-    out_dir = run_suite(args.suite, preset=args.preset, out=args.out, force=args.force, device=args.device, only=only)
+    out_dir = run_suite(
+        args.suite,
+        preset=args.preset,
+        out=args.out,
+        force=args.force,
+        device=args.device,
+        only=only,
+        keep_going=args.keep_going,
+    )
     print((out_dir / "table.md").read_text())
     print(f"artifacts: {out_dir}")
     return 0
@@ -210,13 +218,19 @@ def build_parser(configure: Collection[str] | None = None) -> argparse.ArgumentP
         p.add_argument("--out", default="artifacts", help="artifact root (default: artifacts)")
         if name == "run":
             p.add_argument("--force", action="store_true", help="discard earlier results of this preset")
+            p.add_argument(
+                "--keep-going",
+                action="store_true",
+                help="a failing case becomes a FAILED cell and the other cases still run (exit code 2 at the end)",
+            )
             p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
             p.add_argument(
                 "--only",
                 action="append",
                 default=[],
                 metavar="KEY=VALUE",
-                help="run only the cases with this value (repeatable), e.g. --only seq_len=1024",
+                help="run only the cases with this value, or any of comma-separated values (repeatable), "
+                "e.g. --only seq_len=1024 --only variant=peft-sdpa,long-exposure",
             )
         p.set_defaults(func=func)
 

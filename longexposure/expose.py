@@ -90,6 +90,11 @@ class ExposureConfig:
             pattern predicted before it) and outside any CUDA graph: the predictors' weights and
             thresholds are updated in place, so a captured step stays valid.
         refresh_steps: optimizer steps per refresh.
+        reorder: `replay` MLP: first permute each layer's neurons by the profile's recorded mass (exact: fc1
+            rows, fc2 columns, LoRA factors; the model computes the same function), so the recorded mass
+            concentrates in the first blocks; the report says so.
+        mlp_mass: `replay` MLP: keep the fewest blocks holding this fraction of each layer's recorded mass
+            (e.g. 0.9) instead of the `theta` filter.
     """
 
     source: str = "replay"
@@ -110,6 +115,8 @@ class ExposureConfig:
     compile_predictors: bool = False
     refresh_every: int = 0
     refresh_steps: int = 50
+    reorder: bool = False
+    mlp_mass: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("source", "mlp_source", "attention_source"):
@@ -128,6 +135,10 @@ class ExposureConfig:
             )
         if self.refresh_every < 0 or self.refresh_steps < 0:
             raise ValueError(f"refresh_every, refresh_steps must be >= 0: {self.refresh_every}, {self.refresh_steps}")
+        if (self.reorder or self.mlp_mass is not None) and used.get("mlp") != "replay":
+            raise ValueError(f"reorder and mlp_mass shape replayed MLP patterns; the MLP source is {used.get('mlp')!r}")
+        if self.mlp_mass is not None and not 0 < self.mlp_mass <= 1:
+            raise ValueError(f"mlp_mass must be in (0, 1], got {self.mlp_mass}")
         if self.refresh_every and used.get("mlp") != "predicted":
             raise ValueError(f"refresh_every refreshes predicted MLP patterns; the MLP source is {used.get('mlp')!r}")
 
@@ -237,6 +248,12 @@ class Exposure:
             config = self.config = dataclasses.replace(config, profile=config.profile.resampled(depth))
         if config.profile is not None and "replay" in self.sources.values():
             config.profile.check_model(len(self.layers), ffn if self.sources.get("mlp") == "replay" else None)
+        if config.reorder:  # exact permutation of the weights; the replayed profile follows it
+            from longexposure.reorder import reorder_mlp_
+
+            perms = config.profile.neuron_order()
+            reorder_mlp_(model, perms=perms)
+            config = self.config = dataclasses.replace(config, profile=config.profile.reordered(perms))
         if config.mlp and (spec["mlp"] is None or getattr(self.hf_config, "activation_function", None) != "relu"):
             raise ValueError(
                 f"MLP exposure needs a ReLU MLP; {self.family} "
@@ -338,6 +355,8 @@ class Exposure:
             n_blocks = self.hf_config.ffn_dim // self.config.mlp_block
             if self.sources["mlp"] == "all-active":
                 ids = torch.arange(n_blocks, dtype=torch.int32)
+            elif self.config.mlp_mass is not None:
+                ids = self.config.profile.mlp_blocks_at_mass(layer, self.config.mlp_block, self.config.mlp_mass)
             else:
                 ids = self.config.profile.mlp_blocks(layer, self.config.mlp_block, self.config.theta)
             self.mlp_density[layer] = ids.numel() / n_blocks
@@ -539,6 +558,10 @@ class Exposure:
         for target, src in self.sources.items():
             if src == "replay":
                 src = f"replay: {self.config.profile.source} (recorded, not predicted from this model)"
+                if target == "mlp" and self.config.reorder:
+                    src += "; this model's MLP neurons permuted to that order (exact)"
+                if target == "mlp" and self.config.mlp_mass is not None:
+                    src += f"; MLP blocks holding {self.config.mlp_mass:g} of each layer's recorded mass"
             elif src == "predicted":
                 src = f"predicted: live predictors from {self.config.predictors}"
                 if target == "mlp" and self.config.refresh_every:

@@ -176,9 +176,10 @@ class ThresholdMlp(MlpExposer):
         if not 0.0 <= self.alpha <= 1.0:
             raise ExposerError(f"alpha must be in [0, 1], got {self.alpha}")
 
-    def mask_from_stats(self, count: Tensor, mass: Tensor) -> Tensor:
+    def mask_from_stats(self, count: Tensor, mass: Tensor, theta: Tensor | float | None = None) -> Tensor:
+        """`theta` overrides the policy's (a 0-d device tensor: a threshold that can change under a CUDA graph)."""
         imp = block_importance(count, mass, self.alpha)
-        keep = (imp >= self.theta * imp.max()) & (count > 0)
+        keep = (imp >= (self.theta if theta is None else theta) * imp.max()) & (count > 0)
         k = min(self.min_blocks, imp.numel())
         if k > 0:
             keep.index_fill_(0, imp.topk(k).indices, True)  # a scalar fill: no host tensor (graph capture)

@@ -137,6 +137,37 @@ def finetune(
     return summary
 
 
+def prepare_inputs(
+    setup: TrainingSetup, reorder_batches: int, predictor_batches: int, predictor_steps: int, device: str | None,
+    seed: int,
+) -> TrainingSetup:  # fmt: skip
+    """Make what the setup names but does not have yet (`longexposure.prepared`, cached): `weights: pretrained`
+    pretrains the preset; `reorder_batches` reorders the checkpoint's neurons (before any predictor is trained);
+    `predictors: auto` trains the (reordered) checkpoint's predictors on the run's data."""
+    from dataclasses import replace
+
+    import torch
+
+    from longexposure.prepared import auto_predictors, pretrained_weights, reordered_weights
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    weights = setup.weights
+    if weights == "pretrained":
+        weights = str(pretrained_weights(setup.model, None))
+    if reorder_batches:
+        path, note = reordered_weights(setup, Path(weights), reorder_batches, dev, seed)
+        print(f"finetune: {note}", file=sys.stderr)
+        weights = str(path)
+    exposure = dict(setup.exposure) if setup.exposure else None
+    if exposure is not None and exposure.get("predictors") == "auto":
+        bank = auto_predictors(
+            replace(setup, weights=weights), Path(weights) if weights else None, predictor_batches, predictor_steps,
+            dev, seed,
+        )  # fmt: skip
+        exposure["predictors"] = str(bank)
+    return replace(setup, weights=weights, exposure=exposure)
+
+
 def check_exposure_keys(options: dict[str, Any]) -> None:
     """Unknown `--expose` keys fail before the model is built, naming the keys that exist."""
     from longexposure.expose import ExposureConfig
@@ -152,7 +183,12 @@ def check_exposure_keys(options: dict[str, Any]) -> None:
 def configure(parser: argparse.ArgumentParser) -> None:
     """The `finetune` options; needs no torch, so `longexposure finetune --help` is quick."""
     parser.add_argument("--model", default="opt-tiny", help="preset name, or a local checkpoint dir / hub id")
-    parser.add_argument("--weights", default=None, help="checkpoint to load into a preset's architecture")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="checkpoint to load into a preset's architecture; `pretrained`: the project's own pretrained "
+        "checkpoint of the preset (`longexposure pretrain`, cached)",
+    )
     parser.add_argument("--method", default="lora", help="PEFT method (see `longexposure list peft_method`)")
     parser.add_argument(
         "--method-option",
@@ -163,6 +199,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dataset", default="synthetic", help="dataset name (see `longexposure list dataset`)")
     parser.add_argument("--data-path", default=None, help="file or directory of the dataset")
+    parser.add_argument(
+        "--data-split", default=None, help="the dataset's split (e2e: train / held-out); none: the dataset's default"
+    )
+    parser.add_argument(
+        "--reorder-batches",
+        type=int,
+        default=0,
+        help="permute each MLP's neurons by activation mass on this many batches first (exact; needs --weights; "
+        "the reordered checkpoint is cached and predictors are trained on it)",
+    )
+    parser.add_argument(
+        "--predictor-batches", type=int, default=16, help="with --expose predictors=auto: batches to train them on"
+    )
+    parser.add_argument(
+        "--predictor-steps", type=int, default=300, help="with --expose predictors=auto: their training steps"
+    )
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
@@ -180,6 +232,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "predictors=DIR, profile=reference, mlp_block=64, ...); none: the dense model",
     )
     parser.add_argument("--cuda-graph", action="store_true", help="replay forward + backward as one CUDA graph")
+    parser.add_argument("--compile", action="store_true", help="compile each decoder layer and the loss (Inductor)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation and the data")
     parser.add_argument(
@@ -199,6 +252,10 @@ def main(args: argparse.Namespace) -> int:
     precision = args.precision
     if precision == "auto":
         precision = "fp16-amp" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu" else "fp32"
+    if args.reorder_batches < 0 or min(args.predictor_batches, args.predictor_steps) < 1:
+        raise ValueError("--reorder-batches must be >= 0, --predictor-batches and --predictor-steps >= 1")
+    if args.reorder_batches and not args.weights:
+        raise ValueError("--reorder-batches needs --weights (a checkpoint, or `pretrained`) to reorder")
     setup = TrainingSetup(
         model=args.model,
         weights=args.weights,
@@ -209,11 +266,15 @@ def main(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         dataset=args.dataset,
         data_path=args.data_path,
+        data_split=args.data_split,
         precision=precision,
         lr=args.lr,
         exposure=exposure,
         cuda_graph=args.cuda_graph,
+        compile=args.compile,
     )
+    setup = prepare_inputs(setup, args.reorder_batches, args.predictor_batches, args.predictor_steps, args.device,
+                           args.seed)  # fmt: skip
     summary = finetune(
         setup,
         args.steps,

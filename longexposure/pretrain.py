@@ -11,11 +11,17 @@ into token ids with the OPT tokenizer (`../shared/data/opt-tokenizer`). The corp
 `LONGEXPOSURE_CORPUS`, the tokenized cache `<cache>/corpus/python3.11-doc/tokens.opt.npy`, the installed
 package (`/usr/share/doc/python3.11/html/_sources`), or `apt-get download python3.11-doc` into the cache
 (no root needed; `apt-get update` must have run once). `<cache>` is `$LONGEXPOSURE_CACHE` or
-`~/.cache/longexposure`; nothing is written inside the repository.
+`~/.cache/longexposure`; nothing is written inside the repository. Offline, with none of these, the
+error (`CorpusUnavailable`) is one line naming what to install or pass.
 
 Checkpoints: `<cache>/<preset>/` (or `--out`), a complete HF checkpoint (`config.json`, weights,
 tokenizer files) plus `pretrain.json` (corpus, steps, losses, held-out loss, per-token / per-sequence
-MLP sparsity). Every consumer takes this directory, or any other local HF checkpoint, as `model`.
+MLP sparsity), written last and atomically: it marks the checkpoint complete (`is_complete`), since
+`save_pretrained` writes `config.json` before the weights. Every consumer takes this directory, or any
+other local HF checkpoint, as `model`. Every cache file here is written to a temporary name and renamed.
+
+Progress: `longexposure pretrain` shows a tqdm bar when stderr is a terminal, else (CI, a log file, a
+pipe) one flushed line on stderr every `--log-every` steps.
 
 Recipes (`--steps`, `--batch`, ... override):
     relu-micro   CPU, 2 threads, a few minutes; the output layer is a sampled softmax (the targets of
@@ -23,6 +29,9 @@ Recipes (`--steps`, `--batch`, ... override):
                  of this tiny model's FLOPs. The body (what the exposers look at) trains as usual.
     relu-small   one GPU: 2400 steps x 64 x 512 tokens (79M) in bf16 autocast with a full softmax, about
                  3 minutes on an H100 (71 ms/step); a 330 s time budget cuts the steps on slower GPUs.
+    relu-base    one GPU: OPT-1.3B's layer shape, 8 layers; 1000 steps x 16 x 1024 tokens (16M, ~4.6 passes
+                 over the corpus) in bf16 autocast with the activation-L1 term, cut by a 330 s budget on slow
+                 GPUs (the model the end-to-end speed and quality runs share: suite `e2e_real`).
 """
 
 from __future__ import annotations
@@ -33,10 +42,13 @@ import math
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -46,6 +58,47 @@ CORPUS_NAME = "python3.11-doc"
 CORPUS_PACKAGE = "python3.11-doc"
 _INSTALLED_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 EOS_ID = 2  # OPT's </s>
+COMPLETE_MARKER = "pretrain.json"  # written last: a checkpoint without it is an interrupted save
+_FETCH_TIMEOUT_S = 600
+
+
+class CorpusUnavailable(FileNotFoundError):
+    """The offline corpus is neither given, cached, installed nor fetchable; the message is one line
+    naming what to install or pass (the CLI prints it as is)."""
+
+
+def _offline_hint(why: str) -> CorpusUnavailable:
+    return CorpusUnavailable(
+        f"corpus {CORPUS_NAME}: {why}; install it (`apt-get install {CORPUS_PACKAGE}`, or `apt-get update` "
+        "first for the download), or pass --corpus PATH / set LONGEXPOSURE_CORPUS (a tokenized .npy, a text "
+        "file or a folder of text files)"
+    )
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """The last non-empty line of a tool's output, shortened: error messages stay one line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else "no output")[-limit:]
+
+
+def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """`write(file)` into a temporary file beside `path`, synced, then renamed over it: readers see no
+    file, the old one or the whole new one, never a torn write."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def cache_dir() -> Path:
@@ -68,27 +121,50 @@ def default_tokenizer() -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- corpus
+def _run_tool(argv: list[str], cwd: Path) -> subprocess.CompletedProcess | str:
+    """Run apt-get / dpkg-deb; a failure to start or a timeout comes back as a one-line reason."""
+    try:
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=_FETCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"`{' '.join(argv[:2])}` gave no answer in {_FETCH_TIMEOUT_S} s"
+    except OSError as exc:
+        return f"`{' '.join(argv[:2])}` could not run ({exc.strerror or exc})"
+
+
 def _fetch_package_sources(root: Path) -> Path:
-    """Download the Debian package into `root` and unpack it; returns its `_sources` folder."""
-    sources = root / "unpacked" / _INSTALLED_SOURCES.relative_to("/")
+    """Download the Debian package into `root` and unpack it; returns its `_sources` folder.
+
+    The package is unpacked into a temporary folder renamed to `unpacked` when whole, so an interrupted
+    unpack is never taken for the corpus. Every failure is a `CorpusUnavailable` of one line."""
+    relative = _INSTALLED_SOURCES.relative_to("/")
+    sources = root / "unpacked" / relative
     if sources.is_dir():
         return sources
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise FileNotFoundError(
-            f"corpus {CORPUS_NAME}: not installed at {_INSTALLED_SOURCES}, and apt-get/dpkg-deb are missing; "
-            "pass --corpus PATH (a tokenized .npy, a text file or a folder of text files)"
-        )
+    missing = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
+    if missing:
+        raise _offline_hint(f"not installed at {_INSTALLED_SOURCES}, and {'/'.join(missing)} is missing")
     root.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["apt-get", "download", CORPUS_PACKAGE], cwd=root, capture_output=True, text=True)
+    proc = _run_tool(["apt-get", "download", CORPUS_PACKAGE], root)
     debs = sorted(root.glob(f"{CORPUS_PACKAGE}_*.deb"))
     if not debs:
-        raise FileNotFoundError(
-            f"corpus {CORPUS_NAME}: `apt-get download {CORPUS_PACKAGE}` failed ({proc.stderr.strip()[-300:]}); "
-            f"run `apt-get update` first, or `apt-get install {CORPUS_PACKAGE}`, or pass --corpus PATH"
+        why = proc if isinstance(proc, str) else _one_line(proc.stderr or proc.stdout)
+        raise _offline_hint(
+            f"not installed at {_INSTALLED_SOURCES}, and `apt-get download {CORPUS_PACKAGE}` failed: {why}"
         )
-    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(root / "unpacked")], check=True)
-    if not sources.is_dir():
-        raise FileNotFoundError(f"{debs[-1].name} holds no {_INSTALLED_SOURCES}")
+    deb = debs[-1]
+    staging = Path(tempfile.mkdtemp(prefix=".unpacking-", dir=root))
+    try:
+        proc = _run_tool(["dpkg-deb", "-x", str(deb), str(staging)], root)
+        if isinstance(proc, str) or proc.returncode != 0:
+            deb.unlink(missing_ok=True)  # a torn download: fetch it again next time
+            why = proc if isinstance(proc, str) else _one_line(proc.stderr or proc.stdout)
+            raise _offline_hint(f"{deb.name} could not be unpacked: {why}")
+        if not (staging / relative).is_dir():
+            raise _offline_hint(f"{deb.name} holds no {_INSTALLED_SOURCES}")
+        shutil.rmtree(root / "unpacked", ignore_errors=True)
+        os.replace(staging, root / "unpacked")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return sources
 
 
@@ -169,8 +245,10 @@ def load_corpus(path: str | Path | None = None, tokenizer: str | Path | None = N
         f"{len(tokens) / 1e6:.2f}M OPT tokens)"
     )
     root.mkdir(parents=True, exist_ok=True)
-    np.save(cached, tokens)
-    cached.with_suffix(".json").write_text(json.dumps({"description": desc, "files": len(files), "bytes": chars}))
+    # the description first, the tokens (what the cache is keyed on) last
+    record = {"description": desc, "files": len(files), "bytes": chars}
+    write_text_atomic(cached.with_suffix(".json"), json.dumps(record))
+    write_atomic(cached, lambda f: np.save(f, tokens))
     return Corpus(tokens, desc, cached)
 
 
@@ -179,8 +257,8 @@ def export_corpus(corpus: Corpus, dest: str | Path) -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     out = dest / f"{CORPUS_NAME}.opt.npy"
-    np.save(out, corpus.tokens)
-    out.with_suffix(".json").write_text(json.dumps({"description": corpus.description}))
+    write_text_atomic(out.with_suffix(".json"), json.dumps({"description": corpus.description}))
+    write_atomic(out, lambda f: np.save(f, corpus.tokens))
     return out
 
 
@@ -224,6 +302,10 @@ RECIPES: dict[str, Recipe] = {
     "relu-micro": Recipe(steps=300, batch=16, seq_len=128, lr=3e-3, warmup=30, sampled_negatives=2048, device="cpu"),
     "relu-small": Recipe(
         steps=2400, batch=64, seq_len=512, lr=1.5e-3, warmup=150, device="auto", time_budget_s=330.0, act_l1=3.0
+    ),
+    # OPT-1.3B's layer shape: windows of 1024 (fine-tuning runs at 1024, and OPT's positions are learned)
+    "relu-base": Recipe(
+        steps=1000, batch=16, seq_len=1024, lr=6e-4, warmup=100, device="auto", time_budget_s=330.0, act_l1=3.0
     ),
 }
 
@@ -285,6 +367,62 @@ def mlp_sparsity(model: torch.nn.Module, ids: torch.Tensor) -> list[dict[str, fl
     return rows
 
 
+class StepProgress:
+    """Per-step progress on `stream`: a tqdm bar when it is a terminal; else (CI, a log file, a pipe, where
+    a bar's carriage returns and a block-buffered stdout show nothing until the end) one flushed line
+    every `every` steps."""
+
+    def __init__(self, stream: IO[str], total: int, every: int, desc: str):
+        self.stream, self.every = stream, max(1, every)
+        isatty = getattr(stream, "isatty", None)
+        if isatty is not None and isatty():
+            from tqdm import tqdm
+
+            self.bar: Any = tqdm(total=total, desc=desc, unit="step", file=stream, dynamic_ncols=True)
+        else:
+            self.bar = None
+
+    def step(self, total: int, line: str | None, postfix: str | None = None) -> None:
+        """One step done (of `total`, which a time budget may cut); `line` is the step's log line, if any."""
+        if self.bar is not None:
+            self.bar.total = total
+            if postfix:
+                self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.update(1)
+        elif line is not None:
+            print(line, file=self.stream, flush=True)
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _save_quietly(model: torch.nn.Module, out_dir: Path, *, bars: bool) -> None:
+    """save_pretrained, without transformers' own progress bar unless on a terminal (in a log, its carriage
+    returns are noise)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not bars:
+        hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        if was_enabled and not bars:
+            hf_logging.enable_progress_bar()
+
+
+def is_complete(checkpoint: str | Path) -> bool:
+    """True when `checkpoint` is a whole `pretrain` output: its `pretrain.json` is written last."""
+    return (Path(checkpoint) / COMPLETE_MARKER).is_file()
+
+
 def pretrain(
     preset: str,
     *,
@@ -292,9 +430,14 @@ def pretrain(
     corpus: str | Path | None = None,
     tokenizer: str | Path | None = None,
     log: Any = print,
+    progress: IO[str] | None = None,
     **overrides: Any,
 ) -> Path:
-    """Pretrain `preset` on the corpus and save a HF checkpoint; returns its directory."""
+    """Pretrain `preset` on the corpus and save a HF checkpoint; returns its directory.
+
+    Step lines (every `log_every` steps) go to `log`, or with `progress` (a stream, e.g. sys.stderr) to a
+    `StepProgress` on it. The checkpoint's `pretrain.json` is written last: until then it is incomplete.
+    """
     from longexposure.models import build_model
 
     if preset not in RECIPES:
@@ -303,8 +446,8 @@ def pretrain(
     if unknown:
         raise ValueError(f"unknown recipe option(s) {sorted(unknown)}; valid: {[f.name for f in fields(Recipe)]}")
     recipe = replace(RECIPES[preset], **{k: v for k, v in overrides.items() if v is not None})
-    if recipe.steps < 1 or recipe.batch < 1 or recipe.seq_len < 8:
-        raise ValueError(f"need steps >= 1, batch >= 1, seq_len >= 8; got {recipe}")
+    if recipe.steps < 1 or recipe.batch < 1 or recipe.seq_len < 8 or recipe.log_every < 1:
+        raise ValueError(f"need steps >= 1, batch >= 1, seq_len >= 8, log_every >= 1; got {recipe}")
     dev_name = recipe.device if recipe.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(dev_name)
     out_dir = Path(out) if out is not None else cache_dir() / preset
@@ -340,6 +483,7 @@ def pretrain(
             hooks.append(layer.fc1.register_forward_hook(lambda m, a, out: act_terms.append(F.relu(out).mean())))
     amp = recipe.amp and device.type == "cuda"
     history = []
+    bar = StepProgress(progress, recipe.steps, recipe.log_every, f"pretrain {preset}") if progress else None
     started = time.perf_counter()
     model.train()
     step, t10 = 0, 0.0
@@ -354,7 +498,11 @@ def pretrain(
                 per_step = (now - t10) / 20
                 fit = int((recipe.time_budget_s - (now - started)) / per_step) + step
                 if fit < recipe.steps:
-                    log(f"{per_step * 1e3:.0f} ms/step: cutting {recipe.steps} steps to {fit} for the time budget")
+                    note = f"{per_step * 1e3:.0f} ms/step: cutting {recipe.steps} steps to {fit} for the time budget"
+                    if bar is not None:
+                        bar.write(note)
+                    else:
+                        log(note)
                     recipe = replace(recipe, steps=max(fit, step + 1))
         for group in optim.param_groups:
             group["lr"] = lr_at(step)
@@ -367,13 +515,21 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)
+        line = postfix = None
         if step % recipe.log_every == 0 or step == recipe.steps - 1:
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"pretraining loss became {value} at step {step}")
             history.append({"step": step, "loss": value, "s": round(time.perf_counter() - started, 1)})
-            log(f"step {step:5d}  loss {value:.3f}  lr {lr_at(step):.2e}  {time.perf_counter() - started:.0f}s")
+            line = f"step {step:5d}  loss {value:.3f}  lr {lr_at(step):.2e}  {time.perf_counter() - started:.0f}s"
+            postfix = f"loss {value:.3f}"
+            if bar is None:
+                log(line)
+        if bar is not None:
+            bar.step(recipe.steps, line, postfix)
         step += 1
+    if bar is not None:
+        bar.close()
     for hook in hooks:
         hook.remove()
     elapsed = time.perf_counter() - started
@@ -388,8 +544,9 @@ def pretrain(
         )
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / COMPLETE_MARKER).unlink(missing_ok=True)  # an earlier run's: this save is not complete yet
     model.config.longexposure_weights = str(out_dir)
-    model.save_pretrained(out_dir)
+    _save_quietly(model, out_dir, bars=bar is not None and bar.bar is not None)
     tok_dir = Path(tokenizer) if tokenizer else None
     try:
         tok_dir = tok_dir or default_tokenizer()
@@ -409,16 +566,20 @@ def pretrain(
         "mlp_sparsity_held_out": sparsity,
         "torch": torch.__version__,
     }
-    (out_dir / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out_dir / COMPLETE_MARKER, json.dumps(record, indent=2) + "\n")  # last: now it is complete
     log(f"saved {out_dir}")
     return out_dir
 
 
 def checkpoint_for(preset: str) -> Path:
-    """The cached checkpoint of a pretrained preset; an error says how to make it."""
+    """The cached checkpoint of a pretrained preset; an error says how to make it. A checkpoint without
+    its `pretrain.json` (an interrupted save: `config.json` is written first) is not one."""
     path = cache_dir() / preset
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no pretrained {preset} at {path}: run `longexposure pretrain --preset {preset}`")
+    if not is_complete(path):
+        state = "an incomplete (interrupted) save" if (path / "config.json").exists() else "none"
+        raise FileNotFoundError(
+            f"no pretrained {preset} at {path} ({state}): run `longexposure pretrain --preset {preset}`"
+        )
     return path
 
 
@@ -441,6 +602,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--export-corpus", default=None, metavar="DIR", help="only tokenize the corpus and copy it to DIR, then exit"
     )
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a progress line on stderr every N steps when stderr is not a terminal (default: the recipe's, 50)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -454,6 +622,9 @@ def main(args: argparse.Namespace) -> int:
         out=args.out,
         corpus=args.corpus,
         tokenizer=args.tokenizer,
+        log=lambda message: print(message, flush=True),
+        progress=sys.stderr,
+        log_every=getattr(args, "log_every", None),
         steps=args.steps,
         batch=args.batch,
         seq_len=args.seq_len,

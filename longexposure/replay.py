@@ -111,6 +111,34 @@ class RecordedProfile:
         blocks = mass.view(-1, block_size).sum(-1)
         return torch.nonzero(blocks >= theta * blocks.max()).flatten().to(torch.int32)
 
+    def neuron_order(self) -> list[torch.Tensor]:
+        """Per layer, the permutation putting neurons in decreasing recorded mass (ties by index)."""
+        if self.mlp_neuron_mass is None:
+            raise ValueError(f"replay profile {self.source!r} has no MLP activations to reorder by")
+        return [torch.sort(m.double(), descending=True, stable=True).indices for m in self.mlp_neuron_mass]
+
+    def reordered(self, perms: list[torch.Tensor]) -> RecordedProfile:
+        """The profile after each layer's neurons are permuted by `perms` (what an exact reordering of real
+        weights by recorded mass does to where the mass sits: it concentrates in the first blocks)."""
+        mass = torch.stack([m[p] for m, p in zip(self.mlp_neuron_mass, perms, strict=True)])
+        return RecordedProfile(f"{self.source}; neurons reordered by recorded mass", mass, self.attn_density)
+
+    def mlp_blocks_at_mass(self, layer: int, block_size: int, mass: float) -> torch.Tensor:
+        """Sorted int32 ids of the fewest neuron blocks (largest recorded block mass first) holding `mass` of
+        the layer's recorded activation mass."""
+        if self.mlp_neuron_mass is None:
+            raise ValueError(f"replay profile {self.source!r} has no MLP activations")
+        if not 0 < mass <= 1:
+            raise ValueError(f"mass must be in (0, 1], got {mass}")
+        neuron = self.mlp_neuron_mass[layer].double().clamp_min(0)
+        if neuron.numel() % block_size:
+            raise ValueError(f"ffn {neuron.numel()} is not a multiple of the block size {block_size}")
+        blocks = neuron.view(-1, block_size).sum(-1)
+        order = torch.sort(blocks, descending=True, stable=True).indices
+        cum = torch.cumsum(blocks[order], 0) / blocks.sum().clamp_min(1e-30)
+        keep = int((cum < mass - 1e-12).sum()) + 1
+        return torch.sort(order[:keep]).values.to(torch.int32)
+
     def attention_window(self, layer: int, n_blocks: int, global_blocks: int = 1) -> int:
         """Causal window (in blocks) whose local + global layout keeps the layer's recorded density."""
         if self.attn_density is None:

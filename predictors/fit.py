@@ -3,7 +3,8 @@
 The bank is what `expose(..., source="predicted", predictors=DIR)` loads. Steps: run the frozen model on
 `batches` batches of the dataset, collect each layer's operator inputs and exposer targets, train
 mlp-lowrank / attn-lowrank per layer with noise augmentation and the recall-weighted loss, calibrate
-them on held-back batches, save (`predictors.json` + `predictors.pt`, with what data and weights it saw).
+them on held-back batches, save (`predictors.pt`, then `predictors.json` with what data it saw and the
+weights id it is valid for: `PredictorBank.load` refuses it on other weights).
 """
 
 from __future__ import annotations
@@ -89,11 +90,12 @@ def fit_predictors_for(
     device: torch.device | str,
     seed: int = 0,
     data_seed: int | None = None,
+    data_split: str | None = None,
     **options: Any,
 ) -> tuple[PredictorBank, dict[str, Any]]:
     """Build the frozen model (preset or checkpoint; `seed` for a random init), draw `batches` batches of
-    `dataset` (seeded with `data_seed`, default `seed`) and `fit_predictors` on them (`options` are its
-    keyword arguments)."""
+    `dataset` (seeded with `data_seed`, default `seed`; its `data_split` when given, e.g. e2e `train`, never the
+    held-out one) and `fit_predictors` on them (`options` are its keyword arguments)."""
     data_seed = seed if data_seed is None else data_seed
     from longexposure.data import load_batches
     from longexposure.models import build_model, family_of
@@ -109,6 +111,7 @@ def fit_predictors_for(
         seed=data_seed,
         device=device,
         family=family_of(model),
+        **({} if data_split is None else {"split": data_split}),
     )
     ids = stream.input_ids(batches)
     options.setdefault("seed", seed)

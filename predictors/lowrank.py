@@ -97,9 +97,6 @@ class PredictorConfig:
         d["strides"] = list(self.strides)
         return d
 
-    def mlp_policy(self) -> ThresholdMlp:
-        return ThresholdMlp(block_size=self.block_size, theta=self.theta * self.slack, alpha=self.alpha)
-
     def exposer(self) -> ThresholdMlp | LongExposureAttention:
         """The exact policy this predictor imitates (its training target)."""
         if self.target == "mlp":
@@ -135,6 +132,13 @@ class MlpPredictor(nn.Module):
             raise PredictorError(f"ffn dim {ffn} is not divisible by block_size {config.block_size}")
         self.d_model, self.ffn, self.config = d_model, ffn, config
         self.n_blocks = ffn // config.block_size
+        # config.slack as a device tensor: calibration (refresh) changes it in place, so a captured CUDA graph
+        # or a compiled call (which lifts buffers to inputs) uses the new threshold without being rebuilt
+        self.register_buffer("theta_scale", torch.tensor(float(config.slack)), persistent=False)
+
+    def sync_config(self) -> None:
+        """Copy `config.slack` into the threshold buffer (after calibration changed it)."""
+        self.theta_scale.fill_(float(self.config.slack))
 
     def token_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         """(count_frac, mass), each (B, S, n_blocks)."""
@@ -147,7 +151,8 @@ class MlpPredictor(nn.Module):
         return frac.sum((0, 1)) * self.config.block_size, mass.sum((0, 1))
 
     def block_mask(self, x: Tensor) -> Tensor:
-        return self.config.mlp_policy().mask_from_stats(*self.block_sums(x))
+        policy = self.config.exposer()  # the exposer's theta, scaled by the calibrated slack below
+        return policy.mask_from_stats(*self.block_sums(x), theta=policy.theta * self.theta_scale)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Sorted int32 ids of the predicted active neuron blocks (with `fixed_capacity`: (ids, count))."""

@@ -14,13 +14,16 @@
 3. `calibrate_*`: on held-back training batches, the largest `slack` (MLP) / smallest `tau_slack`
    (attention) reaching the recall / mass target, so deployment trades a little density for recall.
 4. `evaluate_*`: per layer recall, precision, predicted and exposer density, mass kept, ms per call.
-5. `PredictorBank`: one predictor per (layer, target), saved as `predictors.json` + `predictors.pt`.
+5. `PredictorBank`: one predictor per (layer, target), saved as `predictors.pt` then `predictors.json` (with
+   the weights id it was trained for), loaded only onto those weights and only when complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,10 +38,10 @@ from torch import Tensor, nn
 
 from longexposure.exposers import ThresholdMlp, attention_block_mass, attention_density, attention_mass_kept
 from longexposure.measure import time_fn
-from longexposure.profiling import capture, decoder_layers, num_heads
+from longexposure.profiling import capture, decoder_layers, layer_part, num_heads
 from longexposure.registry import PREDICTORS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the weights id and the tensor file's digest in the JSON
 
 
 # ============================================================================================ collect
@@ -199,13 +202,16 @@ def evaluate_mlp(
 
 def _calibrate(pred: nn.Module, field: str, grid: Sequence[float], score: Callable[[], float], target: float) -> float:
     """Set `pred.config.<field>` to the first grid value whose score reaches `target` (else the last)."""
+    sync = getattr(pred, "sync_config", lambda: None)  # predictors that keep config values on the device
     chosen = grid[-1]
     for value in grid:
         setattr(pred.config, field, value)
+        sync()
         if score() >= target:
             chosen = value
             break
     setattr(pred.config, field, chosen)
+    sync()
     return chosen
 
 
@@ -301,12 +307,17 @@ def calibrate_attention(
 
 
 # ============================================================================================== bank
-def _model_id(model: nn.Module) -> dict[str, Any]:
+BANK_JSON, BANK_TENSORS = "predictors.json", "predictors.pt"
+_FINGERPRINT_SAMPLES = 16  # entries per weight matrix
+_FINGERPRINT_RTOL, _FINGERPRINT_ATOL = 2e-2, 1e-6  # one bf16 step, and fp16's underflow
+
+
+def _arch(model: nn.Module) -> dict[str, Any]:
+    """The dims a bank's predictors are shaped by (checked key by key, so a mismatch names its key)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
     return {
         "model_type": cfg.model_type,
-        "weights": str(getattr(cfg, "longexposure_weights", "unknown")),
         "hidden_size": cfg.hidden_size,
         "ffn_dim": getattr(cfg, "ffn_dim", None),
         "layers": len(decoder_layers(model)),
@@ -314,8 +325,82 @@ def _model_id(model: nn.Module) -> dict[str, Any]:
     }
 
 
+@torch.no_grad()
+def weights_fingerprint(model: nn.Module) -> list[float]:
+    """16 fixed entries of every layer's frozen fc1, q and k weights (what the predictors learned from),
+    rounded to bf16: within rounding for the same weights in fp32, fp16 or bf16, on any device, wrapped in
+    peft or not; different for another checkpoint, another random init or reordered neurons. One small copy."""
+    samples = []
+    for layer in decoder_layers(model):
+        for part in ("fc1", "q", "k"):
+            flat = layer_part(model, layer, part).weight.detach().reshape(-1)
+            idx = (torch.arange(_FINGERPRINT_SAMPLES, device=flat.device) * 2654435761 + 97) % flat.numel()
+            samples.append(flat[idx].to(torch.bfloat16))
+    return [float(v) for v in torch.cat(samples).float().cpu()]
+
+
+def _signs(fingerprint: list[float]) -> str:
+    """The fingerprint's signs ('0' near zero): unlike its values, the same in every dtype."""
+    return "".join("+" if v > _FINGERPRINT_ATOL else "-" if v < -_FINGERPRINT_ATOL else "0" for v in fingerprint)
+
+
+def weights_id(model: nn.Module) -> dict[str, Any]:
+    """What a bank is valid for.
+
+    `id` (the weights id): a 12-hex digest of the model's dims (`_arch`) and the signs of its weights
+    fingerprint (`weights_fingerprint`), the same for the same weights in any dtype or device, and
+    different for other weights (one bit per sampled entry). `fingerprint`: the sampled values, which a
+    load compares within bf16 rounding. `weights`: the description (checkpoint path or `random-init`),
+    informational only: a moved checkpoint still matches, two random inits do not.
+    """
+    arch, fingerprint = _arch(model), weights_fingerprint(model)
+    digest = hashlib.sha1(json.dumps({"arch": arch, "signs": _signs(fingerprint)}).encode()).hexdigest()[:12]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    source = str(getattr(base.config, "longexposure_weights", "unknown"))
+    return {**arch, "weights": source, "id": digest, "fingerprint": " ".join(f"{v:.4g}" for v in fingerprint)}
+
+
+def _same_weights(saved: str, here: str) -> bool:
+    """Two `weights_id` fingerprints agree within bf16 rounding (fp16 -> bf16 rounds twice: one bf16 step)."""
+    try:
+        a_values, b_values = [float(v) for v in saved.split()], [float(v) for v in here.split()]
+    except (AttributeError, ValueError):
+        return False
+    if len(a_values) != len(b_values):
+        return False
+    tol = lambda a, b: _FINGERPRINT_RTOL * max(abs(a), abs(b)) + _FINGERPRINT_ATOL  # noqa: E731
+    return all(abs(a - b) <= tol(a, b) for a, b in zip(a_values, b_values, strict=True))
+
+
+def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """`write(file)` into a temporary file beside `path`, synced, then renamed over it: `path` is either
+    absent, the old file or the whole new one, never a torn write."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class PredictorBank:
     """One predictor per (target, layer) of a model; saves and loads per model.
+
+    On disk: `predictors.pt` (trained tensors, `{target}.{layer}` -> state dict) and `predictors.json`
+    (names, per-layer configs, the model's `weights_id`, the tensor file's size and sha256). The JSON is
+    written last and atomically, so a directory holding it holds a complete bank; `load` checks
+    completeness, shapes and the weights id, and refuses what does not fit.
 
     Args:
         predictors: {"mlp": [per-layer module], "attention": [...]} (either may be absent).
@@ -351,10 +436,16 @@ class PredictorBank:
         return self.predictors[target][layer]
 
     def save(self, directory: str | Path, model: nn.Module, report: dict[str, Any] | None = None) -> Path:
-        """Write predictors.json (names, per-layer configs, model identity) and predictors.pt (trained weights)."""
+        """Write predictors.pt (trained weights), then predictors.json (names, per-layer configs, weights id,
+        the tensor file's digest). An earlier bank's JSON goes first: an interrupted save is never complete."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta: dict[str, Any] = {"format": FORMAT_VERSION, "model": _model_id(model), "targets": {}}
+        layers = len(decoder_layers(model))
+        if not self.predictors:
+            raise PredictorError("the bank holds no predictors: nothing to save")
+        for target, preds in self.predictors.items():
+            if len(preds) != layers:
+                raise PredictorError(f"the bank has {target} predictors for {len(preds)} of {layers} layers")
+        meta: dict[str, Any] = {"format": FORMAT_VERSION, "model": weights_id(model), "targets": {}}
         state: dict[str, Any] = {}
         for target, preds in self.predictors.items():
             name = self.names[target]
@@ -364,38 +455,134 @@ class PredictorBank:
                     state[f"{target}.{i}"] = {k: v.detach().cpu() for k, v in p.state_dict().items()}
         if report is not None:
             meta["report"] = report
-        (directory / "predictors.json").write_text(json.dumps(meta, indent=2) + "\n")
-        torch.save(state, directory / "predictors.pt")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / BANK_JSON).unlink(missing_ok=True)
+        tensors = directory / BANK_TENSORS
+        _write_atomic(tensors, lambda f: torch.save(state, f))
+        meta["tensors"] = {
+            "file": BANK_TENSORS,
+            "bytes": tensors.stat().st_size,
+            "sha256": _sha256(tensors),
+            "keys": sorted(state),
+        }
+        text = json.dumps(meta, indent=2) + "\n"
+        _write_atomic(directory / BANK_JSON, lambda f: f.write(text.encode()))
         return directory
+
+    @staticmethod
+    def is_saved(directory: str | Path) -> bool:
+        """True when `directory` holds a complete bank of the current format (what a cache may reuse)."""
+        try:
+            meta = json.loads((Path(directory) / BANK_JSON).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(meta, dict) and meta.get("format") == FORMAT_VERSION
 
     @classmethod
     def load(cls, directory: str | Path, model: nn.Module) -> PredictorBank:
-        """Rebuild the saved predictors for `model` (checked against the saved shapes) and load their weights."""
+        """Rebuild the saved predictors for `model` and load their weights.
+
+        Raises FileNotFoundError for a missing or interrupted bank, and PredictorError (a ValueError) for
+        a bank of another format, shape or weights, or an incomplete or corrupt one; never loads part of one.
+        """
         directory = Path(directory)
-        meta_path = directory / "predictors.json"
+        meta_path = directory / BANK_JSON
         if not meta_path.exists():
-            raise FileNotFoundError(f"no saved predictors at {meta_path}")
-        meta = json.loads(meta_path.read_text())
+            hint = (
+                f" ({BANK_TENSORS} without {BANK_JSON}: an interrupted save; train the bank again)"
+                if (directory / BANK_TENSORS).exists()
+                else ""
+            )
+            raise FileNotFoundError(f"no saved predictors at {meta_path}{hint}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            raise PredictorError(f"{meta_path} is not valid JSON ({exc})") from None
         if meta.get("format") != FORMAT_VERSION:
-            raise PredictorError(f"{meta_path}: format {meta.get('format')} != {FORMAT_VERSION}")
-        here = _model_id(model)
-        for key in ("hidden_size", "ffn_dim", "layers", "heads"):
-            if meta["model"][key] != here[key]:
+            raise PredictorError(
+                f"{meta_path}: format {meta.get('format')}, this version reads format {FORMAT_VERSION} (format 1 "
+                "records no weights id to check); train the bank again (longexposure train-predictors)"
+            )
+        saved = meta["model"]
+        here = weights_id(model)
+        for key in ("model_type", "hidden_size", "ffn_dim", "layers", "heads"):
+            if saved.get(key) != here[key]:
                 raise PredictorError(
-                    f"{meta_path}: saved for {key}={meta['model'][key]}, but this model has {key}={here[key]}"
+                    f"{meta_path}: saved for {key}={saved.get(key)}, but this model has {key}={here[key]}"
                 )
-        state = torch.load(directory / "predictors.pt", map_location="cpu")
+        if not _same_weights(saved.get("fingerprint", ""), here["fingerprint"]):
+            same_id = saved.get("id") == here["id"]
+            close = " (same signs, values beyond rounding: fine-tuned or rescaled?)" if same_id else ""
+            raise PredictorError(
+                f"{meta_path} was trained for other weights: the bank's weights id is {saved.get('id')} "
+                f"({saved.get('weights')}), this model's is {here['id']} ({here['weights']}){close}; "
+                "train predictors for this model (longexposure train-predictors)"
+            )
+        layers = here["layers"]
+        if not meta.get("targets"):
+            raise PredictorError(f"{meta_path} holds no predictors")
+        state = cls._load_state(directory, meta)
         preds: dict[str, list[nn.Module]] = {}
         names: dict[str, str] = {}
         for target, spec in meta["targets"].items():
+            configs = spec.get("configs", [])
+            if len(configs) != layers:
+                raise PredictorError(f"{meta_path}: {target} configs for {len(configs)} of the model's {layers} layers")
+            trainable = bool(PREDICTORS.entry(spec["name"]).meta.get("trainable"))
             names[target] = spec["name"]
             preds[target] = []
-            for i, cfg in enumerate(spec["configs"]):
-                p = build_predictor(spec["name"], model, i, PredictorConfig(**cfg))
-                if f"{target}.{i}" in state:
-                    p.load_state_dict(state[f"{target}.{i}"])
+            for i, cfg in enumerate(configs):
+                try:
+                    config = PredictorConfig(**cfg)
+                except TypeError as exc:
+                    raise PredictorError(f"{meta_path}: {target} layer {i}: bad config ({exc})") from None
+                if config.target != target:
+                    raise PredictorError(f"{meta_path}: {target} layer {i} holds a {config.target} config")
+                p = build_predictor(spec["name"], model, i, config)
+                key = f"{target}.{i}"
+                if trainable:
+                    if key not in state:
+                        raise PredictorError(f"{meta_path}: no trained {target} weights for layer {i} ({key})")
+                    _check_shapes(p, state.pop(key), f"{directory / BANK_TENSORS} [{key}]")
                 preds[target].append(p.eval())
+        if state:
+            raise PredictorError(f"{directory / BANK_TENSORS} holds weights no saved predictor uses: {sorted(state)}")
         return cls(preds, names)
+
+    @staticmethod
+    def _load_state(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """predictors.pt, checked against the size and digest the JSON recorded (tensors only: weights_only)."""
+        path = directory / BANK_TENSORS
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: the bank in {directory} is incomplete; train it again")
+        want = meta.get("tensors", {})
+        size = path.stat().st_size
+        if size != want.get("bytes") or _sha256(path) != want.get("sha256"):
+            raise PredictorError(
+                f"{path} is not the file {BANK_JSON} was saved with ({size} bytes, {want.get('bytes')} expected): "
+                "truncated or replaced; train the bank again"
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a torn or foreign pickle: one clear error, not the unpickler's
+            raise PredictorError(f"{path} cannot be read ({exc.__class__.__name__}: {exc})") from None
+        if not isinstance(state, dict):
+            raise PredictorError(f"{path} holds a {type(state).__name__}, not a dict of state dicts")
+        return state
+
+
+def _check_shapes(pred: nn.Module, saved: Any, where: str) -> None:
+    """Load `saved` into `pred`: the same keys and shapes as the predictor built for this model, or an error."""
+    own = pred.state_dict()
+    if not isinstance(saved, dict) or set(saved) != set(own):
+        got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise PredictorError(f"{where}: tensors {got}, expected {sorted(own)}")
+    for k, v in own.items():
+        if not isinstance(saved[k], Tensor) or tuple(saved[k].shape) != tuple(v.shape):
+            raise PredictorError(
+                f"{where}: {k} has shape {tuple(getattr(saved[k], 'shape', ()))}, this model needs {tuple(v.shape)}"
+            )
+    pred.load_state_dict(saved)
 
 
 # ============================================================================================ driver

@@ -22,16 +22,25 @@ SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def tiny_bank(tmp_path_factory):
-    """A saved predictor bank for random-init opt-tiny (mlp_block 32, attn_block 16), briefly trained."""
+def _tiny_bank(out, device: str):
     from longexposure.predictors.fit import fit_predictors
 
     from longexposure.models import build_model
 
-    model = build_model("opt-tiny", attn_implementation="eager", seed=0)
+    model = build_model("opt-tiny", attn_implementation="eager", seed=0, device=device)
     model.requires_grad_(False)
-    out = tmp_path_factory.mktemp("tiny_bank")
     batches = [torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    fit_predictors(model, batches, out, mlp_block=32, attn_block=16, steps=5)
+    fit_predictors(model, [b.to(device) for b in batches], out, mlp_block=32, attn_block=16, steps=5)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bank(tmp_path_factory):
+    """A saved predictor bank for random-init opt-tiny (mlp_block 32, attn_block 16), briefly trained."""
+    return _tiny_bank(tmp_path_factory.mktemp("tiny_bank"), "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_bank_cuda(tmp_path_factory):
+    """The same for opt-tiny initialised on the GPU (a seeded init there gives other weights: another bank)."""
+    return _tiny_bank(tmp_path_factory.mktemp("tiny_bank_cuda"), "cuda")

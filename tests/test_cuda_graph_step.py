@@ -32,6 +32,11 @@ def _run(cuda_graph: bool, exposure, steps: int = 6, compile_: bool = False):
     timer = Timer("cuda")
     losses = [float(trainer.step(timer)) for _ in range(steps)]
     params = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    if exposure is not None and exposure.get("refresh_every"):
+        params["refreshes"] = torch.tensor([len(trainer.exposure.refreshes)], dtype=torch.float32)
+        for i, pred in enumerate(trainer.exposure.predictors["mlp"]):
+            params[f"mlp_predictor_{i}_theta_scale"] = pred.theta_scale.detach().float().clone()
+            params[f"mlp_predictor_{i}_out"] = pred.out.weight.detach().float().clone()
     return losses, params, timer.elapsed_ms()
 
 
@@ -43,7 +48,7 @@ def _run(cuda_graph: bool, exposure, steps: int = 6, compile_: bool = False):
 def test_graph_replay_trains_like_eager_steps(exposure, request):
     if isinstance(exposure, str):
         compiled = exposure.endswith("compiled")
-        bank = str(request.getfixturevalue("tiny_bank"))
+        bank = str(request.getfixturevalue("tiny_bank_cuda"))
         exposure = {**EXPOSED, "source": "predicted", "predictors": bank, "compile_predictors": compiled}
     eager_losses, eager_params, _ = _run(False, exposure)
     graph_losses, graph_params, phases = _run(True, exposure)
@@ -58,6 +63,20 @@ def test_compiled_graph_replay_trains_like_eager_steps():
     eager_losses, eager_params, _ = _run(False, None)
     graph_losses, graph_params, phases = _run(True, None, compile_=True)
     assert "forward_backward_ms" in phases
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), atol=2e-3, rtol=2e-3)
+    for name in eager_params:
+        torch.testing.assert_close(graph_params[name], eager_params[name], atol=2e-3, rtol=2e-3, msg=name)
+
+
+def test_graph_replay_with_predictor_refreshes_trains_like_eager_steps(request):
+    """Refreshes run after the step, outside the graph, and change the predictors in place: the replayed
+    graph predicts with the refreshed weights and thresholds exactly as eager steps do."""
+    bank = str(request.getfixturevalue("tiny_bank_cuda"))
+    exposure = {**EXPOSED, "source": "predicted", "predictors": bank, "compile_predictors": True,
+                "refresh_every": 2, "refresh_steps": 5}  # fmt: skip
+    eager_losses, eager_params, _ = _run(False, exposure, steps=7)
+    graph_losses, graph_params, _ = _run(True, exposure, steps=7)
+    assert eager_params["refreshes"].item() > 0
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), atol=2e-3, rtol=2e-3)
     for name in eager_params:
         torch.testing.assert_close(graph_params[name], eager_params[name], atol=2e-3, rtol=2e-3, msg=name)

@@ -258,3 +258,28 @@ def test_triton_stays_the_default_where_it_can_run():
     _, named = pair("opt-tiny", "lora")
     named_report = expose(named, _config(mlp_backend="torch-gather", attention_backend="eager")).report()
     assert named_report["backend_choice"] is None, "named backends are not an automatic choice"
+
+
+def test_replay_reordered_by_recorded_mass_is_exact_and_sparser():
+    """`reorder`: the model's neurons are permuted by the profile's recorded mass (the same function), and the
+    blocks holding 90% of the recorded mass are then far fewer than in the recorded order."""
+    profile = RecordedProfile.from_reference()
+    shape = dict(hidden_size=64, word_embed_proj_dim=64, num_attention_heads=4)  # OPT-1.3B's 24 layers, ffn 8192
+    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
+    densities = {}
+    for reorder in (False, True):
+        model = build_model("opt-1.3b", seed=0, attn_implementation="eager", **shape).eval()
+        with torch.no_grad():
+            before = model(input_ids=ids).logits
+        exposure = expose(model, source="replay", profile=profile, attention=False, mlp_backend="torch-gather",
+                          reorder=reorder, mlp_mass=0.9)  # fmt: skip
+        exposure.prepare(32, "cpu")
+        report = exposure.report()
+        densities[reorder] = report["mlp_block_density"]
+        unexpose(model)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-4, rtol=1e-4)
+        assert ("permuted to that order" in report["sparsity_source"]) == reorder
+    assert densities[True] < 0.5 * densities[False], densities
+    with pytest.raises(ValueError, match="reorder and mlp_mass shape replayed MLP patterns"):
+        ExposureConfig(source="oracle", reorder=True)

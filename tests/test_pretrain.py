@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,178 @@ def test_sparsity_profile_times_the_pattern_each_policy_chose(micro_checkpoint, 
         sparsity_profile(SparsityProfileCase(policy="mlp/shadowy:block_size=1", time_backend="triton", **common), ctx)
     with pytest.raises(ValueError, match="Fig. 4 statistic"):
         SparsityProfileCase(policy="mlp/per-token", time_backend="triton")
+
+
+# ------------------------------------------------------------------ issue 16: caches, offline corpus, progress
+FAKE_SOURCES = Path("/nonexistent-longexposure/usr/share/doc/python3.11/html/_sources")
+OFFLINE_APT = """#!/bin/sh
+echo "Reading package lists..."
+echo "W: Some index files failed to download. They have been ignored." >&2
+echo "E: Can't select candidate version from package python3.11-doc as it has no candidate" >&2
+exit 100
+"""
+GOOD_APT = "#!/bin/sh\necho fake > python3.11-doc_3.11.2_all.deb\n"
+GOOD_DPKG = '#!/bin/sh\nmkdir -p "$3/$REL"\necho "The quick brown fox." > "$3/$REL/intro.rst.txt"\n'
+TORN_DPKG = '#!/bin/sh\nmkdir -p "$3/$REL"\necho "dpkg-deb: error: unexpected end of file in archive" >&2\nexit 2\n'
+
+
+@pytest.fixture
+def fake_debian(tmp_path, monkeypatch):
+    """Install fake `apt-get` / `dpkg-deb` on PATH; the package is not installed; the cache is empty."""
+    import longexposure.pretrain as pretrain_module
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+
+    def install(apt: str, dpkg: str = GOOD_DPKG) -> Path:
+        for name, text in (("apt-get", apt), ("dpkg-deb", dpkg)):
+            (bin_dir / name).write_text(text)
+            (bin_dir / name).chmod(0o755)
+        return tmp_path / "cache" / "corpus" / "python3.11-doc"
+
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("LONGEXPOSURE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("REL", str(FAKE_SOURCES.relative_to("/")))
+    monkeypatch.delenv("LONGEXPOSURE_CORPUS", raising=False)
+    monkeypatch.setattr(pretrain_module, "_INSTALLED_SOURCES", FAKE_SOURCES)
+    return install
+
+
+def test_offline_corpus_failure_is_one_line_saying_what_to_do(fake_debian, capsys):
+    """No network: one line naming the package to install and the flag / env var to pass instead."""
+    from longexposure.cli import main
+    from longexposure.pretrain import CorpusUnavailable
+
+    fake_debian(OFFLINE_APT)
+    with pytest.raises(FileNotFoundError) as err:
+        load_corpus(tokenizer=TOKENIZER)
+    message = str(err.value)
+    assert isinstance(err.value, CorpusUnavailable) and "\n" not in message
+    for what in ("apt-get install python3.11-doc", "--corpus PATH", "LONGEXPOSURE_CORPUS", "has no candidate"):
+        assert what in message, what
+    assert main(["pretrain", "--preset", "relu-micro", "--steps", "1", "--tokenizer", TOKENIZER]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and "LONGEXPOSURE_CORPUS" in err_lines[0], err_lines
+
+
+def test_a_torn_package_is_one_line_and_never_taken_for_the_corpus(fake_debian):
+    """dpkg-deb failing half-way (a torn download) leaves no `unpacked` folder to be mistaken for the corpus."""
+    root = fake_debian(GOOD_APT, TORN_DPKG)
+    with pytest.raises(FileNotFoundError, match="could not be unpacked: dpkg-deb: error: unexpected end") as err:
+        load_corpus(tokenizer=TOKENIZER)
+    assert "\n" not in str(err.value) and "apt-get install python3.11-doc" in str(err.value)
+    assert not (root / "unpacked").exists() and not list(root.glob("*.deb")), "fetched again next time"
+    assert not list(root.glob(".unpacking-*"))
+
+
+def test_fetched_corpus_is_cached_and_a_torn_cache_write_leaves_no_cache(fake_debian, monkeypatch):
+    root = fake_debian(GOOD_APT)
+    real_save = np.save
+
+    def torn_save(file, arr, *args, **kwargs):  # dies after writing the header
+        if isinstance(file, (str, os.PathLike)):
+            with open(file, "wb") as f:
+                f.write(b"\x93NUMPY\x01\x00")
+        else:
+            file.write(b"\x93NUMPY\x01\x00")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "save", torn_save)
+    with pytest.raises(OSError, match="No space"):
+        load_corpus(tokenizer=TOKENIZER)
+    assert not (root / "tokens.opt.npy").exists(), "a torn token cache would be loaded next time"
+    monkeypatch.setattr(np, "save", real_save)
+    corpus = load_corpus(tokenizer=TOKENIZER)
+    assert "python3.11-doc reST sources (1 files" in corpus.description and corpus.tokens[-1] == EOS_ID
+    assert corpus.path == root / "tokens.opt.npy" and np.array_equal(load_corpus().tokens, corpus.tokens)
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    tokens = np.random.default_rng(0).integers(3, 1000, size=3000).astype(np.uint16)
+    path = tmp_path / "tiny.npy"
+    np.save(path, tokens)
+    return path
+
+
+TINY = dict(steps=4, batch=2, seq_len=16, log_every=2, device="cpu")
+
+
+def test_cached_checkpoint_without_its_record_is_incomplete(tmp_path, monkeypatch):
+    """save_pretrained writes config.json first: the cache keys on pretrain.json, written last."""
+    from longexposure import prepared
+    from longexposure.pretrain import checkpoint_for
+
+    monkeypatch.setenv("LONGEXPOSURE_CACHE", str(tmp_path))
+    ckpt = tmp_path / "relu-micro"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")  # what an interrupted save leaves
+    with pytest.raises(FileNotFoundError, match=r"incomplete \(interrupted\) save.*longexposure pretrain"):
+        checkpoint_for("relu-micro")
+    calls = []
+    monkeypatch.setattr("longexposure.pretrain.pretrain", lambda preset, **kw: calls.append(kw["out"]))
+    assert prepared.pretrained_weights("relu-micro", 3) == ckpt and calls == [ckpt], "pretrained again"
+    (ckpt / "pretrain.json").write_text("{}")
+    assert checkpoint_for("relu-micro") == ckpt
+
+
+def test_an_interrupted_save_over_an_earlier_checkpoint_is_not_complete(tmp_path, tiny_corpus, monkeypatch):
+    """Re-pretraining into a finished checkpoint drops its record first, so a save that dies is not complete."""
+    from transformers import PreTrainedModel
+
+    from longexposure.pretrain import checkpoint_for
+
+    monkeypatch.setenv("LONGEXPOSURE_CACHE", str(tmp_path))
+    out = tmp_path / "relu-micro"
+    out.mkdir()
+    for name in ("config.json", "pretrain.json"):  # an earlier, finished run
+        (out / name).write_text("{}")
+    assert checkpoint_for("relu-micro") == out
+
+    def dies_after_config(self, directory, *args, **kwargs):
+        self.config.save_pretrained(directory)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", dies_after_config)
+    with pytest.raises(OSError, match="No space"):
+        pretrain("relu-micro", out=out, corpus=tiny_corpus, tokenizer=TOKENIZER, log=lambda *a: None, **TINY)
+    assert (out / "config.json").exists()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        checkpoint_for("relu-micro")
+
+
+def test_piped_pretrain_logs_a_line_every_n_steps_on_stderr(tmp_path, tiny_corpus, capsys):
+    """CI / logs: stderr is no terminal, so progress is one flushed line every --log-every steps."""
+    from longexposure.cli import main
+    from longexposure.pretrain import is_complete
+
+    out = tmp_path / "ckpt"
+    args = ["pretrain", "--preset", "relu-micro", "--steps", "5", "--batch", "2", "--seq-len", "16", "--log-every"]
+    args += ["2", "--corpus", str(tiny_corpus), "--tokenizer", TOKENIZER, "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    steps = [line.split()[1] for line in captured.err.splitlines() if line.startswith("step ")]
+    assert steps == ["0", "2", "4"], captured.err
+    assert "\r" not in captured.err and f"saved {out}" in captured.out and is_complete(out)
+
+
+def test_pretrain_on_a_terminal_shows_a_bar(tmp_path, tiny_corpus):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    pretrain(
+        "relu-micro",
+        out=tmp_path / "ckpt",
+        corpus=tiny_corpus,
+        tokenizer=TOKENIZER,
+        log=lambda *a: None,
+        progress=term,
+        **TINY,
+    )
+    shown = term.getvalue()
+    assert "pretrain relu-micro" in shown and "4/4" in shown and "loss" in shown
+    assert not any(line.startswith("step ") for line in shown.splitlines())

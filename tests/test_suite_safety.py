@@ -252,3 +252,39 @@ def test_run_refuses_a_typo_in_a_later_case_before_the_first_case_runs(tmp_path)
     with pytest.raises(FileNotFoundError, match="gone"):
         run_suite(write(tmp_path, missing), preset="cpu-tiny", out=out, device="cpu")
     assert CALLS == []
+
+
+# ------------------------------------------------------------------------ keep going past a failing case
+
+
+@dataclass
+class FlakyCase:
+    x: int = 0
+
+
+@TASKS.register("test-safety-flaky", case=FlakyCase)
+def flaky(case: FlakyCase, ctx):
+    CALLS.append(case.x)
+    if case.x == 2:
+        raise RuntimeError("case two breaks")
+    return {"y_ms": float(case.x), "info": {}}
+
+
+def test_keep_going_runs_every_case_marks_the_failure_and_retries_it(tmp_path):
+    path, out = write(tmp_path, BASE.replace("task: test-safety", "task: test-safety-flaky")), tmp_path / "art"
+    CALLS.clear()
+    with pytest.raises(RuntimeError, match="case two breaks"):
+        run_suite(path, preset="cpu-tiny", out=out, device="cpu")
+    assert CALLS == [1, 2], "without keep_going the first failure stops the run"
+    CALLS.clear()
+    with pytest.raises(RuntimeError, match=r"1 case\(s\) failed .*x=2"):
+        run_suite(path, preset="cpu-tiny", out=out, device="cpu", keep_going=True)
+    assert CALLS == [2, 3, 4], "the finished case is kept; every other case runs"
+    rows = {r["case"]["x"]: r for r in read_rows(results_of(out))}
+    assert rows[2]["status"] == "failed" and "case two breaks" in rows[2]["info"]["error"]
+    table = (out / "safety" / "cpu-tiny" / "table.md").read_text()
+    assert "FAILED" in table and "1 failed" in table
+    CALLS.clear()
+    with pytest.raises(RuntimeError):
+        run_suite(path, preset="cpu-tiny", out=out, device="cpu", keep_going=True)
+    assert CALLS == [2], "a failed case is retried by the next run; finished ones are not"

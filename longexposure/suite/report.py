@@ -69,8 +69,8 @@ def build_table(suite: Suite, preset: str, rows: list[dict[str, Any]]) -> tuple[
         line = [str(case.get(k)) for k in row_keys]
         total = metric_value(row, share) if share else None
         for m in metrics:
-            if row["status"] == "OOM":
-                line.append("OOM")
+            if row["status"] in ("OOM", "failed"):
+                line.append(row["status"].replace("failed", "FAILED"))
             elif m in shared:
                 line.append(_with_share(metric_value(row, m), total))
             else:
@@ -170,7 +170,8 @@ def write_report(suite: Suite, preset: str, out_dir: Path) -> tuple[Path, Path |
     for key, values in _sources(rows).items():
         lines.append(f"- {key.replace('_', ' ')}: {'; '.join(values)}")
     lines += [
-        f"- cases: {len(rows)} ({sum(r['status'] == 'OOM' for r in rows)} OOM); values are medians "
+        f"- cases: {len(rows)} ({sum(r['status'] == 'OOM' for r in rows)} OOM, "
+        f"{sum(r['status'] == 'failed' for r in rows)} failed: their errors are in results.jsonl); values are medians "
         "(p20/p80/min/max in results.jsonl)"
     ]
     if suite.notes:

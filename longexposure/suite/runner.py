@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,10 +160,12 @@ def run_suite(
     force: bool = False,
     device: str | None = None,
     only: dict[str, str] | None = None,
+    keep_going: bool = False,
 ) -> Path:
     """Run every pending case of `preset` (or those matching `only`: key -> value as text) and write
     the artifacts; returns the artifact directory. Every case is checked (names, options, local paths)
-    before the first one runs."""
+    before the first one runs. A failing case stops the run, or with `keep_going` becomes a `failed` row
+    (its error recorded; rerun on the next start) and the run raises once every case has had its turn."""
     suite: Suite = load_suite(suite_path)
     preset = suite.resolve_preset(preset)
     suite.check_paths(preset)
@@ -171,18 +174,24 @@ def run_suite(
         unknown = sorted(set(only) - {k for c in cases for k in c})
         if unknown:
             raise ValueError(f"--only: {suite.path} has no case key {unknown[0]!r}")
-        cases = [c for c in cases if all(str(c.get(k)) == v for k, v in only.items())]
+        cases = [c for c in cases if all(str(c.get(k)) in v.split(",") for k, v in only.items())]
         if not cases:
             raise ValueError(f"--only {only}: no case of preset {preset!r} matches")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(out) / suite.name / preset
     out_dir.mkdir(parents=True, exist_ok=True)
     with exclusive(out_dir):
-        return _run_cases(suite, preset, cases, out_dir, dev, force)
+        return _run_cases(suite, preset, cases, out_dir, dev, force, keep_going)
 
 
 def _run_cases(
-    suite: Suite, preset: str, cases: list[dict[str, Any]], out_dir: Path, dev: torch.device, force: bool
+    suite: Suite,
+    preset: str,
+    cases: list[dict[str, Any]],
+    out_dir: Path,
+    dev: torch.device,
+    force: bool,
+    keep_going: bool = False,
 ) -> Path:
     results = out_dir / RESULTS
     if force and results.exists():
@@ -214,6 +223,7 @@ def _run_cases(
     name = f"{suite.name}/{preset}"
     progress = tqdm(pending, desc=name, unit="case", disable=None)
     log_lines = not sys.stderr.isatty()  # no bar is drawn: one line per case, for logs and CI
+    failed: list[str] = []
     for i, case in enumerate(progress, 1):
         label = suite.label(preset, case)
         progress.set_postfix_str(label)
@@ -224,12 +234,15 @@ def _run_cases(
             row["status"] = "ok"
             row["info"] = result.pop("info", {})
             row["metrics"] = result
-        except Exception as exc:  # noqa: BLE001 - only OOM is turned into a cell; everything else re-raises
-            if not is_oom(exc):
+        except Exception as exc:  # noqa: BLE001 - OOM is a cell; other errors stop the run unless keep_going
+            if not is_oom(exc) and not keep_going:
                 raise RuntimeError(f"suite {suite.name} ({preset}): case {label} failed: {exc}") from exc
-            row["status"] = "OOM"
+            row["status"] = "OOM" if is_oom(exc) else "failed"
             row["metrics"] = {}
-            row["info"] = {"error": str(exc).splitlines()[0][:200]}
+            row["info"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+            if row["status"] == "failed":
+                failed.append(label)
+                traceback.print_exc()
         finally:
             gc.collect()
             if dev.type == "cuda":
@@ -245,4 +258,9 @@ def _run_cases(
     meta["run_info"] = ctx.info
     write_atomic(out_dir / META, json.dumps(meta, indent=2) + "\n")
     write_report(suite, preset, out_dir)
+    if failed:
+        raise RuntimeError(
+            f"suite {suite.name} ({preset}): {len(failed)} case(s) failed (kept going; the table marks them, "
+            f"and the next run retries them): {'; '.join(failed)}"
+        )
     return out_dir

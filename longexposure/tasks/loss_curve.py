@@ -13,23 +13,18 @@ predictors, then use it, so block-wise MLP sparsity exists to be predicted.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
-from longexposure.measure import Stats, Timer
+from longexposure.measure import Stats, Timer, peak_memory_gib, reset_peak_memory
+from longexposure.prepared import auto_predictors, pretrained_weights, reordered_weights
 from longexposure.registry import TASKS
 from longexposure.suite.context import RunContext
 from longexposure.training import Trainer, TrainingSetup
-
-PREDICTOR_OPTIONS = ("mlp_block", "attn_block", "theta", "tau")
 
 
 @dataclass
@@ -41,6 +36,10 @@ class LossCurveCase(TrainingSetup):
         pretrain_steps: steps for `weights: pretrained` when no checkpoint is cached (None: the recipe's).
         predictor_batches, predictor_steps: data and training steps for `predictors: auto`.
         reorder_batches: > 0: reorder the checkpoint's neurons by activation mass on this many batches first.
+        held_out_batches: batches the fine-tuned model is evaluated on at the end (`longexposure.held_out`):
+            the dataset's `held-out` split where it has one (e2e), else batches drawn with another seed.
+        timing_warmup: first steps left out of the step-time statistics, the same for every variant (they
+            compile, capture graphs, autotune); every later step counts, predictor refreshes included.
     """
 
     steps: int = 100
@@ -48,129 +47,22 @@ class LossCurveCase(TrainingSetup):
     predictor_batches: int = 16
     predictor_steps: int = 300
     reorder_batches: int = 0
+    held_out_batches: int = 4
+    timing_warmup: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.steps < 2:
             raise ValueError(f"steps must be >= 2, got {self.steps}")
+        if not 0 <= self.timing_warmup < self.steps or self.held_out_batches < 0:
+            raise ValueError(
+                f"need 0 <= timing_warmup < steps and held_out_batches >= 0, got {self.timing_warmup}, "
+                f"{self.steps}, {self.held_out_batches}"
+            )
         if self.reorder_batches < 0:
             raise ValueError(f"reorder_batches must be >= 0, got {self.reorder_batches}")
         if self.reorder_batches and not self.weights:
             raise ValueError("reorder_batches needs weights (a checkpoint or 'pretrained') to reorder and save")
-
-
-def pretrained_weights(preset: str, steps: int | None) -> Path:
-    """The cached pretrained checkpoint of `preset`, pretraining it first when there is none."""
-    from longexposure.pretrain import cache_dir, pretrain
-
-    path = cache_dir() / preset
-    if not (path / "config.json").exists():
-        tqdm.write(f"no pretrained {preset} at {path}: pretraining it now (cached for later runs)")
-        pretrain(preset, out=path, steps=steps, log=tqdm.write)
-    return path
-
-
-def _digest(key: dict[str, Any]) -> str:
-    """A short stable name for a cache entry made from `key` (a JSON-able description of its inputs)."""
-    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _batches(case: LossCurveCase, model: torch.nn.Module, n: int, device: torch.device, seed: int) -> tuple[list, str]:
-    """`n` batches of the case's dataset drawn with `seed`, and their description."""
-    from longexposure.data import load_batches
-    from longexposure.models import family_of
-
-    stream = load_batches(
-        case.dataset,
-        batch=case.batch,
-        seq_len=case.seq_len,
-        vocab_size=model.config.vocab_size,
-        path=case.data_path,
-        seed=seed,
-        device=device,
-        family=family_of(model),
-    )
-    return stream.input_ids(n), f"{stream.description} (seed {seed})"
-
-
-def reordered_weights(case: LossCurveCase, weights: Path, device: torch.device, seed: int) -> tuple[Path, str]:
-    """`weights` with every MLP's neurons reordered by activation mass on `case.reorder_batches` batches of
-    the case's data (seed + 2: neither the fine-tuning nor the predictors' batches); cached. Returns the
-    checkpoint and a note saying what the permutation was computed on."""
-    from longexposure.models import build_model
-    from longexposure.pretrain import cache_dir
-    from longexposure.reorder import neuron_stats, reorder_mlp_
-
-    key = {
-        "weights": str(weights),
-        "mtime": (weights / "config.json").stat().st_mtime,
-        "dataset": case.dataset,
-        "data_path": case.data_path,
-        "batch": case.batch,
-        "seq_len": case.seq_len,
-        "batches": case.reorder_batches,
-        "seed": seed + 2,
-    }
-    out = cache_dir() / "reordered" / f"{case.model}-{_digest(key)}"
-    note_file = out / "longexposure_reorder.txt"
-    if note_file.exists():
-        return out, note_file.read_text()
-    model = build_model(case.model, weights=str(weights), attn_implementation="eager", device=device).eval()
-    ids, description = _batches(case, model, case.reorder_batches, device, seed + 2)
-    reorder_mlp_(model, neuron_stats(model, ids))
-    note = f"MLP neurons of {weights} reordered by activation mass on {len(ids)} batches of {description}"
-    model.save_pretrained(out)
-    if (weights / "pretrain.json").is_file():  # how the source was pretrained travels with its reordering
-        shutil.copyfile(weights / "pretrain.json", out / "pretrain.json")
-    note_file.write_text(note)  # last: a checkpoint without it is incomplete and is rebuilt
-    return out, note
-
-
-def auto_predictors(case: LossCurveCase, weights: Path | None, device: torch.device, seed: int) -> Path:
-    """Train (or reuse) the predictor bank of `weights` (None: the preset's random init, seeded) for this
-    case's data and exposure options."""
-    from longexposure.predictors.fit import fit_predictors_for
-    from longexposure.pretrain import cache_dir
-
-    exposure = case.exposure or {}
-    opts = {k: exposure[k] for k in PREDICTOR_OPTIONS if k in exposure}
-    key = {
-        "weights": str(weights) if weights else f"random-init seed {seed}",
-        "mtime": (weights / "config.json").stat().st_mtime if weights else None,
-        "dataset": case.dataset,
-        "data_path": case.data_path,
-        "batch": case.batch,
-        "seq_len": case.seq_len,
-        "batches": case.predictor_batches,
-        "steps": case.predictor_steps,
-        "mlp": bool(exposure.get("mlp", True)),
-        "attention": bool(exposure.get("attention", True)),
-        **opts,
-    }
-    out = cache_dir() / "predictors" / f"{case.model}-{_digest(key)}"
-    if (out / "predictors.json").exists():
-        return out
-    fit_predictors_for(
-        case.model,
-        str(weights) if weights else None,
-        out,
-        dataset=case.dataset,
-        data_path=case.data_path,
-        batch=case.batch,
-        seq_len=case.seq_len,
-        batches=case.predictor_batches,
-        device=device,
-        seed=seed,  # the Trainer's model (a random init is seeded the same way)
-        data_seed=seed + 1,  # not the fine-tuning stream's batches
-        mlp=key["mlp"],
-        attention=key["attention"],
-        mlp_block=opts.get("mlp_block", 64),
-        attn_block=opts.get("attn_block", 64),
-        theta=opts.get("theta", 0.1),
-        tau=opts.get("tau", 0.95),
-        steps=case.predictor_steps,
-    )
-    return out
 
 
 @TASKS.register("loss-curve", case=LossCurveCase, help="per-step fine-tuning loss of one variant (Fig. 11)")
@@ -180,13 +72,16 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
         weights = str(pretrained_weights(case.model, case.pretrain_steps))
     reorder_note = "none"
     if case.reorder_batches:
-        path, reorder_note = reordered_weights(case, Path(weights), ctx.device, ctx.seed)
+        path, reorder_note = reordered_weights(case, Path(weights), case.reorder_batches, ctx.device, ctx.seed)
         weights = str(path)
     exposure = dict(case.exposure) if case.exposure is not None else None
     if exposure is not None and exposure.get("predictors") == "auto":
-        exposure["predictors"] = str(auto_predictors(case, Path(weights) if weights else None, ctx.device, ctx.seed))
+        exposure["predictors"] = str(auto_predictors(
+            case, Path(weights) if weights else None, case.predictor_batches, case.predictor_steps, ctx.device, ctx.seed
+        ))
     setup = replace(case, weights=weights, exposure=exposure)
     trainer = Trainer(setup, ctx.device, seed=ctx.seed)
+    reset_peak_memory(ctx.device)
     timer = Timer(ctx.device)
     losses, times = [], []
     for _ in tqdm(range(case.steps), desc=f"loss-curve {case.model}", unit="step", leave=False):
@@ -196,16 +91,67 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
     if not all(math.isfinite(v) for v in curve):
         raise FloatingPointError(f"the loss became non-finite: {curve[-5:]}")
     tail = max(1, case.steps // 10)
+    timed = times[case.timing_warmup :]
     metrics: dict[str, Any] = {
         "final_loss": sum(curve[-tail:]) / tail,
         "first_loss": curve[0],
         "loss_curve": curve,
-        "total_ms": Stats.of([t["total_ms"] for t in times[1:]]).to_dict(),
+        "total_ms": Stats.of([t["total_ms"] for t in timed]).to_dict(),
+        "step_ms_mean": Stats.of([t["total_ms"] for t in timed]).mean,
     }
-    if "predict_ms" in times[-1]:
-        metrics["predict_ms"] = Stats.of([t.get("predict_ms", 0.0) for t in times[1:]]).to_dict()
+    if any("predict_ms" in t for t in timed):
+        metrics["predict_ms"] = Stats.of([t.get("predict_ms", 0.0) for t in timed]).to_dict()
+    if any("refresh_ms" in t for t in timed):  # predictor refreshes, after the step: amortised over every step
+        metrics["refresh_ms_mean"] = Stats.of([t.get("refresh_ms", 0.0) for t in timed]).mean
+    peak = peak_memory_gib(ctx.device)
+    if peak is not None:
+        metrics["peak_mem_gib"] = peak
+    if case.held_out_batches:
+        metrics.update(_held_out(case, trainer, ctx))
     info = trainer.describe()
-    metrics["mlp_block_density"] = info.get("mlp_block_density")  # of the last step (dynamic sources)
+    # dynamic sources: the mean over every step of the prediction the step ran with (before any refresh)
+    metrics["mlp_block_density"] = info.get("mlp_block_density_mean_over_steps", info.get("mlp_block_density"))
     metrics["attention_block_density"] = info.get("attention_block_density_of_causal")
     metrics["info"] = {**info, "neuron_reorder": reorder_note}
     return metrics
+
+
+def _held_out(case: LossCurveCase, trainer: Trainer, ctx: RunContext) -> dict[str, Any]:
+    """The fine-tuned model on batches it never trained on (see `longexposure.held_out`)."""
+    from longexposure.data import load_batches
+    from longexposure.data.builtin import E2E_SPLITS
+    from longexposure.held_out import held_out_metrics
+    from longexposure.models import family_of
+    from longexposure.training import PRECISIONS
+
+    split = "held-out" if case.dataset == "e2e" and case.data_split in (None, "train") else None
+    if case.dataset == "e2e" and case.data_split not in (None, "train"):
+        raise ValueError(f"held-out evaluation needs data_split train (or none), got {case.data_split!r}")
+    if case.dataset == "e2e" and case.data_split is None:
+        raise ValueError(
+            f"e2e fine-tuning with held_out_batches needs data_split: train (splits {list(E2E_SPLITS)}), "
+            "so that the held-out split's meaning representations are never trained on"
+        )
+    stream = load_batches(
+        case.dataset,
+        batch=case.batch,
+        seq_len=case.seq_len,
+        vocab_size=trainer.model.config.vocab_size,
+        path=case.data_path,
+        seed=ctx.seed + 3,
+        device=trainer.device,
+        family=family_of(trainer.model),
+        **({"split": split} if split else {}),
+    )
+    batches = [next(stream) for _ in range(case.held_out_batches)]
+    exposure = case.exposure or {}
+    out = held_out_metrics(
+        trainer.model,
+        batches,
+        exposure=trainer.exposure,
+        autocast_dtype=PRECISIONS[case.precision],
+        mlp_block=int(exposure.get("mlp_block", 64)),
+        theta=float(exposure.get("theta", 0.1)),
+    )
+    out["held_out_data"] = stream.description + ("" if split else f" (seed {ctx.seed + 3}: unseen batches)")
+    return out
