@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from longexposure.data import load_batches
+from longexposure.hf_compat import causal_mask_under_capture
 from longexposure.measure import Timer
 from longexposure.methods.builtin import apply_method
 from longexposure.models import build_model, family_of
@@ -273,7 +274,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's pool
         self._static_batch = {name: t.clone() for name, t in batch.items()}
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with causal_mask_under_capture(), torch.cuda.graph(graph):  # sdpa keeps its causal flash kernel
             self._static_loss = self._forward_backward(self._static_batch)
         graph.replay()  # capture records the work without running it
         self._graph = graph
