@@ -1,41 +1,43 @@
 """Where an installed transformers version needs a hand to train at full speed; each fix says which versions.
 
-`causal_mask_under_capture`: transformers up to 5.2x treats CUDA-graph capture like tracing when it decides
-whether sdpa may use its `is_causal` flag, even with no padding mask (nothing to read from the device), so a
-captured step builds an explicit (B, 1, S, S) causal mask: sdpa then runs its masked kernel instead of the
-causal flash one, and a compiled decoder layer recompiles for the new argument in the middle of the capture
-(which fails). Later versions look at capture only when there is a padding mask; inside this context older
-ones follow the same rule. Training batches here are packed (no padding), so the causal flag is exact.
+`causal_mask_under_capture`: transformers (5.17 and 5.25 alike) treats CUDA-graph capture like tracing when it
+decides whether sdpa may use its `is_causal` flag instead of a mask: while capturing it cannot read the padding
+mask (5.17's OPT always makes an all-ones one) or the position ids (to rule out packed sequences), so a captured
+step builds an explicit (B, 1, S, S) causal mask. sdpa then runs its masked kernel instead of the causal flash
+one, and a compiled decoder layer recompiles for the new argument in the middle of the capture (which fails:
+H200, torch 2.11, transformers 5.17). The `Trainer` passes neither an attention mask nor position ids: there is
+no padding and no packing, so for sdpa the causal flag is exact, and inside this context the models' causal-mask
+builder returns None (what it returns outside a capture) for sdpa; other attention implementations keep it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
 def causal_mask_under_capture() -> Iterator[None]:
-    """While capturing a CUDA graph: decide the causal-mask shortcut as if not capturing when there is no
-    padding mask (see the module docstring); with a padding mask, transformers' own rule applies."""
-    try:
-        import transformers.masking_utils as masking
-        from transformers.utils import import_utils
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        yield
-        return
-    original = getattr(masking, "is_tracing", None)
-    if original is None:
-        yield
-        return
+    """While capturing a training step with no attention mask and no position ids: sdpa gets `is_causal`, not a
+    materialised mask (see the module docstring)."""
+    import transformers.masking_utils as masking
 
-    def is_tracing(tensor=None) -> bool:
-        if tensor is None:
-            return bool(import_utils.is_torchdynamo_compiling() or import_utils.is_jit_tracing())
-        return original(tensor)
+    original = masking.create_causal_mask
 
-    masking.is_tracing = is_tracing
+    def create_causal_mask(*args: Any, **kwargs: Any):
+        config = kwargs.get("config", args[0] if args else None)
+        if getattr(config, "_attn_implementation", None) == "sdpa":
+            return None
+        return original(*args, **kwargs)
+
+    patched = [m for name, m in list(sys.modules.items()) if name.startswith("transformers.models.") and
+               getattr(m, "create_causal_mask", None) is original]  # fmt: skip
+    for module in patched:
+        module.create_causal_mask = create_causal_mask
     try:
         yield
     finally:
-        masking.is_tracing = original
+        for module in patched:
+            module.create_causal_mask = original

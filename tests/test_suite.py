@@ -23,7 +23,7 @@ class CountingCase:
 CALLS: list[int] = []
 
 
-@TASKS.register("test-counting", case=CountingCase)
+@TASKS.register("test-counting", case=CountingCase, help="test: counts its calls")
 def counting(case: CountingCase, ctx):
     CALLS.append(case.x)
     if case.x == case.fail_at:
@@ -203,7 +203,7 @@ def test_a_failing_case_names_itself(tmp_path):
     class BrokenCase:
         x: int = 0
 
-    @TASKS.register("test-broken", case=BrokenCase)
+    @TASKS.register("test-broken", case=BrokenCase, help="test: always fails")
     def broken(case, ctx):
         raise ZeroDivisionError("boom")
 

@@ -25,7 +25,7 @@ class SafetyCase:
     nest_at: int = -1
 
 
-@TASKS.register("test-safety", case=SafetyCase)
+@TASKS.register("test-safety", case=SafetyCase, help="test: counts its calls")
 def safety_task(case: SafetyCase, ctx):
     CALLS.append(case.x)
     if case.x == case.nest_at and "suite" in NESTED and "error" not in NESTED:
@@ -44,7 +44,7 @@ class FakeTrainCase(TrainingSetup):
     x: int = 0
 
 
-@TASKS.register("test-safety-train", case=FakeTrainCase)
+@TASKS.register("test-safety-train", case=FakeTrainCase, help="test: a training setup that counts calls")
 def fake_train(case: FakeTrainCase, ctx):
     CALLS.append(case.x)
     return {"y_ms": 1.0, "info": {}}
@@ -262,7 +262,7 @@ class FlakyCase:
     x: int = 0
 
 
-@TASKS.register("test-safety-flaky", case=FlakyCase)
+@TASKS.register("test-safety-flaky", case=FlakyCase, help="test: case x=2 fails")
 def flaky(case: FlakyCase, ctx):
     CALLS.append(case.x)
     if case.x == 2:
