@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from longexposure.predictors.builtin import build_predictor
-from longexposure.predictors.training import PredictorBank, collect, evaluate_attention, evaluate_mlp, train_bank
+from longexposure.predictors.offline import PredictorBank, collect, evaluate_attention, evaluate_mlp, train_bank
 
 from longexposure.data import load_batches
 from longexposure.exposers import ThresholdMlp, block_stats
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "cost" and args.compile and not args.fixed_capacity:
         parser.error("--compile times the exposed model's calls, which take fixed-capacity ids: add --fixed-capacity")
     if args.cmd == "quality" and args.data is None:
-        from longexposure.suite.runner import shared_dir
+        from longexposure.paths import shared_dir
 
         shared = shared_dir()
         if shared is None:

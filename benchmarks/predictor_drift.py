@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 from longexposure.predictors.fit import fit_predictors
+from longexposure.predictors.offline import collect, evaluate_mlp
 from longexposure.predictors.refresh import MlpRefresher, RefreshConfig
-from longexposure.predictors.training import collect, evaluate_mlp
 from tqdm import tqdm
 
 from longexposure.data import load_batches

@@ -20,14 +20,15 @@ The pure-torch reference is `longexposure.ops.block_sddmm`.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from longexposure.backends import BackendUnavailable, interpreting, why_triton_cannot_run
+
+INTERPRET = interpreting()
 BLOCK_SIZES = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -174,9 +175,9 @@ def _check_index(name: str, t: torch.Tensor, n: int | None, device: torch.device
 
 def _runnable(device: torch.device) -> None:
     if device.type != "cuda" and not INTERPRET:
-        raise RuntimeError(
-            f"the Triton block-sparse kernels need a CUDA tensor (got {device}) or TRITON_INTERPRET=1 set "
-            "before import; use backend='torch' for the pure-torch reference"
+        raise BackendUnavailable(
+            f"the Triton block-sparse kernels cannot run here: {why_triton_cannot_run(device, INTERPRET)} "
+            f"(got {device}); use backend='torch' for the pure-torch reference"
         )
 
 

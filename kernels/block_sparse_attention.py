@@ -46,16 +46,14 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from longexposure.backends import interpreting
+
 # ------------------------------------------------------------------------------------------- config
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def autotune_configs(kind: str) -> list[triton.Config]:
     """Autotune space of one kernel kind (`fwd`, `bwd`); one config when autotuning is off."""
-    if os.environ.get("LONGEXPOSURE_AUTOTUNE", "1") == "0" or _interpreting():
+    if os.environ.get("LONGEXPOSURE_AUTOTUNE", "1") == "0" or interpreting():
         return [triton.Config({"SPLIT": 1}, num_warps=4, num_stages=2)]  # fits 227 KB smem up to D=128, block 128
     if kind == "fwd":
         space = [(1, 4, 3), (1, 8, 3), (1, 4, 4), (2, 8, 3), (2, 4, 3)]  # (SPLIT, warps, stages)
@@ -533,7 +531,7 @@ class _Launch:
             tracing = isinstance(args[0], torch.Tensor) and is_fake(args[0])
             if not tracing:
                 return self.kernel[grid](*args, **kwargs)
-            if _interpreting():
+            if interpreting():
                 return None
             return wrap_triton(self.kernel)[grid](*args, **kwargs)
 
@@ -604,7 +602,7 @@ def _meta(q: torch.Tensor, block: int, scale: float) -> dict:
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     d = q.shape[-1]
-    interp_bf16 = _interpreting() and q.dtype == torch.bfloat16
+    interp_bf16 = interpreting() and q.dtype == torch.bfloat16
     return {
         "D": d,
         "BLOCK": block,

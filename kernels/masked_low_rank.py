@@ -23,13 +23,13 @@ up to the weight dtype's rounding of (W + d) - d. The pure-torch reference is
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from longexposure.backends import BackendUnavailable, interpreting, why_triton_cannot_run
+
+INTERPRET = interpreting()
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -145,9 +145,9 @@ def _check(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         if t.device != weight.device:
             raise ValueError(f"{name} is on {t.device} but weight on {weight.device}")
     if weight.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError(
-            f"the masked low-rank kernels need a CUDA device or TRITON_INTERPRET=1 (weight is on {weight.device}); "
-            "use longexposure.ops.masked_low_rank for the torch reference"
+        raise BackendUnavailable(
+            f"the masked low-rank kernels cannot run here: {why_triton_cannot_run(weight.device, INTERPRET)} "
+            f"(weight is on {weight.device}); use longexposure.ops.masked_low_rank for the torch reference"
         )
 
 

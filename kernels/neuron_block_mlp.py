@@ -44,8 +44,10 @@ import torch
 import triton
 import triton.language as tl
 
+from longexposure.backends import interpreting
+
 # Decided when the kernels are defined: @triton.jit builds interpreter functions iff this is set.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = interpreting()
 BLOCK_SIZES = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

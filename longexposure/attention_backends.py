@@ -43,7 +43,6 @@ dropout > 0).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,12 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from longexposure.attention.layout import BlockLayout
+from longexposure.backends import BackendUnavailable, why_triton_cannot_run
 from longexposure.registry import ATTENTION_BACKENDS
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested attention backend cannot run on this device / dtype / mode; says why."""
-
 
 _FLOATS = ("float16", "bfloat16", "float32")
 
@@ -295,23 +290,6 @@ class FlexAttentionBackend(AttentionBackend):
 # -------------------------------------------------------------------------------------------- triton
 
 
-def _triton_runnable(device: torch.device) -> str | None:
-    """None if the Triton kernels can run on `device`, else why not."""
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "triton is not installed"
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            return "TRITON_INTERPRET=1 is set, so the kernels cannot take CUDA tensors"
-        return None
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
-            return "on CPU it needs the Triton interpreter: set TRITON_INTERPRET=1 before importing the kernels"
-        return None
-    return f"it does not run on {device.type}"
-
-
 @ATTENTION_BACKENDS.register(
     "triton", devices=("cuda", "cpu-interpret"), dtypes=_FLOATS, supports_backward=True, sparse=True,
     help="fused block-sparse flash attention (Triton), forward + backward over the layout",
@@ -321,7 +299,7 @@ class TritonBlockSparseAttention(AttentionBackend):
 
     def check(self, device, dtype, needs_grad):
         super().check(device, dtype, needs_grad)
-        why = _triton_runnable(device)
+        why = why_triton_cannot_run(device)
         if why:
             raise BackendUnavailable(f"attention backend 'triton' cannot run here: {why}")
 
@@ -492,7 +470,6 @@ def register_transformers_attention(name: str = HF_NAME) -> str:
 
 __all__ = [
     "AttentionBackend",
-    "BackendUnavailable",
     "SparseAttentionSlot",
     "attention",
     "dense_layout",

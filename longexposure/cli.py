@@ -23,6 +23,7 @@ _MODULE_COMMANDS = {
     "pretrain": ("longexposure.pretrain", "pretrain a small ReLU OPT-architecture model on an offline corpus"),
     "finetune": ("longexposure.finetune", "fine-tune a model with a PEFT method (loss and ms/step as it goes)"),
     "train-predictors": ("longexposure.train_predictors", "train and save a model's sparsity predictors"),
+    "evaluate": ("longexposure.evaluate", "accuracy of a (fine-tuned) model on local data with lm-evaluation-harness"),
 }
 
 
@@ -43,8 +44,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 # Raised by modules that import torch: looked up only if the module was loaded (if not, it raised nothing).
 _LAZY_USER_ERRORS = (
-    ("longexposure.attention_backends", "BackendUnavailable"),
-    ("longexposure.mlp_backends", "BackendUnavailable"),
+    ("longexposure.backends", "BackendUnavailable"),
 )
 
 

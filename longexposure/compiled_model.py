@@ -20,22 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from longexposure.models import family_of
-
-# where each family keeps its decoder layers (the same paths `expose` patches)
-DECODER_LAYERS = {"opt": "model.decoder.layers", "gpt2": "transformer.h", "llama": "model.layers"}
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a (possibly PEFT-wrapped) HF causal LM."""
-    root: Any = _base_model(model)
-    for part in DECODER_LAYERS[family_of(model)].split("."):
-        root = getattr(root, part)
-    return list(root)
+from longexposure.arch import base_model, decoder_layers
 
 
 def compile_layers_(model: nn.Module) -> dict[str, Any]:
@@ -45,7 +30,7 @@ def compile_layers_(model: nn.Module) -> dict[str, Any]:
     torch._dynamo.config.recompile_limit = limit
     for layer in layers:
         layer.compile(dynamic=False)
-    base = _base_model(model)
+    base = base_model(model)
     base.loss_function = torch.compile(base.loss_function, dynamic=False)
     return {"compiled": f"{len(layers)} decoder layers + loss, torch.compile (Inductor)", "recompile_limit": limit}
 

@@ -41,20 +41,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from longexposure.arch import FAMILIES, base_model, family_of, resolve
 from longexposure.attention.layout import BlockLayout
-from longexposure.models.factory import family_of
+from longexposure.backends import BackendUnavailable
 from longexposure.predictors.compiled import EAGER as EAGER_CALLS
 from longexposure.predictors.compiled import compiled as compiled_call
 from longexposure.registry import ATTENTION_BACKENDS, MLP_BACKENDS
 from longexposure.replay import RecordedProfile
 
-# Per architecture: where the decoder layers are, the attention module in a layer, and the MLP's
-# (fc1, fc2, activation) attribute names when the MLP is a plain ReLU MLP the neuron-block op fits.
-LAYOUTS: dict[str, dict[str, Any]] = {
-    "opt": {"layers": "model.decoder.layers", "attn": "self_attn", "mlp": ("fc1", "fc2", "activation_fn")},
-    "gpt2": {"layers": "transformer.h", "attn": "attn", "mlp": None},
-    "llama": {"layers": "model.layers", "attn": "self_attn", "mlp": None},
-}
 SOURCES = ("all-active", "replay", "predicted", "oracle", "random")
 AUTO = "auto"
 TORCH_BACKENDS = {"mlp": "torch-gather", "attention": "sdpa"}  # `auto` where Triton cannot run
@@ -152,16 +146,6 @@ class ExposureConfig:
         return out
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _resolve(root: nn.Module, dotted: str) -> Any:
-    for part in dotted.split("."):
-        root = getattr(root, part)
-    return root
-
-
 def _lora_of(module: nn.Module, allow_dropout: bool) -> Any:
     """The active peft LoRA adapter of a wrapped linear as an operator `LowRank`, or None."""
     if not hasattr(module, "lora_A"):
@@ -188,7 +172,7 @@ def _param_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _check_backend(target: str, name: str, device: torch.device, dtype: torch.dtype) -> None:
-    """The named backend's own capability check; raises its `BackendUnavailable` saying why it cannot run."""
+    """The named backend's own capability check; raises `BackendUnavailable` saying why it cannot run."""
     if target == "mlp":
         MLP_BACKENDS.get(name)().check(device, dtype)
     else:
@@ -200,12 +184,9 @@ def _check_backend(target: str, name: str, device: torch.device, dtype: torch.dt
 
 def _why_triton_cannot_run(target: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """None if `target`'s triton backend can run on (device, dtype), by that backend's own check; else why not."""
-    from longexposure.attention_backends import BackendUnavailable as AttentionUnavailable
-    from longexposure.mlp_backends import BackendUnavailable as MlpUnavailable
-
     try:
         _check_backend(target, "triton", device, dtype)
-    except (MlpUnavailable, AttentionUnavailable) as exc:
+    except BackendUnavailable as exc:
         return str(exc)
     return None
 
@@ -220,10 +201,11 @@ class Exposure:
     def __init__(self, model: nn.Module, config: ExposureConfig):
         self.model = model
         self.config = config
-        self.base = _base_model(model)
+        self.base = base_model(model)
         self.family = family_of(self.base)
-        spec = LAYOUTS[self.family]
-        self.layers = list(_resolve(self.base, spec["layers"]))
+        # where the layers, attention and ReLU MLP are (`arch.FAMILIES`: the MLP only where the neuron-block op fits)
+        self.arch = FAMILIES[self.family]
+        self.layers = list(resolve(self.base, self.arch.layers))
         self.hf_config = self.base.config
         self._undo: list[Any] = []
         self._cache: dict[tuple, Any] = {}
@@ -254,7 +236,7 @@ class Exposure:
             perms = config.profile.neuron_order()
             reorder_mlp_(model, perms=perms)
             config = self.config = dataclasses.replace(config, profile=config.profile.reordered(perms))
-        if config.mlp and (spec["mlp"] is None or getattr(self.hf_config, "activation_function", None) != "relu"):
+        if config.mlp and (self.arch.mlp is None or getattr(self.hf_config, "activation_function", None) != "relu"):
             raise ValueError(
                 f"MLP exposure needs a ReLU MLP; {self.family} "
                 f"({getattr(self.hf_config, 'activation_function', getattr(self.hf_config, 'hidden_act', '?'))}) "
@@ -290,7 +272,7 @@ class Exposure:
 
     def _build_predictors(self) -> dict[str, list[nn.Module]]:
         """Per dynamic target, one predictor per layer, in eval mode and frozen."""
-        from longexposure.predictors.training import PredictorBank
+        from longexposure.predictors.offline import PredictorBank
 
         wanted = {t: src for t, src in self.sources.items() if src in DYNAMIC}
         if not wanted:
@@ -417,7 +399,7 @@ class Exposure:
         from longexposure.attention_backends import SLOT_ATTR, register_transformers_attention, set_layout
 
         for i, layer in enumerate(self.layers):
-            attn = _resolve(layer, LAYOUTS[self.family]["attn"])
+            attn = resolve(layer, self.arch.attn)
             p = getattr(attn, "attention_dropout", getattr(attn, "dropout", 0.0))
             p = p.p if isinstance(p, nn.Dropout) else p
             if p and self.model.training:
@@ -430,7 +412,7 @@ class Exposure:
         self._set_attn_implementation(name)
         self._undo.append(lambda: self._set_attn_implementation(old))
         for i, layer in enumerate(self.layers):
-            attn = _resolve(layer, LAYOUTS[self.family]["attn"])
+            attn = resolve(layer, self.arch.attn)
 
             def pre_hook(module, args, kwargs, i=i):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -449,7 +431,7 @@ class Exposure:
             cfg._attn_implementation = name
 
     def _patch_mlp(self, i: int, layer: nn.Module) -> None:
-        fc1_name, fc2_name, act_name = LAYOUTS[self.family]["mlp"]
+        fc1_name, fc2_name, act_name = self.arch.mlp.fc1, self.arch.mlp.fc2, self.arch.mlp.act
         fc1, fc2 = getattr(layer, fc1_name), getattr(layer, fc2_name)
         base1, base2 = getattr(fc1, "base_layer", fc1), getattr(fc2, "base_layer", fc2)
         backend = MLP_BACKENDS.get(self.config.mlp_backend)(block_size=self.config.mlp_block)
@@ -513,11 +495,13 @@ class Exposure:
         """
         self.steps_done += 1
         self._record_step_density()
-        if not self.config.refresh_every or self.steps_done % self.config.refresh_every or not self._mlp_inputs:
+        if not self.config.refresh_every:
             return
+        due = self.steps_done % self.config.refresh_every == 0 and self._mlp_inputs
+        # timed every step (zero when none is due), so every step has the same phases
         timing = timer.region("refresh_ms") if timer is not None else contextlib.nullcontext()
         with timing:
-            for layer, x in sorted(self._mlp_inputs.items()):
+            for layer, x in sorted(self._mlp_inputs.items()) if due else ():
                 row = self._refreshers[layer](x)
                 row.update(layer=layer, step=self.steps_done)
                 self.refreshes[layer] = row

@@ -90,8 +90,9 @@ def finetune(
     losses: list[dict[str, float]] = []
     pending: list[tuple[torch.Tensor, Timer]] = []
     times: dict[str, list[float]] = {}
-    log_lines = not sys.stderr.isatty()
-    bar = tqdm(range(1, steps + 1), desc="finetune", unit="step", disable=None)
+    main_rank = trainer.dp is None or trainer.dp.is_main  # under torchrun, rank 0 logs and writes
+    log_lines = main_rank and not sys.stderr.isatty()
+    bar = tqdm(range(1, steps + 1), desc="finetune", unit="step", disable=None if main_rank else True)
     for step in bar:
         timer = Timer(dev)  # one per step: per-step times, read back once per log interval
         pending.append((trainer.step(timer), timer))
@@ -122,7 +123,7 @@ def finetune(
         "ms_per_step": {k: Stats.of(v).to_dict() for k, v in times.items()},
         "info": trainer.describe(),
     }
-    if out is not None:
+    if out is not None and main_rank:
         out.mkdir(parents=True, exist_ok=True)
         (out / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in losses))
         summary["saved"] = str(save_trained(trainer.model, out))
@@ -273,8 +274,19 @@ def main(args: argparse.Namespace) -> int:
         cuda_graph=args.cuda_graph,
         compile=args.compile,
     )
-    setup = prepare_inputs(setup, args.reorder_batches, args.predictor_batches, args.predictor_steps, args.device,
-                           args.seed)  # fmt: skip
+    from longexposure import distributed
+
+    dp, _ = distributed.join(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    prepare = lambda: prepare_inputs(setup, args.reorder_batches, args.predictor_batches,  # noqa: E731
+                                     args.predictor_steps, args.device, args.seed)  # fmt: skip
+    if dp is None:
+        setup = prepare()
+    else:  # under torchrun: rank 0 makes what is cached (checkpoints, predictors), then the others reuse it
+        import torch.distributed as dist
+
+        made = prepare() if dp.is_main else None
+        dist.barrier()
+        setup = made if made is not None else prepare()
     summary = finetune(
         setup,
         args.steps,
@@ -283,6 +295,8 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         log_every=args.log_every,
     )
+    if dp is not None and not dp.is_main:
+        return 0
     total = summary["ms_per_step"]["total_ms"]
     print(
         f"final loss {summary['final_loss']:.4f}; {total['p50']:.1f} ms/step (median of {total['n']} steps after "

@@ -16,10 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from longexposure.compiled_model import decoder_layers
-from longexposure.models import family_of
-
-FC1 = {"opt": "fc1"}  # families whose ReLU MLP the exposer reads
+from longexposure.arch import decoder_layers, family
 
 
 def _mean(values: list[float]) -> float | None:
@@ -39,11 +36,12 @@ def held_out_metrics(
     """Mean loss over `batches`; per-layer MLP exposer density and, for predicted MLP patterns, the
     prediction's density and recall against the exposer (means over batches, then over layers)."""
     from longexposure.predictors.lowrank import PredictorConfig
+    from longexposure.predictors.offline import _mlp_truth, evaluate_mlp
     from longexposure.predictors.refresh import layer_data
-    from longexposure.predictors.training import _mlp_truth, evaluate_mlp
 
     predicted = exposure is not None and exposure.sources.get("mlp") == "predicted"
-    fc1_name = FC1.get(family_of(model))
+    relu = family(model).mlp  # the ReLU MLP the exposer reads (None: the family has none)
+    fc1_name = relu.fc1 if relu is not None else None
     layers = decoder_layers(model) if fc1_name else []
     inputs: dict[int, torch.Tensor] = {}
     hooks = [

@@ -33,14 +33,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from longexposure.backends import BackendUnavailable, why_triton_cannot_run
 from longexposure.ops.neuron_block_mlp import LowRank, check_active_set, neuron_block_mlp, neuron_major_
 from longexposure.registry import MLP_BACKENDS
 
 _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-class BackendUnavailable(RuntimeError):
-    """An explicitly requested backend cannot run on this device / dtype / installation."""
 
 
 class MLPBackend:
@@ -150,14 +147,9 @@ class TritonMLP(MLPBackend):
             from longexposure.kernels import neuron_block_mlp as kernels
         except ImportError as exc:
             raise BackendUnavailable(f"mlp backend 'triton' needs Triton: {exc}") from exc
-        device = torch.device(device)
-        if device.type == "cpu" and not kernels.INTERPRET:
-            raise BackendUnavailable(
-                "mlp backend 'triton' on the CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before "
-                "longexposure.kernels is imported (or run on a CUDA device)"
-            )
-        if device.type == "cuda" and kernels.INTERPRET:
-            raise BackendUnavailable("mlp backend 'triton': TRITON_INTERPRET=1 is set, so CUDA tensors cannot run")
+        why = why_triton_cannot_run(torch.device(device), kernels.INTERPRET)
+        if why:
+            raise BackendUnavailable(f"mlp backend 'triton' cannot run here: {why}")
 
     def prepare(self, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
         super().prepare(fc1_weight, fc1_bias, neuron_major_(fc2_weight), fc2_bias)

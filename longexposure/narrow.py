@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from longexposure.profiling import LAYOUT, _family, decoder_layers
+from longexposure.profiling import decoder_layers, relu_family
 from longexposure.replay import RecordedProfile
 
 
@@ -28,20 +28,20 @@ def _replace(layer: nn.Module, path: str, new: nn.Module) -> None:
 def narrow_mlp_(model: nn.Module, keep: Sequence[Tensor], block: int) -> list[int]:
     """In place: layer l's fc1 / fc2 become Linear layers over the neurons of blocks `keep[l]` (block ids);
     returns each layer's new hidden width. Weights and biases of the kept neurons are copied unchanged."""
-    layout = LAYOUT[_family(model)]
+    mlp = relu_family(model).mlp
     layers = decoder_layers(model)
     if len(keep) != len(layers):
         raise ValueError(f"narrow_mlp_: {len(keep)} block lists for {len(layers)} layers")
     neurons = []  # everything is checked first, so a refusal leaves the model as it was
     for i, (layer, ids) in enumerate(zip(layers, keep, strict=True)):
-        for part in ("fc1", "fc2"):
-            mod = layer.get_submodule(layout[part])
+        for part in (mlp.fc1, mlp.fc2):
+            mod = layer.get_submodule(part)
             if type(mod) is not nn.Linear:
                 raise TypeError(
-                    f"narrow_mlp_: layer {i} {layout[part]} is a {type(mod).__name__}, not nn.Linear; narrow the "
+                    f"narrow_mlp_: layer {i} {part} is a {type(mod).__name__}, not nn.Linear; narrow the "
                     "model before applying a PEFT method"
                 )
-        ffn = layer.get_submodule(layout["fc1"]).out_features
+        ffn = layer.get_submodule(mlp.fc1).out_features
         ids = torch.as_tensor(ids).flatten().long().cpu()
         if ffn % block:
             raise ValueError(f"layer {i}: ffn {ffn} is not a multiple of the block size {block}")
@@ -49,7 +49,7 @@ def narrow_mlp_(model: nn.Module, keep: Sequence[Tensor], block: int) -> list[in
             raise ValueError(f"layer {i}: block ids must lie in [0, {ffn // block}), got {ids.min()}..{ids.max()}")
         neurons.append((ids[:, None] * block + torch.arange(block)).flatten())
     for layer, idx in zip(layers, neurons, strict=True):
-        fc1, fc2 = layer.get_submodule(layout["fc1"]), layer.get_submodule(layout["fc2"])
+        fc1, fc2 = layer.get_submodule(mlp.fc1), layer.get_submodule(mlp.fc2)
         idx = idx.to(fc1.weight.device)
         kw = {"device": fc1.weight.device, "dtype": fc1.weight.dtype}
         new1 = nn.Linear(fc1.in_features, idx.numel(), bias=fc1.bias is not None, **kw)
@@ -60,17 +60,17 @@ def narrow_mlp_(model: nn.Module, keep: Sequence[Tensor], block: int) -> list[in
         new2.weight.copy_(fc2.weight[:, idx])
         if fc2.bias is not None:
             new2.bias.copy_(fc2.bias)
-        _replace(layer, layout["fc1"], new1)
-        _replace(layer, layout["fc2"], new2)
+        _replace(layer, mlp.fc1, new1)
+        _replace(layer, mlp.fc2, new2)
     return [int(idx.numel()) for idx in neurons]
 
 
 def narrow_to_profile_(model: nn.Module, profile: RecordedProfile, theta: float, block: int) -> list[float]:
     """`narrow_mlp_` to the blocks that replaying `profile` keeps (`RecordedProfile.mlp_blocks`, the same
     rule the `replay` source uses); returns each layer's kept fraction of the neurons."""
-    layout = LAYOUT[_family(model)]  # a clear error for an architecture without a ReLU MLP
+    mlp = relu_family(model).mlp  # a clear error for an architecture without a ReLU MLP
     layers = decoder_layers(model)
-    ffn = layers[0].get_submodule(layout["fc1"]).out_features
+    ffn = layers[0].get_submodule(mlp.fc1).out_features
     profile.check_model(len(layers), ffn)
     widths = narrow_mlp_(model, [profile.mlp_blocks(i, block, theta) for i in range(len(layers))], block)
     return [w / ffn for w in widths]

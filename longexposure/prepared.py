@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from longexposure.paths import cache_dir, write_text_atomic
 from longexposure.training import TrainingSetup, split_option
 
 PREDICTOR_OPTIONS = ("mlp_block", "attn_block", "theta", "tau")
@@ -26,7 +27,7 @@ PREDICTOR_OPTIONS = ("mlp_block", "attn_block", "theta", "tau")
 def pretrained_weights(preset: str, steps: int | None) -> Path:
     """The cached pretrained checkpoint of `preset`, pretraining it first when there is none or only an
     interrupted save (`config.json` is written first; its `pretrain.json` marks it complete)."""
-    from longexposure.pretrain import cache_dir, is_complete, pretrain
+    from longexposure.pretrain import is_complete, pretrain
 
     path = cache_dir() / preset
     if not is_complete(path):
@@ -66,7 +67,6 @@ def reordered_weights(
     the case's data (seed + 2: neither the fine-tuning nor the predictors' batches); cached. Returns the
     checkpoint and a note saying what the permutation was computed on."""
     from longexposure.models import build_model
-    from longexposure.pretrain import cache_dir, write_text_atomic
     from longexposure.reorder import neuron_stats, reorder_mlp_
 
     key = {
@@ -101,8 +101,7 @@ def auto_predictors(
     """Train (or reuse) the predictor bank of `weights` (None: the preset's random init, seeded) for this
     case's data and exposure options: `batches` batches drawn with seed + 1, `steps` training steps."""
     from longexposure.predictors.fit import fit_predictors_for
-    from longexposure.predictors.training import PredictorBank
-    from longexposure.pretrain import cache_dir
+    from longexposure.predictors.offline import PredictorBank
 
     exposure = case.exposure or {}
     opts = {k: exposure[k] for k in PREDICTOR_OPTIONS if k in exposure}

@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import IO, Any
@@ -53,6 +52,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from longexposure.paths import cache_dir, default_tokenizer, write_atomic, write_text_atomic
 
 CORPUS_NAME = "python3.11-doc"
 CORPUS_PACKAGE = "python3.11-doc"
@@ -79,45 +80,6 @@ def _one_line(text: str, limit: int = 200) -> str:
     """The last non-empty line of a tool's output, shortened: error messages stay one line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return (lines[-1] if lines else "no output")[-limit:]
-
-
-def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """`write(file)` into a temporary file beside `path`, synced, then renamed over it: readers see no
-    file, the old one or the whole new one, never a torn write."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    return write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def cache_dir() -> Path:
-    """`$LONGEXPOSURE_CACHE`, else `~/.cache/longexposure` (never inside the repository)."""
-    return Path(os.environ.get("LONGEXPOSURE_CACHE") or Path.home() / ".cache" / "longexposure").expanduser()
-
-
-def default_tokenizer() -> Path:
-    """The OPT tokenizer in `shared/data/opt-tokenizer` (env `LONGEXPOSURE_TOKENIZER` overrides)."""
-    if os.environ.get("LONGEXPOSURE_TOKENIZER"):
-        return Path(os.environ["LONGEXPOSURE_TOKENIZER"])
-    from longexposure.suite.runner import shared_dir
-
-    shared = shared_dir()
-    if shared is None:
-        raise FileNotFoundError(
-            "no OPT tokenizer: set LONGEXPOSURE_TOKENIZER or LONGEXPOSURE_SHARED (shared/data/opt-tokenizer)"
-        )
-    return shared / "data" / "opt-tokenizer"
 
 
 # ----------------------------------------------------------------------------------------------- corpus

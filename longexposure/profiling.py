@@ -7,7 +7,8 @@ queries and keys. `profile_layers` turns those into one row per (layer, policy) 
 attention mass the policy keeps; `per_token_vs_sequence` gives the Fig. 4 contrast: the fraction of
 neurons silent for one token vs. silent for a whole sequence (and a whole batch).
 
-Module names per architecture are data (`LAYOUT`); only ReLU families have MLP activation sparsity.
+Module names per architecture are data (`longexposure.arch.FAMILIES`); only ReLU families have MLP activation
+sparsity.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from longexposure.arch import FAMILIES, Family, base_model
 from longexposure.exposers import (
     AttentionExposer,
     MlpExposer,
@@ -29,34 +31,21 @@ from longexposure.exposers import (
     make_exposer,
 )
 
-# Per family: where the decoder layers are, and each layer's MLP / attention modules.
-LAYOUT: dict[str, dict[str, str]] = {
-    "opt": {
-        "layers": "model.decoder.layers",
-        "fc1": "fc1",
-        "fc2": "fc2",
-        "act": "activation_fn",
-        "q": "self_attn.q_proj",
-        "k": "self_attn.k_proj",
-        "attn": "self_attn",
-    },
-}
+# Families with a ReLU MLP (`arch.Family.mlp`): the only ones with MLP activation sparsity to profile.
+RELU_FAMILIES = sorted(name for name, fam in FAMILIES.items() if fam.mlp is not None)
 
 
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _family(model: torch.nn.Module) -> str:
-    kind = getattr(getattr(_base(model), "config", None), "model_type", None)
-    if kind not in LAYOUT:
-        raise ValueError(f"profiling supports model types {sorted(LAYOUT)} (ReLU OPT family), got {kind!r}")
-    return kind
+def relu_family(model: torch.nn.Module) -> Family:
+    """The family entry of a (possibly PEFT-wrapped) model with a ReLU MLP; an error names the others."""
+    kind = getattr(getattr(base_model(model), "config", None), "model_type", None)
+    if kind not in RELU_FAMILIES:
+        raise ValueError(f"profiling supports model types {RELU_FAMILIES} (ReLU OPT family), got {kind!r}")
+    return FAMILIES[kind]
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder layers of a (possibly PEFT-wrapped) supported model."""
-    return list(_base(model).get_submodule(LAYOUT[_family(model)]["layers"]))
+    return list(base_model(model).get_submodule(relu_family(model).layers))
 
 
 def layer_part(model: torch.nn.Module, layer: torch.nn.Module, part: str, *, base: bool = True) -> Any:
@@ -65,7 +54,8 @@ def layer_part(model: torch.nn.Module, layer: torch.nn.Module, part: str, *, bas
     With `base` (default), a peft LoRA layer is unwrapped to its frozen base layer (the weights the
     operators and predictors read); `base=False` keeps the wrapper (whose output includes LoRA).
     """
-    path = LAYOUT[_family(model)][part]
+    fam = relu_family(model)
+    path = {"fc1": fam.mlp.fc1, "fc2": fam.mlp.fc2, "act": fam.mlp.act, "q": fam.q, "k": fam.k, "attn": fam.attn}[part]
     obj: Any = layer
     for name in path.split("."):
         obj = getattr(obj, name)
@@ -73,7 +63,7 @@ def layer_part(model: torch.nn.Module, layer: torch.nn.Module, part: str, *, bas
 
 
 def num_heads(model: torch.nn.Module) -> int:
-    return int(_base(model).config.num_attention_heads)
+    return int(base_model(model).config.num_attention_heads)
 
 
 @dataclass

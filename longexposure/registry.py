@@ -134,6 +134,7 @@ TASKS: Registry[Callable[..., Any]] = Registry(
         "longexposure.tasks.attention_operator",
         "longexposure.tasks.sparsity_profile",
         "longexposure.tasks.peer_systems",
+        "longexposure.tasks.evaluate",
     ),
 )
 

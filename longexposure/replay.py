@@ -36,7 +36,7 @@ class RecordedProfile:
         the working directory), so the call works from any directory.
         """
         if shared_dir is None:
-            from longexposure.suite.runner import shared_dir as find_shared
+            from longexposure.paths import shared_dir as find_shared
 
             shared_dir = find_shared()
             if shared_dir is None:

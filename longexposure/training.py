@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from longexposure import distributed
 from longexposure.data import load_batches
 from longexposure.hf_compat import causal_mask_under_capture
 from longexposure.measure import Timer
@@ -48,6 +49,7 @@ class TrainingSetup:
         attn: attention implementation (`eager`, `sdpa`, or a registered AttentionInterface name).
         dataset, data_path: dataset name and where its files are; data_split: the dataset's split (e2e:
             `train` / `held-out`, disjoint meaning representations; None: the dataset's default).
+        batch: sequences per step (per rank under torchrun: the global batch is batch x ranks).
         precision: `fp32`, `fp16-amp` or `bf16-amp`.
         compile: compile each decoder layer and the loss with torch.compile (see the module docstring).
         cuda_graph: capture forward + backward in a CUDA graph and replay it (see the module docstring);
@@ -99,8 +101,11 @@ class TrainingSetup:
                 raise ValueError("narrow_mlp replaces the MLP: its exposure must set mlp: false")
 
 
-def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    """Build the model, apply the method, and place parameters in their training dtypes."""
+def prepare_model(
+    setup: TrainingSetup, device: torch.device, seed: int = 0
+) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """Build the model, apply the method, and place parameters in their training dtypes. Returns the model and
+    what `narrow_mlp` did to it (profile, theta, block, mlp_density_per_layer; None without narrow_mlp)."""
     model = build_model(
         setup.model,
         weights=setup.weights,
@@ -110,12 +115,13 @@ def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> 
         **setup.model_options,
     )
     model.config.use_cache = False  # training: no KV cache (it also makes torch.compile recompile per layer)
+    narrowed = None
     if setup.narrow_mlp is not None:
         from longexposure.narrow import narrow_to_profile_
 
         opts = setup.narrow_mlp
         profile, theta, block = load_profile(opts["profile"]), float(opts.get("theta", 0.1)), int(opts.get("block", 64))
-        model.config.longexposure_narrowed_mlp = {
+        narrowed = {
             "profile": profile.source,
             "theta": theta,
             "block": block,
@@ -130,7 +136,7 @@ def prepare_model(setup: TrainingSetup, device: torch.device, seed: int = 0) -> 
         for module in model.modules():  # peft: autocast does the casting (see the module docstring)
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
-    return model
+    return model, narrowed
 
 
 def split_option(split: str | None) -> dict[str, str]:
@@ -144,7 +150,7 @@ def load_profile(profile: str):
     from longexposure.replay import RecordedProfile
 
     if profile == "reference":
-        from longexposure.suite.runner import shared_dir
+        from longexposure.paths import shared_dir
 
         root = shared_dir()
         if root is None:
@@ -173,8 +179,10 @@ class Trainer:
 
     def __init__(self, setup: TrainingSetup, device: torch.device | str, seed: int = 0):
         self.setup = setup
-        self.device = torch.device(device)
-        self.model = prepare_model(setup, self.device, seed)
+        # under torchrun: join the job (this rank's device), train on this rank's slice of each global batch
+        self.dp, self.device = distributed.join(torch.device(device))
+        # narrowed_mlp: what setup.narrow_mlp cut (None without it), for describe()
+        self.model, self.narrowed_mlp = prepare_model(setup, self.device, seed)
         self.exposure = None
         if setup.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, got {self.device}")
@@ -192,7 +200,7 @@ class Trainer:
 
             reset_dynamo_counters()  # so describe() counts this model's compilations only
             self.compiled = compile_layers_(self.model)
-        self.forward = self.model
+        self.forward = distributed.wrap(self.model, self.dp, self.device) if self.dp else self.model
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         fused = self.device.type == "cuda" and all(p.is_floating_point() for p in self.trainable)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=setup.lr, fused=fused or None)
@@ -200,7 +208,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.batches = load_batches(
             setup.dataset,
-            batch=setup.batch,
+            batch=distributed.global_batch(setup.batch, self.dp),
             seq_len=setup.seq_len,
             vocab_size=self.model.config.vocab_size,
             path=setup.data_path,
@@ -219,7 +227,7 @@ class Trainer:
 
     def step(self, timer: Timer) -> torch.Tensor:
         """One optimizer step on the next batch; returns the (detached) loss without a host sync."""
-        batch = next(self.batches)
+        batch = distributed.shard(next(self.batches), self.dp)
         if self.setup.cuda_graph:
             return self._graph_step(batch, timer)
         if self.exposure is not None and self.exposure.dynamic:
@@ -292,6 +300,10 @@ class Trainer:
             "precision": self.setup.precision,
             "compiled": self.setup.compile,
             "cuda_graph": self.setup.cuda_graph,
+            "data_parallel": None
+            if self.dp is None
+            else f"DDP over {self.dp.world_size} ranks ({self.dp.backend}), per-rank batch {self.setup.batch}, "
+            f"global batch {self.setup.batch * self.dp.world_size}; this row is rank {self.dp.rank}'s",
             "optimizer": f"AdamW ({'fused' if self.optimizer.defaults.get('fused') else 'for-each'})",
         }
         if self.setup.compile:
@@ -300,7 +312,7 @@ class Trainer:
             info.update(self.compiled, **dynamo_counters())
         if self.exposure is not None:
             info.update(self.exposure.report())
-        narrowed = getattr(self.model.config, "longexposure_narrowed_mlp", None)
+        narrowed = self.narrowed_mlp
         if narrowed is not None:
             dens = narrowed["mlp_density_per_layer"]
             mean = sum(dens) / len(dens)

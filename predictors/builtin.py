@@ -85,7 +85,7 @@ def oracle(model: nn.Module, layer: int, config: PredictorConfig) -> nn.Module:
 
 
 @PREDICTORS.register("random", targets=("mlp", "attention"), trainable=False, help="random blocks, oracle's density")
-def random(model: nn.Module, layer: int, config: PredictorConfig) -> nn.Module:
+def random_blocks(model: nn.Module, layer: int, config: PredictorConfig) -> nn.Module:
     base = _oracle(model, layer, config)
     return MlpRandom(base, config) if config.target == "mlp" else AttnRandom(base, config)  # type: ignore[arg-type]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from longexposure.predictors.training import PredictorBank, collect, train_bank
+from longexposure.predictors.offline import PredictorBank, collect, train_bank
 from tqdm import tqdm
 
 

@@ -19,7 +19,8 @@ How the reduction works (the same decision rule as the exposer the predictor imi
                the `long-exposure` rule: per head the fewest blocks keeping >= tau (+ tau_slack) of
                each row's predicted mass, snapped to atoms.
 
-Predictor models here; the registry entries are in `builtin.py`, training in `training.py`.
+Predictor models here; the registry entries are in `builtin.py`, offline training in `offline.py`, the online
+refresh in `refresh.py`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from longexposure.predictors.training import LayerData, calibrate_mlp, evaluate_mlp, mlp_block_stats, train_mlp
+from longexposure.predictors.offline import LayerData, calibrate_mlp, evaluate_mlp, mlp_block_stats, train_mlp
 from torch import Tensor, nn
 
 # slack multiplies theta: above 1 drops more blocks than the exposer's theta would, below 1 keeps more

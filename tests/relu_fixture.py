@@ -73,7 +73,7 @@ def e2e_ids() -> list[torch.Tensor]:
 @pytest.fixture(scope="session")
 def micro_layer_data(micro_model: torch.nn.Module, e2e_ids: list[torch.Tensor]):
     """(train, held-out) LayerData lists: 6 training batch units and 2 held-out ones, per layer."""
-    from longexposure.predictors.training import collect
+    from longexposure.predictors.offline import collect
 
     train = collect(micro_model, e2e_ids[:6], block_size=MLP_BLOCK, attn_block=ATTN_BLOCK)
     held_out = collect(micro_model, e2e_ids[6:], block_size=MLP_BLOCK, attn_block=ATTN_BLOCK)

@@ -14,12 +14,12 @@ from numerics import assert_close
 from longexposure.attention.pattern_pool import Atom
 from longexposure.attention_backends import (
     SLOT_ATTR,
-    BackendUnavailable,
     attention,
     get_backend,
     register_transformers_attention,
     set_layout,
 )
+from longexposure.backends import BackendUnavailable
 from longexposure.mask_policies import mask_layout
 from longexposure.ops.block_sparse_attention import reference_attention
 from longexposure.registry import ATTENTION_BACKENDS, MASK_POLICIES, RegistryError

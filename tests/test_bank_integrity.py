@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from longexposure.predictors.lowrank import PredictorError
-from longexposure.predictors.training import PredictorBank, weights_id
+from longexposure.predictors.offline import PredictorBank, weights_id
 
 from longexposure.models import build_model
 
@@ -41,7 +41,7 @@ def saved(tmp_path, model):
 
 def _rewrite_state(directory, state) -> None:
     """Replace predictors.pt and record it in the JSON as a save would: only the contents are wrong."""
-    from longexposure.predictors.training import _sha256
+    from longexposure.predictors.offline import _sha256
 
     pt = directory / "predictors.pt"
     torch.save(state, pt)

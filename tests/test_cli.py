@@ -102,8 +102,8 @@ def _tiny_mlp_suite(tmp_path, backend: str):
 @pytest.mark.parametrize(
     "raised, user",
     [
-        (lambda: _backend_unavailable("attention")("attention backend 'flex' does not run on cpu"), True),
-        (lambda: _backend_unavailable("mlp")("mlp backend 'triton' needs Triton"), True),
+        (lambda: _backend_unavailable()("attention backend 'flex' does not run on cpu"), True),
+        (lambda: _backend_unavailable()("mlp backend 'triton' needs Triton"), True),
         (lambda: _chain(RuntimeError("case x failed"), FileNotFoundError("no data at /x")), True),
         (lambda: _chain(RuntimeError("case x failed"), KeyError("k")), False),
         (lambda: KeyError("a bug's missing key"), False),
@@ -128,10 +128,10 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(raised, user, mo
             main(["list"])
 
 
-def _backend_unavailable(kind: str) -> type[Exception]:
-    import importlib
+def _backend_unavailable() -> type[Exception]:
+    from longexposure.backends import BackendUnavailable
 
-    return importlib.import_module(f"longexposure.{kind}_backends").BackendUnavailable
+    return BackendUnavailable
 
 
 def _chain(outer: Exception, cause: Exception) -> Exception:

@@ -4,7 +4,7 @@ step trains like an eager one."""
 import pytest
 import torch
 
-from longexposure.compiled_model import decoder_layers
+from longexposure.arch import decoder_layers
 from longexposure.measure import Timer
 from longexposure.training import Trainer, TrainingSetup
 

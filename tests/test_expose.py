@@ -235,13 +235,12 @@ def test_default_backends_on_a_cpu_without_triton_are_the_torch_ones_and_the_rep
 
 def test_a_named_triton_backend_never_falls_back(cpu_without_triton):
     """An explicit `triton` that cannot run is an error at expose, naming the cause; nothing is patched."""
-    from longexposure.attention_backends import BackendUnavailable as AttentionUnavailable
-    from longexposure.mlp_backends import BackendUnavailable as MlpUnavailable
+    from longexposure.backends import BackendUnavailable
 
     _, model = pair("opt-tiny", "lora")
-    with pytest.raises(MlpUnavailable, match="TRITON_INTERPRET=1"):
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
         expose(model, _config(mlp_backend="triton"))
-    with pytest.raises(AttentionUnavailable, match="TRITON_INTERPRET=1"):
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
         expose(model, _config(attention_backend="triton", mlp=False))
     assert getattr(model, "long_exposure", None) is None
     fc1 = model.get_base_model().model.decoder.layers[0].fc1

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from longexposure.predictors.training import PredictorBank
+from longexposure.predictors.offline import PredictorBank
 from relu_fixture import micro_checkpoint  # noqa: F401
 
 from longexposure.cli import main

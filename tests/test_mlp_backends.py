@@ -7,7 +7,8 @@ import torch
 from numerics import assert_close
 from test_neuron_block_mlp import DEVICE, NAMES, make_problem, run
 
-from longexposure.mlp_backends import BackendUnavailable, capabilities
+from longexposure.backends import BackendUnavailable
+from longexposure.mlp_backends import capabilities
 from longexposure.ops.neuron_block_mlp import LowRank, is_neuron_major, neuron_block_mlp_reference
 from longexposure.registry import MLP_BACKENDS, RegistryError
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from longexposure.predictors.builtin import build_predictor
 from longexposure.predictors.lowrank import PredictorConfig, PredictorError
-from longexposure.predictors.training import (
+from longexposure.predictors.offline import (
     PredictorBank,
     evaluate_attention,
     evaluate_mlp,

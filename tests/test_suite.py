@@ -7,7 +7,8 @@ import torch
 
 from longexposure.registry import TASKS
 from longexposure.suite.config import SuiteError, load_suite
-from longexposure.suite.runner import read_rows, run_suite
+from longexposure.suite.results import read_rows
+from longexposure.suite.runner import run_suite
 
 SUITES = sorted((Path(__file__).resolve().parents[1] / "suites").glob("*.yaml"))
 

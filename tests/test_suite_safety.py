@@ -12,7 +12,8 @@ import pytest
 from longexposure.cli import main
 from longexposure.registry import TASKS
 from longexposure.suite.config import SuiteError, load_suite
-from longexposure.suite.runner import read_rows, run_suite
+from longexposure.suite.results import read_rows
+from longexposure.suite.runner import run_suite
 from longexposure.training import TrainingSetup
 
 CALLS: list[int] = []

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from numerics import assert_close
 
-from longexposure.methods.builtin import apply_method
+from longexposure.methods.builtin import apply_method, apply_method_reporting
 from longexposure.methods.sylva import collect_block_masks, unload_
 from longexposure.methods.sylva_importance import (
     block_importance,
@@ -162,14 +162,13 @@ SYLVA_OPTS = dict(
 @pytest.mark.parametrize("arch", ["opt-tiny", "gpt2-tiny", "llama-tiny"])
 @pytest.mark.parametrize("method", ["sylva", "kfac-pruner"])
 def test_trainable_parameters_are_exactly_the_compact_blocks(arch, method):
-    model = apply_method(build_model(arch), method, **SYLVA_OPTS)
+    model, info = apply_method_reporting(build_model(arch), method, **SYLVA_OPTS)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(re.fullmatch(r".*\.values", n) for n in names)
     assert len(names) == len(sylva_layers(model)) > 0
     ids = torch.randint(0, 1000, (2, 12))
     model(input_ids=ids, labels=ids).loss.backward()
     assert {n for n, p in model.named_parameters() if p.grad is not None} == names
-    info = model.peer_method_info
     assert info["mask_source"] == ("hierarchical" if method == "sylva" else "exact") and info["factor_bytes"] > 0
 
 

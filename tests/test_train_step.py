@@ -26,7 +26,7 @@ def test_train_step_reports_every_phase_and_the_sources(tmp_path, model):
 
 def test_mixed_precision_keeps_trainable_fp32_and_frozen_low():
     case = TrainStepCase(model="opt-tiny", method="lora", precision="bf16-amp")
-    model = prepare_model(case, torch.device("cpu"))
+    model, _ = prepare_model(case, torch.device("cpu"))
     dtypes = {p.requires_grad: p.dtype for p in model.parameters()}
     assert dtypes == {True: torch.float32, False: torch.bfloat16}
 

@@ -174,7 +174,7 @@ def e2e(
     split: str = "all",
 ) -> Batches:
     if path is None:  # the copy in the shared directory, read in place (never copied into the project)
-        from longexposure.suite.runner import shared_dir
+        from longexposure.paths import shared_dir
 
         root = shared_dir()
         if root is not None and (root / "data" / "e2e").is_dir():

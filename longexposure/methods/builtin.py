@@ -1,16 +1,19 @@
 """The paper's PEFT methods: full fine-tuning, LoRA, Houlsby adapters, BitFit, P-Tuning.
 
 Each method takes a base model, leaves exactly its own parameters trainable (everything else frozen)
-and returns the model to train (peft-wrapped where peft implements the method).
+and returns the model to train (peft-wrapped where peft implements the method), or `(model, info)` when it
+has something to report about itself (Sylva / K-FAC pruner / SP-LoRA: mask source, factor bytes, ...):
+`apply_method` gives the model, `apply_method_reporting` the model and that info.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
+from longexposure.arch import FAMILIES, family_of
 from longexposure.methods.adapter import attach_adapter
-from longexposure.methods.targets import TARGETS
-from longexposure.models.factory import family_of
 from longexposure.registry import PEFT_METHODS
 
 
@@ -36,7 +39,7 @@ def lora(
 ) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    targets = list(target_modules or TARGETS[family_of(model)]["lora"])
+    targets = list(target_modules or FAMILIES[family_of(model)].lora)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
@@ -44,15 +47,16 @@ def lora(
 @PEFT_METHODS.register("adapter", help="Houlsby adapters after attention and MLP, plus layer norms")
 def adapter(model: nn.Module, bottleneck: int = 64, train_layer_norms: bool = True) -> nn.Module:
     family = family_of(model)
+    names = FAMILIES[family]
     freeze(model)
     dim = model.config.hidden_size
-    targets = _modules_ending_with(model, TARGETS[family]["attn_out"] + TARGETS[family]["mlp_out"])
+    targets = _modules_ending_with(model, names.attn_out + names.mlp_out)
     if not targets:
         raise ValueError(f"no attention/MLP output modules found for family {family!r}")
     for _, module in targets:
         attach_adapter(module, dim, bottleneck)
     if train_layer_norms:
-        for _, norm in _modules_ending_with(model, TARGETS[family]["norms"]):
+        for _, norm in _modules_ending_with(model, names.norms):
             for p in norm.parameters():
                 p.requires_grad_(True)
     return model
@@ -81,10 +85,16 @@ def p_tuning(model: nn.Module, num_virtual_tokens: int = 20, encoder_hidden_size
 
 def apply_method(model: nn.Module, name: str, **options) -> nn.Module:
     """Look `name` up and apply it; unknown options are an error naming the method."""
+    return apply_method_reporting(model, name, **options)[0]
+
+
+def apply_method_reporting(model: nn.Module, name: str, **options) -> tuple[nn.Module, dict[str, Any]]:
+    """`apply_method`, and what the method reports about itself ({} for a method that reports nothing)."""
     method = PEFT_METHODS.get(name)
     try:
-        return method(model, **options)
+        result = method(model, **options)
     except TypeError as exc:
         if "unexpected keyword" in str(exc):
             raise TypeError(f"PEFT method {name!r}: {exc}") from None
         raise
+    return result if isinstance(result, tuple) else (result, {})

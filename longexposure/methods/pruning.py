@@ -1,7 +1,7 @@
 """Post-training pruning front-ends for the sparsity-preserving methods, chosen by name.
 
 `prune_(model, "magnitude" | "wanda", sparsity)` zeroes weights of every linear projection inside the
-transformer blocks (the table below, per architecture; embeddings and the LM head are untouched):
+transformer blocks (`arch.Family.projections`, per architecture; embeddings and the LM head are untouched):
 
   - `magnitude`: score |W|, lowest scores pruned per layer (unstructured) or per group (N:M).
   - `wanda` (Sun et al., 2024): score |W_ij| * ||X_j||_2 with X the layer's calibration inputs;
@@ -19,17 +19,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from longexposure.models.factory import family_of
-
-# Every linear projection inside a transformer block, per architecture (suffixes of module names).
-SPARSE_TARGETS: dict[str, tuple[str, ...]] = {
-    "opt": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
-    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-    "llama": (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-    ),
-}  # fmt: skip
+from longexposure.arch import family
 
 PRUNERS = ("magnitude", "wanda")
 
@@ -40,7 +30,7 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def linear_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every block linear projection; an error if none match the family's table."""
-    suffixes = SPARSE_TARGETS[family_of(model)]
+    suffixes = family(model).projections  # every linear projection inside a transformer block
     found = [
         (n, m) for n, m in model.named_modules() if n.endswith(suffixes) and (isinstance(m, nn.Linear) or is_conv1d(m))
     ]

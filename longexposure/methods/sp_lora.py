@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longexposure.methods.builtin import freeze
 from longexposure.methods.pruning import is_conv1d, linear_targets, prune_, weight_view
-from longexposure.ops.backend import BACKENDS, resolve_backend
+from longexposure.ops.backend import check_backend_name, resolve_backend
 from longexposure.ops.masked_low_rank import (
     masked_adapter_grads_restore_reference_,
     masked_low_rank_add_reference_,
@@ -125,8 +125,7 @@ class SparseLoRALinear(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown SP-LoRA variant {variant!r}; valid: {VARIANTS}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown SP-LoRA backend {backend!r}; valid: {BACKENDS}")
+        check_backend_name(backend, "SP-LoRA")
         self.backend, self.backend_ran = backend, None
         out_f, in_f = weight.shape
         self.in_features, self.out_features = in_f, out_f
@@ -266,7 +265,7 @@ def apply_sp_lora(
     calibration_seq_len: int = 128,
     seed: int = 0,
     backend: str = "auto",
-) -> nn.Module:
+) -> tuple[nn.Module, dict[str, Any]]:
     """Prune (optional) then wrap every block linear projection with a `variant` adapter; only adapters train.
 
     `backend` picks `sp-lora`'s fused Triton kernels or the torch reference (see `SparseLoRALinear`).
@@ -285,8 +284,7 @@ def apply_sp_lora(
         bias = m.bias.detach() if m.bias is not None else None
         source = "conv1d" if is_conv1d(m) else "linear"
         _set_module(model, name, SparseLoRALinear(w, bias, variant, rank, alpha, source, backend))
-    model.peer_method_info = info
-    return model
+    return model, info
 
 
 def _register(variant: str, help_text: str) -> None:
@@ -300,7 +298,7 @@ def _register(variant: str, help_text: str) -> None:
         calibration_seq_len: int = 128,
         seed: int = 0,
         backend: str = "auto",
-    ) -> nn.Module:
+    ) -> tuple[nn.Module, dict[str, Any]]:
         return apply_sp_lora(
             model, variant, rank, alpha, prune, sparsity, calibration_samples, calibration_seq_len, seed, backend
         )

@@ -232,7 +232,7 @@ def _sparse_method(
     values_dtype: str | torch.dtype | None,
     backend: str,
     seed: int,
-) -> nn.Module:
+) -> tuple[nn.Module, dict[str, Any]]:
     from longexposure.data import load_batches
     from longexposure.models import family_of
 
@@ -274,8 +274,7 @@ def _sparse_method(
     layers = embed_sparse_(model, masks, block, prune=prune, values_dtype=_dtype(values_dtype), backend=backend)
     report["layers"] = len(layers)
     report["trainable_blocks"] = sum(m.nnz_blocks for m in layers)
-    model.peer_method_info = report
-    return model
+    return model, report
 
 
 @PEFT_METHODS.register("sylva", help="Sylva: hierarchical K-FAC block mask, sparse weights embedded in dense W")
@@ -296,7 +295,7 @@ def sylva(
     values_dtype: str | None = None,
     backend: str = "auto",
     seed: int = 0,
-) -> nn.Module:
+) -> tuple[nn.Module, dict[str, Any]]:
     """Sylva on every block linear projection. `mask`: hierarchical (default), exact or random."""
     return _sparse_method(**locals(), factor="hierarchical", prune=False)
 
@@ -321,7 +320,7 @@ def kfac_pruner(
     values_dtype: str | None = None,
     backend: str = "auto",
     seed: int = 0,
-) -> nn.Module:
+) -> tuple[nn.Module, dict[str, Any]]:
     """The K-FAC pruner: exact factors (mask='exact' by default); weights outside the mask are zeroed."""
     return _sparse_method(**locals(), factor="exact", prune=True)
 

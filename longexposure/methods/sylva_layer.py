@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from longexposure.ops.backend import BACKENDS, resolve_backend
+from longexposure.ops.backend import check_backend_name, resolve_backend
 from longexposure.ops.block_sddmm import (
     block_adamw_reference,
     block_mask_to_dense,
@@ -84,8 +84,7 @@ class SylvaLinear(nn.Module):
                 f"mask shape {tuple(mask.shape)} does not fit weight {tuple(weight.shape)} at block "
                 f"{block}: expected {expect}"
             )
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown Sylva backend {backend!r}; valid: {BACKENDS}")
+        check_backend_name(backend, "Sylva")
         self.in_features, self.out_features, self.block = in_f, out_f, block
         self.backend, self.source, self.backend_ran = backend, source, None
         self.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)

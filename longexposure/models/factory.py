@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from longexposure.arch import FAMILIES
 from longexposure.registry import MODEL_PRESETS
 
 if TYPE_CHECKING:
@@ -22,18 +23,11 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-_CONFIG_TYPES = {"opt": "opt", "gpt2": "gpt2", "llama": "llama"}
-
-
-def family_of(model: torch.nn.Module) -> str:
-    """`opt`, `gpt2` or `llama` for a (possibly PEFT-wrapped) HF model; an error names other types."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _CONFIG_TYPES:
-        raise ValueError(
-            f"unsupported model type {model_type!r} ({type(model).__name__}); supported: {sorted(_CONFIG_TYPES)}"
-        )
-    return _CONFIG_TYPES[model_type]
+def _model_type(family: str) -> str:
+    """The HF `model_type` of a family (`arch.FAMILIES` is keyed by it)."""
+    if family not in FAMILIES:
+        raise KeyError(family)
+    return family
 
 
 def preset_config(name: str, **overrides: Any):
@@ -41,7 +35,7 @@ def preset_config(name: str, **overrides: Any):
     from transformers import AutoConfig
 
     preset = MODEL_PRESETS.get(name)
-    return AutoConfig.for_model(_CONFIG_TYPES[preset.family], **{**preset.config, **overrides})
+    return AutoConfig.for_model(_model_type(preset.family), **{**preset.config, **overrides})
 
 
 def build_model(

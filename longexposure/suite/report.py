@@ -14,6 +14,7 @@ from typing import Any
 from tabulate import tabulate
 
 from longexposure.suite.config import PRESETS, Suite, case_fields
+from longexposure.suite.results import META, RESULTS, read_rows
 
 # Setup keys named first in a heading (when the suite's cases have them), then the others.
 SETUP_FIRST = ("model", "weights", "batch", "seq_len", "tokens", "precision", "dtype", "dataset")
@@ -151,8 +152,6 @@ def _sources(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
 
 def write_report(suite: Suite, preset: str, out_dir: Path) -> tuple[Path, Path | None]:
     """Write table.md (and table.png when the suite has a plot) from results.jsonl and meta.json."""
-    from longexposure.suite.runner import META, RESULTS, read_rows
-
     rows = read_rows(out_dir / RESULTS)
     meta = json.loads((out_dir / META).read_text()) if (out_dir / META).exists() else {}
     device = meta.get("device", "?")

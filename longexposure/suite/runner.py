@@ -28,13 +28,13 @@ from tqdm import tqdm
 
 from longexposure import __version__
 from longexposure.measure import is_oom
+from longexposure.paths import shared_dir, write_text_atomic
 from longexposure.registry import TASKS
 from longexposure.suite.config import Suite, case_fields, load_suite
 from longexposure.suite.context import RunContext
 from longexposure.suite.report import write_report
+from longexposure.suite.results import META, RESULTS, read_rows
 
-RESULTS = "results.jsonl"
-META = "meta.json"
 LOCK = ".run.lock"
 FINISHED = ("ok", "OOM")
 
@@ -80,53 +80,8 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def shared_dir() -> Path | None:
-    """`LONGEXPOSURE_SHARED` or the `shared/` folder beside the repository, when it exists."""
-    env = os.environ.get("LONGEXPOSURE_SHARED")
-    candidates = (
-        [Path(env)] if env else [Path(__file__).resolve().parents[2].parent / "shared", Path.cwd().parent / "shared"]
-    )
-    return next((p for p in candidates if p.is_dir()), None)
-
-
 def _case_key(case: dict[str, Any]) -> str:
     return json.dumps(case, sort_keys=True, default=str)
-
-
-def warn(message: str) -> None:
-    """One line on stderr, above a progress bar if one is drawn."""
-    tqdm.write(message, file=sys.stderr)
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a results file. A torn line (a run killed mid-write) is skipped with a warning naming it: its
-    case counts as not run, so the next run runs it again."""
-    if not path.exists():
-        return []
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict) or not isinstance(row.get("case"), dict) or "status" not in row:
-            warn(f"warning: {path}:{i + 1}: skipped a torn result line (a run killed mid-write); its case runs again")
-            continue
-        rows.append(row)
-    return rows
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` whole: written beside it, synced, then renamed over it (a kill leaves the
-    old file or the new one, never a part)."""
-    aside = path.with_name(f".{path.name}.tmp")
-    with open(aside, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(aside, path)
 
 
 @contextlib.contextmanager
@@ -199,7 +154,7 @@ def _run_cases(
     kept = [r for r in read_rows(results) if r.get("status") in FINISHED]
     text = "".join(json.dumps(r) + "\n" for r in kept)
     if results.exists() and results.read_text() != text:
-        write_atomic(results, text)  # drop failed and torn lines, so appends start on a clean line
+        write_text_atomic(results, text)  # drop failed and torn lines, so appends start on a clean line
     done = {_case_key(r["case"]) for r in kept}
     ctx = RunContext(device=dev, preset=preset, out_dir=out_dir, shared_dir=shared_dir())
     entry = TASKS.entry(suite.task)
@@ -219,7 +174,7 @@ def _run_cases(
         "resumed_cases": len(cases) - len(pending),
         "command": " ".join(sys.argv),
     }
-    write_atomic(out_dir / META, json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(out_dir / META, json.dumps(meta, indent=2) + "\n")
     name = f"{suite.name}/{preset}"
     progress = tqdm(pending, desc=name, unit="case", disable=None)
     log_lines = not sys.stderr.isatty()  # no bar is drawn: one line per case, for logs and CI
@@ -256,7 +211,7 @@ def _run_cases(
             print(f"{name} [{i}/{len(pending)}] {label}: {row['status']} in {row['elapsed_s']:.1f} s", file=sys.stderr)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     meta["run_info"] = ctx.info
-    write_atomic(out_dir / META, json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(out_dir / META, json.dumps(meta, indent=2) + "\n")
     write_report(suite, preset, out_dir)
     if failed:
         raise RuntimeError(

@@ -232,26 +232,26 @@ class SylvaMemoryCase:
 
 
 def _target_names(model: nn.Module) -> list[str]:
-    from longexposure.methods.pruning import SPARSE_TARGETS
-    from longexposure.models import family_of
+    from longexposure.arch import family
 
-    return sorted({t.rsplit(".", 1)[-1] for t in SPARSE_TARGETS[family_of(model)]})
+    return sorted({t.rsplit(".", 1)[-1] for t in family(model).projections})
 
 
 def _prepare_memory_model(case: SylvaMemoryCase, device: torch.device, seed: int):
-    from longexposure.methods.builtin import apply_method
+    from longexposure.methods.builtin import apply_method, apply_method_reporting
     from longexposure.methods.sylva_layer import SylvaAdamW, sylva_layers
     from longexposure.models import build_model
 
     low, _ = PRECISIONS[case.precision]
     r, sigma = case.pair()
     model = build_model(case.model, device=device, dtype=low, seed=seed)
+    info: dict[str, Any] = {}
     if case.method == "full":
         model = apply_method(model, "full")
     elif case.method == "lora":
         model = apply_method(model, "lora", r=r, alpha=2 * r, target_modules=_target_names(model))
     else:
-        model = apply_method(
+        model, info = apply_method_reporting(
             model,
             case.method,
             sparsity=sigma,
@@ -269,14 +269,14 @@ def _prepare_memory_model(case: SylvaMemoryCase, device: torch.device, seed: int
         opt = SylvaAdamW(sylva_layers(model), lr=1e-4)
     else:
         opt = _adamw(trainable, 1e-4, device)
-    return model, opt, sum(p.numel() for p in trainable), (r, sigma)
+    return model, opt, sum(p.numel() for p in trainable), (r, sigma), info
 
 
 @TASKS.register("sylva-memory", case=SylvaMemoryCase, help="Sylva Table 2: peak fine-tuning memory at r / sigma")
 def sylva_memory(case: SylvaMemoryCase, ctx: RunContext) -> dict[str, Any]:
 
     device = ctx.device
-    model, opt, n_trainable, (r, sigma) = _prepare_memory_model(case, device, ctx.seed)
+    model, opt, n_trainable, (r, sigma), info = _prepare_memory_model(case, device, ctx.seed)
     _, amp = PRECISIONS[case.precision]
     batches = _synthetic_batches(model, case.batch, case.seq_len, ctx.seed, device)
     reset_peak_memory(device)
@@ -301,7 +301,6 @@ def sylva_memory(case: SylvaMemoryCase, ctx: RunContext) -> dict[str, Any]:
     peak = peak_memory_gib(device)
     if peak is not None:
         metrics["peak_mem_gib"] = peak
-    info = getattr(model, "peer_method_info", {})
     metrics["info"] = {
         "r_sigma": f"{r}/{round(sigma * 100)}",
         "weights": "random-init",

@@ -95,7 +95,8 @@ _CACHE: dict[str, Any] = {}
 
 def resolve_weights(model: str, weights: str | None, pretrain: bool) -> tuple[str, str | None]:
     """(model, weights) for build_model, and a description: pretrained cache, explicit path or random init."""
-    from longexposure.pretrain import RECIPES, cache_dir, checkpoint_for
+    from longexposure.paths import cache_dir
+    from longexposure.pretrain import RECIPES, checkpoint_for
 
     if weights == "random-init":
         return model, None

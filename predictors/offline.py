@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 
 from longexposure.exposers import ThresholdMlp, attention_block_mass, attention_density, attention_mass_kept
 from longexposure.measure import time_fn
+from longexposure.paths import write_atomic, write_text_atomic
 from longexposure.profiling import capture, decoder_layers, layer_part, num_heads
 from longexposure.registry import PREDICTORS
 
@@ -372,20 +372,6 @@ def _same_weights(saved: str, here: str) -> bool:
     return all(abs(a - b) <= tol(a, b) for a, b in zip(a_values, b_values, strict=True))
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """`write(file)` into a temporary file beside `path`, synced, then renamed over it: `path` is either
-    absent, the old file or the whole new one, never a torn write."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -458,7 +444,7 @@ class PredictorBank:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / BANK_JSON).unlink(missing_ok=True)
         tensors = directory / BANK_TENSORS
-        _write_atomic(tensors, lambda f: torch.save(state, f))
+        write_atomic(tensors, lambda f: torch.save(state, f))
         meta["tensors"] = {
             "file": BANK_TENSORS,
             "bytes": tensors.stat().st_size,
@@ -466,7 +452,7 @@ class PredictorBank:
             "keys": sorted(state),
         }
         text = json.dumps(meta, indent=2) + "\n"
-        _write_atomic(directory / BANK_JSON, lambda f: f.write(text.encode()))
+        write_text_atomic(directory / BANK_JSON, text)
         return directory
 
     @staticmethod
