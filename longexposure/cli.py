@@ -162,8 +162,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         only=only,
         keep_going=args.keep_going,
     )
-    print((out_dir / "table.md").read_text())
-    print(f"artifacts: {out_dir}")
+    from longexposure.distributed import is_main_process
+
+    if is_main_process():  # under torchrun only rank 0 wrote the table
+        print((out_dir / "table.md").read_text())
+        print(f"artifacts: {out_dir}")
     return 0
 
 

@@ -127,6 +127,7 @@ def prepare_model(
             "block": block,
             "mlp_density_per_layer": narrow_to_profile_(model, profile, theta, block),
         }
+    torch.manual_seed(seed)  # the method's own initialisation (e.g. LoRA's A) repeats run to run, weights loaded or not
     model = apply_method(model, setup.method, **setup.method_options)
     low = PRECISIONS[setup.precision]
     if low is not None:

@@ -71,3 +71,20 @@ def test_finetune_under_torchrun_writes_once_from_rank_0(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["info"]["data_parallel"].startswith("DDP over 2 ranks (gloo), per-rank batch 2, global batch 4")
     assert done.stdout.count("final loss") == 1, "one summary line, from rank 0"
+
+
+@pytest.mark.slow
+def test_a_suite_under_torchrun_runs_the_two_rank_cases_and_rank_0_writes_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "longexposure", "run", str(HERE.parent / "suites" / "fig14.yaml"), "--preset", "cpu-tiny",
+         "--only", "gpus=2", "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "fig14" / "cpu-tiny" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["case"]["variant"] for r in rows) == ["dense-sdpa", "long-exposure"], "one row per case"
+    assert all(r["info"]["data_parallel"].startswith("DDP over 2 ranks (gloo)") for r in rows)
+    assert all(r["metrics"]["tokens_per_s"] == pytest.approx(2 * r["metrics"]["tokens_per_s_per_gpu"]) for r in rows)

@@ -34,7 +34,7 @@ PRESETS = {
 # A suite's name is a folder under `--out`: the registry's name pattern, plus '_' (shipped suites use it).
 SUITE_NAME = re.compile(r"[a-z0-9][a-z0-9._\-]*")
 # `weights` keywords a task resolves itself (anything else is a local path or a hub id `org/name`).
-WEIGHTS_KEYWORDS = {"loss-curve": ("pretrained",), "sparsity-profile": ("random-init",)}
+WEIGHTS_KEYWORDS = {"loss-curve": ("pretrained",), "evaluate": ("pretrained",), "sparsity-profile": ("random-init",)}
 # Case fields that name a registered backend, per task.
 BACKEND_FIELDS = {
     "mlp-operator": {"backend": ("mlp_backend",)},

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from longexposure import __version__
+from longexposure.distributed import is_main_process
 from longexposure.measure import is_oom
 from longexposure.paths import shared_dir, write_text_atomic
 from longexposure.registry import TASKS
@@ -135,6 +136,8 @@ def run_suite(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(out) / suite.name / preset
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not is_main_process():  # under torchrun: every rank trains every case, rank 0 alone writes
+        return _run_cases(suite, preset, cases, out_dir, dev, force, keep_going, writer=False)
     with exclusive(out_dir):
         return _run_cases(suite, preset, cases, out_dir, dev, force, keep_going)
 
@@ -147,13 +150,14 @@ def _run_cases(
     dev: torch.device,
     force: bool,
     keep_going: bool = False,
+    writer: bool = True,
 ) -> Path:
     results = out_dir / RESULTS
-    if force and results.exists():
+    if force and results.exists() and writer:
         results.unlink()
-    kept = [r for r in read_rows(results) if r.get("status") in FINISHED]
+    kept = [] if force else [r for r in read_rows(results) if r.get("status") in FINISHED]
     text = "".join(json.dumps(r) + "\n" for r in kept)
-    if results.exists() and results.read_text() != text:
+    if writer and results.exists() and results.read_text() != text:
         write_text_atomic(results, text)  # drop failed and torn lines, so appends start on a clean line
     done = {_case_key(r["case"]) for r in kept}
     ctx = RunContext(device=dev, preset=preset, out_dir=out_dir, shared_dir=shared_dir())
@@ -174,10 +178,11 @@ def _run_cases(
         "resumed_cases": len(cases) - len(pending),
         "command": " ".join(sys.argv),
     }
-    write_text_atomic(out_dir / META, json.dumps(meta, indent=2) + "\n")
+    if writer:
+        write_text_atomic(out_dir / META, json.dumps(meta, indent=2) + "\n")
     name = f"{suite.name}/{preset}"
-    progress = tqdm(pending, desc=name, unit="case", disable=None)
-    log_lines = not sys.stderr.isatty()  # no bar is drawn: one line per case, for logs and CI
+    progress = tqdm(pending, desc=name, unit="case", disable=None if writer else True)
+    log_lines = writer and not sys.stderr.isatty()  # no bar is drawn: one line per case, for logs and CI
     failed: list[str] = []
     for i, case in enumerate(progress, 1):
         label = suite.label(preset, case)
@@ -203,6 +208,8 @@ def _run_cases(
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         row["elapsed_s"] = round(time.perf_counter() - started, 3)
+        if not writer:
+            continue
         with results.open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
             f.flush()
@@ -211,8 +218,9 @@ def _run_cases(
             print(f"{name} [{i}/{len(pending)}] {label}: {row['status']} in {row['elapsed_s']:.1f} s", file=sys.stderr)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     meta["run_info"] = ctx.info
-    write_text_atomic(out_dir / META, json.dumps(meta, indent=2) + "\n")
-    write_report(suite, preset, out_dir)
+    if writer:
+        write_text_atomic(out_dir / META, json.dumps(meta, indent=2) + "\n")
+        write_report(suite, preset, out_dir)
     if failed:
         raise RuntimeError(
             f"suite {suite.name} ({preset}): {len(failed)} case(s) failed (kept going; the table marks them, "

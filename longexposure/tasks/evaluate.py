@@ -20,13 +20,10 @@ from typing import Any
 from tqdm import tqdm
 
 from longexposure.registry import TASKS
-from longexposure.suite.config import WEIGHTS_KEYWORDS
 from longexposure.suite.context import RunContext
 from longexposure.training import TrainingSetup
 
 # `weights: pretrained` is resolved by the task (as for loss-curve); the suite checker must not look for that file.
-# TODO(lead): move into suite/config.py's WEIGHTS_KEYWORDS table beside loss-curve's entry.
-WEIGHTS_KEYWORDS.setdefault("evaluate", ("pretrained",))
 
 
 @dataclass
