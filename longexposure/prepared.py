@@ -60,6 +60,18 @@ def _batches(case: TrainingSetup, model: torch.nn.Module, n: int, device: torch.
     return stream.input_ids(n), f"{stream.description} (seed {seed})"
 
 
+def _data_key(case: TrainingSetup, batches: int) -> dict[str, Any]:
+    """The part of a cache key that says which batches of which data a cached product was made from."""
+    return {
+        "dataset": case.dataset,
+        "data_path": case.data_path,
+        "data_split": case.data_split,
+        "batch": case.batch,
+        "seq_len": case.seq_len,
+        "batches": batches,
+    }
+
+
 def reordered_weights(
     case: TrainingSetup, weights: Path, batches: int, device: torch.device, seed: int
 ) -> tuple[Path, str]:
@@ -72,12 +84,7 @@ def reordered_weights(
     key = {
         "weights": str(weights),
         "mtime": (weights / "config.json").stat().st_mtime,
-        "dataset": case.dataset,
-        "data_path": case.data_path,
-        "data_split": case.data_split,
-        "batch": case.batch,
-        "seq_len": case.seq_len,
-        "batches": batches,
+        **_data_key(case, batches),
         "seed": seed + 2,
     }
     out = cache_dir() / "reordered" / f"{case.model}-{_digest(key)}"
@@ -108,12 +115,7 @@ def auto_predictors(
     key = {
         "weights": str(weights) if weights else f"random-init seed {seed}",
         "mtime": (weights / "config.json").stat().st_mtime if weights else None,
-        "dataset": case.dataset,
-        "data_path": case.data_path,
-        "data_split": case.data_split,
-        "batch": case.batch,
-        "seq_len": case.seq_len,
-        "batches": batches,
+        **_data_key(case, batches),
         "steps": steps,
         "mlp": bool(exposure.get("mlp", True)),
         "attention": bool(exposure.get("attention", True)),

@@ -20,17 +20,20 @@ sys.path.insert(0, str(HERE))
 from ddp_worker import train  # noqa: E402
 
 
-def _torchrun(kind: str, out: Path, per_rank: int = 2, steps: int = 3) -> tuple[dict, dict]:
+def _two_ranks(*args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 ARGS...` on the CPU (gloo); it must succeed."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.setdefault("LONGEXPOSURE_SHARED", str(HERE.parents[1] / "shared"))
     env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(HERE / "ddp_worker.py"), "--kind", kind, "--batch", str(per_rank), "--steps", str(steps),
-         "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _torchrun(kind: str, out: Path, per_rank: int = 2, steps: int = 3) -> tuple[dict, dict]:
+    _two_ranks(str(HERE / "ddp_worker.py"), "--kind", kind, "--batch", str(per_rank), "--steps", str(steps),
+               "--out", str(out))  # fmt: skip
     return torch.load(out, weights_only=True), json.loads(Path(str(out) + ".json").read_text())
 
 
@@ -59,15 +62,8 @@ def test_shard_takes_each_ranks_contiguous_rows_and_refuses_an_uneven_split():
 
 @pytest.mark.slow
 def test_finetune_under_torchrun_writes_once_from_rank_0(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "longexposure", "finetune", "--model", "opt-tiny", "--batch", "2", "--seq-len", "32", "--steps", "3",
-         "--device", "cpu", "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _two_ranks("-m", "longexposure", "finetune", "--model", "opt-tiny", "--batch", "2", "--seq-len", "32",
+                      "--steps", "3", "--device", "cpu", "--out", str(tmp_path / "run"))  # fmt: skip
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["info"]["data_parallel"].startswith("DDP over 2 ranks (gloo), per-rank batch 2, global batch 4")
     assert done.stdout.count("final loss") == 1, "one summary line, from rank 0"
@@ -75,15 +71,8 @@ def test_finetune_under_torchrun_writes_once_from_rank_0(tmp_path):
 
 @pytest.mark.slow
 def test_a_suite_under_torchrun_runs_the_two_rank_cases_and_rank_0_writes_once(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "longexposure", "run", str(HERE.parent / "suites" / "fig14.yaml"), "--preset", "cpu-tiny",
-         "--only", "gpus=2", "--device", "cpu", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    _two_ranks("-m", "longexposure", "run", str(HERE.parent / "suites" / "fig14.yaml"), "--preset", "cpu-tiny",
+               "--only", "gpus=2", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "fig14" / "cpu-tiny" / "results.jsonl").read_text().splitlines()]
     assert sorted(r["case"]["variant"] for r in rows) == ["dense-sdpa", "long-exposure"], "one row per case"
     assert all(r["info"]["data_parallel"].startswith("DDP over 2 ranks (gloo)") for r in rows)
