@@ -36,7 +36,7 @@ def held_out_metrics(
     """Mean loss over `batches`; per-layer MLP exposer density and, for predicted MLP patterns, the
     prediction's density and recall against the exposer (means over batches, then over layers)."""
     from longexposure.predictors.lowrank import PredictorConfig
-    from longexposure.predictors.offline import _mlp_truth, evaluate_mlp
+    from longexposure.predictors.offline import evaluate_mlp, mlp_truth
     from longexposure.predictors.refresh import layer_data
 
     predicted = exposure is not None and exposure.sources.get("mlp") == "predicted"
@@ -72,7 +72,7 @@ def held_out_metrics(
                 if pred is not None:
                     stats = evaluate_mlp(pred, data, pred.config, time_it=False)
                 else:
-                    truth, _ = _mlp_truth(data, 0, exposer_config.exposer())
+                    truth, _ = mlp_truth(data, 0, exposer_config.exposer())
                     stats = {"exposer_density": truth.float().mean().item()}
                 rows[i].append(stats)
     finally:

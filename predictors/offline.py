@@ -165,7 +165,7 @@ def train_mlp(
     return losses
 
 
-def _mlp_truth(data: LayerData, u: int, policy: ThresholdMlp) -> tuple[Tensor, Tensor]:
+def mlp_truth(data: LayerData, u: int, policy: ThresholdMlp) -> tuple[Tensor, Tensor]:
     """(exposer block mask, true block mass) of batch unit u."""
     count = data.mlp_frac[u].float().sum((0, 1)) * policy.block_size
     mass = data.mlp_mass[u].float().sum((0, 1))
@@ -180,7 +180,7 @@ def evaluate_mlp(
     policy = config.exposer()
     rows = []
     for u in range(data.units()):
-        truth, mass = _mlp_truth(data, u, policy)
+        truth, mass = mlp_truth(data, u, policy)
         got = pred.block_mask(data.mlp_x[u])
         hit = (got & truth).sum().item()
         rows.append(

@@ -58,6 +58,8 @@ def test_bad_loss_curve_cases():
         _case(steps=1)
     with pytest.raises(ValueError, match="reorder_batches needs weights"):
         _case(reorder_batches=2)
+    with pytest.raises(ValueError, match="needs data_split: train"):  # refused before any step, not after
+        _case(dataset="e2e")
 
 
 def test_reordered_checkpoint_trains_the_same_function(tmp_path, monkeypatch):

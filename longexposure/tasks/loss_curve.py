@@ -61,6 +61,11 @@ class LossCurveCase(TrainingSetup):
             )
         if self.reorder_batches < 0:
             raise ValueError(f"reorder_batches must be >= 0, got {self.reorder_batches}")
+        if self.held_out_batches and self.dataset == "e2e" and self.data_split != "train":
+            raise ValueError(
+                f"e2e fine-tuning with held_out_batches needs data_split: train (got {self.data_split!r}), so that "
+                "the held-out split's meaning representations are never trained on"
+            )
         if self.reorder_batches and not self.weights:
             raise ValueError("reorder_batches needs weights (a checkpoint or 'pretrained') to reorder and save")
 
@@ -92,12 +97,13 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
         raise FloatingPointError(f"the loss became non-finite: {curve[-5:]}")
     tail = max(1, case.steps // 10)
     timed = times[case.timing_warmup :]
+    step_ms = Stats.of([t["total_ms"] for t in timed])
     metrics: dict[str, Any] = {
         "final_loss": sum(curve[-tail:]) / tail,
         "first_loss": curve[0],
         "loss_curve": curve,
-        "total_ms": Stats.of([t["total_ms"] for t in timed]).to_dict(),
-        "step_ms_mean": Stats.of([t["total_ms"] for t in timed]).mean,
+        "total_ms": step_ms.to_dict(),
+        "step_ms_mean": step_ms.mean,
     }
     if any("predict_ms" in t for t in timed):
         metrics["predict_ms"] = Stats.of([t.get("predict_ms", 0.0) for t in timed]).to_dict()
@@ -119,19 +125,11 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
 def _held_out(case: LossCurveCase, trainer: Trainer, ctx: RunContext) -> dict[str, Any]:
     """The fine-tuned model on batches it never trained on (see `longexposure.held_out`)."""
     from longexposure.data import load_batches
-    from longexposure.data.builtin import E2E_SPLITS
     from longexposure.held_out import held_out_metrics
     from longexposure.models import family_of
     from longexposure.training import PRECISIONS
 
-    split = "held-out" if case.dataset == "e2e" and case.data_split in (None, "train") else None
-    if case.dataset == "e2e" and case.data_split not in (None, "train"):
-        raise ValueError(f"held-out evaluation needs data_split train (or none), got {case.data_split!r}")
-    if case.dataset == "e2e" and case.data_split is None:
-        raise ValueError(
-            f"e2e fine-tuning with held_out_batches needs data_split: train (splits {list(E2E_SPLITS)}), "
-            "so that the held-out split's meaning representations are never trained on"
-        )
+    split = "held-out" if case.dataset == "e2e" else None  # the case trained on `train` (checked when built)
     stream = load_batches(
         case.dataset,
         batch=case.batch,
