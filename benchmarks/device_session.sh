@@ -22,6 +22,8 @@
 #   bash benchmarks/device_session.sh real-prep  # GPU tests (graph + compile + refresh), pretrain relu-base (cached)
 #   bash benchmarks/device_session.sh real-run   # e2e_real on relu-base (pretrains it first if not cached; resumes)
 #   bash benchmarks/device_session.sh strongest  # fig7 LoRA at 1024 against the compiled + graph baseline, profiles
+#   bash benchmarks/device_session.sh table4     # Table IV: LoRA per variant on relu-base, lm-eval on held-out E2E
+#                                                # (needs the eval wheels: carry .whl, docs/notes/device_wheels.md)
 #
 # LONGEXPOSURE_CACHE set outside (an ignored folder of the checkout, e.g. $PWD/cache) keeps checkpoints
 # between calls while the machine stays warm: the relu* stages then reuse a cached relu-small instead of
@@ -32,7 +34,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-run|strongest}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-run|strongest|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -50,7 +52,7 @@ pretrain_relu_small() {  # a cached relu-small (from an earlier call on this mac
 }
 pretrain_relu_base() {  # relu-base for the e2e_real suite: reused from $LONGEXPOSURE_CACHE while the machine stays warm
   if [ -f "$LONGEXPOSURE_CACHE/relu-base/pretrain.json" ]; then echo "== cached relu-base" | tee -a "$log"
-  else run 300 longexposure pretrain --preset relu-base; fi
+  else run 420 longexposure pretrain --preset relu-base; fi  # the recipe's own time budget is 330 s
   cp "$LONGEXPOSURE_CACHE/relu-base/pretrain.json" "$work/relu_base_pretrain.json" 2>/dev/null
 }
 run() {  # run LIMIT_SECONDS CMD...: time-limited, output appended to the stage log
@@ -151,7 +153,8 @@ case $stage in
     ;;
   real-run)  # e2e_real (resumes: results live in $LONGEXPOSURE_CACHE/runs while the machine stays warm)
     pretrain_relu_base
-    run "${REAL_LIMIT:-540}" longexposure run suites/e2e_real.yaml --preset paper --keep-going --out "$LONGEXPOSURE_CACHE/runs"
+    limit=${REAL_LIMIT:-$(( ${REAL_BUDGET:-575} - SECONDS ))}  # what is left of the call after pretraining
+    run "$limit" longexposure run suites/e2e_real.yaml --preset paper --keep-going --out "$LONGEXPOSURE_CACHE/runs"
     cp -r "$LONGEXPOSURE_CACHE/runs/e2e_real" "$work/" 2>/dev/null
     ;;
   strongest)  # fig7 LoRA at 1024: the compiled + graph dense baseline beside Long Exposure (paper and mass order)
@@ -160,6 +163,32 @@ case $stage in
     run "${PROFILE_LIMIT:-150}" python3 benchmarks/profile_step.py --seq 1024 --steps 5 --warmup 4 \
       --variants "${PROFILE_VARIANTS:-sdpa-graph,le-reordered-graph,sdpa-compile-graph}" --out "$work/profile_strongest_s1024.json"
     run "${TEST_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py -k "compiled or refresh"
+    ;;
+  table4)  # Table IV: the eval extra from carried wheels, a GPU smoke evaluate, relu-base, then the suite (resumes:
+    # results live in $LONGEXPOSURE_CACHE/runs while the machine stays warm; set LONGEXPOSURE_CACHE=$PWD/cache outside)
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+      echo "== no .whl/*.whl: make them (docs/notes/device_wheels.md) and carry .whl" | tee -a "$log"
+    else
+      run 120 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+      run 60 python3 -c "import importlib.metadata as m, lm_eval.tasks, lm_eval.models.huggingface, datasets, sacrebleu
+from rouge_score import rouge_scorer
+print(' '.join(f'{d} {m.version(d)}' for d in ('lm_eval', 'datasets', 'pyarrow', 'fsspec', 'huggingface_hub', 'pandas', 'sacrebleu', 'transformers', 'torch')))"
+      tail -2 "$log" | head -1  # the versions line
+      run 120 longexposure evaluate --model opt-tiny --limit 3 --max-gen-toks 6 --batch-size 3 --out "$work/smoke"
+      if tail -1 "$log" | grep -qx "== rc 0"; then
+        pretrain_relu_base
+        limit=${TABLE4_LIMIT:-$(( ${TABLE4_BUDGET:-570} - SECONDS ))}  # what is left of the call (the tool's 600 s)
+        if [ "$limit" -ge 60 ]; then
+          run "$limit" longexposure run suites/table4.yaml --preset paper --keep-going --out "$LONGEXPOSURE_CACHE/runs"
+        else
+          echo "== $limit s left after pretraining: call again while warm (relu-base is cached)" | tee -a "$log"
+        fi
+        cp -r "$LONGEXPOSURE_CACHE/runs/table4" "$work/" 2>/dev/null
+      else
+        echo "== the eval smoke test failed: table4 not run (see $stage.log)" | tee -a "$log"
+      fi
+    fi
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

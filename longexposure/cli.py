@@ -123,7 +123,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             [
                 e.name,
                 e.meta.get("help", ""),
-                ", ".join(f"{k}={v}" for k, v in e.meta.items() if k not in ("help", "case")),
+                ", ".join(f"{k}={getattr(v, '__name__', v)}" for k, v in e.meta.items() if k not in ("help", "case")),
             ]
             for e in reg
         ]

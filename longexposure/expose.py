@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,6 +196,39 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+LAYER_ATTR = "_long_exposure_layer"
+
+
+def _identity(h: torch.Tensor) -> torch.Tensor:
+    """fc2's forward once fc1's runs the whole MLP (one function for every layer)."""
+    return h
+
+
+class LayerState:
+    """What one layer's patched forwards read, kept in the patched modules' `__dict__` (no submodule: no
+    state-dict key) and reached through the module being called, never through a layer index.
+
+    torch.compile then traces one program for every layer: Dynamo guards a Python int by its value, so a
+    forward that looked its layer up by index (`predictors[i]`, a cache keyed by `i`) compiled once per
+    layer (fig7 on the H200: 30 frames for 24 layers); tensors and modules reached as attributes are
+    guarded by their shape and type, the same in every layer. `index` is for host-side bookkeeping only.
+    """
+
+    def __init__(self, index: int):
+        self.index = index
+        self.predictors: dict[str, nn.Module] = {}  # dynamic sources: this layer's predictor per target
+        self.cache: dict[tuple, Any] = {}  # static patterns: ("mlp", device) / ("attn", seq_len, device)
+        self.last: dict[str, Any] = {}  # dynamic sources: the pattern of the last forward, per target
+        self.kept: dict[str, torch.Tensor] = {}  # refresh_every: the MLP input of the last training forward
+        self.mlp: dict[str, Any] = {}  # the patched MLP's backend, frozen linears and LoRA factors
+
+
+def _exposed_mlp_forward(fc1: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """fc1 -> ReLU -> fc2 of one layer through the MLP backend (bound to each patched fc1 as its forward)."""
+    state: LayerState = fc1.__dict__[LAYER_ATTR]
+    return state.exposure._mlp_forward(state, x)
+
+
 class Exposure:
     """The patch state of one model: what was replaced, the per-layer backends, and what ran."""
 
@@ -208,19 +242,15 @@ class Exposure:
         self.layers = list(resolve(self.base, self.arch.layers))
         self.hf_config = self.base.config
         self._undo: list[Any] = []
-        self._cache: dict[tuple, Any] = {}
+        self.layer_states = [LayerState(i) for i in range(len(self.layers))]
         self.mlp_density: dict[int, float] = {}
         self.attn_density: dict[int, float] = {}
         self.sources = config.sources()
         self.timer: Any = None  # a measure.Timer: dynamic sources time their predictors as `predict_ms`
-        self._last: dict[tuple[str, int], Any] = {}  # dynamic sources: the last step's pattern per layer
-        self.training_forwards = 0  # counted at layer 0's MLP, for refresh_every
+        self.training_forwards = 0  # counted by a pre-hook on the model, for refresh_every
         self.steps_done = 0  # after_step() calls
         self.refreshes: dict[int, dict[str, float]] = {}  # per layer, its last refresh
         self._refreshers: dict[int, Any] = {}
-        # refresh_every: each layer's MLP input in the last training forward (kept, not copied: in a captured
-        # step it is the graph's buffer, which every replay rewrites)
-        self._mlp_inputs: dict[int, torch.Tensor] = {}
         self._step_density: dict[str, list[torch.Tensor]] = {"mlp": [], "attention": []}  # on the device
         ffn = getattr(self.hf_config, "ffn_dim", None)
         depth = len(self.layers)
@@ -244,6 +274,22 @@ class Exposure:
             )
         self.config = self._resolve_backends(config)
         self.predictors = self._build_predictors()  # before patching: the oracle reads the unpatched layers
+        for target, preds in self.predictors.items():
+            for state, pred in zip(self.layer_states, preds, strict=True):
+                state.predictors[target] = pred
+        for state in self.layer_states:
+            state.exposure = self
+
+    @property
+    def _mlp_inputs(self) -> dict[int, torch.Tensor]:
+        """refresh_every: each layer's MLP input in the last training forward (kept, not copied: in a captured
+        step it is the graph's buffer, which every replay rewrites)."""
+        return {s.index: s.kept["mlp"] for s in self.layer_states if "mlp" in s.kept}
+
+    @property
+    def _last(self) -> dict[tuple[str, int], Any]:
+        """The dynamic sources' last pattern per (target, layer)."""
+        return {(t, s.index): out for s in self.layer_states for t, out in s.last.items()}
 
     def _resolve_backends(self, config: ExposureConfig) -> ExposureConfig:
         """`auto` backends made concrete for the parameters' device (Triton where it can run, else torch),
@@ -314,7 +360,7 @@ class Exposure:
             out[target] = preds
         return out
 
-    def _predict(self, target: str, layer: int, x: torch.Tensor) -> Any:
+    def _predict(self, state: LayerState, target: str, x: torch.Tensor) -> Any:
         timing = self.timer.region("predict_ms") if self.timer is not None else contextlib.nullcontext()
         with timing, torch.no_grad():
             if target == "mlp" and x.dim() == 2:  # OPT flattens (B, S) before fc1; MLP sums over both anyway
@@ -322,18 +368,18 @@ class Exposure:
             # MLP: (ids, count); attention: the layout tables. `random` draws on the host: never compiled.
             use_compiled = self.config.compile_predictors and self.sources[target] != "random"
             call = compiled_call(target) if use_compiled else EAGER_CALLS[target]
-            out = call(self.predictors[target][layer], x.detach())
+            out = call(state.predictors[target], x.detach())
         if target == "attention":
             out = BlockLayout(self.config.attn_block, *out)
-        self._last[(target, layer)] = out
+        state.last[target] = out
         return out
 
     # ------------------------------------------------------------------------------ sources
     # Both sources are static per (layer, shape, device): patterns are built once and reused, so the
     # training step neither rebuilds them nor synchronizes with the host.
-    def _mlp_ids(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = ("mlp", layer, device)
-        if key not in self._cache:
+    def _mlp_ids(self, state: LayerState, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key, layer = ("mlp", device), state.index
+        if key not in state.cache:
             n_blocks = self.hf_config.ffn_dim // self.config.mlp_block
             if self.sources["mlp"] == "all-active":
                 ids = torch.arange(n_blocks, dtype=torch.int32)
@@ -342,15 +388,15 @@ class Exposure:
             else:
                 ids = self.config.profile.mlp_blocks(layer, self.config.mlp_block, self.config.theta)
             self.mlp_density[layer] = ids.numel() / n_blocks
-            self._cache[key] = (ids.to(device), None)
-        return self._cache[key]
+            state.cache[key] = (ids.to(device), None)
+        return state.cache[key]
 
-    def _layout(self, layer: int, seq_len: int, device: torch.device):
+    def _layout(self, state: LayerState, seq_len: int, device: torch.device):
         """A (1, 1, NQ, NK) layout, broadcast by the backends over batch and heads."""
         from longexposure.mask_policies import mask_layout
 
-        key = ("attn", layer, seq_len, device)
-        if key not in self._cache:
+        key, layer = ("attn", seq_len, device), state.index
+        if key not in state.cache:
             block = self.config.attn_block
             n = -(-seq_len // block)
             if self.sources["attention"] == "all-active":
@@ -368,8 +414,8 @@ class Exposure:
                     global_blocks=self.config.global_blocks,
                 )
             self.attn_density[layer] = float(layout.density(causal=True))
-            self._cache[key] = layout.with_transpose()  # the backward's transposed table, built once
-        return self._cache[key]
+            state.cache[key] = layout.with_transpose()  # the backward's transposed table, built once
+        return state.cache[key]
 
     def prepare(self, seq_len: int, device: torch.device | str) -> None:
         """Build every layer's patterns for `seq_len` now (they are cached), so that torch.compile and
@@ -377,11 +423,11 @@ class Exposure:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        for i in range(len(self.layers)):
+        for state in self.layer_states:
             if self.sources.get("attention") in ("all-active", "replay"):
-                self._layout(i, seq_len, device)
+                self._layout(state, seq_len, device)
             if self.sources.get("mlp") in ("all-active", "replay"):
-                self._mlp_ids(i, device)
+                self._mlp_ids(state, device)
 
     # ------------------------------------------------------------------------------ patching
     def patch(self) -> None:
@@ -391,6 +437,9 @@ class Exposure:
             if self.config.mlp:
                 for i, layer in enumerate(self.layers):
                     self._patch_mlp(i, layer)
+            if self.config.refresh_every:
+                handle = self.model.register_forward_pre_hook(self._training_forward, with_kwargs=True)
+                self._undo.append(handle.remove)
         except Exception:
             self.unpatch()
             raise
@@ -411,20 +460,27 @@ class Exposure:
         old = self.hf_config._attn_implementation
         self._set_attn_implementation(name)
         self._undo.append(lambda: self._set_attn_implementation(old))
-        for i, layer in enumerate(self.layers):
+        hook = self._attention_pre_hook  # one object for every layer: one compiled program
+        for state, layer in zip(self.layer_states, self.layers, strict=True):
             attn = resolve(layer, self.arch.attn)
-
-            def pre_hook(module, args, kwargs, i=i):
-                hidden = kwargs.get("hidden_states", args[0] if args else None)
-                if self.sources["attention"] in DYNAMIC:
-                    layout = self._predict("attention", i, hidden)
-                else:
-                    layout = self._layout(i, hidden.shape[1], hidden.device)
-                set_layout(module, layout, backend=self.config.attention_backend)
-
-            handle = attn.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            attn.__dict__[LAYER_ATTR] = state
+            set_layout(attn, None, backend=self.config.attention_backend)  # the slot exists before any trace
+            handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
             self._undo.append(handle.remove)
             self._undo.append(lambda attn=attn: attn.__dict__.pop(SLOT_ATTR, None))
+            self._undo.append(lambda attn=attn: attn.__dict__.pop(LAYER_ATTR, None))
+
+    def _attention_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Hand this step's layout of the module's layer to the attention implementation."""
+        from longexposure.attention_backends import set_layout
+
+        state: LayerState = module.__dict__[LAYER_ATTR]
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if self.sources["attention"] in DYNAMIC:
+            layout = self._predict(state, "attention", hidden)
+        else:
+            layout = self._layout(state, hidden.shape[1], hidden.device)
+        set_layout(module, layout)
 
     def _set_attn_implementation(self, name: str) -> None:
         for cfg in {id(c): c for c in (self.hf_config, getattr(self.base, "config", None)) if c is not None}.values():
@@ -436,52 +492,66 @@ class Exposure:
         base1, base2 = getattr(fc1, "base_layer", fc1), getattr(fc2, "base_layer", fc2)
         backend = MLP_BACKENDS.get(self.config.mlp_backend)(block_size=self.config.mlp_block)
         backend.prepare(base1.weight, base1.bias, base2.weight, base2.bias)
-        lora1, lora2 = _lora_of(fc1, allow_dropout=True), _lora_of(fc2, allow_dropout=False)
-
-        def mlp_forward(x: torch.Tensor) -> torch.Tensor:
-            if self.config.refresh_every and self.model.training and torch.is_grad_enabled():
-                self._keep_for_refresh(i, x, base1)
-            if self.sources["mlp"] in DYNAMIC:
-                ids, count = self._predict("mlp", i, x)
-            else:
-                ids, count = self._mlp_ids(i, x.device)
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            weights = (base1.weight, base1.bias, base2.weight, base2.bias)
-            cast = tuple(_cast(t, dtype) for t in weights)
-            if any(c is not t for c, t in zip(cast, weights, strict=True)):
-                backend.prepare(*cast)  # fp32 trainable weights under autocast: this step's low-precision copy
-            l1, l2 = (
-                None if lr is None else type(lr)(_cast(lr.a, dtype), _cast(lr.b, dtype), lr.scaling, lr.dropout)
-                for lr in (lora1, lora2)
-            )
-            with torch.autocast(x.device.type, enabled=False):
-                return backend(x.to(dtype), ids, count, fc1_lora=l1, fc2_lora=l2)
-
+        state = self.layer_states[i]
+        state.mlp.update(
+            backend=backend,
+            base1=base1,
+            base2=base2,
+            lora1=_lora_of(fc1, allow_dropout=True),
+            lora2=_lora_of(fc2, allow_dropout=False),
+        )
         original_act = getattr(layer, act_name)
-        fc1.forward = mlp_forward
-        fc2.forward = lambda h: h
+        fc1.__dict__[LAYER_ATTR] = state
+        fc1.forward = types.MethodType(_exposed_mlp_forward, fc1)
+        fc2.forward = _identity
         setattr(layer, act_name, nn.Identity())
         self._undo.append(lambda: setattr(base2.weight, "data", base2.weight.data.contiguous()))
         self._undo.append(lambda: setattr(layer, act_name, original_act))
         self._undo.append(lambda: fc2.__dict__.pop("forward", None))
         self._undo.append(lambda: fc1.__dict__.pop("forward", None))
+        self._undo.append(lambda: fc1.__dict__.pop(LAYER_ATTR, None))
 
-    def _keep_for_refresh(self, layer: int, x: torch.Tensor, fc1: nn.Linear) -> None:
-        """A training forward: keep this layer's MLP input for the refresh that `after_step` may run."""
+    def _mlp_forward(self, state: LayerState, x: torch.Tensor) -> torch.Tensor:
+        mlp = state.mlp
+        base1, base2, backend = mlp["base1"], mlp["base2"], mlp["backend"]
+        if self.config.refresh_every and self.model.training and torch.is_grad_enabled():
+            state.kept["mlp"] = x  # for the refresh `after_step` may run (counted in `_training_forward`)
+        if self.sources["mlp"] in DYNAMIC:
+            ids, count = self._predict(state, "mlp", x)
+        else:
+            ids, count = self._mlp_ids(state, x.device)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        weights = (base1.weight, base1.bias, base2.weight, base2.bias)
+        cast = tuple(_cast(t, dtype) for t in weights)
+        if any(c is not t for c, t in zip(cast, weights, strict=True)):
+            backend.prepare(*cast)  # fp32 trainable weights under autocast: this step's low-precision copy
+        l1, l2 = (
+            None if lr is None else type(lr)(_cast(lr.a, dtype), _cast(lr.b, dtype), lr.scaling, lr.dropout)
+            for lr in (mlp["lora1"], mlp["lora2"])
+        )
+        with torch.autocast(x.device.type, enabled=False):
+            return backend(x.to(dtype), ids, count, fc1_lora=l1, fc2_lora=l2)
+
+    def _training_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """refresh_every: a forward pre-hook on the whole model (never compiled, unlike the layers, whose
+        programs would otherwise guard on this counter and recompile every step): count training forwards and
+        make the refreshers on the first."""
         from longexposure.predictors.refresh import MlpRefresher, RefreshConfig
 
-        if layer == 0:
-            if self.steps_done == 0 and self.training_forwards >= 2 * self.config.refresh_every:
-                raise RuntimeError(
-                    f"refresh_every={self.config.refresh_every}: {self.training_forwards} training forwards and "
-                    "exposure.after_step() was never called, so no refresh ran (call it after each optimizer "
-                    "step; longexposure.training.Trainer does)"
-                )
-            self.training_forwards += 1
-        if layer not in self._refreshers:
+        if not (self.model.training and torch.is_grad_enabled()):
+            return
+        if self.steps_done == 0 and self.training_forwards >= 2 * self.config.refresh_every:
+            raise RuntimeError(
+                f"refresh_every={self.config.refresh_every}: {self.training_forwards} training forwards and "
+                "exposure.after_step() was never called, so no refresh ran (call it after each optimizer "
+                "step; longexposure.training.Trainer does)"
+            )
+        self.training_forwards += 1
+        if not self._refreshers:
             config = RefreshConfig(steps=self.config.refresh_steps)
-            self._refreshers[layer] = MlpRefresher(self.predictors["mlp"][layer], fc1, config, seed=layer)
-        self._mlp_inputs[layer] = x
+            for state in self.layer_states:
+                pred, fc1 = state.predictors["mlp"], state.mlp["base1"]
+                self._refreshers[state.index] = MlpRefresher(pred, fc1, config, seed=state.index)
 
     def after_step(self, timer: Any = None) -> None:
         """Call after each training step (the optimizer step included), outside any CUDA graph.
@@ -491,8 +561,12 @@ class Exposure:
         inputs: recalibrate its threshold on this batch, then a few optimizer steps on recent batches. The
         step has already run with the pattern predicted before the refresh; the next step uses the refreshed
         predictor. Weights and thresholds change in place, so a CUDA graph that captured the predictors
-        replays the refreshed ones. A `measure.Timer` times the refresh as `refresh_ms`.
+        replays the refreshed ones. All layers refresh in one call (`refresh_layers`: their predictors train
+        together, and the report rows come back in one host read). A `measure.Timer` times the refresh as
+        `refresh_ms`.
         """
+        from longexposure.predictors.refresh import refresh_layers
+
         self.steps_done += 1
         self._record_step_density()
         if not self.config.refresh_every:
@@ -501,10 +575,9 @@ class Exposure:
         # timed every step (zero when none is due), so every step has the same phases
         timing = timer.region("refresh_ms") if timer is not None else contextlib.nullcontext()
         with timing:
-            for layer, x in sorted(self._mlp_inputs.items()) if due else ():
-                row = self._refreshers[layer](x)
-                row.update(layer=layer, step=self.steps_done)
-                self.refreshes[layer] = row
+            rows = refresh_layers(self._refreshers, self._mlp_inputs) if due else {}
+        for layer, row in rows.items():
+            self.refreshes[layer] = {**row, "layer": layer, "step": self.steps_done}
 
     def _record_step_density(self) -> None:
         """This step's mean density per dynamic target, as a device tensor (read once, in `report`)."""

@@ -25,8 +25,10 @@ query block i of the softmax probability that falls on key block j (rows sum to 
     dense         every causal block.
     shadowy       one mask for all heads and the batch: every block whose mass is >= eps in any
                   (batch, head).
-    longformer    causal local window of `window` blocks + the first `global_` key blocks, all heads.
-    bigbird       window + global + `random` seeded random causal blocks per query row, all heads.
+    longformer    causal local window of `window_blocks` blocks + the first `global_blocks` key blocks, all
+                  heads (the mask recipe `mask_policies.LongformerMask`, shared with the mask policy).
+    bigbird       window + global + `random_blocks` seeded random causal blocks per query row, all heads
+                  (`mask_policies.BigBirdMask`).
     long-exposure head-specific: per (batch, head) and query block, the fewest key blocks that keep
                   >= tau of that row's mass; then snapped (`snap=True`) to the cheapest combination
                   of atomic patterns (`AtomSet`: causal window W, global G, optional stride S) whose
@@ -43,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from longexposure.mask_policies import AtomSet, BigBirdMask, DenseMask, LongformerMask, atom_mask
 from longexposure.registry import EXPOSERS
 
 
@@ -271,13 +274,16 @@ def _check_mass(mass: Tensor) -> tuple[int, int, int]:
     return mass.shape[0], mass.shape[1], mass.shape[-1]
 
 
-@dataclass(repr=False)
-class DenseAttention(AttentionExposer):
+@dataclass(frozen=True)
+class UniformAttention(AttentionExposer):
+    """Base of the exposers built from a mask recipe (`mask_policies`): the recipe's mask for every (batch, head);
+    `block` (tokens per block) is what the exposer adds to the recipe's fields."""
+
     block: int = 64
 
     def block_mask(self, mass: Tensor) -> Tensor:
         b, h, n = _check_mass(mass)
-        return causal_blocks(n, mass.device).expand(b, h, n, n)
+        return self.reference(n, mass.device).expand(b, h, n, n)
 
 
 @dataclass(repr=False)
@@ -294,51 +300,6 @@ class ShadowyAttention(AttentionExposer):
 
 
 # --------------------------------------------------------------------------------------------- atoms
-@dataclass(frozen=True)
-class AtomSet:
-    """A union of atomic block patterns (causal; block units).
-
-    window W: local-W, key blocks i-W < j <= i (W >= 1; the diagonal is always in).
-    global_ G: global-G, key blocks j < G for every query.
-    stride S: strided-S, key blocks with j % S == S - 1 (0: none).
-    random R, seed: random-R-s<seed>, R random causal key blocks per query row (0: none).
-    `names()` gives the atoms as the pattern pool (`longexposure.attention.pattern_pool`) spells them.
-    """
-
-    window: int = 1
-    global_: int = 0
-    stride: int = 0
-    random: int = 0
-    seed: int = 0
-
-    def names(self) -> list[str]:
-        out = [f"local-{self.window}"]
-        if self.global_:
-            out.append(f"global-{self.global_}")
-        if self.stride:
-            out.append(f"strided-{self.stride}")
-        if self.random:
-            out.append(f"random-{self.random}-s{self.seed}")
-        return out
-
-
-def atom_mask(spec: AtomSet, n: int, device: torch.device | str = "cpu") -> Tensor:
-    """Boolean (n, n) causal block mask of an `AtomSet` (the reference the pool's atoms must match)."""
-    i = torch.arange(n, device=device)[:, None]
-    j = torch.arange(n, device=device)[None, :]
-    allowed = j <= i
-    m = (i - j < max(1, spec.window)) & allowed
-    if spec.global_:
-        m |= j < spec.global_
-    if spec.stride:
-        m |= j % spec.stride == spec.stride - 1
-    if spec.random:
-        gen = torch.Generator().manual_seed(spec.seed)
-        keys = torch.rand(n, n, generator=gen).to(device).masked_fill(~allowed, 2.0)
-        m |= keys.argsort(-1).argsort(-1) < spec.random
-    return m & allowed
-
-
 @functools.lru_cache(maxsize=64)
 def _candidates(n: int, strides: tuple[int, ...], device: str) -> tuple[tuple[AtomSet, ...], Tensor, Tensor]:
     """Every (window, global[, stride]) AtomSet for n blocks, their masks (K, N, N) and block counts (K,)."""
@@ -428,29 +389,19 @@ def head_specific_mask(mass: Tensor, tau: float) -> Tensor:
     return mask & causal_blocks(n, mass.device)
 
 
-@dataclass(repr=False)
-class LongformerAttention(AttentionExposer):
-    block: int = 64
-    window: int = 4
-    global_: int = 1
-
-    def block_mask(self, mass: Tensor) -> Tensor:
-        b, h, n = _check_mass(mass)
-        return atom_mask(AtomSet(self.window, self.global_), n, mass.device).expand(b, h, n, n)
+@dataclass(frozen=True)
+class DenseAttention(DenseMask, UniformAttention):
+    """The `dense` mask recipe: every causal block."""
 
 
-@dataclass(repr=False)
-class BigBirdAttention(AttentionExposer):
-    block: int = 64
-    window: int = 3
-    global_: int = 1
-    random: int = 2
-    seed: int = 0
+@dataclass(frozen=True)
+class LongformerAttention(LongformerMask, UniformAttention):
+    """The `longformer` mask recipe (`mask_policies.LongformerMask`: its fields and defaults) as an exposer."""
 
-    def block_mask(self, mass: Tensor) -> Tensor:
-        b, h, n = _check_mass(mass)
-        spec = AtomSet(self.window, self.global_, 0, self.random, self.seed)
-        return atom_mask(spec, n, mass.device).expand(b, h, n, n)
+
+@dataclass(frozen=True)
+class BigBirdAttention(BigBirdMask, UniformAttention):
+    """The `bigbird` mask recipe (`mask_policies.BigBirdMask`: its fields and defaults) as an exposer."""
 
 
 @dataclass(repr=False)

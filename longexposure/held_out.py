@@ -38,6 +38,7 @@ def held_out_metrics(
     from longexposure.predictors.lowrank import PredictorConfig
     from longexposure.predictors.offline import evaluate_mlp, mlp_truth
     from longexposure.predictors.refresh import layer_data
+    from longexposure.reorder import profile_density_at_mass
 
     predicted = exposure is not None and exposure.sources.get("mlp") == "predicted"
     relu = family(model).mlp  # the ReLU MLP the exposer reads (None: the family has none)
@@ -74,6 +75,8 @@ def held_out_metrics(
                 else:
                     truth, _ = mlp_truth(data, 0, exposer_config.exposer())
                     stats = {"exposer_density": truth.float().mean().item()}
+                block_mass = data.mlp_mass[0].float().sum((0, 1)).double().cpu().numpy()  # (blocks,) this batch
+                stats["d90"] = profile_density_at_mass(block_mass, 1, 0.9)
                 rows[i].append(stats)
     finally:
         for h in hooks:
@@ -85,6 +88,7 @@ def held_out_metrics(
         ("exposer_density", "held_out_exposer_mlp_density"),
         ("density", "held_out_predicted_mlp_density"),
         ("recall", "held_out_predicted_mlp_recall"),
+        ("d90", "held_out_mlp_d90"),
     ):
         values = [row[key] for row in per_layer.values() if key in row]
         if values:

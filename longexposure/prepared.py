@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from longexposure.paths import cache_dir, write_text_atomic
-from longexposure.training import TrainingSetup, split_option
+from longexposure.training import TrainingSetup
 
 PREDICTOR_OPTIONS = ("mlp_block", "attn_block", "theta", "tau")
 
@@ -41,21 +41,18 @@ def _digest(key: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _batches(case: TrainingSetup, model: torch.nn.Module, n: int, device: torch.device, seed: int) -> tuple[list, str]:
+def _batches(case: TrainingSetup, model: torch.nn.Module, n: int, seed: int) -> tuple[list, str]:
     """`n` batches of the case's dataset drawn with `seed`, and their description."""
-    from longexposure.data import load_batches
-    from longexposure.models import family_of
+    from longexposure.data import model_batches
 
-    stream = load_batches(
+    stream = model_batches(
+        model,
         case.dataset,
         batch=case.batch,
         seq_len=case.seq_len,
-        vocab_size=model.config.vocab_size,
-        path=case.data_path,
         seed=seed,
-        device=device,
-        family=family_of(model),
-        **split_option(case.data_split),
+        path=case.data_path,
+        split=case.data_split,
     )
     return stream.input_ids(n), f"{stream.description} (seed {seed})"
 
@@ -92,7 +89,7 @@ def reordered_weights(
     if note_file.exists():
         return out, note_file.read_text()
     model = build_model(case.model, weights=str(weights), attn_implementation="eager", device=device).eval()
-    ids, description = _batches(case, model, batches, device, seed + 2)
+    ids, description = _batches(case, model, batches, seed + 2)
     reorder_mlp_(model, neuron_stats(model, ids))
     note = f"MLP neurons of {weights} reordered by activation mass on {len(ids)} batches of {description}"
     model.save_pretrained(out)

@@ -231,8 +231,10 @@ class Trainer:
         batch = distributed.shard(next(self.batches), self.dp)
         if self.setup.cuda_graph:
             return self._graph_step(batch, timer)
-        if self.exposure is not None and self.exposure.dynamic:
-            self.exposure.timer = timer  # live predictors mark `predict_ms` inside the forward
+        if self.exposure is not None and self.exposure.dynamic and not self.setup.compile:
+            # live predictors mark `predict_ms` inside the forward (not inside compiled layers: a host timer
+            # there would break the graph)
+            self.exposure.timer = timer
         with timer.region("total_ms"):
             with timer.region("forward_ms"), self._autocast():
                 loss = self.forward(**batch, use_cache=False).loss

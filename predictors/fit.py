@@ -97,21 +97,13 @@ def fit_predictors_for(
     `dataset` (seeded with `data_seed`, default `seed`; its `data_split` when given, e.g. e2e `train`, never the
     held-out one) and `fit_predictors` on them (`options` are its keyword arguments)."""
     data_seed = seed if data_seed is None else data_seed
-    from longexposure.data import load_batches
-    from longexposure.models import build_model, family_of
+    from longexposure.data import model_batches
+    from longexposure.models import build_model
 
     model = build_model(model_name, weights=weights, attn_implementation="eager", device=device, seed=seed)
     model.requires_grad_(False)
-    stream = load_batches(
-        dataset,
-        batch=batch,
-        seq_len=seq_len,
-        vocab_size=model.config.vocab_size,
-        path=data_path,
-        seed=data_seed,
-        device=device,
-        family=family_of(model),
-        **({} if data_split is None else {"split": data_split}),
+    stream = model_batches(
+        model, dataset, batch=batch, seq_len=seq_len, seed=data_seed, path=data_path, split=data_split
     )
     ids = stream.input_ids(batches)
     options.setdefault("seed", seed)

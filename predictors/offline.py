@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from longexposure.predictors.builtin import build_predictor
-from longexposure.predictors.lowrank import AttnLowRank, MlpLowRank, PredictorConfig, PredictorError
+from longexposure.predictors.lowrank import AttnLowRank, MlpLowRank, MlpPredictor, PredictorConfig, PredictorError
 from torch import Tensor, nn
 
 from longexposure.exposers import ThresholdMlp, attention_block_mass, attention_density, attention_mass_kept
@@ -78,7 +79,7 @@ def mlp_block_stats(act: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     if ffn % block_size:
         raise PredictorError(f"ffn dim {ffn} is not divisible by block_size {block_size}")
     blocks = act.view(*act.shape[:-1], ffn // block_size, block_size)
-    return (blocks > 0).float().mean(-1), blocks.sum(-1)
+    return (blocks > 0).float().mean(-1), blocks.sum(-1, dtype=torch.float32)
 
 
 def collect(
@@ -133,7 +134,9 @@ def train_mlp(
     recall_weight: float = 2.0,
     seed: int = 0,
 ) -> list[float]:
-    """Fit per-token block (count fraction, mass); returns the loss every 50 steps."""
+    """Fit per-token block (count fraction, mass); returns the loss every 50 steps.
+
+    The readable one-predictor reference; `train_mlp_group` runs the same steps for several at once."""
     x = data.mlp_x.flatten(0, 2)  # (T, d)
     frac, mass = data.mlp_frac.flatten(0, 2).float(), data.mlp_mass.flatten(0, 2).float()
     with torch.no_grad():
@@ -165,6 +168,243 @@ def train_mlp(
     return losses
 
 
+def _stacked_mlp_params(preds: Sequence[MlpLowRank]) -> list[tuple[Tensor, list[Tensor]]]:
+    """Each parameter of the predictors, stacked over them: [(trainable (L, ...) copy, [per-predictor tensor])]."""
+    names = [n for n, _ in preds[0].named_parameters()]  # inp.weight, inp.bias (rank > 0), out.weight, out.bias
+    own = [dict(p.named_parameters()) for p in preds]
+    return [(torch.stack([o[n].detach() for o in own]).requires_grad_(True), [o[n] for o in own]) for n in names]
+
+
+def train_mlp_group(
+    preds: Sequence[MlpLowRank],
+    data: Sequence[LayerData],
+    *,
+    steps: int = 500,
+    tokens_per_step: int = 4096,
+    lr: float = 3e-3,
+    noise: float = 0.05,
+    recall_weight: float = 2.0,
+    seeds: Sequence[int] | int = 0,
+    matmul_dtype: torch.dtype | None = None,
+    graph: bool | None = None,
+) -> Tensor:
+    """`train_mlp` for L predictors of one shape at once, predictor l on `data[l]`, with `seeds[l]`.
+
+    The same steps as `train_mlp` per predictor (token draws, noise, loss, Adam, schedule), with the L
+    predictors' parameters stacked into (L, ...) tensors and batched matmuls: one optimizer step updates
+    every predictor; the loss is the sum of the per-predictor losses, so each predictor's gradient is
+    its own. Predictors with the same seed (and token count) draw the same tokens and noise, as
+    `train_mlp` with that seed would, so those draws are made once. The trained values are copied back
+    into each predictor's own parameters and scale buffers in place (their tensors stay the same: a
+    captured CUDA graph that reads them stays valid); nothing is read on the host.
+
+    Args:
+        preds: MlpLowRank predictors of the same rank, shapes, dtype and device.
+        data: per predictor, a LayerData with the same number of tokens (U * B * S) each.
+        seeds: per predictor (or one for all), the seed `train_mlp` would get.
+        matmul_dtype: None: `train_mlp`'s arithmetic (the input in float32, divided by `in_scale`, the
+            parameters' dtype in the matmuls). bf16 / fp16: the matmuls take their operands in this dtype
+            (the tokens, the noise, `W_in / in_scale`, the hidden units, W_out) and accumulate in fp32, as
+            under autocast; parameters, Adam and the loss stay fp32. The input layer (tokens x d x rank)
+            is by far the largest matmul, and the stored inputs are bf16 anyway (a refresh's on a GPU).
+        graph: run the steps after the first `_GRAPH_WARMUP` as replays of one captured CUDA graph (the
+            same step: its draws advance the generators on every replay; Adam is capturable and reads its
+            learning rate from the device). Eagerly each step is some 60 small kernels, host-bound on a
+            GPU; None: on CUDA when there are more steps than warm-up ones.
+
+    Returns:
+        (logged steps, L) device tensor: each predictor's loss every 50 steps and at the last step.
+    """
+    if not preds or len(preds) != len(data):
+        raise PredictorError(f"train_mlp_group needs one LayerData per predictor, got {len(preds)} and {len(data)}")
+    seeds = [seeds] * len(preds) if isinstance(seeds, int) else list(seeds)
+    ref = preds[0]
+    shape = lambda p: (type(p), p.config.rank, p.d_model, p.n_blocks, p.out.weight.dtype, p.out.weight.device)  # noqa: E731
+    tokens = {d.mlp_x.shape[:3].numel() for d in data}
+    if any(shape(p) != shape(ref) for p in preds) or len(tokens) != 1 or len(seeds) != len(preds):
+        raise PredictorError(
+            "train_mlp_group trains predictors of one rank, shape, dtype and device on as many tokens each, "
+            f"with one seed each; got {[shape(p)[1:] for p in preds]}, tokens {sorted(tokens)}, {len(seeds)} seeds"
+        )
+    n_pred, n_blocks, device = len(preds), ref.n_blocks, ref.out.weight.device
+    with torch.no_grad():
+        # token-major (T, L, ...): a step's token draw is then one gather of contiguous rows
+        x = torch.stack([d.mlp_x.flatten(0, 2) for d in data], 1)  # (T, L, d), as stored
+        frac = torch.stack([d.mlp_frac.flatten(0, 2).float() for d in data], 1)  # (T, L, n_blocks)
+        mass = torch.stack([d.mlp_mass.flatten(0, 2).float() for d in data], 1)
+        in_scale = torch.stack([x[:, i].float().std() for i in range(n_pred)])  # as train_mlp sets them
+        mass_scale = torch.stack([mass[:, i].mean().clamp_min(1e-6) for i in range(n_pred)])
+        for p, s, m in zip(preds, in_scale, mass_scale, strict=True):
+            p.in_scale.copy_(s)
+            p.mass_scale.copy_(m)
+        target = torch.cat([frac, mass / mass_scale[:, None]], -1)  # (T, L, 2 * n_blocks): the outputs' targets
+        del frac, mass
+        # per token and predictor, sum and sum of squares of x: a batch's std from n gathered values each
+        sums = torch.stack([x.float().sum(-1), x.float().square().sum(-1)], -1).double() if matmul_dtype else None
+    stacked = _stacked_mlp_params(preds)
+    weights = [s for s, _ in stacked]
+    total, n, width = x.shape[0], min(tokens_per_step, x.shape[0]), x.shape[-1]
+    gens = {s: torch.Generator(device=device).manual_seed(s) for s in dict.fromkeys(seeds)}
+    cols = torch.arange(n_pred, device=device)[:, None]  # with per-predictor token ids (L, n): t[ids, cols]
+    in_div = in_scale[:, None, None]
+    low = matmul_dtype or torch.float32  # the noise's dtype: the first matmul's operands
+    graph = device.type == "cuda" and steps > _GRAPH_WARMUP if graph is None else graph
+    optim = torch.optim.Adam(weights, lr=lr, capturable=graph)
+    lr_now = torch.full((), float(lr), device=device)
+    if graph:  # a captured step reads its learning rate from the device (set after the constructor, whose
+        optim.param_groups[0]["lr"] = lr_now  # range check would read a device lr on the host)
+
+    def set_lr(step: int) -> None:
+        if graph:
+            lr_now.fill_(_lr(step, steps, lr))
+        else:
+            optim.param_groups[0]["lr"] = _lr(step, steps, lr)
+
+    def one_step() -> Tensor:
+        """Draws, forward, loss, backward, optimizer step; the (L,) loss."""
+        draws = {}
+        for s, gen in gens.items():  # train_mlp's order: the token ids, then the noise
+            idx = torch.randint(0, total, (n,), generator=gen, device=device)
+            eps = torch.randn((n, width), generator=gen, device=device, dtype=low) if noise > 0 else None
+            draws[s] = (idx, eps)
+        if len(gens) == 1:  # one draw for all: (n, L, ...) rows, seen as (L, n, ...)
+            idx, eps = draws[seeds[0]]
+            pick = lambda t: t.index_select(0, idx).transpose(0, 1)  # noqa: E731
+        else:
+            idx = torch.stack([draws[s][0] for s in seeds])  # (L, n)
+            eps = torch.stack([draws[s][1] for s in seeds]) if noise > 0 else None
+            pick = lambda t: t[idx, cols]  # noqa: E731
+        xb, y = pick(x), pick(target)
+        if matmul_dtype is None or noise <= 0:
+            o = _group_forward(xb, eps, noise, weights, in_div, ref.config.rank, matmul_dtype)
+        else:
+            s1, s2 = pick(sums).sum(1).unbind(-1)  # (L,) over the batch's n tokens
+            count = n * width
+            std = ((s2 - s1 * s1 / count) / (count - 1)).clamp_min(0).sqrt().float()
+            o = _group_forward(xb, eps, noise, weights, in_div, ref.config.rank, matmul_dtype, std=std)
+        # train_mlp's loss, count and mass halves side by side: mean_f + mean_m = 2 * mean over both
+        out = torch.cat([torch.sigmoid(o[..., :n_blocks].float()), F.softplus(o[..., n_blocks:].float())], -1)
+        err = out - y
+        loss = 2 * (torch.where(err < 0, recall_weight, 1.0) * err.square()).mean((1, 2))  # (L,)
+        loss.sum().backward()
+        optim.step()
+        return loss.detach()
+
+    logged = [step for step in range(steps) if step % 50 == 0 or step == steps - 1]
+    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        run = _replayed_steps if graph else _eager_steps
+        losses = run(one_step, set_lr, optim, steps, logged, list(gens.values()), device)
+    with torch.no_grad():
+        for trained, own in stacked:
+            for layer, tensor in enumerate(own):
+                tensor.copy_(trained[layer])
+    for p in preds:
+        p.eval()
+    return torch.stack(losses) if losses else torch.empty(0, n_pred, device=device)
+
+
+_GRAPH_WARMUP = 2  # eager steps before a capture: Adam's state and the matmul workspaces exist by then
+
+
+_StepFn = Callable[[], Tensor]
+
+
+def _eager_steps(
+    one_step: _StepFn,
+    set_lr: Callable[[int], None],
+    optim: torch.optim.Optimizer,
+    steps: int,
+    logged: list[int],
+    generators: list[torch.Generator],
+    device: torch.device,
+) -> list[Tensor]:
+    """Run `steps` training steps; the losses of the `logged` ones."""
+    losses = []
+    for step in range(steps):
+        set_lr(step)
+        optim.zero_grad(set_to_none=True)
+        loss = one_step()
+        if step in logged:
+            losses.append(loss)
+    return losses
+
+
+def _replayed_steps(
+    one_step: _StepFn,
+    set_lr: Callable[[int], None],
+    optim: torch.optim.Optimizer,
+    steps: int,
+    logged: list[int],
+    generators: list[torch.Generator],
+    device: torch.device,
+) -> list[Tensor]:
+    """`_eager_steps` with the steps after the warm-up replayed from one captured CUDA graph, on a side stream
+    (a capture may not run on the default stream), joined back before returning. No host sync."""
+    main = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(main)
+    losses = []
+    with torch.cuda.stream(side):
+        warm = min(_GRAPH_WARMUP, steps)
+        losses += _eager_steps(one_step, set_lr, optim, warm, logged, generators, device)
+        if steps > warm:
+            optim.zero_grad(set_to_none=True)  # the capture's backward allocates the gradients in its own pool
+            graph = torch.cuda.CUDAGraph()
+            for gen in generators:
+                graph.register_generator_state(gen)  # each replay draws new tokens and noise
+            graph.capture_begin()
+            loss = one_step()
+            graph.capture_end()
+            for step in range(warm, steps):
+                set_lr(step)
+                graph.replay()
+                if step in logged:
+                    losses.append(loss.clone())
+    main.wait_stream(side)
+    return losses
+
+
+def _group_forward(
+    xb: Tensor,
+    eps: Tensor | None,
+    noise: float,
+    weights: list[Tensor],
+    in_div: Tensor,
+    rank: int,
+    low: torch.dtype | None,
+    std: Tensor | None = None,
+) -> Tensor:
+    """`MlpLowRank.raw` of L stacked predictors on their noisy token batches -> (L, n, 2 * n_blocks) logits.
+
+    xb (L, n, d) clean tokens; eps (n, d) noise shared by all, or (L, n, d); the input x + noise * std(x) * eps.
+    `low` None: `train_mlp`'s arithmetic. Else the matmuls take `low` operands (fp32 accumulation, as under
+    autocast), the input scale is folded into W_in ((x / s) W^T = x (W / s)^T) and the noise goes through
+    W_in on its own ((x + c eps) W^T = x W^T + c (eps W^T): a shared eps is one matmul for all predictors,
+    instead of a pass over the (L, n, d) batch), with `std` (L,) the batches' std computed by the caller.
+    """
+    w_out, b_out = weights[-2], weights[-1]
+    if low is None:
+        xb = xb.float()
+        if noise > 0:
+            xb = xb + noise * xb.std(dim=(1, 2), keepdim=True) * eps
+        h = xb.to(w_out.dtype) / in_div.to(w_out.dtype)
+        if rank > 0:
+            h = F.relu(torch.baddbmm(weights[1][:, None, :], h, weights[0].transpose(1, 2)))
+        return torch.baddbmm(b_out[:, None, :], h, w_out.transpose(1, 2))
+    w_first, b_first = (weights[0], weights[1]) if rank > 0 else (w_out, b_out)
+    w_first = (w_first / in_div).to(low)  # (L, hidden, d)
+    h = torch.baddbmm(b_first.to(low)[:, None, :], xb.to(low), w_first.transpose(1, 2))
+    if noise > 0:
+        if eps.dim() == 2:  # (n, d) (d, L * hidden): one matmul
+            proj = (eps @ w_first.flatten(0, 1).T).view(eps.shape[0], *w_first.shape[:2]).transpose(0, 1)
+        else:
+            proj = torch.bmm(eps, w_first.transpose(1, 2))
+        h = torch.addcmul(h, proj, (noise * std).to(low)[:, None, None])
+    if rank == 0:
+        return h.float()
+    return torch.baddbmm(b_out.to(low)[:, None, :], F.relu(h), w_out.to(low).transpose(1, 2)).float()
+
+
 def mlp_truth(data: LayerData, u: int, policy: ThresholdMlp) -> tuple[Tensor, Tensor]:
     """(exposer block mask, true block mass) of batch unit u."""
     count = data.mlp_frac[u].float().sum((0, 1)) * policy.block_size
@@ -172,28 +412,127 @@ def mlp_truth(data: LayerData, u: int, policy: ThresholdMlp) -> tuple[Tensor, Te
     return policy.mask_from_stats(count, mass), mass
 
 
+MLP_METRICS = ("recall", "precision", "density", "exposer_density", "mass_kept", "exposer_mass_kept")
+
+
+def threshold_masks(count: Tensor, mass: Tensor, policy: ThresholdMlp, scales: Tensor) -> Tensor:
+    """`policy.mask_from_stats(count, mass, theta=policy.theta * s)` for every s in `scales` at once.
+
+    count, mass (..., n_blocks); scales (..., K) float32 (as a predictor's `theta_scale`), its leading dims
+    broadcast with count's -> (..., K, n_blocks) bool. One comparison against all the thresholds, with the
+    rounding of one call per scale (the same importance, peak and theta x peak), so the same masks."""
+    c = count / count.amax(-1, keepdim=True).clamp_min(1e-12)  # `block_importance`, per row
+    m = mass / mass.amax(-1, keepdim=True).clamp_min(1e-12)
+    imp = policy.alpha * c + (1.0 - policy.alpha) * m
+    theta = policy.theta * scales
+    peak = imp.amax(-1, keepdim=True)
+    keep = (imp[..., None, :] >= theta[..., :, None] * peak[..., None, :]) & (count > 0)[..., None, :]
+    k = min(policy.min_blocks, imp.shape[-1])
+    if k > 0:
+        top = imp.topk(k, dim=-1).indices[..., None, :]
+        keep.scatter_(-1, top.expand(*keep.shape[:-1], k), True)
+    return keep
+
+
+def _unit_mean(per_unit: Tensor) -> Tensor:
+    """Mean over dim -2 (batch units), added in unit order: the float64 rounding of the per-unit loop's
+    `sum(rows) / len(rows)`, so a recall exactly at a target compares the same way."""
+    acc = per_unit[..., 0, :]
+    for u in range(1, per_unit.shape[-2]):
+        acc = acc + per_unit[..., u, :]
+    return acc / per_unit.shape[-2]
+
+
+def mask_metrics(got: Tensor, truth: Tensor, mass: Tensor) -> Tensor:
+    """`MLP_METRICS` of predicted block masks, as float64 on the device, means over batch units.
+
+    got (..., U, n_blocks) bool; truth (U, n_blocks) bool (the exposer's) and mass (U, n_blocks) the true
+    block mass, or with leading dims that broadcast to got's -> (..., len(MLP_METRICS)). recall =
+    |got & truth| / max(1, |truth|), precision likewise over |got|; densities are kept fractions; mass kept
+    is the true mass inside the kept blocks over all of it.
+    """
+    got, truth, mass = got.to(truth.device), truth.expand_as(got), mass.expand(got.shape)
+    hit = (got & truth).sum(-1).double()
+    total = mass.sum(-1).clamp_min(1e-12)
+    per_unit = torch.stack(
+        [
+            hit / truth.sum(-1).clamp_min(1).double(),
+            hit / got.sum(-1).clamp_min(1).double(),
+            got.float().mean(-1).double(),
+            truth.float().mean(-1).double(),
+            (mass.where(got, 0.0).sum(-1) / total).double(),
+            (mass.where(truth, 0.0).sum(-1) / total).double(),
+        ],
+        -1,
+    )  # (..., U, metrics)
+    return _unit_mean(per_unit)
+
+
+@torch.no_grad()
+def mlp_slack_metrics(pred: MlpPredictor, data: LayerData, slacks: Tensor) -> Tensor:
+    """`evaluate_mlp(pred, data, pred.config)`'s metrics (no timing) with the predictor's threshold at each of
+    `slacks` (K,) float32 in place of its `theta_scale`: (K, len(MLP_METRICS)) float64 on the device.
+
+    The predicted block sums are computed once per batch unit, the K masks in one comparison; no host sync,
+    and the predictor is left as it was."""
+    return stacked_slack_metrics([pred], [data], slacks[None])[0]
+
+
+@torch.no_grad()
+def stacked_slack_metrics(preds: Sequence[MlpPredictor], data: Sequence[LayerData], scales: Tensor) -> Tensor:
+    """`mlp_slack_metrics` of L predictors (layers) at once, predictor l on `data[l]` at its own `scales[l]`.
+
+    Args:
+        preds: predictors with one threshold policy (theta, alpha, min_blocks, block size) and n_blocks.
+        data: as many units each.
+        scales: (L, K) float32 theta multipliers.
+
+    Returns:
+        (L, K, len(MLP_METRICS)) float64 on the device; per predictor one forward per unit, then one batched
+        comparison and one metric computation for all.
+    """
+    keys = [(p.config.exposer(), p.n_blocks, d.units()) for p, d in zip(preds, data, strict=True)]
+    if any(k != keys[0] for k in keys):
+        raise PredictorError(f"stacked_slack_metrics needs one threshold policy, n_blocks and unit count: {keys}")
+    policy = keys[0][0]
+    truth, mass, count, pmass = [], [], [], []
+    for pred, d in zip(preds, data, strict=True):
+        for u in range(d.units()):
+            t, m = mlp_truth(d, u, policy)
+            c, pm = pred.block_sums(d.mlp_x[u])
+            truth.append(t)
+            mass.append(m)
+            count.append(c.to(m.device))
+            pmass.append(pm.to(m.device))
+    rows = lambda ts: torch.stack(ts).view(len(preds), data[0].units(), -1)  # noqa: E731  (L, U, n_blocks)
+    got = threshold_masks(rows(count), rows(pmass), policy, scales.to(mass[0].device)[:, None, :])  # (L, U, K, nb)
+    return mask_metrics(got.transpose(1, 2), rows(truth)[:, None], rows(mass)[:, None])
+
+
+def first_reaching(scores: Tensor, target: float) -> Tensor:
+    """Index (int64, on the device) of the first of `scores` (..., K) that reaches `target`, else K - 1."""
+    leading_misses = ((scores >= target).cumsum(-1) == 0).sum(-1)
+    return leading_misses.clamp_max(scores.shape[-1] - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def slack_tensor(grid: tuple[float, ...], device: torch.device) -> Tensor:
+    """The grid as a float32 tensor on `device` (as `theta_scale` holds a slack), made once per device:
+    building it is a host-to-device copy, which waits for the device."""
+    return torch.tensor(grid, dtype=torch.float32, device=device)
+
+
 @torch.no_grad()
 def evaluate_mlp(
     pred: nn.Module, data: LayerData, config: PredictorConfig, *, time_it: bool = True
 ) -> dict[str, float]:
-    """Mean over batch units: recall / precision vs. the exposer, densities, activation mass kept, ms per call."""
+    """Mean over batch units: recall / precision vs. the exposer, densities, activation mass kept, ms per call.
+
+    Computed on the device and read back once."""
     policy = config.exposer()
-    rows = []
-    for u in range(data.units()):
-        truth, mass = mlp_truth(data, u, policy)
-        got = pred.block_mask(data.mlp_x[u])
-        hit = (got & truth).sum().item()
-        rows.append(
-            {
-                "recall": hit / max(1, truth.sum().item()),
-                "precision": hit / max(1, got.sum().item()),
-                "density": got.float().mean().item(),
-                "exposer_density": truth.float().mean().item(),
-                "mass_kept": float(mass[got].sum() / mass.sum().clamp_min(1e-12)),
-                "exposer_mass_kept": float(mass[truth].sum() / mass.sum().clamp_min(1e-12)),
-            }
-        )
-    out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    truth, mass = zip(*(mlp_truth(data, u, policy) for u in range(data.units())), strict=True)
+    got = torch.stack([pred.block_mask(data.mlp_x[u]) for u in range(data.units())])
+    out = dict(zip(MLP_METRICS, mask_metrics(got, torch.stack(truth), torch.stack(mass)).tolist(), strict=True))
     if time_it:
         x = data.mlp_x[0]
         out["ms_per_call"] = time_fn(lambda: pred(x), x.device, warmup=2, reps=5).p50
@@ -222,10 +561,19 @@ def calibrate_mlp(
     recall_target: float = 0.97,
     grid: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3),
 ) -> float:
-    """Set `pred.config.slack` to the largest grid value whose mean recall on `data` reaches the target."""
-    return _calibrate(
-        pred, "slack", grid, lambda: evaluate_mlp(pred, data, pred.config, time_it=False)["recall"], recall_target
-    )
+    """Set `pred.config.slack` to the largest grid value (the first, in grid order) whose mean recall on
+    `data` reaches the target, else the last. For a threshold predictor (`MlpPredictor`) every grid value
+    is scored at once (`mlp_slack_metrics`) with one host read; others are tried one by one."""
+    if not isinstance(pred, MlpPredictor):
+        score = lambda: evaluate_mlp(pred, data, pred.config, time_it=False)["recall"]  # noqa: E731
+        return _calibrate(pred, "slack", grid, score, recall_target)
+    if not grid:
+        raise PredictorError("calibrate_mlp needs a non-empty slack grid")
+    slacks = slack_tensor(tuple(float(v) for v in grid), pred.theta_scale.device)
+    chosen = grid[int(first_reaching(mlp_slack_metrics(pred, data, slacks)[:, 0], recall_target))]  # the host read
+    pred.config.slack = chosen
+    pred.sync_config()
+    return chosen
 
 
 # ========================================================================================== attention

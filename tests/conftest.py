@@ -17,6 +17,17 @@ settings.register_profile("local", max_examples=100, deadline=None, suppress_hea
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+# Dropout off in the model and the method: two runs of the same steps then compare exactly.
+NO_DROPOUT = {"method_options": {"dropout": 0.0}, "model_options": {"dropout": 0.0, "attention_dropout": 0.0}}
+
+
+def tiny_setup(case_type=None, **over):
+    """A training setup a CPU runs in seconds: opt-tiny with LoRA, batch 2 x 64 tokens, fp32, sdpa. `over` replaces
+    fields; `case_type` is a `TrainingSetup` subclass (a task's case) to build instead."""
+    from longexposure.training import TrainingSetup
+
+    base = {"model": "opt-tiny", "method": "lora", "batch": 2, "seq_len": 64, "precision": "fp32", "attn": "sdpa"}
+    return (case_type or TrainingSetup)(**{**base, **over})
 
 
 import pytest  # noqa: E402

@@ -1,10 +1,13 @@
 """The compiled dense baseline: every decoder layer and the loss compile, with no graph break, and a compiled
 step trains like an eager one."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from longexposure.arch import decoder_layers
+from longexposure.compiled_model import reset_dynamo_counters
 from longexposure.measure import Timer
 from longexposure.training import Trainer, TrainingSetup
 
@@ -47,3 +50,34 @@ def test_amp_peft_layers_leave_casting_to_autocast():
     trainer = Trainer(_setup(False, precision="bf16-amp"), "cpu")
     flags = [m.cast_input_dtype_enabled for m in trainer.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert flags and not any(flags)
+
+
+@pytest.mark.slow
+def test_exposed_layers_compile_once_for_every_layer():
+    """Issue 18: the exposed model compiled with one program for all layers (no recompile per layer index),
+    no graph break, and the compiled step trains like the eager one."""
+    exposure = {
+        "source": "all-active",
+        "mlp_block": 16,
+        "attn_block": 16,
+        "mlp_backend": "torch-gather",
+        "attention_backend": "eager",
+    }
+
+    def setup(compile_: bool) -> TrainingSetup:
+        base = _setup(compile_)
+        options = {**base.model_options, "activation_function": "relu", "num_hidden_layers": 4}
+        return dataclasses.replace(base, exposure=exposure, model_options=options)
+
+    eager = _losses(Trainer(setup(False), "cpu", seed=0))
+    torch._dynamo.reset()  # other tests' programs for the same layer class would fail their guards here too
+    reset_dynamo_counters()
+    trainer = Trainer(setup(True), "cpu", seed=0)
+    compiled = _losses(trainer)
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), atol=1e-4, rtol=1e-4)
+    info = trainer.describe()
+    assert len(decoder_layers(trainer.model)) == 4
+    assert info["graph_breaks"] == 0, info["graph_break_reasons"]
+    assert 2 <= info["frames_compiled"] <= 3, info
+    # the one recompile: layer 0's input does not require grad (before the fix: `i == 0`, one per layer)
+    assert all("requires_grad" in r for r in info["recompile_reasons"]), info["recompile_reasons"]

@@ -4,9 +4,10 @@ live patterns (oracle, predicted) that the replayed graph must recompute for eve
 
 import pytest
 import torch
+from conftest import NO_DROPOUT, tiny_setup
 
 from longexposure.measure import Timer
-from longexposure.training import Trainer, TrainingSetup
+from longexposure.training import Trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -16,19 +17,7 @@ ORACLE = {"source": "oracle", "attn_block": 16, "mlp_block": 32, "theta": 0.3, "
 
 
 def _run(cuda_graph: bool, exposure, steps: int = 6, compile_: bool = False):
-    setup = TrainingSetup(
-        model="opt-tiny",
-        method="lora",
-        batch=2,
-        seq_len=64,
-        precision="fp16-amp",
-        attn="sdpa",
-        cuda_graph=cuda_graph,
-        compile=compile_,
-        exposure=exposure,
-        method_options={"dropout": 0.0},
-        model_options={"dropout": 0.0, "attention_dropout": 0.0},
-    )  # same math both ways
+    setup = tiny_setup(precision="fp16-amp", cuda_graph=cuda_graph, compile=compile_, exposure=exposure, **NO_DROPOUT)
     trainer = Trainer(setup, "cuda", seed=0)
     timer = Timer("cuda")
     losses = [float(trainer.step(timer)) for _ in range(steps)]

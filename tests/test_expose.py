@@ -165,12 +165,13 @@ def test_prepare_builds_every_layer_pattern_once():
     exposure.prepare(64, "cpu")
     n = len(exposure.layers)
     assert len(exposure.mlp_density) == n and len(exposure.attn_density) == n
-    layouts = [exposure._layout(i, 64, torch.device("cpu")) for i in range(n)]
+    layouts = [exposure._layout(state, 64, torch.device("cpu")) for state in exposure.layer_states]
     assert all(layout.has_transpose for layout in layouts), "the backward's transpose is cached, not rebuilt"
-    cached = dict(exposure._cache)
+    caches = lambda: {(s.index, k): v for s in exposure.layer_states for k, v in s.cache.items()}  # noqa: E731
+    cached = caches()
     ids = torch.randint(0, 1000, (2, 64))
     model(input_ids=ids, labels=ids).loss.backward()
-    assert exposure._cache.keys() == cached.keys() and all(exposure._cache[k] is cached[k] for k in cached)
+    assert caches().keys() == cached.keys() and all(caches()[k] is cached[k] for k in cached)
 
 
 def test_replay_resampled_to_another_depth_is_attention_only_and_says_so():

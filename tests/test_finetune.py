@@ -2,26 +2,18 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_setup
 
 from longexposure.cli import main
 from longexposure.finetune import PRECISION_CHOICES, _parse_options, finetune
-from longexposure.training import PRECISIONS, TrainingSetup
+from longexposure.training import PRECISIONS
 
 E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
 
 
 @pytest.mark.skipif(not E2E.is_dir(), reason=f"E2E data not found at {E2E}")
 def test_finetune_lowers_the_loss_and_saves_what_it_trained(tmp_path):
-    setup = TrainingSetup(
-        model="opt-tiny",
-        method="bitfit",
-        batch=4,
-        seq_len=32,
-        precision="fp32",
-        lr=5e-2,
-        dataset="e2e",
-        data_path=str(E2E),
-    )
+    setup = tiny_setup(method="bitfit", batch=4, seq_len=32, lr=5e-2, dataset="e2e", data_path=str(E2E))
     summary = finetune(setup, steps=12, out=tmp_path, device="cpu", log_every=4)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
     assert len(losses) == 12
@@ -120,8 +112,8 @@ def test_train_predictors_then_finetune_with_them(tmp_path, capsys):
     assert main(["finetune", *common, "--expose", "source=guess", "--steps", "1"]) == 2
 
 
-def _tiny_setup() -> TrainingSetup:
-    return TrainingSetup(model="opt-tiny", method="bitfit", batch=2, seq_len=16, precision="fp32")
+def _tiny_setup():
+    return tiny_setup(method="bitfit", seq_len=16)
 
 
 def test_ms_per_step_is_a_median_over_every_step_after_warmup():

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_setup
 
 from longexposure.suite.context import RunContext
 from longexposure.tasks.loss_curve import LossCurveCase, loss_curve
@@ -20,19 +21,8 @@ LIVE = {
 
 
 def _case(**over):
-    base = dict(
-        model="opt-tiny",
-        method="lora",
-        batch=2,
-        seq_len=64,
-        precision="fp32",
-        attn="eager",
-        dataset="synthetic",
-        steps=4,
-        predictor_batches=3,
-        predictor_steps=5,
-    )
-    return LossCurveCase(**{**base, **over})
+    short = {"attn": "eager", "steps": 4, "predictor_batches": 3, "predictor_steps": 5}
+    return tiny_setup(LossCurveCase, **{**short, **over})
 
 
 def test_loss_curve_records_every_step_and_reuses_trained_predictors(tmp_path, monkeypatch):
@@ -82,8 +72,10 @@ def test_reordered_checkpoint_trains_the_same_function(tmp_path, monkeypatch):
     assert moved["info"]["neuron_reorder"].startswith(f"MLP neurons of {ckpt} reordered by activation mass on 2")
     (saved,) = (tmp_path / "cache" / "reordered").iterdir()
     for result, path in ((plain, ckpt), (moved, saved)):  # the pretraining record travels with the reordering
-        assert result["info"]["weights"] == f"{path} (longexposure pretrain --preset relu-micro: 7 steps of 2x32, " \
+        assert (
+            result["info"]["weights"] == f"{path} (longexposure pretrain --preset relu-micro: 7 steps of 2x32, "
             "act_l1 2.0, held-out loss 5.000)"
+        )
     fc1 = "model.decoder.layers.0.fc1.weight"
     before, after = (build_model("opt-tiny", weights=str(p)).state_dict()[fc1] for p in (ckpt, saved))
     assert not torch.equal(before, after) and torch.equal(before.sum(1).sort().values, after.sum(1).sort().values)

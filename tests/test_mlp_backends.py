@@ -27,6 +27,12 @@ def _backend_fn(name: str, block: int):
 @pytest.mark.parametrize("pattern", ["random", "all", "empty"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_backend_matches_reference(name, pattern, lora):
+    check_backend(name, pattern, lora)
+
+
+def check_backend(name: str, pattern: str = "random", lora: bool = True) -> None:
+    """Output and every gradient of backend `name` against the eager reference on one small problem (test_conformance
+    runs it for every registered backend too)."""
     meta = capabilities(name)
     if not meta["uses_active_set"]:
         pattern = "all"  # the dense baseline computes every neuron

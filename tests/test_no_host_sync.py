@@ -7,10 +7,11 @@ import collections
 import traceback
 
 import torch
+from conftest import NO_DROPOUT, tiny_setup
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from longexposure.replay import RecordedProfile
-from longexposure.training import Trainer, TrainingSetup
+from longexposure.training import Trainer
 
 HOST_VALUE_OPS = {
     "aten._local_scalar_dense.default",
@@ -38,16 +39,7 @@ class HostValueProbe(TorchDispatchMode):
 
 
 def _step_ops(exposure, padding_mask=True):
-    setup = TrainingSetup(
-        model="opt-tiny",
-        method="lora",
-        batch=2,
-        seq_len=64,
-        precision="fp32",
-        attn="sdpa",
-        model_options={"dropout": 0.0, "attention_dropout": 0.0},
-        exposure=exposure,
-    )
+    setup = tiny_setup(exposure=exposure, **NO_DROPOUT)
     trainer = Trainer(setup, "cpu")
     batch = next(trainer.batches)
     if padding_mask:  # as a tokenizer (or OPT's forward, on some transformers versions) supplies it
@@ -95,8 +87,9 @@ def test_sylva_step_never_asks_the_host(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     mask = torch.rand(3, 4, generator=gen) < 0.5
     mask[0, 0] = True
-    layers = [SylvaLinear(torch.randn(48, 64, generator=gen), torch.zeros(48), mask, 16, backend="triton")
-              for _ in range(2)]
+    layers = [
+        SylvaLinear(torch.randn(48, 64, generator=gen), torch.zeros(48), mask, 16, backend="triton") for _ in range(2)
+    ]
     opt = SylvaAdamW(layers, lr=1e-2, backend="triton")
     x = torch.randn(2, 5, 64, generator=gen)
 

@@ -129,6 +129,8 @@ def test_pruning_front_ends():
         prune_(model, "sparsegpt", "2:4")
     info = prune_(model, "magnitude", 0.5)
     assert abs(info["zero_fraction"] - 0.5) < 0.01
+    with pytest.raises(ValueError, match="'sp-lora-gc': sparsity must be a ratio or 'N:M'"):  # SpLoraConfig checks
+        apply_method(model, "sp-lora-gc", prune="magnitude", sparsity="half")  # before anything is pruned
 
 
 def test_wanda_uses_input_norms():

@@ -107,6 +107,48 @@ def test_include_merges_shared_defaults(tmp_path):
     assert suite.metrics == ["y_ms"] and [c["x"] for c in suite.cases("cpu-tiny")] == [1, 2]
 
 
+def test_include_below_the_top_merges_a_fragment_under_the_mappings_own_keys(tmp_path):
+    (tmp_path / "parts").mkdir()
+    write(tmp_path, "include: _base.yaml\noom_at: 9\n", "parts/params.yaml")  # relative to parts/
+    write(tmp_path, "fail_at: 7\noom_at: 8\nsource: shared\n", "parts/_base.yaml")
+    text = BASE.replace("matrix:", "params: {include: parts/params.yaml, source: own}\nmatrix:")
+    suite = load_suite(write(tmp_path, text + "variants: [{name: a}, {include: parts/_base.yaml, name: b}]\n"))
+    assert suite.params == {"fail_at": 7, "oom_at": 9, "source": "own"}, "the mapping's own keys win"
+    assert [v["name"] for v in suite.variants] == ["a", "b"] and suite.variants[1]["oom_at"] == 8
+
+
+def test_shipped_suites_include_the_exposure_blocks_they_used_to_repeat():
+    fig10 = load_suite(Path(__file__).resolve().parents[1] / "suites" / "fig10.yaml")
+    exposed = {v["name"]: v["exposure"] for v in fig10.variants if "exposure" in v}
+    replay = {"source": "replay", "profile": "reference", "theta": 0.1, "attn_block": 64, "mlp_block": 64}
+    assert exposed == {"long-exposure": replay}
+
+
+@pytest.mark.parametrize(
+    "files, match",
+    [
+        ({}, r"suite\.yaml: include 'part\.yaml': .*part\.yaml does not exist"),
+        ({"part.yaml": "include: suite.yaml\n"}, r"include cycle: .*suite\.yaml -> .*part\.yaml -> .*suite\.yaml"),
+        ({"part.yaml": "include: part.yaml\n"}, r"part\.yaml: include cycle"),
+        ({"part.yaml": "- 1\n- 2\n"}, r"part\.yaml: an included file is a mapping of keys, got list"),
+        ({"part.yaml": "a: [unclosed\n"}, r"part\.yaml: not valid YAML"),
+        ({"part.yaml": "include: 3\n"}, r"part\.yaml: include must be a file name or a list of file names, got 3"),
+    ],
+)
+def test_a_bad_include_is_an_error_naming_the_files(tmp_path, files, match):
+    for name, text in files.items():
+        write(tmp_path, text, name)
+    path = write(tmp_path, BASE.replace("matrix:", "params: {include: part.yaml}\nmatrix:"))
+    with pytest.raises(SuiteError, match=match):
+        load_suite(path)
+
+
+def test_an_included_suite_file_has_suite_keys(tmp_path):
+    write(tmp_path, "colour: red\n", "_common.yaml")
+    with pytest.raises(SuiteError, match=r"_common\.yaml: unknown key 'colour'"):
+        load_suite(write(tmp_path, "include: _common.yaml\n" + BASE))
+
+
 def test_run_writes_rows_table_and_plot_with_paper_numbers(tmp_path):
     out = run_suite(write(tmp_path, BASE), preset="cpu-tiny", out=tmp_path / "art", device="cpu")
     rows = read_rows(out / "results.jsonl")

@@ -205,6 +205,21 @@ def test_a_suite_name_that_is_not_a_plain_name_is_refused(tmp_path, name):
             "method: lora, method_options: {alpah: 8}, attn: eager",
             r"method_options: unknown option 'alpah' of peft_method 'lora'\. Did you mean 'alpha'\?",
         ),
+        (  # a typed method config (SylvaConfig, SpLoraConfig) is checked field by field, then built
+            "method: bitfit",
+            "method: sylva\n    method_options: {sparsty: 0.9}",
+            r"method_options: unknown option 'sparsty' of peft_method 'sylva'\. Did you mean 'sparsity'\?",
+        ),
+        (
+            "method: bitfit",
+            "method: kfac-pruner\n    method_options: {sparsity: 1.5}",
+            r"method_options: PEFT method 'kfac-pruner': sparsity must be in \[0, 1\)",
+        ),
+        (
+            "method: bitfit",
+            "method: sp-lora\n    method_options: {prune: wand}",
+            r"method_options: PEFT method 'sp-lora': unknown pruning method 'wand'",
+        ),
         (
             "method: lora, attn: eager",
             "method: lora, attn: eager, narrow_mlp: {profile: reference, thetta: 0.1}",

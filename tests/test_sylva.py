@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from numerics import assert_close
 
 from longexposure.methods.builtin import apply_method, apply_method_reporting
-from longexposure.methods.sylva import collect_block_masks, unload_
+from longexposure.methods.sylva import SylvaConfig, collect_block_masks, unload_
 from longexposure.methods.sylva_importance import (
     block_importance,
     importance_scores,
@@ -235,9 +235,8 @@ def test_collect_block_masks_keeps_the_requested_fraction():
     from longexposure.data import load_batches
 
     batches = load_batches("synthetic", batch=2, seq_len=16, vocab_size=model.config.vocab_size)
-    masks, report = collect_block_masks(
-        model, iter(batches), 2, factor="hierarchical", sparsity=0.75, block=16, rank=4, levels=2
-    )
+    config = SylvaConfig(sparsity=0.75, block=16, rank=4, levels=2, preprocess_batches=2)
+    masks, report = collect_block_masks(model, iter(batches), config)
     for mask in masks.values():
         assert int(mask.sum()) == keep_count(mask.numel(), 0.75)
     assert not any(p.grad is not None for p in model.parameters())
@@ -247,6 +246,8 @@ def test_collect_block_masks_keeps_the_requested_fraction():
 def test_bad_options_are_errors():
     with pytest.raises(ValueError, match="mask must be one of"):
         apply_method(build_model("opt-tiny"), "sylva", mask="magic")
+    with pytest.raises(TypeError, match=r"'kfac-pruner': unknown option 'sparsty'\. Did you mean 'sparsity'\? Valid "):
+        apply_method(build_model("opt-tiny"), "kfac-pruner", sparsty=0.9)
     with pytest.raises(ValueError, match="mask shape"):
         SylvaLinear(torch.zeros(32, 32), None, torch.ones(3, 2, dtype=torch.bool), 16)
     with pytest.raises(ValueError, match="unknown Sylva backend"):

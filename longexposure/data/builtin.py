@@ -38,6 +38,33 @@ class Batches:
         return [next(self.iterator)["input_ids"] for _ in range(n)]
 
 
+def model_batches(
+    model: Any,
+    dataset: str = "synthetic",
+    *,
+    batch: int,
+    seq_len: int,
+    seed: int = 0,
+    path: str | None = None,
+    split: str | None = None,
+) -> Batches:
+    """`load_batches` for `model`: its vocabulary, its parameters' device and its family's tokenization (`split`: the
+    dataset's split, None for its default)."""
+    from longexposure.arch import family_of
+
+    return load_batches(
+        dataset,
+        batch=batch,
+        seq_len=seq_len,
+        vocab_size=model.config.vocab_size,
+        path=path,
+        seed=seed,
+        device=next(model.parameters()).device,
+        family=family_of(model),
+        **({} if split is None else {"split": split}),
+    )
+
+
 def load_batches(
     name: str,
     *,

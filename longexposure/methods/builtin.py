@@ -3,11 +3,15 @@
 Each method takes a base model, leaves exactly its own parameters trainable (everything else frozen)
 and returns the model to train (peft-wrapped where peft implements the method), or `(model, info)` when it
 has something to report about itself (Sylva / K-FAC pruner / SP-LoRA: mask source, factor bytes, ...):
-`apply_method` gives the model, `apply_method_reporting` the model and that info.
+`apply_method` gives the model, `apply_method_reporting` the model and that info. A method registered with
+`config=` (Sylva, the K-FAC pruner, SP-LoRA) takes one frozen dataclass config, which `apply_method` builds from
+the keyword options (`method_config`); the others take keyword options.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from typing import Any
 
 from torch import nn
@@ -88,13 +92,36 @@ def apply_method(model: nn.Module, name: str, **options) -> nn.Module:
     return apply_method_reporting(model, name, **options)[0]
 
 
+def method_config(name: str, options: dict[str, Any]) -> Any:
+    """The typed config (`config=` at registration, e.g. `SylvaConfig`) of method `name` built from `options`; None
+    for a method that takes keyword options. An unknown option is a TypeError naming the valid fields, a bad value
+    the config's own ValueError, both prefixed with the method's name."""
+    config_type = PEFT_METHODS.entry(name).meta.get("config")
+    if config_type is None:
+        return None
+    valid = [f.name for f in dataclasses.fields(config_type)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], valid, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise TypeError(
+            f"PEFT method {name!r}: unknown option {unknown[0]!r}.{hint} Valid options ({config_type.__name__}): "
+            f"{', '.join(valid)}"
+        )
+    try:
+        return config_type(**options)
+    except ValueError as exc:
+        raise ValueError(f"PEFT method {name!r}: {exc}") from None
+
+
 def apply_method_reporting(model: nn.Module, name: str, **options) -> tuple[nn.Module, dict[str, Any]]:
     """`apply_method`, and what the method reports about itself ({} for a method that reports nothing)."""
     method = PEFT_METHODS.get(name)
+    config = method_config(name, options)
     try:
-        result = method(model, **options)
+        result = method(model, **options) if config is None else method(model, config)
     except TypeError as exc:
-        if "unexpected keyword" in str(exc):
+        if config is None and "unexpected keyword" in str(exc):
             raise TypeError(f"PEFT method {name!r}: {exc}") from None
         raise
     return result if isinstance(result, tuple) else (result, {})

@@ -22,6 +22,7 @@ Pruning front-ends (`prune=`, `sparsity=`) are in `methods.pruning`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longexposure.methods.builtin import freeze
-from longexposure.methods.pruning import is_conv1d, linear_targets, prune_, weight_view
+from longexposure.methods.pruning import PRUNERS, is_conv1d, linear_targets, parse_sparsity, prune_, weight_view
 from longexposure.ops.backend import check_backend_name, resolve_backend
 from longexposure.ops.masked_low_rank import (
     masked_adapter_grads_restore_reference_,
@@ -238,77 +239,67 @@ def merge_(model: nn.Module) -> nn.Module:
 
 
 def _calibration(model: nn.Module, samples: int, seq_len: int, seed: int):
-    from longexposure.data import load_batches
-    from longexposure.models import family_of
+    """`samples` synthetic calibration sequences (batches of one) for Wanda, and their description."""
+    from longexposure.data import model_batches
 
-    device = next(model.parameters()).device
-    batches = load_batches(
-        "synthetic",
-        batch=1,
-        seq_len=seq_len,
-        vocab_size=model.config.vocab_size,
-        seed=seed,
-        device=device,
-        family=family_of(model),
-    )
+    batches = model_batches(model, batch=1, seq_len=seq_len, seed=seed)
     return [next(batches) for _ in range(samples)], batches.description
 
 
+@dataclass(frozen=True)
+class SpLoraConfig:
+    """SP-LoRA's and SPP's options (every variant takes the same; the registry name picks the variant)."""
+
+    rank: int = field(default=16, metadata={"help": "r: adapter rank"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA scale numerator: s = alpha / r (SP-LoRA only)"})
+    prune: str | None = field(default=None, metadata={"help": f"prune first with one of {PRUNERS} (None: as is)"})
+    sparsity: float | str = field(default="2:4", metadata={"help": "what `prune` removes: a ratio in [0, 1) or 'N:M'"})
+    calibration_samples: int = field(default=4, metadata={"help": "wanda: synthetic calibration sequences"})
+    calibration_seq_len: int = field(default=128, metadata={"help": "wanda: tokens per calibration sequence"})
+    seed: int = field(default=0, metadata={"help": "seeds the calibration sequences"})
+    backend: str = field(default="auto", metadata={"help": "sp-lora's weight-sized passes: auto, triton or torch"})
+
+    def __post_init__(self) -> None:
+        if self.prune is not None and self.prune not in PRUNERS:
+            raise ValueError(f"unknown pruning method {self.prune!r}; valid: {PRUNERS} (or None)")
+        parse_sparsity(self.sparsity)
+        check_backend_name(self.backend, "SP-LoRA")
+        if min(self.rank, self.calibration_samples, self.calibration_seq_len) < 1:
+            raise ValueError(f"rank, calibration_samples and calibration_seq_len must be >= 1: {self}")
+
+
 def apply_sp_lora(
-    model: nn.Module,
-    variant: str,
-    rank: int = 16,
-    alpha: float = 32.0,
-    prune: str | None = None,
-    sparsity: float | str = "2:4",
-    calibration_samples: int = 4,
-    calibration_seq_len: int = 128,
-    seed: int = 0,
-    backend: str = "auto",
+    model: nn.Module, variant: str, config: SpLoraConfig | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune (optional) then wrap every block linear projection with a `variant` adapter; only adapters train.
 
-    `backend` picks `sp-lora`'s fused Triton kernels or the torch reference (see `SparseLoRALinear`).
+    `config.backend` picks `sp-lora`'s fused Triton kernels or the torch reference (see `SparseLoRALinear`).
     """
-    info: dict[str, Any] = {"variant": variant, "rank": rank, "backend": backend}
-    if prune is not None:
+    c = config or SpLoraConfig()
+    info: dict[str, Any] = {"variant": variant, "rank": c.rank, "backend": c.backend}
+    if c.prune is not None:
         calib = None
-        if prune == "wanda":
-            calib, desc = _calibration(model, calibration_samples, calibration_seq_len, seed)
+        if c.prune == "wanda":
+            calib, desc = _calibration(model, c.calibration_samples, c.calibration_seq_len, c.seed)
             info["calibration"] = desc
-        info.update(prune_(model, prune, sparsity, calib))
+        info.update(prune_(model, c.prune, c.sparsity, calib))
     freeze(model)
     for name, m in linear_targets(model):
         w = weight_view(m).detach()
         w = w.contiguous() if not is_conv1d(m) else w.clone(memory_format=torch.contiguous_format)
         bias = m.bias.detach() if m.bias is not None else None
         source = "conv1d" if is_conv1d(m) else "linear"
-        _set_module(model, name, SparseLoRALinear(w, bias, variant, rank, alpha, source, backend))
+        _set_module(model, name, SparseLoRALinear(w, bias, variant, c.rank, c.alpha, source, c.backend))
     return model, info
 
 
 def _register(variant: str, help_text: str) -> None:
-    def method(
-        model: nn.Module,
-        rank: int = 16,
-        alpha: float = 32.0,
-        prune: str | None = None,
-        sparsity: float | str = "2:4",
-        calibration_samples: int = 4,
-        calibration_seq_len: int = 128,
-        seed: int = 0,
-        backend: str = "auto",
-    ) -> tuple[nn.Module, dict[str, Any]]:
-        return apply_sp_lora(
-            model, variant, rank, alpha, prune, sparsity, calibration_samples, calibration_seq_len, seed, backend
-        )
+    def method(model: nn.Module, config: SpLoraConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
+        return apply_sp_lora(model, variant, config)
 
     method.__name__ = variant.replace("-", "_")
-    method.__doc__ = (
-        f"{help_text}. `prune` (magnitude | wanda) and `sparsity` (ratio or 'N:M') prune first; "
-        "`backend` (auto | triton | torch) runs sp-lora's weight-sized passes."
-    )
-    PEFT_METHODS.register(variant, method, help=help_text)
+    method.__doc__ = f"{help_text}. Options: `SpLoraConfig`."
+    PEFT_METHODS.register(variant, method, help=help_text, config=SpLoraConfig)
 
 
 _register("sp-lora", "SP-LoRA, memory-optimised autograd (in-place merge, mask recomputed, restore in backward)")

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ from longexposure.methods.sylva_importance import (
 )
 from longexposure.methods.sylva_kfac import make_factor
 from longexposure.methods.sylva_layer import SylvaLinear, sylva_layers
+from longexposure.ops.backend import check_backend_name
 from longexposure.registry import PEFT_METHODS
 
 MASK_SOURCES = ("hierarchical", "exact", "random")
@@ -52,29 +54,17 @@ def _reduce(t: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def collect_block_masks(
-    model: nn.Module,
-    batches: Iterator[dict[str, torch.Tensor]],
-    n_batches: int,
-    *,
-    factor: str = "hierarchical",
-    sparsity: float = 0.95,
-    block: int = 64,
-    rank: int = 32,
-    levels: int = 4,
-    reduce: str = "sample",
-    damping: float = 0.01,
+    model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], config: SylvaConfig
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Stage 1: K-FAC factors over `n_batches` batches -> importance -> one block mask per layer.
+    """Stage 1: K-FAC factors (`config.mask_source`: hierarchical or exact) over `config.preprocess_batches`
+    batches -> importance -> one block mask per layer keeping 1 - `config.sparsity` of its blocks.
 
     Returns ({module name: (ceil(out/b), ceil(in/b)) bool mask}, report with bytes and seconds).
     Parameter `requires_grad` flags and grads are restored/cleared afterwards.
     """
+    factor, n_batches, reduce = config.mask_source, config.preprocess_batches, config.reduce
     if factor not in ("hierarchical", "exact"):
-        raise ValueError(f"unknown K-FAC factor {factor!r}; valid: 'hierarchical', 'exact'")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-    if n_batches < 1:
-        raise ValueError(f"need at least one preprocessing batch, got {n_batches}")
+        raise ValueError(f"K-FAC masks come from 'hierarchical' or 'exact' factors, not mask {factor!r}")
     targets = linear_targets(model)
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -87,7 +77,7 @@ def collect_block_masks(
         def fn(module, args, output):
             w = weight_view(module)
             if name not in factors:
-                kw = dict(rank=rank, levels=levels, device=w.device)
+                kw = dict(rank=config.rank, levels=config.levels, device=w.device)
                 factors[name] = [make_factor(factor, w.shape[1], **kw), make_factor(factor, w.shape[0], **kw)]
             factors[name][0].update_(_reduce(args[0], reduce))
             if output.requires_grad:
@@ -117,8 +107,8 @@ def collect_block_masks(
             raise RuntimeError(f"layer {name} saw no data during preprocessing")
         a, g = factors.pop(name)
         grad = weight_view(m).grad if not is_conv1d(m) else m.weight.grad.t()
-        s_in, s_out = importance_scores(grad.float() / n_batches, a, g, damping)
-        masks[name] = top_block_mask(block_importance(s_in, s_out, block), sparsity).cpu()
+        s_in, s_out = importance_scores(grad.float() / n_batches, a, g, config.damping)
+        masks[name] = top_block_mask(block_importance(s_in, s_out, config.block), config.sparsity).cpu()
         m.weight.grad = None
         del a, g
     importance_s = time.perf_counter() - started
@@ -127,8 +117,8 @@ def collect_block_masks(
         p.grad = None
     report = {
         "factor": factor,
-        "rank": rank,
-        "levels": levels,
+        "rank": config.rank,
+        "levels": config.levels,
         "reduce": reduce,
         "batches": n_batches,
         "factor_bytes": factor_bytes,
@@ -204,125 +194,115 @@ def unload_(model: nn.Module) -> nn.Module:
     return model
 
 
-def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value not in _DTYPES:
-        raise ValueError(f"values_dtype must be one of {sorted(_DTYPES)}, got {value!r}")
-    return _DTYPES[value]
+@dataclass(frozen=True)
+class SylvaConfig:
+    """Sylva's options. `KfacPrunerConfig` has the same fields; what differs is the class (its factors and pruning).
+
+    A field a suite's `method_options` or `apply_method(model, "sylva", **options)` does not know is an error
+    naming the valid ones; values are checked here, before any preprocessing runs.
+    """
+
+    sparsity: float = field(default=0.95, metadata={"help": "sigma: fraction of each layer's weight blocks frozen"})
+    block: int = field(default=64, metadata={"help": "b: the mask's block edge (b x b weight blocks)"})
+    rank: int = field(default=32, metadata={"help": "r: rank of every off-diagonal block of a hierarchical factor"})
+    levels: int = field(default=4, metadata={"help": "kappa: how many times a hierarchical factor is halved"})
+    mask: str | None = field(
+        default=None, metadata={"help": f"where the mask comes from, one of {MASK_SOURCES} (None: the method's factor)"}
+    )
+    preprocess_batches: int = field(default=4, metadata={"help": "calibration batches of stage 1"})
+    preprocess_batch: int = field(default=4, metadata={"help": "sequences per calibration batch"})
+    preprocess_seq_len: int = field(default=128, metadata={"help": "tokens per calibration sequence"})
+    dataset: str = field(default="synthetic", metadata={"help": "registered dataset of the calibration batches"})
+    data_path: str | None = field(default=None, metadata={"help": "the dataset's file or directory"})
+    reduce: str = field(default="sample", metadata={"help": f"vectors fed to the factors, one of {REDUCTIONS}"})
+    damping: float = field(default=0.01, metadata={"help": "lambda = damping x mean(diag F) added before inverting"})
+    values_dtype: str | None = field(
+        default=None, metadata={"help": f"dtype of the trainable blocks, one of {sorted(_DTYPES)} (None: W's)"}
+    )
+    backend: str = field(default="auto", metadata={"help": "Sylva's operators: auto, triton or torch"})
+    seed: int = field(default=0, metadata={"help": "seeds the calibration data and a random mask"})
+
+    factor: ClassVar[str] = "hierarchical"  # the K-FAC factors stage 1 accumulates (and the default mask source)
+    prune: ClassVar[bool] = False  # zero the weights outside the mask
+
+    def __post_init__(self) -> None:
+        if self.mask is not None and self.mask not in MASK_SOURCES:
+            raise ValueError(f"mask must be one of {MASK_SOURCES}, got {self.mask!r}")
+        if self.reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
+        if self.values_dtype is not None and self.values_dtype not in _DTYPES:
+            raise ValueError(f"values_dtype must be one of {sorted(_DTYPES)}, got {self.values_dtype!r}")
+        check_backend_name(self.backend, "Sylva")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if min(self.block, self.rank, self.preprocess_batches, self.preprocess_batch) < 1 or self.levels < 0:
+            raise ValueError(f"block, rank, preprocess_batches, preprocess_batch must be >= 1, levels >= 0: {self}")
+
+    @property
+    def mask_source(self) -> str:
+        return self.mask or self.factor
 
 
-def _sparse_method(
-    model: nn.Module,
-    *,
-    factor: str,
-    prune: bool,
-    sparsity: float,
-    block: int,
-    rank: int,
-    levels: int,
-    mask: str | None,
-    preprocess_batches: int,
-    preprocess_batch: int,
-    preprocess_seq_len: int,
-    dataset: str,
-    data_path: str | None,
-    reduce: str,
-    damping: float,
-    values_dtype: str | torch.dtype | None,
-    backend: str,
-    seed: int,
-) -> tuple[nn.Module, dict[str, Any]]:
-    from longexposure.data import load_batches
-    from longexposure.models import family_of
+@dataclass(frozen=True)
+class KfacPrunerConfig(SylvaConfig):
+    """The K-FAC pruner's options: Sylva's fields, with exact factors, and the weights outside the mask zeroed."""
 
-    source = mask or factor
-    if source not in MASK_SOURCES:
-        raise ValueError(f"mask must be one of {MASK_SOURCES}, got {source!r}")
-    device = next(model.parameters()).device
-    report: dict[str, Any] = {"mask_source": source, "sparsity": sparsity, "block": block}
+    factor: ClassVar[str] = "exact"
+    prune: ClassVar[bool] = True
+
+
+def _sparse_method(model: nn.Module, c: SylvaConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """Stage 1 (a mask per layer: K-FAC importance or random), then stage 2 (`embed_sparse_`); the model, a report."""
+    from longexposure.data import model_batches
+
+    source = c.mask_source
+    report: dict[str, Any] = {"mask_source": source, "sparsity": c.sparsity, "block": c.block}
     if source == "random":
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(c.seed)
         masks = {
-            n: random_block_mask(tuple(weight_view(m).shape), block, sparsity, gen) for n, m in linear_targets(model)
+            n: random_block_mask(tuple(weight_view(m).shape), c.block, c.sparsity, gen)
+            for n, m in linear_targets(model)
         }
     else:
-        batches = load_batches(
-            dataset,
-            batch=preprocess_batch,
-            seq_len=preprocess_seq_len,
-            vocab_size=model.config.vocab_size,
-            path=data_path,
-            seed=seed,
-            device=device,
-            family=family_of(model),
+        batches = model_batches(
+            model, c.dataset, batch=c.preprocess_batch, seq_len=c.preprocess_seq_len, seed=c.seed, path=c.data_path
         )
-        masks, pre = collect_block_masks(
-            model,
-            iter(batches),
-            preprocess_batches,
-            factor=source,
-            sparsity=sparsity,
-            block=block,
-            rank=rank,
-            levels=levels,
-            reduce=reduce,
-            damping=damping,
-        )
+        masks, pre = collect_block_masks(model, iter(batches), c)
         report.update(pre, data=batches.description)
     freeze(model)
-    layers = embed_sparse_(model, masks, block, prune=prune, values_dtype=_dtype(values_dtype), backend=backend)
+    layers = embed_sparse_(
+        model, masks, c.block, prune=c.prune, values_dtype=_DTYPES.get(c.values_dtype), backend=c.backend
+    )
     report["layers"] = len(layers)
     report["trainable_blocks"] = sum(m.nnz_blocks for m in layers)
     return model, report
 
 
-@PEFT_METHODS.register("sylva", help="Sylva: hierarchical K-FAC block mask, sparse weights embedded in dense W")
-def sylva(
-    model: nn.Module,
-    sparsity: float = 0.95,
-    block: int = 64,
-    rank: int = 32,
-    levels: int = 4,
-    mask: str | None = None,
-    preprocess_batches: int = 4,
-    preprocess_batch: int = 4,
-    preprocess_seq_len: int = 128,
-    dataset: str = "synthetic",
-    data_path: str | None = None,
-    reduce: str = "sample",
-    damping: float = 0.01,
-    values_dtype: str | None = None,
-    backend: str = "auto",
-    seed: int = 0,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Sylva on every block linear projection. `mask`: hierarchical (default), exact or random."""
-    return _sparse_method(**locals(), factor="hierarchical", prune=False)
+@PEFT_METHODS.register(
+    "sylva", help="Sylva: hierarchical K-FAC block mask, sparse weights embedded in dense W", config=SylvaConfig
+)
+def sylva(model: nn.Module, config: SylvaConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Sylva on every block linear projection; returns the model and its preprocessing report."""
+    return _sparse_method(model, config or SylvaConfig())
 
 
 @PEFT_METHODS.register(
-    "kfac-pruner", help="K-FAC pruner baseline: exact K-FAC block mask, pruned, masked weights train"
+    "kfac-pruner",
+    help="K-FAC pruner baseline: exact K-FAC block mask, pruned, masked weights train",
+    config=KfacPrunerConfig,
 )
-def kfac_pruner(
-    model: nn.Module,
-    sparsity: float = 0.95,
-    block: int = 64,
-    rank: int = 32,
-    levels: int = 4,
-    mask: str | None = None,
-    preprocess_batches: int = 4,
-    preprocess_batch: int = 4,
-    preprocess_seq_len: int = 128,
-    dataset: str = "synthetic",
-    data_path: str | None = None,
-    reduce: str = "sample",
-    damping: float = 0.01,
-    values_dtype: str | None = None,
-    backend: str = "auto",
-    seed: int = 0,
-) -> tuple[nn.Module, dict[str, Any]]:
+def kfac_pruner(model: nn.Module, config: KfacPrunerConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The K-FAC pruner: exact factors (mask='exact' by default); weights outside the mask are zeroed."""
-    return _sparse_method(**locals(), factor="exact", prune=True)
+    return _sparse_method(model, config or KfacPrunerConfig())
 
 
-__all__ = ["collect_block_masks", "embed_sparse_", "kfac_pruner", "sylva", "sylva_layers", "unload_"]
+__all__ = [
+    "KfacPrunerConfig",
+    "SylvaConfig",
+    "collect_block_masks",
+    "embed_sparse_",
+    "kfac_pruner",
+    "sylva",
+    "sylva_layers",
+    "unload_",
+]

@@ -4,6 +4,11 @@ Validation is strict and names the file and key: an unknown top-level key, an un
 parameter the task's case type does not have, a preset that does not exist, a name that is not
 registered, an option the typed config it feeds does not have. Nothing is ignored, and all of it is
 checked before a run starts, so a typo in the last case never costs the cases before it.
+
+`include:` (a file name or a list, relative to the including file) pulls shared settings in before validation: at
+the top of a suite, suite keys (defaults under the suite's own); in any mapping below it, that mapping's keys (e.g.
+`exposure: {include: include/replay-opt-1.3b.yaml, mlp: false}`; the mapping's own keys win). Included files may
+include others; a missing file, a cycle or a file that is not a mapping is an error naming the files.
 """
 
 from __future__ import annotations
@@ -176,31 +181,70 @@ _TOP_KEYS = {
 }
 
 
-def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _read_mapping(path: Path, seen: tuple[Path, ...], reached: str) -> dict[str, Any]:
+    """A YAML file holding a mapping; `seen` is the chain of files that included it (a repeat is a cycle)."""
     if not path.exists():
-        raise SuiteError(f"suite file {path} does not exist")
-    if path in seen:
-        raise SuiteError(f"{path}: include cycle through {[str(p) for p in seen]}")
+        raise SuiteError(f"{reached}{path} does not exist")
+    if path.resolve() in [p.resolve() for p in seen]:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise SuiteError(f"{seen[-1]}: include cycle: {chain}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SuiteError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise SuiteError(f"{path}: a suite file is a mapping of keys, got {type(data).__name__}")
+        kind = "a suite file" if not seen else "an included file"
+        raise SuiteError(f"{path}: {kind} is a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over`'s keys win; a mapping in both is merged one level deep (an include's `params` under the suite's)."""
+    merged = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both else value
+    return merged
+
+
+def _included(node: dict[str, Any], path: Path, seen: tuple[Path, ...], top: bool) -> dict[str, Any]:
+    """`node` with its `include:` (a file name or a list of them, relative to `path`) resolved: each file's mapping
+    first, in order, then the node's own keys over them. At the top of a suite an included file is a suite file
+    (its keys are suite keys); below it, a fragment of whatever mapping includes it (e.g. an `exposure` block)."""
+    names = node.get("include")
+    names = [] if names is None else [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise SuiteError(f"{path}: include must be a file name or a list of file names, got {node['include']!r}")
+    merged: dict[str, Any] = {}
+    for name in names:
+        file = path.parent / name
+        base = _read_mapping(file, (*seen, path), f"{path}: include {name!r}: ")
+        merged = _merge(merged, _load_top(base, file, (*seen, path)) if top else _expand(base, file, (*seen, path)))
+    own = {k: _expand(v, path, seen) for k, v in node.items() if k != "include"}
+    return _merge(merged, own)
+
+
+def _expand(value: Any, path: Path, seen: tuple[Path, ...]) -> Any:
+    """Every mapping below the top of a suite file with its `include:` resolved."""
+    if isinstance(value, list):
+        return [_expand(v, path, seen) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "include" in value:
+        return _included(value, path, seen, top=False)
+    return {k: _expand(v, path, seen) for k, v in value.items()}
+
+
+def _load_top(data: dict[str, Any], path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise SuiteError(f"{path}: unknown key {unknown[0]!r}; valid keys: {sorted(_TOP_KEYS)}")
-    includes = data.pop("include", []) or []
-    merged: dict[str, Any] = {}
-    for inc in [includes] if isinstance(includes, str) else includes:
-        base = _load_yaml(path.parent / inc, (*seen, path))
-        for key, value in base.items():
-            merged[key] = {**merged[key], **value} if isinstance(value, dict) and key in merged else value
-    for key, value in data.items():
-        merged[key] = (
-            {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-        )
-    return merged
+    return _included(data, path, seen, top=True)
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    """A suite file with every `include:` merged in (at the top, or in any mapping below it), before validation."""
+    return _load_top(_read_mapping(path, (), "suite file "), path, ())
 
 
 def _require(data: dict[str, Any], key: str, kind: type, path: Path) -> Any:
@@ -366,7 +410,11 @@ def _check_narrow_mlp(options: Any) -> None:
 
 @functools.cache
 def method_options(method: str) -> dict[str, Any] | None:
-    """Option name -> type of a PEFT method, read from its signature (None: it takes any **options)."""
+    """Option name -> type of a PEFT method: its typed config's fields, else its signature (None: any **options)."""
+    config_type = PEFT_METHODS.entry(method).meta.get("config")
+    if config_type is not None:
+        hints = typing.get_type_hints(config_type)
+        return {f.name: hints[f.name] for f in dataclasses.fields(config_type)}
     fn = PEFT_METHODS.get(method)
     params = list(inspect.signature(fn).parameters.values())[1:]  # the first is the model
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
@@ -382,6 +430,7 @@ def check_case_names(task: str, case: dict[str, Any], case_type: type) -> None:
     """Every name a case gives (model, PEFT method, dataset, attention, backends) is registered and every
     nested option (`exposure`, `method_options`, `narrow_mlp`) is a field of the typed config it feeds.
     Raises ValueError naming the key; builds nothing."""
+    from longexposure.methods.builtin import method_config
     from longexposure.training import TrainingSetup
 
     if isinstance(case.get("model"), str):
@@ -399,6 +448,10 @@ def check_case_names(task: str, case: dict[str, Any], case_type: type) -> None:
         if options is not None:
             of = f" of peft_method {case['method']!r}"
             _check_options("method_options", case.get("method_options", {}), options, case["method"], of)
+            try:  # a method with a typed config: its own value checks, before anything runs
+                method_config(case["method"], case.get("method_options", {}))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"method_options: {exc}") from None
     if case.get("exposure") is not None:
         _check_exposure(case["exposure"])
     if case.get("narrow_mlp") is not None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from longexposure.data import model_batches
 from longexposure.measure import (
     Timer,
     gpu_time_ms,
@@ -61,22 +62,6 @@ def _upcast_trainable(model: nn.Module) -> None:
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-
-
-def _synthetic_batches(model: nn.Module, batch: int, seq_len: int, seed: int, device: torch.device):
-    """Random token batches for a timing or memory case (values do not affect either)."""
-    from longexposure.data import load_batches
-    from longexposure.models import family_of
-
-    return load_batches(
-        "synthetic",
-        batch=batch,
-        seq_len=seq_len,
-        vocab_size=model.config.vocab_size,
-        seed=seed,
-        device=device,
-        family=family_of(model),
-    )
 
 
 def _adamw(params, lr: float, device: torch.device):
@@ -278,7 +263,7 @@ def sylva_memory(case: SylvaMemoryCase, ctx: RunContext) -> dict[str, Any]:
     device = ctx.device
     model, opt, n_trainable, (r, sigma), info = _prepare_memory_model(case, device, ctx.seed)
     _, amp = PRECISIONS[case.precision]
-    batches = _synthetic_batches(model, case.batch, case.seq_len, ctx.seed, device)
+    batches = model_batches(model, batch=case.batch, seq_len=case.seq_len, seed=ctx.seed)
     reset_peak_memory(device)
     times = []
     for _ in range(case.steps):
@@ -342,28 +327,19 @@ class SylvaPreprocessCase:
     "sylva-preprocess", case=SylvaPreprocessCase, help="Sylva preprocessing memory/time: hierarchical vs exact"
 )
 def sylva_preprocess(case: SylvaPreprocessCase, ctx: RunContext) -> dict[str, Any]:
-    from longexposure.methods.sylva import collect_block_masks
+    from longexposure.methods.sylva import SylvaConfig, collect_block_masks
     from longexposure.models import build_model
 
+    shared = {f: getattr(case, f) for f in ("rank", "levels", "sparsity", "block", "reduce", "damping")}
+    config = SylvaConfig(mask=case.factor, preprocess_batches=case.batches, **shared)
     device = ctx.device
     model = build_model(case.model, device=device, dtype=DTYPES[case.dtype], seed=ctx.seed)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    batches = _synthetic_batches(model, case.batch, case.seq_len, ctx.seed, device)
+    batches = model_batches(model, batch=case.batch, seq_len=case.seq_len, seed=ctx.seed)
     reset_peak_memory(device)
     synchronize(device)
     started = time.perf_counter()
-    masks, report = collect_block_masks(
-        model,
-        iter(batches),
-        case.batches,
-        factor=case.factor,
-        sparsity=case.sparsity,
-        block=case.block,
-        rank=case.rank,
-        levels=case.levels,
-        reduce=case.reduce,
-        damping=case.damping,
-    )
+    masks, report = collect_block_masks(model, iter(batches), config)
     synchronize(device)
     total = time.perf_counter() - started
     kept = sum(int(m.sum()) for m in masks.values())
@@ -450,7 +426,7 @@ def splora_step(case: SpLoraStepCase, ctx: RunContext) -> dict[str, Any]:
             if isinstance(m, LoraLayer):
                 m.get_base_layer().weight.requires_grad_(True)  # gradient computed, never stepped
     opt = _adamw(trainable, 1e-4, device)
-    batches = _synthetic_batches(model, case.batch, case.seq_len, ctx.seed, device)
+    batches = model_batches(model, batch=case.batch, seq_len=case.seq_len, seed=ctx.seed)
     losses: list[torch.Tensor] = []
 
     def step(timer: Timer) -> None:

@@ -113,7 +113,7 @@ def resolve_weights(model: str, weights: str | None, pretrain: bool) -> tuple[st
 
 
 def _setup(case: SparsityProfileCase, ctx: RunContext) -> dict[str, Any]:
-    from longexposure.data import load_batches
+    from longexposure.data import model_batches
     from longexposure.models import build_model
     from longexposure.reorder import neuron_stats, reorder_mlp_
 
@@ -127,16 +127,7 @@ def _setup(case: SparsityProfileCase, ctx: RunContext) -> dict[str, Any]:
     path = case.data_path
     if path is None and case.dataset == "e2e" and ctx.shared_dir is not None:
         path = str(ctx.shared_dir / "data" / "e2e")
-    data = load_batches(
-        case.dataset,
-        batch=case.batch,
-        seq_len=case.seq_len,
-        vocab_size=model.config.vocab_size,
-        path=path,
-        seed=ctx.seed,
-        device=ctx.device,
-        family="opt",
-    )
+    data = model_batches(model, case.dataset, batch=case.batch, seq_len=case.seq_len, seed=ctx.seed, path=path)
     profile_ids = data.input_ids(case.profile_batches)
     measure_ids = data.input_ids(case.batches)
     reorder_note = "none"
