@@ -47,14 +47,18 @@ from longexposure.attention.layout import BlockLayout
 from longexposure.backends import BackendUnavailable
 from longexposure.predictors.compiled import EAGER as EAGER_CALLS
 from longexposure.predictors.compiled import compiled as compiled_call
-from longexposure.registry import ATTENTION_BACKENDS, MLP_BACKENDS
+from longexposure.registry import ATTENTION_BACKENDS, MLP_BACKENDS, SPARSITY_SOURCES
 from longexposure.replay import RecordedProfile
 
-SOURCES = ("all-active", "replay", "predicted", "oracle", "random")
+SOURCES = tuple(e.name for e in SPARSITY_SOURCES)  # the `sparsity_source` registry (sparsity_sources.py)
 AUTO = "auto"
 TORCH_BACKENDS = {"mlp": "torch-gather", "attention": "sdpa"}  # `auto` where Triton cannot run
-DYNAMIC = ("predicted", "oracle", "random")
+DYNAMIC = tuple(e.name for e in SPARSITY_SOURCES if e.obj.dynamic)
 STATE_ATTR = "long_exposure"
+_HOW = {  # what to give for a field a sparsity source requires
+    "profile": "a profile (RecordedProfile.from_reference(shared_dir) or .load)",
+    "predictors": "predictors=<directory of a saved PredictorBank> (train one with `longexposure train-predictors`)",
+}
 
 
 @dataclass
@@ -109,7 +113,7 @@ class ExposureConfig:
     resample: bool = False
     compile_predictors: bool = False
     refresh_every: int = 0
-    refresh_steps: int = 50
+    refresh_steps: int = 20
     reorder: bool = False
     mlp_mass: float | None = None
 
@@ -121,13 +125,10 @@ class ExposureConfig:
         if not (self.attention or self.mlp):
             raise ValueError("nothing to expose: attention and mlp are both off")
         used = self.sources()
-        if "replay" in used.values() and self.profile is None:
-            raise ValueError("source 'replay' needs a profile (RecordedProfile.from_reference(shared_dir) or .load)")
-        if "predicted" in used.values() and not self.predictors:
-            raise ValueError(
-                "source 'predicted' needs predictors=<directory of a saved PredictorBank> "
-                "(train one with `longexposure train-predictors`)"
-            )
+        for name in sorted(set(used.values())):  # what each source needs (its registry entry's `requires`)
+            for needed in SPARSITY_SOURCES.get(name).requires:
+                if not getattr(self, needed):
+                    raise ValueError(f"source {name!r} needs {_HOW[needed]}")
         if self.refresh_every < 0 or self.refresh_steps < 0:
             raise ValueError(f"refresh_every, refresh_steps must be >= 0: {self.refresh_every}, {self.refresh_steps}")
         if (self.reorder or self.mlp_mass is not None) and used.get("mlp") != "replay":

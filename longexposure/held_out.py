@@ -45,10 +45,15 @@ def held_out_metrics(
     fc1_name = relu.fc1 if relu is not None else None
     layers = decoder_layers(model) if fc1_name else []
     inputs: dict[int, torch.Tensor] = {}
-    hooks = [
-        getattr(layer, fc1_name).register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
-        for i, layer in enumerate(layers)
-    ]
+    index = {id(getattr(layer, fc1_name)): i for i, layer in enumerate(layers)}
+
+    # outside Dynamo: in a compiled layer, a traced hook guards on the dict it fills and recompiled every
+    # layer (the H200 e2e_real run of dcdef7a); a graph break per layer costs nothing in an evaluation
+    @torch.compiler.disable
+    def catch(module: nn.Module, args: tuple) -> None:
+        inputs[index[id(module)]] = args[0]
+
+    hooks = [getattr(layer, fc1_name).register_forward_pre_hook(catch) for layer in layers]
     exposer_config = PredictorConfig(block_size=mlp_block, theta=theta)
     rows: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(layers))}
     losses = []

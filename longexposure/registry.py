@@ -125,6 +125,7 @@ MLP_BACKENDS: Registry[Any] = Registry("mlp_backend", ("longexposure.mlp_backend
 MASK_POLICIES: Registry[Any] = Registry("mask_policy", ("longexposure.mask_policies",))
 EXPOSERS: Registry[Any] = Registry("exposer", ("longexposure.exposers",))
 PREDICTORS: Registry[Any] = Registry("predictor", ("longexposure.predictors.builtin",))
+SPARSITY_SOURCES: Registry[Any] = Registry("sparsity_source", ("longexposure.sparsity_sources",))
 TASKS: Registry[Callable[..., Any]] = Registry(
     "task",
     (
@@ -149,6 +150,7 @@ ALL: dict[str, Registry[Any]] = {
         MASK_POLICIES,
         EXPOSERS,
         PREDICTORS,
+        SPARSITY_SOURCES,
         TASKS,
     )
 }

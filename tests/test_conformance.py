@@ -249,3 +249,32 @@ def _task(name: str) -> None:
     assert len(inspect.signature(entry.obj).parameters) == 2
     tasks = {yaml.safe_load(p.read_text()).get("task") for p in (ROOT / "suites").glob("*.yaml")}
     assert name in tasks, f"task {name!r} is in no shipped suite"
+
+
+# ------------------------------------------------------------------------------------------ sparsity sources
+@contract("sparsity_source")
+def _sparsity_source(name: str) -> None:
+    """The entry says what ExposureConfig needs for it (missing: an error naming it) and whether it runs every
+    step, which is what `Exposure.dynamic` does for it."""
+    from longexposure.expose import ExposureConfig, expose
+    from longexposure.models import build_model
+    from longexposure.registry import SPARSITY_SOURCES
+
+    source = SPARSITY_SOURCES.get(name)
+    assert source.name == name
+    for needed in source.requires:
+        with pytest.raises(ValueError, match=needed.rstrip("s")):
+            ExposureConfig(source=name)
+    if source.requires:  # replay / predicted: their own tests build profiles and banks
+        return
+    model = build_model(TINY, attn_implementation="eager", activation_function="relu")
+    opts = {
+        "mlp_block": MLP_BLOCK,
+        "attn_block": ATTN_BLOCK,
+        "mlp_backend": "torch-gather",
+        "attention_backend": "eager",
+    }
+    exposure = expose(model, source=name, **opts)
+    assert exposure.dynamic == source.dynamic
+    model(input_ids=_ids(seq=SEQ))
+    assert name in exposure.report()["sparsity_source"]
