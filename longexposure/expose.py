@@ -215,7 +215,8 @@ class LayerState:
     guarded by their shape and type, the same in every layer. `index` is for host-side bookkeeping only.
     """
 
-    def __init__(self, index: int):
+    def __init__(self, exposure: Exposure, index: int):
+        self.exposure = exposure  # the layer's patched forwards call back into it
         self.index = index
         self.predictors: dict[str, nn.Module] = {}  # dynamic sources: this layer's predictor per target
         self.cache: dict[tuple, Any] = {}  # static patterns: ("mlp", device) / ("attn", seq_len, device)
@@ -243,7 +244,7 @@ class Exposure:
         self.layers = list(resolve(self.base, self.arch.layers))
         self.hf_config = self.base.config
         self._undo: list[Any] = []
-        self.layer_states = [LayerState(i) for i in range(len(self.layers))]
+        self.layer_states = [LayerState(self, i) for i in range(len(self.layers))]
         self.mlp_density: dict[int, float] = {}
         self.attn_density: dict[int, float] = {}
         self.sources = config.sources()
@@ -278,8 +279,6 @@ class Exposure:
         for target, preds in self.predictors.items():
             for state, pred in zip(self.layer_states, preds, strict=True):
                 state.predictors[target] = pred
-        for state in self.layer_states:
-            state.exposure = self
 
     @property
     def _mlp_inputs(self) -> dict[int, torch.Tensor]:
