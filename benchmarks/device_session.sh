@@ -20,6 +20,8 @@
 #   bash benchmarks/device_session.sh act-l1     # relu-small pretrained with / without --act-l1: block density
 #   bash benchmarks/device_session.sh relu-quality  # predictor quality (recall, mass, density) + fig9_sparsity
 #   bash benchmarks/device_session.sh real-prep  # GPU tests (graph + compile + refresh), pretrain relu-base (cached)
+#   bash benchmarks/device_session.sh real-sweep # relu-base with act_group_l1 0 / 0.3 / 1 (600 steps each): held-out
+#                                                # E2E d90; the best then pretrained in full into the cache
 #   bash benchmarks/device_session.sh real-run   # e2e_real on relu-base (pretrains it first if not cached; resumes)
 #   bash benchmarks/device_session.sh strongest  # fig7 LoRA at 1024 against the compiled + graph baseline, profiles
 #   bash benchmarks/device_session.sh table4     # Table IV: LoRA per variant on relu-base, lm-eval on held-out E2E
@@ -52,7 +54,7 @@ pretrain_relu_small() {  # a cached relu-small (from an earlier call on this mac
 }
 pretrain_relu_base() {  # relu-base for the e2e_real suite: reused from $LONGEXPOSURE_CACHE while the machine stays warm
   if [ -f "$LONGEXPOSURE_CACHE/relu-base/pretrain.json" ]; then echo "== cached relu-base" | tee -a "$log"
-  else run 420 longexposure pretrain --preset relu-base; fi  # the recipe's own time budget is 330 s
+  else run 420 longexposure pretrain --preset relu-base ${PRETRAIN_ARGS:-}; fi  # the recipe's own time budget is 330 s
   cp "$LONGEXPOSURE_CACHE/relu-base/pretrain.json" "$work/relu_base_pretrain.json" 2>/dev/null
 }
 run() {  # run LIMIT_SECONDS CMD...: time-limited, output appended to the stage log
@@ -150,6 +152,13 @@ case $stage in
   real-prep)  # issue 17/18 GPU tests, then relu-base pretrained into $LONGEXPOSURE_CACHE (kept while warm)
     run 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py -k "compiled or refresh or dense"
     pretrain_relu_base
+    ;;
+  real-sweep)  # does a group-lasso term make relu-base's E2E patterns sparser? Then the best into the cache
+    run "${SWEEP_LIMIT:-360}" python3 benchmarks/act_l1_sweep.py --preset relu-base --steps 600 --act-l1 3 \
+      --act-group-l1 ${SWEEP_GROUPS:-0 0.3 1} --blocks 64 --out "$work/group_sweep_relu_base.json"
+    group=$(python3 benchmarks/act_l1_sweep.py --pick "$work/group_sweep_relu_base.json" --max-loss-ratio 1.03)
+    echo "== picked act_group_l1 ${group:-none}" | tee -a "$log"
+    if [ -n "$group" ]; then PRETRAIN_ARGS="--act-group-l1 $group" pretrain_relu_base; fi
     ;;
   real-run)  # e2e_real (resumes: results live in $LONGEXPOSURE_CACHE/runs while the machine stays warm)
     pretrain_relu_base

@@ -243,6 +243,11 @@ class Recipe:
             relu-small uses 3: a briefly trained small model otherwise spreads its activations over
             most neuron blocks, where OPT-1.3B's are concentrated (H100, 2026-11-23: block density at
             90% mass 0.06-0.25 instead of 0.28-0.66, same held-out loss; docs/notes/exposer_predictors.md).
+        act_group_l1: coefficient of a group-lasso penalty on the ReLU outputs: per sequence and neuron the
+            root-mean-square over the sequence's tokens, averaged. The L1 term makes each token sparse; this
+            one makes each *sequence* use few neurons (a neuron a sequence barely uses costs as much per unit
+            of activation as the sequence's busiest one does in total), which is the sparsity that survives
+            the reduction over a sequence that Long Exposure's patterns are made of.
     """
 
     steps: int
@@ -258,6 +263,7 @@ class Recipe:
     log_every: int = 50
     time_budget_s: float | None = None
     act_l1: float = 0.0
+    act_group_l1: float = 0.0
 
 
 RECIPES: dict[str, Recipe] = {
@@ -441,11 +447,19 @@ def pretrain(
     tgen = torch.Generator().manual_seed(recipe.seed)
     act_terms: list[torch.Tensor] = []
     hooks = []
-    if recipe.act_l1 > 0:
+    if recipe.act_l1 > 0 or recipe.act_group_l1 > 0:
         from longexposure.profiling import decoder_layers
 
+        def activation_penalty(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+            act = F.relu(out)  # (B, S, ffn)
+            term = recipe.act_l1 * act.mean(dtype=torch.float32)
+            if recipe.act_group_l1 > 0:
+                per_sequence_rms = (act.pow(2).mean(dim=1, dtype=torch.float32) + 1e-12).sqrt()  # (B, ffn)
+                term = term + recipe.act_group_l1 * per_sequence_rms.mean()
+            act_terms.append(term)
+
         for layer in decoder_layers(model):
-            hooks.append(layer.fc1.register_forward_hook(lambda m, a, out: act_terms.append(F.relu(out).mean())))
+            hooks.append(layer.fc1.register_forward_hook(activation_penalty))
     amp = recipe.amp and device.type == "cuda"
     history = []
     bar = StepProgress(progress, recipe.steps, recipe.log_every, f"pretrain {preset}") if progress else None
@@ -474,7 +488,7 @@ def pretrain(
         ids = _windows(train_tokens, recipe.batch, recipe.seq_len, gen).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = _lm_loss(model, ids, recipe.sampled_negatives, tgen)
-            total = loss + recipe.act_l1 * torch.stack(act_terms).mean() if act_terms else loss
+            total = loss + torch.stack(act_terms).mean() if act_terms else loss
         act_terms.clear()
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -561,6 +575,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--act-l1", type=float, default=None, help="L1 penalty on ReLU outputs (default: the recipe's; relu-small 3)"
     )
+    parser.add_argument(
+        "--act-group-l1",
+        type=float,
+        default=None,
+        help="group-lasso penalty on each sequence's use of each ReLU neuron (default: the recipe's)",
+    )
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; cuts --steps to fit")
     parser.add_argument("--corpus", default=None, help="tokenized .npy, text file or folder (default: python3.11-doc)")
     parser.add_argument("--tokenizer", default=None, help="OPT tokenizer folder (default: shared/data/opt-tokenizer)")
@@ -597,6 +617,7 @@ def main(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         act_l1=args.act_l1,
+        act_group_l1=getattr(args, "act_group_l1", None),
         time_budget_s=args.time_budget,
     )
     return 0

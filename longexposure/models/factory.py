@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
+
 def _model_type(family: str) -> str:
     """The HF `model_type` of a family (`arch.FAMILIES` is keyed by it)."""
     if family not in FAMILIES:
@@ -135,9 +136,10 @@ def describe_weights(source: str) -> str:
     try:
         run = json.loads(record.read_text())
         recipe = run["recipe"]
+        group = f", act_group_l1 {recipe['act_group_l1']}" if recipe.get("act_group_l1") else ""
         return (
             f"{source} (longexposure pretrain --preset {run['preset']}: {recipe['steps']} steps of "
-            f"{recipe['batch']}x{recipe['seq_len']}, act_l1 {recipe.get('act_l1', 0.0)}, "
+            f"{recipe['batch']}x{recipe['seq_len']}, act_l1 {recipe.get('act_l1', 0.0)}{group}, "
             f"held-out loss {run['held_out_loss']:.3f})"
         )
     except (ValueError, KeyError, TypeError) as exc:
