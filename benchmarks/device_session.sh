@@ -167,10 +167,10 @@ case $stage in
     cp -r "$LONGEXPOSURE_CACHE/runs/e2e_real" "$work/" 2>/dev/null
     ;;
   strongest)  # fig7 LoRA at 1024: the compiled + graph dense baseline beside Long Exposure (paper and mass order)
-    run "${FIG7_LIMIT:-330}" longexposure run suites/fig7.yaml --preset paper --keep-going --out "$work" --only method=lora \
-      --only seq_len=1024 --only variant=peft-eager,peft-sdpa,peft-sdpa-graph,peft-sdpa-compile-graph,long-exposure-graph,long-exposure-reordered-graph,long-exposure-reordered-compile-graph
+    run "${FIG7_LIMIT:-360}" longexposure run suites/fig7.yaml --preset paper --keep-going --out "$work" --only method=lora \
+      --only seq_len=1024 --only variant=peft-eager,peft-sdpa,peft-sdpa-graph,peft-sdpa-compile-graph,long-exposure-graph,long-exposure-compile-graph,long-exposure-reordered-graph,long-exposure-reordered-compile-graph
     run "${PROFILE_LIMIT:-150}" python3 benchmarks/profile_step.py --seq 1024 --steps 5 --warmup 4 \
-      --variants "${PROFILE_VARIANTS:-sdpa-graph,le-reordered-graph,sdpa-compile-graph}" --out "$work/profile_strongest_s1024.json"
+      --variants "${PROFILE_VARIANTS:-sdpa-compile-graph,le-reordered-compile-graph}" --out "$work/profile_strongest_s1024.json"
     run "${TEST_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py -k "compiled or refresh"
     ;;
   table4)  # Table IV: the eval extra from carried wheels, a GPU smoke evaluate, relu-base, then the suite (resumes:
