@@ -72,7 +72,8 @@ class ExposureConfig:
             (default): `triton` where it can run, else the torch backends (the report says which).
         attn_block, mlp_block: tokens per attention block; neurons per MLP block.
         theta: replay MLP filter: keep neuron blocks with mass >= theta x the layer's peak block.
-        global_blocks: replay attention layouts: causal window + this many global blocks.
+        global_blocks: replay attention layouts: a causal window per head (heads mix two widths to keep
+            the layer's recorded density) + this many global blocks.
         profile: the recorded profile for `replay`.
         resample: replay on a model of another depth: stretch the profile's attention densities over
             its layers by relative depth (`RecordedProfile.resampled`; attention only, and reports say so).
@@ -246,6 +247,7 @@ class Exposure:
         self._undo: list[Any] = []
         self.layer_states = [LayerState(self, i) for i in range(len(self.layers))]
         self.mlp_density: dict[int, float] = {}
+        self._mlp_capacity: int | None = None  # replayed MLP ids padded to this many (see `_mlp_ids`)
         self.attn_density: dict[int, float] = {}
         self.sources = config.sources()
         self.timer: Any = None  # a measure.Timer: dynamic sources time their predictors as `predict_ms`
@@ -381,18 +383,36 @@ class Exposure:
         key, layer = ("mlp", device), state.index
         if key not in state.cache:
             n_blocks = self.hf_config.ffn_dim // self.config.mlp_block
-            if self.sources["mlp"] == "all-active":
-                ids = torch.arange(n_blocks, dtype=torch.int32)
-            elif self.config.mlp_mass is not None:
-                ids = self.config.profile.mlp_blocks_at_mass(layer, self.config.mlp_block, self.config.mlp_mass)
-            else:
-                ids = self.config.profile.mlp_blocks(layer, self.config.mlp_block, self.config.theta)
+            ids = self._static_mlp_ids(layer, n_blocks)
             self.mlp_density[layer] = ids.numel() / n_blocks
-            state.cache[key] = (ids.to(device), None)
+            count = None
+            if self.sources["mlp"] != "all-active" and self.config.mlp_backend == "triton":
+                # Layers keep different numbers of blocks. Padded to one capacity with the count on the device
+                # (the operator's fixed-capacity form, as predicted patterns are), every layer has the same
+                # shapes, so a compiled model has one program for all layers: with exact lengths Dynamo
+                # compiled one per count (22 frames for OPT-1.3B's 24 replayed layers on the H200, 769661c),
+                # and a model with more distinct counts than its recompile limit would fall back to eager.
+                if self._mlp_capacity is None:
+                    self._mlp_capacity = max(
+                        self._static_mlp_ids(i, n_blocks).numel() for i in range(len(self.layer_states))
+                    )
+                capacity = self._mlp_capacity
+                count = torch.tensor([ids.numel()], dtype=torch.int32)
+                ids = torch.cat([ids.to(torch.int32), torch.zeros(capacity - ids.numel(), dtype=torch.int32)])
+                count = count.to(device)
+            state.cache[key] = (ids.to(device), count)
         return state.cache[key]
 
+    def _static_mlp_ids(self, layer: int, n_blocks: int) -> torch.Tensor:
+        """Layer `layer`'s replayed (or all-active) MLP block ids, increasing, on the host."""
+        if self.sources["mlp"] == "all-active":
+            return torch.arange(n_blocks, dtype=torch.int32)
+        if self.config.mlp_mass is not None:
+            return self.config.profile.mlp_blocks_at_mass(layer, self.config.mlp_block, self.config.mlp_mass)
+        return self.config.profile.mlp_blocks(layer, self.config.mlp_block, self.config.theta)
+
     def _layout(self, state: LayerState, seq_len: int, device: torch.device):
-        """A (1, 1, NQ, NK) layout, broadcast by the backends over batch and heads."""
+        """A (1, 1, NQ, NK) layout (all-active) or (1, H, NQ, NK) (replay); backends broadcast size-1 dims."""
         from longexposure.mask_policies import mask_layout
 
         key, layer = ("attn", seq_len, device), state.index
@@ -401,18 +421,16 @@ class Exposure:
             n = -(-seq_len // block)
             if self.sources["attention"] == "all-active":
                 layout = mask_layout("dense", 1, 1, seq_len, block, device=device)
-            else:
-                window = self.config.profile.attention_window(layer, n, self.config.global_blocks)
-                layout = mask_layout(
-                    "longformer",
-                    1,
-                    1,
-                    seq_len,
-                    block,
-                    device=device,
-                    window_blocks=window,
-                    global_blocks=self.config.global_blocks,
-                )
+            else:  # per-head windows at the layer's recorded density (`RecordedProfile.attention_windows`)
+                g = self.config.global_blocks
+                windows = self.config.profile.attention_windows(layer, n, self.hf_config.num_attention_heads, g)
+                band = {
+                    w: mask_layout("longformer", 1, 1, seq_len, block, device=device, window_blocks=w, global_blocks=g)
+                    for w in set(windows)
+                }
+                # (1, H, NQ, NK) in every layer (the backends broadcast the batch dim): one shape for all
+                # layers, so a compiled model keeps one program
+                layout = BlockLayout.from_dense(torch.cat([band[w].to_dense() for w in windows], 1), block)
             self.attn_density[layer] = float(layout.density(causal=True))
             state.cache[key] = layout.with_transpose()  # the backward's transposed table, built once
         return state.cache[key]

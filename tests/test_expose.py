@@ -92,6 +92,32 @@ def test_replay_applies_sparsity_and_the_sparse_backends_agree_with_the_referenc
     assert not torch.allclose(sparse_loss, dense_loss), "replayed sparsity must change the computation"
 
 
+def test_replayed_mlp_ids_share_one_shape_for_the_operator():
+    """Issue 18: replayed layers keep different block counts; the Triton operator gets them padded to one
+    capacity with the count on the device (one compiled program for every layer), torch-gather exact ids."""
+    mass = torch.ones(2, 256)
+    mass[0, :64] = 50.0  # layer 0: two hot blocks of 8; layer 1: every block alike
+    profile = RecordedProfile("two layers, different counts", mass, [0.5, 0.5])
+    common = dict(source="replay", profile=profile, attention=False, mlp_block=32, theta=0.3)
+    shapes = {}
+    for backend in ("triton", "torch-gather"):
+        _, model = pair("opt-tiny", "lora")
+        exposure = expose(model, mlp_backend=backend, **common)
+        exposure.prepare(64, "cpu")
+        entries = [state.cache[("mlp", torch.device("cpu"))] for state in exposure.layer_states]
+        exact = [int(exposure.mlp_density[i] * 8) for i in range(len(entries))]
+        assert len(set(exact)) > 1, "the test profile must give the layers different counts"
+        if backend == "triton":
+            assert {ids.shape for ids, _ in entries} == {(max(exact),)}
+            assert [int(count) for _, count in entries] == exact
+            for (ids, count), n in zip(entries, exact, strict=True):
+                assert bool((ids[:n].diff() > 0).all()) and count.dtype == torch.int32
+        else:
+            assert [ids.numel() for ids, _ in entries] == exact and all(c is None for _, c in entries)
+        shapes[backend] = [ids[: int(c) if c is not None else None].tolist() for ids, c in entries]
+    assert shapes["triton"] == shapes["torch-gather"]  # the same blocks either way
+
+
 def test_unexpose_restores_the_model():
     _, model = pair("opt-tiny", "bitfit")
     ids = torch.randint(0, 1000, (1, 32))
@@ -148,6 +174,36 @@ def test_reference_profile_of_the_paper_artifact(tmp_path):
     profile.save(tmp_path / "p.json")
     again = RecordedProfile.load(tmp_path / "p.json")
     assert torch.equal(again.mlp_blocks(5, 64, 0.1), ids)
+
+
+def test_replayed_attention_mixes_head_windows_to_the_recorded_density():
+    """Issue 18: one window per layer moved density in whole diagonal bands, so every recorded density between
+    two bands got the lower one; heads now mix the two windows around the target."""
+    from longexposure.replay import _window_kept
+
+    n, heads = 16, 8
+    band1, band2 = (_window_kept(w, n, 1) / n**2 for w in (1, 2))
+    targets = [band1, band1 + 0.3 * (band2 - band1), band1 + 0.75 * (band2 - band1), band2]
+    profile = RecordedProfile("between bands", None, targets)
+    for layer, target in enumerate(targets):
+        windows = profile.attention_windows(layer, n, heads)
+        mean = sum(_window_kept(w, n, 1) for w in windows) / heads / n**2
+        assert abs(mean - target) <= (band2 - band1) / heads / 2 + 1e-9, (layer, windows)
+        assert set(windows) <= {1, 2} and windows[0] >= windows[-1]
+    assert profile.attention_windows(0, n, heads) == [1] * heads
+    assert profile.attention_windows(3, n, heads) == [2] * heads
+    # the exposure builds those per-head layouts: (1, H, NQ, NK), heads differing where the target lies between
+    model = apply_method(build_model("opt-tiny", seed=1, attn_implementation="eager"), "lora").eval()
+    two_layers = RecordedProfile("between bands", None, targets[1:3])
+    exposure = expose(model, source="replay", profile=two_layers, mlp=False, attn_block=16, attention_backend="eager")
+    exposure.prepare(n * 16, "cpu")
+    for i, state in enumerate(exposure.layer_states):
+        layout = state.cache[("attn", n * 16, torch.device("cpu"))]
+        assert layout.heads == model.config.num_attention_heads and layout.batch == 1
+        per_head = layout.to_dense().sum((-1, -2))[0]
+        assert len(set(per_head.tolist())) == 2, f"layer {i}: heads should mix two windows"
+        wanted = two_layers.attention_windows(i, n, model.config.num_attention_heads)
+        assert per_head.tolist() == [_window_kept(w, n, 1) for w in wanted]
 
 
 def test_prepare_builds_every_layer_pattern_once():
