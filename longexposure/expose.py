@@ -396,10 +396,8 @@ class Exposure:
                     self._mlp_capacity = max(
                         self._static_mlp_ids(i, n_blocks).numel() for i in range(len(self.layer_states))
                     )
-                capacity = self._mlp_capacity
-                count = torch.tensor([ids.numel()], dtype=torch.int32)
-                ids = torch.cat([ids.to(torch.int32), torch.zeros(capacity - ids.numel(), dtype=torch.int32)])
-                count = count.to(device)
+                count = torch.tensor([ids.numel()], dtype=torch.int32, device=device)
+                ids = torch.cat([ids, ids.new_zeros(self._mlp_capacity - ids.numel())])
             state.cache[key] = (ids.to(device), count)
         return state.cache[key]
 

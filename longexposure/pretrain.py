@@ -245,9 +245,9 @@ class Recipe:
             90% mass 0.06-0.25 instead of 0.28-0.66, same held-out loss; docs/notes/exposer_predictors.md).
         act_group_l1: coefficient of a group-lasso penalty on the ReLU outputs: per sequence and neuron the
             root-mean-square over the sequence's tokens, averaged. The L1 term makes each token sparse; this
-            one makes each *sequence* use few neurons (a neuron a sequence barely uses costs as much per unit
-            of activation as the sequence's busiest one does in total), which is the sparsity that survives
-            the reduction over a sequence that Long Exposure's patterns are made of.
+            one makes each *sequence* use few neurons (per unit of activation, a neuron firing on one of S
+            tokens costs sqrt(S) times what one firing on all of them does), the sparsity that survives the
+            reduction over a sequence that Long Exposure's patterns are made of.
     """
 
     steps: int
