@@ -24,6 +24,7 @@
 #                                                # E2E d90; the best then pretrained in full into the cache
 #   bash benchmarks/device_session.sh real-run   # e2e_real on relu-base (pretrains it first if not cached; resumes)
 #   bash benchmarks/device_session.sh strongest  # fig7 LoRA at 1024 against the compiled + graph baseline, profiles
+#   bash benchmarks/device_session.sh strongest-methods  # fig7's Adapter and BitFit rows at 1024, graph and compiled
 #   bash benchmarks/device_session.sh table4     # Table IV: LoRA per variant on relu-base, lm-eval on held-out E2E
 #                                                # (needs the eval wheels: carry .whl, docs/notes/device_wheels.md)
 #
@@ -36,7 +37,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-run|strongest|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|strongest|strongest-methods|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -172,6 +173,10 @@ case $stage in
     run "${PROFILE_LIMIT:-150}" python3 benchmarks/profile_step.py --seq 1024 --steps 5 --warmup 4 \
       --variants "${PROFILE_VARIANTS:-sdpa-compile-graph,le-reordered-compile-graph}" --out "$work/profile_strongest_s1024.json"
     run "${TEST_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py -k "compiled or refresh"
+    ;;
+  strongest-methods)  # issue 18: Adapter and BitFit at 1024 beside their own compiled + graph dense baselines
+    run "${FIG7_LIMIT:-540}" longexposure run suites/fig7.yaml --preset paper --keep-going --out "$work" \
+      --only method=adapter,bitfit --only seq_len=1024 --only variant=peft-sdpa-graph,peft-sdpa-compile-graph,long-exposure-compile-graph,long-exposure-reordered-compile-graph
     ;;
   table4)  # Table IV: the eval extra from carried wheels, a GPU smoke evaluate, relu-base, then the suite (resumes:
     # results live in $LONGEXPOSURE_CACHE/runs while the machine stays warm; set LONGEXPOSURE_CACHE=$PWD/cache outside)
