@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,7 +248,6 @@ class Exposure:
         self._undo: list[Any] = []
         self.layer_states = [LayerState(self, i) for i in range(len(self.layers))]
         self.mlp_density: dict[int, float] = {}
-        self._mlp_capacity: int | None = None  # replayed MLP ids padded to this many (see `_mlp_ids`)
         self.attn_density: dict[int, float] = {}
         self.sources = config.sources()
         self.timer: Any = None  # a measure.Timer: dynamic sources time their predictors as `predict_ms`
@@ -392,14 +392,16 @@ class Exposure:
                 # shapes, so a compiled model has one program for all layers: with exact lengths Dynamo
                 # compiled one per count (22 frames for OPT-1.3B's 24 replayed layers on the H200, 769661c),
                 # and a model with more distinct counts than its recompile limit would fall back to eager.
-                if self._mlp_capacity is None:
-                    self._mlp_capacity = max(
-                        self._static_mlp_ids(i, n_blocks).numel() for i in range(len(self.layer_states))
-                    )
                 count = torch.tensor([ids.numel()], dtype=torch.int32, device=device)
                 ids = torch.cat([ids, ids.new_zeros(self._mlp_capacity - ids.numel())])
             state.cache[key] = (ids.to(device), count)
         return state.cache[key]
+
+    @functools.cached_property
+    def _mlp_capacity(self) -> int:
+        """The most replayed MLP blocks any layer keeps (what `_mlp_ids` pads every layer's ids to)."""
+        n_blocks = self.hf_config.ffn_dim // self.config.mlp_block
+        return max(self._static_mlp_ids(i, n_blocks).numel() for i in range(len(self.layer_states)))
 
     def _static_mlp_ids(self, layer: int, n_blocks: int) -> torch.Tensor:
         """Layer `layer`'s replayed (or all-active) MLP block ids, increasing, on the host."""
