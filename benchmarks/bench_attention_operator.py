@@ -17,6 +17,12 @@ S=1024 (N=16 blocks of 64), eager and graph-replayed. The backward's graph time 
 minus forward, both graph-replayed: autograd runs a backward on its forward's stream, so the two are
 captured together; `bwd_ms_eager` times `torch.autograd.grad` alone.
 
+Throughput: every time has its TFLOP/s beside it, counting the useful matmul FLOPs of the kept causal blocks
+(`attention_flops`): forward 4 B H S^2 D / 2 (QK^T and PV over the causal triangle) times the layout's density
+against that triangle (dense sdpa: density 1); backward 2.5 x forward (its five S^2 D products, recomputing QK^T
+once, as FlashAttention counts; the kernels' second recompute for dQ is not credited). Masking inside the
+diagonal blocks is not subtracted.
+
 Targets (issue 4), from the graph-replayed medians, fp16, D=64, block 64:
   T1 triton <= 1.10 x sdpa (causal dense) at block sparsity 0;   T2 sdpa / triton >= 3.5 at sparsity 0.8;
   T3 time linear in density (R^2 of a least-squares line);        T4 pool combination <= 50 us.
@@ -157,6 +163,17 @@ def compile_check(device: torch.device) -> dict:
 
 # --------------------------------------------------------------------------------------------- timing
 
+BWD_FLOPS_PER_FWD = 2.5  # see the module docstring
+
+
+def add_tflops(row: dict, fwd_flops: float) -> None:
+    """`{phase}_tflops_{mode}` beside every `{phase}_ms_{mode}` of a timing row (useful FLOPs, docstring)."""
+    for phase, flops in (("fwd", fwd_flops), ("bwd", BWD_FLOPS_PER_FWD * fwd_flops)):
+        for mode in ("graph", "eager"):
+            ms = row.get(f"{phase}_ms_{mode}")
+            if ms is not None and ms > 0 and not math.isnan(ms):
+                row[f"{phase}_tflops_{mode}"] = flops / (ms * 1e-3) / 1e12
+
 
 def _time(fn, graph: bool) -> tuple[float, str]:
     import triton.testing as tt
@@ -200,8 +217,7 @@ def timings(device: torch.device, seqs: list[int], sparsities: list[float], back
                                     row[f"{phase}_graph_note"] = mode
                         # autograd runs a backward on its forward's stream, so a graph captures fwd+bwd together
                         row["bwd_ms_graph"] = row["fwdbwd_ms_graph"] - row["fwd_ms_graph"]
-                        fwd = row["fwd_ms_graph"] if not math.isnan(row["fwd_ms_graph"]) else row["fwd_ms_eager"]
-                        row["fwd_tflops"] = attention_flops(case, built.density) / (fwd * 1e-3) / 1e12
+                        add_tflops(row, attention_flops(case, built.density))
                         row["backend_ran"] = built.info["backend_ran"]
                     except Exception as exc:  # noqa: BLE001 - a failing backend is a recorded cell
                         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -297,21 +313,21 @@ def summarize(rows: list[dict], layout_rows: list[dict]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| S | backend | block | sparsity | density | fwd ms (graph) | bwd ms (graph) | fwd ms (eager) | "
-            "bwd ms (eager) | fwd x sdpa | bwd x sdpa | fwd TFLOP/s |")
-    lines = [head, "|" + "---|" * 12]
+    times = [(p, m) for m in ("graph", "eager") for p in ("fwd", "bwd")]
+    head = ["S", "backend", "block", "sparsity", "density"]
+    head += [h for p, m in times for h in (f"{p} ms ({m})", "TFLOP/s")] + ["fwd x sdpa", "bwd x sdpa"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     f = lambda v, p=3: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['seq_len']} | {r['backend']} | {r['block']} | {r['block_sparsity']} | error: "
-                         f"{r['error'][:80]} |||||||")
+                         f"{r['error'][:80]} " + "|" * (len(head) - 4))
             continue
-        lines.append(
-            f"| {r['seq_len']} | {r['backend']} | {r['block']} | {r['block_sparsity']} | {f(r.get('density'), 2)} | "
-            f"{f(r.get('fwd_ms_graph'))} | {f(r.get('bwd_ms_graph'))} | {f(r.get('fwd_ms_eager'))} | "
-            f"{f(r.get('bwd_ms_eager'))} | {f(r.get('fwd_speedup_vs_sdpa_graph'), 2)} | "
-            f"{f(r.get('bwd_speedup_vs_sdpa_graph'), 2)} | {f(r.get('fwd_tflops'), 0)} |"
-        )
+        cells = [r["seq_len"], r["backend"], r["block"], r["block_sparsity"], f(r.get("density"), 2)]
+        for p, m in times:
+            cells += [f(r.get(f"{p}_ms_{m}")), f(r.get(f"{p}_tflops_{m}"), 1)]
+        cells += [f(r.get("fwd_speedup_vs_sdpa_graph"), 2), f(r.get("bwd_speedup_vs_sdpa_graph"), 2)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 

@@ -13,6 +13,17 @@ time, and as GPU time alone (`measure.gpu_time_ms`: the calls are queued behind 
 back with CUDA events). Setup is shared with the `mlp-operator` task
 (`longexposure.tasks.mlp_operator.build_case`).
 
+Throughput: every time has its TFLOP/s beside it, counting the useful matmul FLOPs of the active blocks
+(`useful_flops`; A = active blocks * block_size neurons, T tokens, d = d_model, r = LoRA rank; bias, ReLU and
+masks are not counted):
+  forward   fc1 and fc2, 2*T*d*A each: 4*T*d*A; LoRA adds its four rank-r products, 4*T*r*(d + A).
+  backward  the input gradient (dZ = dy W2[:, act], dx = dZ W1[act]): 4*T*d*A; grads='all' adds the weight
+            gradients (dW1 = dZ^T x, dW2 = dy^T h): another 4*T*d*A; LoRA adds twice its forward products
+            (each has an input and a weight gradient), 8*T*r*(d + A).
+Every backend is credited the same work (dense rows are at density 1, where A = ffn), so TFLOP/s rank
+backends as ms do. Each input-gradient row (grads='x', the paper's frozen weights) has an all-gradients
+twin (grads='all', weights' gradients too) at the same tokens and density.
+
 Targets (issue 3), per tokens, direction and density d, with triton at a fixed capacity (all blocks) and
 a device-side count:
   T1 triton <= 1.15 * d * dense + 20 us;  T2 dense / triton >= 5 at d = 0.1;
@@ -41,24 +52,50 @@ TOKENS = [4 * 512, 4 * 1024]
 
 
 def matrix(quick: bool) -> list[MlpOperatorCase]:
-    """The benchmark grid: the paper's (grads='x', i.e. frozen weights) plus a few trainable-weight cases."""
+    """The benchmark grid: input gradients only (the paper's frozen weights) and every gradient at each tokens and
+    density, LoRA at three densities, and exact ids instead of the fixed capacity."""
     cases = []
     dens = [1.0, 0.5, 0.1] if quick else DENSITIES
-    for tokens in TOKENS[:1] if quick else TOKENS:
-        for density in dens:
-            for backend in ("dense", "torch-gather", "triton"):
-                if backend == "dense" and density != 1.0:
-                    continue  # dense ignores the active set: one measurement per shape
-                cases.append(MlpOperatorCase(backend=backend, tokens=tokens, density=density, grads="x"))
-    for grads in ("lora", "all"):
-        for density in (1.0, 0.5, 0.1):
-            for backend in ("dense", "torch-gather", "triton"):
-                if backend == "dense" and density != 1.0:
-                    continue
-                cases.append(MlpOperatorCase(backend=backend, tokens=2048, density=density, grads=grads))
+    for grads in ("x", "all"):
+        for tokens in TOKENS[:1] if quick else TOKENS:
+            for density in dens:
+                for backend in ("dense", "torch-gather", "triton"):
+                    if backend == "dense" and density != 1.0:
+                        continue  # dense ignores the active set: one measurement per shape
+                    cases.append(MlpOperatorCase(backend=backend, tokens=tokens, density=density, grads=grads))
+    for density in (1.0, 0.5, 0.1):
+        for backend in ("dense", "torch-gather", "triton"):
+            if backend == "dense" and density != 1.0:
+                continue
+            cases.append(MlpOperatorCase(backend=backend, tokens=2048, density=density, grads="lora"))
     for density in (1.0, 0.5, 0.1):  # the cost of the fixed capacity: exact ids instead
         cases.append(MlpOperatorCase(backend="triton", tokens=2048, density=density, grads="x", capacity="exact"))
     return cases
+
+
+def useful_flops(row: dict) -> dict[str, float]:
+    """{'fwd': ..., 'bwd': ...}: matmul FLOPs of the active blocks for a row's case (see the module docstring)."""
+    c = row["case"]
+    t, d, r = c["tokens"], c["d_model"], c["lora_rank"]
+    a = int(row["info"]["n_active_blocks"]) * c["block_size"]
+    fwd, bwd = 4 * t * d * a, 4 * t * d * a
+    if c["grads"] == "all":
+        bwd += 4 * t * d * a
+    if c["grads"] == "lora":
+        fwd += 4 * t * r * (d + a)
+        bwd += 8 * t * r * (d + a)
+    return {"fwd": fwd, "bwd": bwd}
+
+
+TIMES = ("fwd_ms", "bwd_ms", "fwd_gpu_ms", "bwd_gpu_ms")
+
+
+def tflops(row: dict, key: str) -> float | None:
+    """TFLOP/s of the time `row[key]` (one of TIMES), or None where it was not measured."""
+    ms = row.get(key)
+    if not ms or ms <= 0 or math.isnan(ms):
+        return None
+    return useful_flops(row)[key[:3]] / (ms * 1e-3) / 1e12
 
 
 def run_case(case: MlpOperatorCase, queued: bool) -> dict:
@@ -83,6 +120,7 @@ def run_case(case: MlpOperatorCase, queued: bool) -> dict:
     if queued:  # GPU time without host launch gaps (see gpu_time_ms)
         row["fwd_gpu_ms"], row["fwd_host_bound"] = gpu_time_ms(built.fwd)
         row["bwd_gpu_ms"], row["bwd_host_bound"] = gpu_time_ms(built.bwd)
+    row.update({key.replace("_ms", "_tflops"): tflops(row, key) for key in TIMES if key in row})
     return row
 
 
@@ -138,15 +176,18 @@ def evaluate(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'tokens':>6} {'grads':>5} {'backend':>13} {'cap':>5} {'dens':>5} {'fwd_ms':>8} {'bwd_ms':>8} "
-             f"{'fwd_gpu':>7} {'bwd_gpu':>7} {'host_us':>7} {'fwd_err':>8} {'bwd_err':>8} ok"]
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"
+    """One line per timed case; TF: TFLOP/s of the time to its left (`useful_flops`)."""
+    lines = [f"{'tokens':>6} {'grads':>5} {'backend':>13} {'cap':>5} {'dens':>5} {'fwd_ms':>8} {'TF':>5} "
+             f"{'bwd_ms':>8} {'TF':>5} {'fwd_gpu':>7} {'TF':>5} {'bwd_gpu':>7} {'TF':>5} {'host_us':>7} "
+             f"{'fwd_err':>8} {'bwd_err':>8} ok"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)
     for r in sorted((r for r in rows if "fwd_ms" in r), key=_key):
         c = r["case"]
         cap = c["capacity"][:5] if c["backend"] == "triton" else "-"
-        lines.append(f"{c['tokens']:>6} {c['grads']:>5} {c['backend']:>13} {cap:>5} {c['density']:>5.2f} "
-                     f"{r['fwd_ms']:>8.4f} {r['bwd_ms']:>8.4f} {fmt(r.get('fwd_gpu_ms')):>7} "
-                     f"{fmt(r.get('bwd_gpu_ms')):>7} {r.get('fwd_host_us', float('nan')):>7.1f} "
+        times = " ".join(f"{fmt(r.get(k), '.4f'):>{8 if k in ('fwd_ms', 'bwd_ms') else 7}} "
+                         f"{fmt(tflops(r, k), '.1f'):>5}" for k in TIMES)
+        lines.append(f"{c['tokens']:>6} {c['grads']:>5} {c['backend']:>13} {cap:>5} {c['density']:>5.2f} {times} "
+                     f"{r.get('fwd_host_us', float('nan')):>7.1f} "
                      f"{r['fwd_rel_err']:>8.1e} {r['bwd_rel_err']:>8.1e} {'y' if r['correct'] else 'NO'}")
     for r in rows:
         if "error" in r:

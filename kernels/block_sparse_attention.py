@@ -737,30 +737,3 @@ def layout_union(
     )
     return counts, indices
 
-
-# --------------------------------------------------------------------------------- autograd Function
-
-
-class BlockSparseAttentionFunction(torch.autograd.Function):
-    """O = block_sparse_attention(q, k, v); gradients for q, k, v (layout tensors get none)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, kv_counts, kv_indices, q_counts, q_indices, seq_lens, block, causal, scale):  # type: ignore[override]
-        o, lse = block_sparse_attention_fwd(
-            q, k, v, kv_counts, kv_indices, seq_lens, block=block, causal=causal, scale=scale
-        )
-        ctx.save_for_backward(q, k, v, o, lse, kv_counts, kv_indices, q_counts, q_indices, seq_lens)
-        ctx.meta = (block, causal, scale)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):  # type: ignore[override]
-        q, k, v, o, lse, kv_counts, kv_indices, q_counts, q_indices, seq_lens = ctx.saved_tensors
-        if q_counts is None:
-            raise RuntimeError("the backward needs the transposed layout (q_counts, q_indices): call with_transpose()")
-        block, causal, scale = ctx.meta
-        dq, dk, dv = block_sparse_attention_bwd(
-            do.contiguous(), q, k, v, o, lse, kv_counts, kv_indices, q_counts, q_indices, seq_lens,
-            block=block, causal=causal, scale=scale,
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None, None

@@ -30,7 +30,8 @@ operands through tensor descriptors (Hopper's bulk tensor copies) instead of per
 K step inside one neuron block is BK contiguous weight rows (one box at `id * BLOCK + k % BLOCK`); in sdd a
 column tile no wider than the block is BN contiguous rows (one (BN, BK) box per K step); wgrad loads
 (tokens, columns) boxes of the compact buffer and transposes them in shared memory.
-Then the launchers (validation, allocation, grids) and `NeuronBlockMLPFunction`.
+Then the launchers (validation, allocation, grids). Autograd is the `longexposure::neuron_block_mlp` op's, registered
+in `longexposure.ops.neuron_block_mlp` (the one path, eager and compiled).
 """
 
 from __future__ import annotations
@@ -760,27 +761,3 @@ def neuron_block_mlp_backward(
         out[7] = g
     return out
 
-
-class NeuronBlockMLPFunction(torch.autograd.Function):
-    """Autograd for the neuron-block MLP; apply() returns (y, v). Gradients only for inputs that need one."""
-
-    @staticmethod
-    def forward(ctx, x, active_block_ids, n_active, fc1_weight, fc1_bias, fc2_weight, fc2_bias, block_size,
-                fc1_lr_x, fc1_lr_weight, fc2_lr_weight):
-        y, h, v = neuron_block_mlp_forward(x, active_block_ids, n_active, fc1_weight, fc1_bias, fc2_weight,
-                                           fc2_bias, block_size, fc1_lr_x, fc1_lr_weight, fc2_lr_weight)
-        ctx.save_for_backward(x, h, active_block_ids, n_active, fc1_weight, fc2_weight, fc1_lr_x, fc1_lr_weight,
-                              fc2_lr_weight)
-        ctx.block_size = block_size
-        ctx.set_materialize_grads(False)  # an unused v (or y) costs no zero-filled gradient
-        return y, v
-
-    @staticmethod
-    def backward(ctx, dy, dv):
-        x, h, ids, n_active, w1, w2, u, b1lr, a2 = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(x)
-        n = ctx.needs_input_grad
-        needs = (n[0], n[3], n[4], n[5], n[6], n[8], n[9], n[10])
-        g = neuron_block_mlp_backward(dy, dv, x, h, ids, n_active, w1, w2, ctx.block_size, u, b1lr, a2, needs)
-        return g[0], None, None, g[1], g[2], g[3], g[4], None, g[5], g[6], g[7]

@@ -96,6 +96,13 @@ class ExposureConfig:
             concentrates in the first blocks; the report says so.
         mlp_mass: `replay` MLP: keep the fewest blocks holding this fraction of each layer's recorded mass
             (e.g. 0.9) instead of the `theta` filter.
+        dense_above: `predicted` MLP with `refresh_every`: after each refresh, a layer whose refreshed predictor
+            keeps at least this fraction of the blocks on the refresh batch runs its MLP dense (cuBLAS, its
+            predictor not run) until a later refresh predicts below it. Near density 1 the neuron-block
+            operator is slower than cuBLAS (0.72-0.76x at 1.0 on the H200, fig12_mlp), and fine-tuning can
+            make a layer dense (relu-base on E2E: the top two layers reach 1.0). The first training step
+            runs every layer dense (exact), so a compiled model compiles both paths before the timed steps;
+            a CUDA-graph trainer captures its step again after a switch (`dense_switches` counts them).
     """
 
     source: str = "replay"
@@ -118,6 +125,7 @@ class ExposureConfig:
     refresh_steps: int = 20
     reorder: bool = False
     mlp_mass: float | None = None
+    dense_above: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("source", "mlp_source", "attention_source"):
@@ -139,6 +147,11 @@ class ExposureConfig:
             raise ValueError(f"mlp_mass must be in (0, 1], got {self.mlp_mass}")
         if self.refresh_every and used.get("mlp") != "predicted":
             raise ValueError(f"refresh_every refreshes predicted MLP patterns; the MLP source is {used.get('mlp')!r}")
+        if self.dense_above is not None and not (self.refresh_every and 0 < self.dense_above <= 1):
+            raise ValueError(
+                f"dense_above must be in (0, 1] and needs refresh_every (the refresh decides): "
+                f"dense_above={self.dense_above}, refresh_every={self.refresh_every}"
+            )
 
     def sources(self) -> dict[str, str]:
         """The source of each exposed target: {"mlp": ..., "attention": ...}."""
@@ -225,6 +238,7 @@ class LayerState:
         self.last: dict[str, Any] = {}  # dynamic sources: the pattern of the last forward, per target
         self.kept: dict[str, torch.Tensor] = {}  # refresh_every: the MLP input of the last training forward
         self.mlp: dict[str, Any] = {}  # the patched MLP's backend, frozen linears and LoRA factors
+        self.dense_mlp = False  # dense_above: this layer's MLP runs dense (cuBLAS), its predictor idle
 
 
 def _exposed_mlp_forward(fc1: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -256,6 +270,8 @@ class Exposure:
         self.refreshes: dict[int, dict[str, float]] = {}  # per layer, its last refresh
         self._refreshers: dict[int, Any] = {}
         self._step_density: dict[str, list[torch.Tensor]] = {"mlp": [], "attention": []}  # on the device
+        self.dense_switches = 0  # dense_above: times the set of dense MLP layers changed (graphs recapture)
+        self._dense_first_step = False
         ffn = getattr(self.hf_config, "ffn_dim", None)
         depth = len(self.layers)
         if config.resample and config.profile is not None and len(config.profile.attn_density or []) != depth:
@@ -511,8 +527,15 @@ class Exposure:
         backend = MLP_BACKENDS.get(self.config.mlp_backend)(block_size=self.config.mlp_block)
         backend.prepare(base1.weight, base1.bias, base2.weight, base2.bias)
         state = self.layer_states[i]
+        dense = None
+        if self.config.dense_above is not None:
+            from longexposure.mlp_backends import DenseMLP
+
+            dense = DenseMLP(block_size=self.config.mlp_block)
+            dense.prepare(base1.weight, base1.bias, base2.weight, base2.bias)
         state.mlp.update(
             backend=backend,
+            dense=dense,
             base1=base1,
             base2=base2,
             lora1=_lora_of(fc1, allow_dropout=True),
@@ -534,7 +557,9 @@ class Exposure:
         base1, base2, backend = mlp["base1"], mlp["base2"], mlp["backend"]
         if self.config.refresh_every and self.model.training and torch.is_grad_enabled():
             state.kept["mlp"] = x  # for the refresh `after_step` may run (counted in `_training_forward`)
-        if self.sources["mlp"] in DYNAMIC:
+        if state.dense_mlp:
+            backend, ids, count = mlp["dense"], None, None
+        elif self.sources["mlp"] in DYNAMIC:
             ids, count = self._predict(state, "mlp", x)
         else:
             ids, count = self._mlp_ids(state, x.device)
@@ -564,6 +589,10 @@ class Exposure:
                 "exposure.after_step() was never called, so no refresh ran (call it after each optimizer "
                 "step; longexposure.training.Trainer does)"
             )
+        if self.config.dense_above is not None and self.training_forwards == 0:
+            self._dense_first_step = True  # both MLP paths run (and compile) before any timed step
+            for state in self.layer_states:
+                state.dense_mlp = True
         self.training_forwards += 1
         if not self._refreshers:
             config = RefreshConfig(steps=self.config.refresh_steps)
@@ -587,6 +616,9 @@ class Exposure:
 
         self.steps_done += 1
         self._record_step_density()
+        if self._dense_first_step:
+            self._dense_first_step = False
+            self._set_dense_mlp({s.index: False for s in self.layer_states})
         if not self.config.refresh_every:
             return
         due = self.steps_done % self.config.refresh_every == 0 and self._mlp_inputs
@@ -596,18 +628,31 @@ class Exposure:
             rows = refresh_layers(self._refreshers, self._mlp_inputs) if due else {}
         for layer, row in rows.items():
             self.refreshes[layer] = {**row, "layer": layer, "step": self.steps_done}
+        if rows and self.config.dense_above is not None:
+            self._set_dense_mlp({layer: row["density_after"] >= self.config.dense_above for layer, row in rows.items()})
+
+    def _set_dense_mlp(self, dense: dict[int, bool]) -> None:
+        """dense_above: set which layers run their MLP dense; a change bumps `dense_switches`."""
+        changed = False
+        for layer, value in dense.items():
+            state = self.layer_states[layer]
+            changed |= state.dense_mlp != value
+            state.dense_mlp = value
+        self.dense_switches += changed
 
     def _record_step_density(self) -> None:
         """This step's mean density per dynamic target, as a device tensor (read once, in `report`)."""
         n_blocks = self.hf_config.ffn_dim // self.config.mlp_block if self.config.mlp else 0
         per_target: dict[str, list[torch.Tensor]] = {"mlp": [], "attention": []}
-        for (target, _), out in self._last.items():
-            if target == "mlp":
-                ids, count = out
+        for state in self.layer_states:
+            if state.dense_mlp:  # every block ran (a prediction left in `last` would be stale)
+                per_target["mlp"].append(torch.ones((), device=state.mlp["base1"].weight.device))
+            elif "mlp" in state.last:
+                ids, count = state.last["mlp"]
                 kept = torch.tensor(float(ids.numel()), device=ids.device) if count is None else count.float().sum()
                 per_target["mlp"].append(kept / n_blocks)
-            else:
-                per_target["attention"].append(out.density(causal=True).float())
+            if "attention" in state.last:
+                per_target["attention"].append(state.last["attention"].density(causal=True).float())
         for target, values in per_target.items():
             if values:
                 self._step_density[target].append(torch.stack(values).mean())
@@ -618,10 +663,15 @@ class Exposure:
 
     def _densities_of_last_step(self) -> None:
         """Densities of the dynamic sources' last patterns (synchronizes: for reports, not the hot path)."""
+        for state in self.layer_states:
+            if state.dense_mlp:
+                self.mlp_density[state.index] = 1.0
         for (target, layer), out in self._last.items():
             if target == "mlp":
                 ids, count = out
                 n_blocks = self.hf_config.ffn_dim // self.config.mlp_block
+                if self.layer_states[layer].dense_mlp:
+                    continue
                 self.mlp_density[layer] = (ids.numel() if count is None else int(count.item())) / n_blocks
             else:
                 self.attn_density[layer] = float(out.density(causal=True))
@@ -643,6 +693,11 @@ class Exposure:
                     src += (
                         f", MLP predictors refreshed every {self.config.refresh_every} training steps on that "
                         f"step's batch ({self.config.refresh_steps} optimizer steps + slack recalibration)"
+                    )
+                if target == "mlp" and self.config.dense_above is not None:
+                    src += (
+                        f"; a layer whose refreshed prediction keeps >= {self.config.dense_above:g} of the blocks "
+                        "runs its MLP dense (cuBLAS), and every layer does in the first step"
                     )
             elif src in ("oracle", "random"):
                 src = f"{src}: computed from this model's frozen weights every step"
@@ -667,6 +722,14 @@ class Exposure:
             "mlp_density_per_layer": dict(self.mlp_density),
             "attention_density_per_layer": dict(self.attn_density),
             **({"mlp_refreshes": list(self.refreshes.values())} if self.config.refresh_every else {}),
+            **(
+                {
+                    "mlp_dense_layers": [s.index for s in self.layer_states if s.dense_mlp],
+                    "mlp_dense_switches": self.dense_switches,
+                }
+                if self.config.dense_above is not None
+                else {}
+            ),
         }
 
 

@@ -193,6 +193,7 @@ class Trainer:
             self.exposure.prepare(setup.seq_len, self.device)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_warm = 0
+        self._graph_switches = 0  # the exposure's `dense_switches` when the graph was captured
         self._static_batch: dict[str, torch.Tensor] = {}
         self._static_loss: torch.Tensor | None = None
         self.compiled: dict[str, Any] = {}
@@ -255,6 +256,9 @@ class Trainer:
         return loss
 
     def _graph_step(self, batch: dict[str, torch.Tensor], timer: Timer) -> torch.Tensor:
+        switches = self.exposure.dense_switches if self.exposure is not None else 0
+        if self._graph is not None and switches != self._graph_switches:
+            self._drop_graph()  # the exposure changed which layers run dense: warm up and capture again
         with timer.region("total_ms"):
             with timer.region("forward_backward_ms"):
                 if self._graph is not None:
@@ -281,7 +285,14 @@ class Trainer:
                 self.exposure.after_step(timer)
         return loss.detach().clone()
 
+    def _drop_graph(self) -> None:
+        """Forget the captured step (its gradient buffers too: the next steps run eagerly, then capture anew)."""
+        self._graph, self._graph_warm = None, 0
+        self._static_batch, self._static_loss = {}, None
+        self.optimizer.zero_grad(set_to_none=True)
+
     def _capture(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self._graph_switches = self.exposure.dense_switches if self.exposure is not None else 0
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's pool
         self._static_batch = {name: t.clone() for name, t in batch.items()}
         graph = torch.cuda.CUDAGraph()

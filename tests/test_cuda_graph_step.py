@@ -86,3 +86,21 @@ def test_graph_replay_with_predictor_refreshes_trains_like_eager_steps(request):
         replayed_ids, replayed_count = exposure_state._last[("mlp", i)]
         assert int(count) == int(replayed_count), f"layer {i}: the replay used a stale predictor"
         torch.testing.assert_close(replayed_ids[: int(count)], ids[: int(count)], msg=f"layer {i}")
+
+
+@pytest.mark.parametrize("compile_", [False, True], ids=["graph", "compile-graph"])
+def test_graph_steps_recapture_when_layers_switch_to_dense(request, compile_):
+    """`dense_above`: step 1 runs every MLP dense (eager warm-up), step 2 sparse, step 3 is captured sparse; the
+    refresh after step 3 predicts every layer above 1e-6, so step 4 finds a switch, drops the graph, warms up
+    eagerly and captures the dense step again. Losses and weights follow the eager run's."""
+    bank = str(request.getfixturevalue("tiny_bank_cuda"))
+    exposure = {**EXPOSED, "source": "predicted", "predictors": bank, "compile_predictors": not compile_,
+                "refresh_every": 3, "refresh_steps": 5, "dense_above": 1e-6}  # fmt: skip
+    eager_losses, eager_params, _ = _run(False, exposure, steps=8, compile_=compile_)
+    graph_losses, graph_params, _ = _run(True, exposure, steps=8, compile_=compile_)
+    trainer = _LAST["trainer"]
+    assert trainer.exposure.dense_switches == 2 and trainer._graph_switches == 2 and trainer._graph is not None
+    assert all(s.dense_mlp for s in trainer.exposure.layer_states)
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), atol=2e-3, rtol=2e-3)
+    for name in eager_params:
+        torch.testing.assert_close(graph_params[name], eager_params[name], atol=2e-3, rtol=2e-3, msg=name)

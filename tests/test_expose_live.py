@@ -180,3 +180,60 @@ def test_refresh_every_retrains_the_mlp_predictors_after_training_steps_only(mic
     _loss_and_grads(forgotten, e2e_ids[0])
     with pytest.raises(RuntimeError, match="after_step"):
         _loss_and_grads(forgotten, e2e_ids[0])
+
+
+def test_dense_above_runs_the_first_step_and_refreshed_dense_layers_dense(micro_checkpoint, e2e_ids, bank_dir):  # noqa: F811
+    """`dense_above`: the first training step runs every MLP dense (the dense model's loss), then the layers go
+    back to their predictors; a refresh that predicts a layer at least that dense switches it to the dense MLP,
+    which then computes the dense model's MLP and skips its predictor (so step densities say 1.0)."""
+
+    def fresh():  # training mode without dropout, so the losses compare exactly
+        model = build_model("relu-micro", weights=str(micro_checkpoint), attn_implementation="eager", seed=0,
+                            dropout=0.0, attention_dropout=0.0)  # fmt: skip
+        torch.manual_seed(0)
+        return apply_method(model, "lora", dropout=0.0).train()
+
+    ids = e2e_ids[0][:1]  # one sequence: the union of its tokens' blocks leaves some out
+    dense_loss, dense_grads = _loss_and_grads(fresh(), ids)
+    opts = dict(source="predicted", predictors=str(bank_dir), attention=False, refresh_every=2, refresh_steps=3,
+                mlp_block=MLP_BLOCK, mlp_backend="torch-gather")  # fmt: skip
+    model = fresh()
+    exposure = expose(model, dense_above=1e-6, **opts)  # every layer predicted above it: all go dense
+    calls = []
+    predict = exposure._predict
+    exposure._predict = lambda *a: calls.append(a[0].index) or predict(*a)
+    loss, grads = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, dense_loss, atol=1e-5, rtol=1e-5)
+    for name in dense_grads:
+        torch.testing.assert_close(grads[name], dense_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert calls == [], "a dense layer runs no predictor"
+    exposure.after_step()
+    assert not any(s.dense_mlp for s in exposure.layer_states) and exposure.dense_switches == 1
+    for pred in exposure.predictors["mlp"]:  # the micro model's blocks are about equally important: a threshold
+        pred.theta_scale.fill_(9.0)  # of 0.9 x the peak block drops some (the refresh recalibrates it)
+    _loss_and_grads(model, ids)
+    n_blocks = model.config.ffn_dim // MLP_BLOCK
+    assert calls == list(range(len(exposure.layers)))
+    assert any(int(s.last["mlp"][1]) < n_blocks for s in exposure.layer_states), "step 2 ran sparse"
+    exposure.after_step()  # step 2: the refresh puts every layer above 1e-6
+    assert all(s.dense_mlp for s in exposure.layer_states) and exposure.dense_switches == 2
+    calls.clear()
+    loss, _ = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, dense_loss, atol=1e-5, rtol=1e-5)
+    assert calls == []
+    exposure.after_step()
+    report = exposure.report()
+    assert report["mlp_dense_layers"] == list(range(len(exposure.layers))) and report["mlp_dense_switches"] == 2
+    assert set(report["mlp_density_per_layer"].values()) == {1.0}
+    assert report["mlp_block_density_mean_over_steps"] < 1  # step 2 ran sparse
+    assert "runs its MLP dense" in report["sparsity_source"]
+
+    strict = expose(fresh(), dense_above=1.0, **opts)  # only a fully dense prediction
+    for _ in range(2):
+        _loss_and_grads(strict.model, ids)
+        strict.after_step()
+    full = {r["layer"] for r in strict.refreshes.values() if r["density_after"] >= 1.0}
+    assert {s.index for s in strict.layer_states if s.dense_mlp} == full
+    for bad in ({"dense_above": 0.5, "refresh_every": 0}, {"dense_above": 1.5}):
+        with pytest.raises(ValueError, match="dense_above must be in"):
+            expose(_micro(micro_checkpoint), **{**opts, **bad})

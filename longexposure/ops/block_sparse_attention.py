@@ -2,11 +2,13 @@
 
 `reference_attention` is dense math on the masked score matrix (runs anywhere, no Triton); the
 optimized path never imports it. `block_sparse_attention` calls the Triton kernels through
-`torch.library.triton_op` ops with a registered autograd formula when `torch.compile` traces (the
-kernels appear to Inductor as user-defined Triton kernels); eager calls take the plain autograd
-Function in `kernels/`, which skips the custom-op dispatch. Both run the same launchers.
+a `torch.library.triton_op` whose registered autograd formula is the operator's only one, eager and
+under `torch.compile` alike (there the kernels appear to Inductor as user-defined Triton kernels). In
+eager the op's dispatch costs host time a plain autograd.Function would not (about 30 us per forward
+with grad on a CPU, most of it torch re-reading the op schema per call: pytorch/pytorch#195110); a
+compiled or CUDA-graph step does not pay it.
 
-Semantics shared by both (B = batch, H = heads, S = sequence, D = head dim):
+Semantics of the reference and the op (B = batch, H = heads, S = sequence, D = head dim):
     q, k, v        (B, H, S, D); the layout's batch/head dims may be 1 (broadcast).
     causal         query i sees key j only if j <= i (top-left aligned, training without a cache).
     seq_lens       optional (B,) int32 valid lengths (right padding): keys >= seq_lens[b] are
@@ -73,15 +75,15 @@ def reference_attention(
     return (probs.to(v.dtype) @ v).to(q.dtype)
 
 
-# ------------------------------------------------------------------------------ triton_op wrappers
+# ------------------------------------------------------------------- the custom op and its autograd
 
 
 @functools.cache
-def _ops() -> tuple[object, object]:
-    """Define the custom ops (once, at import when Triton is installed)."""
+def _ops() -> object:
+    """Define the custom op and its autograd (once, at import when Triton is installed)."""
     from torch.library import register_autograd, triton_op
 
-    from longexposure.kernels.block_sparse_attention import block_sparse_attention_bwd, block_sparse_attention_fwd
+    from longexposure.kernels import block_sparse_attention as kernels
 
     @triton_op("longexposure::block_sparse_attn_fwd", mutates_args={})
     def fwd(
@@ -98,30 +100,8 @@ def _ops() -> tuple[object, object]:
         scale: float,
     ) -> tuple[Tensor, Tensor]:
         # q_counts/q_indices are unused here; they ride along so the backward can save them
-        return block_sparse_attention_fwd(
+        return kernels.block_sparse_attention_fwd(
             q, k, v, kv_counts, kv_indices, seq_lens, block=block, causal=causal, scale=scale
-        )
-
-    @triton_op("longexposure::block_sparse_attn_bwd", mutates_args={})
-    def bwd(
-        do: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        o: Tensor,
-        lse: Tensor,
-        kv_counts: Tensor,
-        kv_indices: Tensor,
-        q_counts: Tensor,
-        q_indices: Tensor,
-        seq_lens: Tensor | None,
-        block: int,
-        causal: bool,
-        scale: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return block_sparse_attention_bwd(
-            do, q, k, v, o, lse, kv_counts, kv_indices, q_counts, q_indices, seq_lens,
-            block=block, causal=causal, scale=scale,
         )
 
     def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
@@ -133,16 +113,21 @@ def _ops() -> tuple[object, object]:
     def backward(ctx, do, dlse):  # type: ignore[no-untyped-def]
         q, k, v, o, lse, kv_counts, kv_indices, q_counts, q_indices, seq_lens = ctx.saved_tensors
         if q_counts is None or q_indices is None:
-            raise RuntimeError("block-sparse attention backward needs the layout's transpose (layout.with_transpose())")
+            raise RuntimeError(
+                "block-sparse attention backward needs the transposed layout (q_counts, q_indices): "
+                "call layout.with_transpose()"
+            )
         block, causal, scale = ctx.meta
-        dq, dk, dv = bwd(
+        # The launcher directly, not a second custom op: AOTAutograd would decompose that op into the same
+        # kernel calls (the launcher wraps them when traced), and in eager its dispatch was pure host overhead.
+        dq, dk, dv = kernels.block_sparse_attention_bwd(
             do.contiguous(), q, k, v, o, lse, kv_counts, kv_indices, q_counts, q_indices, seq_lens,
-            block, causal, scale,
+            block=block, causal=causal, scale=scale,
         )
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
     register_autograd("longexposure::block_sparse_attn_fwd", backward, setup_context=setup_context)
-    return fwd, bwd
+    return fwd
 
 
 def block_sparse_attention(
@@ -177,13 +162,8 @@ def block_sparse_attention(
     args = (
         layout.kv_counts, layout.kv_indices, layout.q_counts, layout.q_indices, seq_lens, layout.block, causal, scale
     )
-    if torch.compiler.is_compiling():  # the custom op: traceable, the kernels visible to Inductor
-        o, _ = torch.ops.longexposure.block_sparse_attn_fwd(q, k, v, *args)
-        return o
-    # eager: the plain autograd.Function skips the custom-op dispatch (about half the host overhead)
-    from longexposure.kernels.block_sparse_attention import BlockSparseAttentionFunction
-
-    return BlockSparseAttentionFunction.apply(q, k, v, *args)
+    o, _ = torch.ops.longexposure.block_sparse_attn_fwd(q, k, v, *args)
+    return o
 
 
 try:  # register the ops at import (outside any torch.compile trace); the reference needs no Triton

@@ -200,55 +200,61 @@ def neuron_block_mlp(
     lead, d_model = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, d_model)
     u, b1lr, a2 = _low_rank_inputs(x2, fc1_lora, fc2_lora)
-    compiling = torch.compiler.is_compiling()
+    if torch.compiler.is_compiling():
+        check_indices = False  # reading index values would be a host sync inside the graph
     _kernels.check_inputs(x2, active_block_ids, n_active, fc1_weight, fc1_bias, fc2_weight, fc2_bias, block_size,
-                          u, b1lr, a2, check_indices=False if compiling else check_indices)
-    if compiling:
-        if n_active is None:
-            n_active = torch.full((1,), active_block_ids.numel(), dtype=torch.int32, device=x.device)
-        y, _, v = torch.ops.longexposure.neuron_block_mlp(x2, active_block_ids, n_active, fc1_weight, fc1_bias,
-                                                          fc2_weight, fc2_bias, block_size, u, b1lr, a2)
-    else:
-        y, v = _kernels.NeuronBlockMLPFunction.apply(x2, active_block_ids, n_active, fc1_weight, fc1_bias,
-                                                     fc2_weight, fc2_bias, block_size, u, b1lr, a2)
+                          u, b1lr, a2, check_indices=check_indices)
+    if n_active is None:
+        n_active = torch.full((1,), active_block_ids.numel(), dtype=torch.int32, device=x.device)
+    y, _, v = torch.ops.longexposure.neuron_block_mlp(x2, active_block_ids, n_active, fc1_weight, fc1_bias,
+                                                      fc2_weight, fc2_bias, block_size, u, b1lr, a2)
     if fc2_lora is not None:
         y = y + F.linear(v, fc2_lora.b) * fc2_lora.scaling
     return y.reshape(*lead, d_model)
 
 
 # ---------------------------------------------------------------------------------------------------
-# torch.library registration: the same kernels as traceable ops, so torch.compile sees through them.
+# torch.library registration: the operator's one autograd path, eager and under torch.compile alike.
+# Its eager dispatch costs host time (see longexposure.ops.block_sparse_attention) that compiled and
+# CUDA-graph steps do not pay.
 # ---------------------------------------------------------------------------------------------------
 
 if _kernels is not None:
     from torch._subclasses.fake_tensor import is_fake
     from torch._subclasses.functional_tensor import FunctionalTensor
-    from torch.library import triton_op
-    from torch.library import wrap_triton as _wrap_triton
+    from torch.library import triton_op, wrap_triton
 
-    class _InterpretedLaunch:
-        """Under TRITON_INTERPRET=1 a kernel cannot be traced: skip it for fake tensors (shape propagation
-        only; dynamo's graph still calls the op, which runs the kernels eagerly) and refuse functional
-        tensors (AOTAutograd would drop the kernel from the graph)."""
+    class _ShapesOnly:
+        """`kernel[grid](...)` that launches nothing: an interpreted kernel given fake tensors."""
 
         def __init__(self, kernel):
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-                if any(isinstance(t, FunctionalTensor) for t in tensors):
-                    raise RuntimeError(
-                        "neuron_block_mlp: AOTAutograd cannot trace Triton interpreter kernels; under "
-                        "TRITON_INTERPRET=1 compile with backend='eager', or run on a GPU"
-                    )
-                if not any(is_fake(t) for t in tensors):
-                    self.kernel[grid](*args, **kwargs)
+            return lambda *args, **kwargs: None
 
-            return launch
+    def _wrap(x: torch.Tensor) -> _kernels.Wrap:
+        """How the launchers reach the kernels for this call.
 
-    def wrap_triton(kernel):
-        return _InterpretedLaunch(kernel) if _kernels.INTERPRET else _wrap_triton(kernel)
+        Real tensors (eager): directly, so the launchers keep their cached-config fast path and TMA.
+        Traced tensors: through wrap_triton, so Inductor sees the kernels. Under TRITON_INTERPRET=1 a
+        kernel cannot be traced: fake tensors only propagate shapes (dynamo's graph still calls the op,
+        which then runs the kernels eagerly) and functional ones are refused (AOTAutograd would drop
+        the kernels from the graph).
+        """
+        if type(x) is torch.Tensor:  # the common eager case, without is_fake's checks
+            return _kernels._no_wrap
+        functional = isinstance(x, FunctionalTensor)
+        if not functional and not is_fake(x):
+            return _kernels._no_wrap
+        if not _kernels.INTERPRET:
+            return wrap_triton
+        if functional:
+            raise RuntimeError(
+                "neuron_block_mlp: AOTAutograd cannot trace Triton interpreter kernels; under "
+                "TRITON_INTERPRET=1 compile with backend='eager', or run on a GPU"
+            )
+        return _ShapesOnly
 
     @triton_op("longexposure::neuron_block_mlp", mutates_args=())
     def _neuron_block_mlp_op(
@@ -267,48 +273,24 @@ if _kernels is not None:
         """(y, h, v): see kernels.neuron_block_mlp.neuron_block_mlp_forward."""
         return _kernels.neuron_block_mlp_forward(
             x, active_block_ids, n_active, fc1_weight, fc1_bias, fc2_weight, fc2_bias, block_size,
-            fc1_lr_x, fc1_lr_weight, fc2_lr_weight, wrap=wrap_triton,
+            fc1_lr_x, fc1_lr_weight, fc2_lr_weight, wrap=_wrap(x),
         )
-
-    @triton_op("longexposure::neuron_block_mlp_backward", mutates_args=())
-    def _neuron_block_mlp_backward_op(
-        dy: torch.Tensor,
-        dv: torch.Tensor | None,
-        x: torch.Tensor,
-        h: torch.Tensor,
-        active_block_ids: torch.Tensor,
-        n_active: torch.Tensor,
-        fc1_weight: torch.Tensor,
-        fc2_weight: torch.Tensor,
-        block_size: int,
-        fc1_lr_x: torch.Tensor | None,
-        fc1_lr_weight: torch.Tensor | None,
-        fc2_lr_weight: torch.Tensor | None,
-        needs: list[bool],
-    ) -> list[torch.Tensor]:
-        """Gradients in `needs` order (x, W1, b1, W2, b2, u, B1, A2); empty tensors where not needed."""
-        grads = _kernels.neuron_block_mlp_backward(
-            dy, dv, x, h, active_block_ids, n_active, fc1_weight, fc2_weight, block_size,
-            fc1_lr_x, fc1_lr_weight, fc2_lr_weight, tuple(needs), wrap=wrap_triton,
-        )
-        return [x.new_empty(0) if g is None else g for g in grads]
 
     def _setup_context(ctx, inputs, output):
         x, ids, n_active, w1, _b1, w2, _b2, block_size, u, b1lr, a2 = inputs
         ctx.save_for_backward(x, output[1], ids, n_active, w1, w2, u, b1lr, a2)
         ctx.block_size = block_size
-        ctx.set_materialize_grads(False)
+        ctx.set_materialize_grads(False)  # an unused v (or y) costs no zero-filled gradient
 
     def _backward(ctx, dy, _dh, dv):
+        # The launchers directly, not a second custom op: AOTAutograd would decompose that op into the same
+        # kernel calls, and in eager its dispatch was pure host overhead (~15 us per backward on a CPU).
         x, h, ids, n_active, w1, w2, u, b1lr, a2 = ctx.saved_tensors
         n = ctx.needs_input_grad
-        needs = [n[0], n[3], n[4], n[5], n[6], n[8], n[9], n[10]]
         if dy is None:
-            dy = x.new_zeros(x.shape)
-        g = torch.ops.longexposure.neuron_block_mlp_backward(
-            dy, dv, x, h, ids, n_active, w1, w2, ctx.block_size, u, b1lr, a2, needs
-        )
-        g = [gi if need else None for gi, need in zip(g, needs, strict=True)]
+            dy = torch.zeros_like(x)
+        g = _kernels.neuron_block_mlp_backward(dy, dv, x, h, ids, n_active, w1, w2, ctx.block_size, u, b1lr, a2,
+                                               (n[0], n[3], n[4], n[5], n[6], n[8], n[9], n[10]), wrap=_wrap(x))
         return g[0], None, None, g[1], g[2], g[3], g[4], None, g[5], g[6], g[7]
 
     torch.library.register_autograd("longexposure::neuron_block_mlp", _backward, setup_context=_setup_context)

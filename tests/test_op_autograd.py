@@ -1,0 +1,145 @@
+"""One autograd path per Triton operator: an eager call goes through the operator's `torch.library` op and
+the autograd registered on it, exactly as a torch.compile trace does, never through a separate
+`autograd.Function` with its own copy of the backward (issue 21).
+
+The check walks the autograd graph of an eager call: the only custom (Python-defined) node in it must be
+the one `register_autograd` generated for the op, and the gradients through it must be the reference's.
+The compiled side: the joint forward+backward graph AOTAutograd builds (what Inductor compiles) must hold
+every kernel of both directions, traced with real Triton kernels on fake tensors in a child process (the
+interpreter's kernels cannot be traced; nothing is launched, so no GPU is needed).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from numerics import assert_close
+
+from longexposure.attention.layout import BlockLayout
+from longexposure.ops.block_sparse_attention import block_sparse_attention, reference_attention
+from longexposure.ops.neuron_block_mlp import LowRank, neuron_block_mlp, neuron_block_mlp_reference
+
+
+def custom_nodes(out: torch.Tensor) -> set[str]:
+    """Names of the autograd.Function classes whose nodes `out`'s graph holds (built-in nodes are left out)."""
+    names, seen, stack = set(), set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        cls = getattr(node, "_forward_cls", None)  # set on the nodes of Python autograd.Functions only
+        if cls is not None:
+            names.add(cls.__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def grads(out: torch.Tensor, leaves: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, ...]:
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad(out, leaves, dout)
+
+
+def test_neuron_block_mlp_backward_is_the_registered_ops():
+    gen = torch.Generator().manual_seed(0)
+    randn = lambda *s: (torch.randn(*s, generator=gen) * 0.3).requires_grad_()
+    d, block, ffn = 32, 16, 64
+    names = ["x", "w1", "b1", "w2", "b2", "a1", "lb1", "a2", "lb2"]
+    leaves = [randn(2, 7, d), randn(ffn, d), randn(ffn), randn(d, ffn), randn(d), randn(3, d), randn(ffn, 3),
+              randn(2, ffn), randn(d, 2)]
+    x, w1, b1, w2, b2, a1, lb1, a2, lb2 = leaves
+    ids = torch.tensor([0, 2, 3], dtype=torch.int32)
+    n_active = torch.tensor([2], dtype=torch.int32)
+    kw = dict(block_size=block, n_active=n_active, fc1_lora=LowRank(a1, lb1, 2.0), fc2_lora=LowRank(a2, lb2, 0.5))
+    y = neuron_block_mlp(x, ids, w1, b1, w2, b2, **kw)
+    assert custom_nodes(y) == {"GeneratedBackwardFor_longexposure_neuron_block_mlp_default"}
+    y_ref = neuron_block_mlp_reference(x, ids, w1, b1, w2, b2, **kw)
+    assert_close(y, y_ref, "y")
+    for name, got, want in zip(names, grads(y, leaves, 1), grads(y_ref, leaves, 1), strict=True):
+        assert_close(got, want, f"d{name}")
+
+
+def test_block_sparse_attention_backward_is_the_registered_ops():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen).requires_grad_() for _ in range(3))
+    mask = torch.rand(1, 2, 3, 3, generator=gen) < 0.7
+    layout = BlockLayout.from_dense(mask | torch.eye(3, dtype=torch.bool), 16)
+    lens = torch.tensor([33], dtype=torch.int32)
+    out = block_sparse_attention(q, k, v, layout, seq_lens=lens)
+    assert custom_nodes(out) == {"GeneratedBackwardFor_longexposure_block_sparse_attn_fwd_default"}
+    ref = reference_attention(q, k, v, layout, seq_lens=lens)
+    assert_close(out, ref, "o")
+    for name, got, want in zip("qkv", grads(out, [q, k, v], 3), grads(ref, [q, k, v], 3), strict=True):
+        assert_close(got, want, f"d{name}")
+
+
+def compiled_kernels() -> dict[str, dict[str, int]]:
+    """Per op: how often each Triton kernel appears in AOTAutograd's joint forward+backward graph."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Joint(Exception):  # the partitioner needs a Triton driver: stop at the joint graph
+        pass
+
+    def joint_graph(fn, inputs):
+        graphs = []
+
+        def partition(joint, *args, **kwargs):
+            graphs.append(joint)
+            raise Joint
+
+        compiled = aot_function(fn, fw_compiler=lambda gm, _: gm, partition_fn=partition)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = [mode.from_tensor(t).requires_grad_(t.is_floating_point()) for t in inputs]
+            with contextlib.suppress(Joint):
+                compiled(*fake)
+        counts = collections.Counter()
+        for node in graphs[0].graph.nodes:
+            if "triton_kernel_wrapper" in str(node.target):
+                kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+                while hasattr(kernel, "fn"):  # autotuner and heuristics wrappers
+                    kernel = kernel.fn
+                counts[kernel.__name__] += 1
+        return dict(counts)
+
+    r = lambda *s: torch.randn(*s)
+    d, ffn = 64, 128
+
+    def mlp(x, w1, b1, w2, b2, a1, lb1, a2, lb2, ids, n):
+        return neuron_block_mlp(x, ids, w1, b1, w2, b2, block_size=32, n_active=n, check_indices=False,
+                                fc1_lora=LowRank(a1, lb1, 2.0), fc2_lora=LowRank(a2, lb2, 0.5))
+
+    layout = BlockLayout.from_dense(torch.tril(torch.ones(4, 4, dtype=torch.bool)), 16)
+
+    def attention(q, k, v, kc, ki, qc, qi):
+        return block_sparse_attention(q, k, v, BlockLayout(16, kc, ki, qc, qi, check=False))
+
+    return {
+        "mlp": joint_graph(mlp, [r(24, d), r(ffn, d), r(ffn), r(d, ffn), r(d), r(4, d), r(ffn, 4), r(5, ffn), r(d, 5),
+                                 torch.arange(4, dtype=torch.int32), torch.tensor([3], dtype=torch.int32)]),
+        "attention": joint_graph(attention, [r(1, 2, 64, 32), r(1, 2, 64, 32), r(1, 2, 64, 32), layout.kv_counts,
+                                             layout.kv_indices, layout.q_counts, layout.q_indices]),
+    }
+
+
+def test_compiled_graph_holds_every_kernel_of_both_directions():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-4000:]
+    assert json.loads(child.stdout.splitlines()[-1]) == {
+        # forward: fc1 (sdd), fc2 (dsd); backward: dZ (sdd), dx (dsd), dW1, dB1, dW2, dA2 (wgrad), db1 (colsum)
+        "mlp": {"_sdd_kernel": 2, "_dsd_kernel": 2, "_wgrad_kernel": 4, "_colsum_kernel": 1},
+        "attention": {"_bsa_fwd_kernel": 1, "_bsa_bwd_delta_kernel": 1, "_bsa_bwd_dkdv_kernel": 1,
+                      "_bsa_bwd_dq_kernel": 1},
+    }
+
+
+if __name__ == "__main__":  # the child of the test above, without TRITON_INTERPRET
+    print(json.dumps(compiled_kernels()))
