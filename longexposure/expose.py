@@ -297,6 +297,10 @@ class Exposure:
         for target, preds in self.predictors.items():
             for state, pred in zip(self.layer_states, preds, strict=True):
                 state.predictors[target] = pred
+                # the key exists before any forward: a compiled layer that stores its pattern here then sees
+                # the same dict keys on every call (a key added by a later step would recompile the layer:
+                # with dense_above, whose first step predicts nothing, that was in the captured step)
+                state.last[target] = None
 
     @property
     def _mlp_inputs(self) -> dict[int, torch.Tensor]:
@@ -307,7 +311,7 @@ class Exposure:
     @property
     def _last(self) -> dict[tuple[str, int], Any]:
         """The dynamic sources' last pattern per (target, layer)."""
-        return {(t, s.index): out for s in self.layer_states for t, out in s.last.items()}
+        return {(t, s.index): out for s in self.layer_states for t, out in s.last.items() if out is not None}
 
     def _resolve_backends(self, config: ExposureConfig) -> ExposureConfig:
         """`auto` backends made concrete for the parameters' device (Triton where it can run, else torch),
@@ -647,11 +651,11 @@ class Exposure:
         for state in self.layer_states:
             if state.dense_mlp:  # every block ran (a prediction left in `last` would be stale)
                 per_target["mlp"].append(torch.ones((), device=state.mlp["base1"].weight.device))
-            elif "mlp" in state.last:
+            elif state.last.get("mlp") is not None:
                 ids, count = state.last["mlp"]
                 kept = torch.tensor(float(ids.numel()), device=ids.device) if count is None else count.float().sum()
                 per_target["mlp"].append(kept / n_blocks)
-            if "attention" in state.last:
+            if state.last.get("attention") is not None:
                 per_target["attention"].append(state.last["attention"].density(causal=True).float())
         for target, values in per_target.items():
             if values:

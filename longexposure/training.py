@@ -6,10 +6,13 @@ Each step marks the phases every suite reports: forward (incl. loss), backward, 
 scaler update and zeroing grads), and the whole step.
 
 `cuda_graph=True` captures forward + backward of one step in a CUDA graph (after `GRAPH_WARMUP` eager
-steps on a side stream) and replays it every step: on a fast GPU a 1B-parameter model's step is bound
-by the host's kernel launches, which a graph removes for dense and sparse models alike. The phases are
+steps on a side stream, more while a step still compiles frames) and replays it every step: on a fast GPU
+a 1B-parameter model's step is bound by the host's kernel launches, which a graph removes for dense and
+sparse models alike. The phases are
 then `forward_backward_ms` (the replay) and `optimizer_ms` (fused AdamW, outside the graph).
-It needs static shapes and no host sync inside the model.
+It needs static shapes and no host sync inside the model. An exposure whose `dense_above` switches layers
+between the dense and the sparse MLP changes the step: the graph is dropped, and eager warm-up steps and a
+capture follow (timed like every step).
 
 `compile=True` compiles every decoder layer and the loss with Inductor (`longexposure.compiled_model`);
 with `cuda_graph` the warm-up steps compile and the capture records Inductor's kernels: the strongest
@@ -36,6 +39,14 @@ from longexposure.models import build_model, family_of
 
 PRECISIONS = {"fp32": None, "fp16-amp": torch.float16, "bf16-amp": torch.bfloat16}
 GRAPH_WARMUP = 2
+MAX_GRAPH_WARMUP = 5  # eager steps before a capture at most, while they keep compiling frames
+
+
+def _frames_compiled() -> int:
+    """Frames Dynamo has compiled in this process (0 before any compilation)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"].get("ok", 0))
 
 
 @dataclass
@@ -193,6 +204,7 @@ class Trainer:
             self.exposure.prepare(setup.seq_len, self.device)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_warm = 0
+        self._warm_compiled = False  # the last eager warm-up step compiled a frame
         self._graph_switches = 0  # the exposure's `dense_switches` when the graph was captured
         self._static_batch: dict[str, torch.Tensor] = {}
         self._static_loss: torch.Tensor | None = None
@@ -266,13 +278,15 @@ class Trainer:
                         t.copy_(batch[name])
                     self._graph.replay()
                     loss = self._static_loss
-                elif self._graph_warm < GRAPH_WARMUP:  # eager, on a side stream, as capture will be
+                elif self._warming_up():  # eager, on a side stream, as capture will be
+                    frames = _frames_compiled()
                     side = torch.cuda.Stream(self.device)
                     side.wait_stream(torch.cuda.current_stream(self.device))
                     with torch.cuda.stream(side):
                         loss = self._forward_backward(batch)
                     torch.cuda.current_stream(self.device).wait_stream(side)
                     self._graph_warm += 1
+                    self._warm_compiled = _frames_compiled() > frames
                 else:
                     loss = self._capture(batch)
             with timer.region("optimizer_ms"):
@@ -285,9 +299,15 @@ class Trainer:
                 self.exposure.after_step(timer)
         return loss.detach().clone()
 
+    def _warming_up(self) -> bool:
+        """Another eager step before the capture: fewer than GRAPH_WARMUP so far, or (up to MAX_GRAPH_WARMUP) the
+        last one compiled a frame. A frame compiled during capture would run Inductor's autotuning there, which
+        synchronizes and invalidates the capture; a step that compiled nothing shows the next one will not."""
+        return self._graph_warm < GRAPH_WARMUP or (self._warm_compiled and self._graph_warm < MAX_GRAPH_WARMUP)
+
     def _drop_graph(self) -> None:
         """Forget the captured step (its gradient buffers too: the next steps run eagerly, then capture anew)."""
-        self._graph, self._graph_warm = None, 0
+        self._graph, self._graph_warm, self._warm_compiled = None, 0, False
         self._static_batch, self._static_loss = {}, None
         self.optimizer.zero_grad(set_to_none=True)
 
