@@ -23,6 +23,8 @@
 #   bash benchmarks/device_session.sh real-sweep # relu-base with act_group_l1 0 / 0.3 / 1 (600 steps each): held-out
 #                                                # E2E d90; the best then pretrained in full into the cache
 #   bash benchmarks/device_session.sh real-run   # e2e_real on relu-base (pretrains it first if not cached; resumes)
+#   bash benchmarks/device_session.sh real-profile  # step profiles of e2e_real's dense and Long Exposure compiled +
+#                                                # graph steps on relu-base, and of a predictor refresh on its own
 #   bash benchmarks/device_session.sh strongest  # fig7 LoRA at 1024 against the compiled + graph baseline, profiles
 #   bash benchmarks/device_session.sh strongest-methods  # fig7's Adapter and BitFit rows at 1024, graph and compiled
 #   bash benchmarks/device_session.sh table4     # Table IV: LoRA per variant on relu-base, lm-eval on held-out E2E
@@ -37,7 +39,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|strongest|strongest-methods|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-profile|strongest|strongest-methods|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -167,11 +169,18 @@ case $stage in
     run "$limit" longexposure run suites/e2e_real.yaml --preset paper --keep-going --out "$LONGEXPOSURE_CACHE/runs"
     cp -r "$LONGEXPOSURE_CACHE/runs/e2e_real" "$work/" 2>/dev/null
     ;;
+  real-profile)  # issue 17's "where the time went": relu-base (cached or pretrained first), then the profiles
+    pretrain_relu_base
+    run "${PROFILE_LIMIT:-300}" python3 benchmarks/profile_step.py --seq 1024 --steps 5 --warmup 4 \
+      --variants "${PROFILE_VARIANTS:-e2e-compile-graph,e2e-le-mlp-compile-graph,e2e-le-compile-graph}" \
+      --out "$work/profile_e2e_s1024.json"
+    ;;
   strongest)  # fig7 LoRA at 1024: the compiled + graph dense baseline beside Long Exposure (paper and mass order)
     run "${FIG7_LIMIT:-360}" longexposure run suites/fig7.yaml --preset paper --keep-going --out "$work" --only method=lora \
       --only seq_len=1024 --only variant=peft-eager,peft-sdpa,peft-sdpa-graph,peft-sdpa-compile-graph,long-exposure-graph,long-exposure-compile-graph,long-exposure-reordered-graph,long-exposure-reordered-compile-graph
     run "${PROFILE_LIMIT:-150}" python3 benchmarks/profile_step.py --seq 1024 --steps 5 --warmup 4 \
-      --variants "${PROFILE_VARIANTS:-sdpa-compile-graph,le-reordered-compile-graph}" --out "$work/profile_strongest_s1024.json"
+      --variants "${PROFILE_VARIANTS:-sdpa-compile-graph,le-compile-graph,le-reordered-compile-graph}" \
+      --out "$work/profile_strongest_s1024.json"
     run "${TEST_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py -k "compiled or refresh"
     ;;
   strongest-methods)  # issue 18: Adapter and BitFit at 1024 beside their own compiled + graph dense baselines

@@ -271,6 +271,7 @@ class Exposure:
         self._refreshers: dict[int, Any] = {}
         self._step_density: dict[str, list[torch.Tensor]] = {"mlp": [], "attention": []}  # on the device
         self.dense_switches = 0  # dense_above: times the set of dense MLP layers changed (graphs recapture)
+        self.pad_replayed_mlp = True  # replayed MLP ids for the Triton operator padded to one shape (`prepare`)
         self._dense_first_step = False
         ffn = getattr(self.hf_config, "ffn_dim", None)
         depth = len(self.layers)
@@ -406,12 +407,15 @@ class Exposure:
             ids = self._static_mlp_ids(layer, n_blocks)
             self.mlp_density[layer] = ids.numel() / n_blocks
             count = None
-            if self.sources["mlp"] != "all-active" and self.config.mlp_backend == "triton":
+            if self.sources["mlp"] != "all-active" and self.config.mlp_backend == "triton" and self.pad_replayed_mlp:
                 # Layers keep different numbers of blocks. Padded to one capacity with the count on the device
                 # (the operator's fixed-capacity form, as predicted patterns are), every layer has the same
                 # shapes, so a compiled model has one program for all layers: with exact lengths Dynamo
                 # compiled one per count (22 frames for OPT-1.3B's 24 replayed layers on the H200, 769661c),
                 # and a model with more distinct counts than its recompile limit would fall back to eager.
+                # The padding costs memory (every layer keeps compact activations as wide as the widest
+                # layer's: 8.19 vs 7.71 GiB for fig7's paper order, 251e819), so `prepare(compiled=False)`
+                # keeps exact lengths for a model that is not compiled.
                 count = torch.tensor([ids.numel()], dtype=torch.int32, device=device)
                 ids = torch.cat([ids, ids.new_zeros(self._mlp_capacity - ids.numel())])
             state.cache[key] = (ids.to(device), count)
@@ -455,9 +459,16 @@ class Exposure:
             state.cache[key] = layout.with_transpose()  # the backward's transposed table, built once
         return state.cache[key]
 
-    def prepare(self, seq_len: int, device: torch.device | str) -> None:
+    def prepare(self, seq_len: int, device: torch.device | str, *, compiled: bool = True) -> None:
         """Build every layer's patterns for `seq_len` now (they are cached), so that torch.compile and
-        CUDA-graph capture only see cache lookups, never the host-side building."""
+        CUDA-graph capture only see cache lookups, never the host-side building. `compiled=False` (the model
+        will not be compiled) keeps replayed MLP ids at their exact lengths instead of padding them to one
+        shape for every layer (`pad_replayed_mlp`)."""
+        if compiled != self.pad_replayed_mlp:
+            self.pad_replayed_mlp = compiled
+            for state in self.layer_states:  # built before with the other form
+                for key in [k for k in state.cache if k[0] == "mlp"]:
+                    del state.cache[key]
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

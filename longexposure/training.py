@@ -201,7 +201,7 @@ class Trainer:
         if setup.exposure is not None:
             self.exposure = expose_from_options(self.model, setup.exposure)
             # patterns built now, so torch.compile and CUDA graphs only ever see cache lookups
-            self.exposure.prepare(setup.seq_len, self.device)
+            self.exposure.prepare(setup.seq_len, self.device, compiled=setup.compile)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_warm = 0
         self._warm_compiled = False  # the last eager warm-up step compiled a frame
