@@ -177,7 +177,7 @@ case $stage in
     ;;
   strongest)  # fig7 LoRA at 1024: the compiled + graph dense baseline beside Long Exposure (paper and mass order)
     run "${FIG7_LIMIT:-360}" longexposure run suites/fig7.yaml --preset paper --keep-going --out "$work" --only method=lora \
-      --only seq_len=1024 --only variant=peft-eager,peft-sdpa,peft-sdpa-graph,peft-sdpa-compile-graph,long-exposure-graph,long-exposure-compile-graph,long-exposure-reordered-graph,long-exposure-reordered-compile-graph
+      --only seq_len=1024 --only variant=peft-eager,peft-sdpa,peft-sdpa-graph,peft-sdpa-compile-graph,long-exposure-graph,long-exposure-compile-graph,long-exposure-reordered-graph,long-exposure-reordered-compile-graph,peft-sdpa-compile-graph-fused-ce,long-exposure-reordered-compile-graph-fused-ce
     run "${PROFILE_LIMIT:-150}" python3 benchmarks/profile_step.py --seq 1024 --steps 5 --warmup 4 \
       --variants "${PROFILE_VARIANTS:-sdpa-compile-graph,le-compile-graph,le-reordered-compile-graph}" \
       --out "$work/profile_strongest_s1024.json"

@@ -126,6 +126,7 @@ MASK_POLICIES: Registry[Any] = Registry("mask_policy", ("longexposure.mask_polic
 EXPOSERS: Registry[Any] = Registry("exposer", ("longexposure.exposers",))
 PREDICTORS: Registry[Any] = Registry("predictor", ("longexposure.predictors.builtin",))
 SPARSITY_SOURCES: Registry[Any] = Registry("sparsity_source", ("longexposure.sparsity_sources",))
+TRAINING_LOSSES: Registry[Callable[..., Any]] = Registry("training_loss", ("longexposure.losses",))
 TASKS: Registry[Callable[..., Any]] = Registry(
     "task",
     (
@@ -151,6 +152,7 @@ ALL: dict[str, Registry[Any]] = {
         EXPOSERS,
         PREDICTORS,
         SPARSITY_SOURCES,
+        TRAINING_LOSSES,
         TASKS,
     )
 }

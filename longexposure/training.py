@@ -69,6 +69,9 @@ class TrainingSetup:
         exposure: `expose.ExposureConfig` fields for Long Exposure (None: the dense model); its
             `profile` is `reference` (the paper artifact's OPT-1.3B profile under the shared directory)
             or the path of a recorded profile JSON.
+        loss: the `training_loss` that turns a batch into the loss (`longexposure/losses.py`): `model` (the
+            model's forward with labels) or `fused-linear-ce` (no logits tensor: projection + cross-entropy in
+            chunks).
         narrow_mlp: a speed yardstick, not a method (`longexposure.narrow`): {profile, theta, block}
             cuts each layer's MLP to the neuron blocks the replayed profile keeps, as dense layers of
             exactly that width (what an ideal neuron-block operator would cost); combine with an
@@ -92,8 +95,12 @@ class TrainingSetup:
     model_options: dict[str, Any] = field(default_factory=dict)
     exposure: dict[str, Any] | None = None
     narrow_mlp: dict[str, Any] | None = None
+    loss: str = "model"
 
     def __post_init__(self) -> None:
+        from longexposure.registry import TRAINING_LOSSES
+
+        TRAINING_LOSSES.entry(self.loss)  # an unknown name lists the valid ones
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {sorted(PRECISIONS)}")
         sources = {k: v for k, v in (self.exposure or {}).items() if k in ("source", "mlp_source", "attention_source")}
@@ -215,6 +222,13 @@ class Trainer:
             reset_dynamo_counters()  # so describe() counts this model's compilations only
             self.compiled = compile_layers_(self.model)
         self.forward = distributed.wrap(self.model, self.dp, self.device) if self.dp else self.model
+        from longexposure.registry import TRAINING_LOSSES
+
+        if self.dp is not None and setup.loss != "model":
+            raise ValueError(
+                f"training_loss {setup.loss!r} bypasses the DDP wrapper's forward; use 'model' under torchrun"
+            )
+        self.loss_fn = TRAINING_LOSSES.get(setup.loss)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         fused = self.device.type == "cuda" and all(p.is_floating_point() for p in self.trainable)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=setup.lr, fused=fused or None)
@@ -250,7 +264,7 @@ class Trainer:
             self.exposure.timer = timer
         with timer.region("total_ms"):
             with timer.region("forward_ms"), self._autocast():
-                loss = self.forward(**batch, use_cache=False).loss
+                loss = self.loss_fn(self.forward, batch)
             with timer.region("backward_ms"):
                 self.scaler.scale(loss).backward()
             with timer.region("optimizer_ms"):
@@ -263,7 +277,7 @@ class Trainer:
 
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self._autocast():
-            loss = self.forward(**batch, use_cache=False).loss
+            loss = self.loss_fn(self.forward, batch)
         self.scaler.scale(loss).backward()
         return loss
 
@@ -339,6 +353,7 @@ class Trainer:
             else f"DDP over {self.dp.world_size} ranks ({self.dp.backend}), per-rank batch {self.setup.batch}, "
             f"global batch {self.setup.batch * self.dp.world_size}; this row is rank {self.dp.rank}'s",
             "optimizer": f"AdamW ({'fused' if self.optimizer.defaults.get('fused') else 'for-each'})",
+            "training_loss": self.setup.loss,
         }
         if self.setup.compile:
             from longexposure.compiled_model import dynamo_counters

@@ -252,6 +252,25 @@ def _task(name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ sparsity sources
+@contract("training_loss")
+def _training_loss(name: str) -> None:
+    """A scalar with gradients on every trainable parameter, equal to the model's own loss on the same batch."""
+    from longexposure.methods.builtin import apply_method
+    from longexposure.models import build_model
+    from longexposure.registry import TRAINING_LOSSES
+
+    torch.manual_seed(0)
+    model = apply_method(build_model(TINY, attn_implementation="eager", dropout=0.0), "lora").train()
+    ids = _ids(seq=SEQ)
+    batch = {"input_ids": ids, "labels": ids}
+    loss = TRAINING_LOSSES.get(name)(model, batch)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(loss.detach(), model(**batch, use_cache=False).loss, atol=1e-5, rtol=1e-5)
+
+
 @contract("sparsity_source")
 def _sparsity_source(name: str) -> None:
     """The entry says what ExposureConfig needs for it (missing: an error naming it) and whether it runs every

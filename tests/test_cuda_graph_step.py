@@ -104,3 +104,21 @@ def test_graph_steps_recapture_when_layers_switch_to_dense(request, compile_):
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), atol=2e-3, rtol=2e-3)
     for name in eager_params:
         torch.testing.assert_close(graph_params[name], eager_params[name], atol=2e-3, rtol=2e-3, msg=name)
+
+
+@pytest.mark.parametrize("compile_", [False, True], ids=["graph", "compile-graph"])
+def test_graph_replay_with_the_fused_loss_trains_like_eager_steps(compile_):
+    """`training_loss: fused-linear-ce` reads nothing on the host, so a CUDA graph captures it (its chunk program is
+    compiled in the eager warm-up steps, not during the capture)."""
+    def run(cuda_graph: bool):
+        setup = tiny_setup(precision="fp16-amp", cuda_graph=cuda_graph, compile=compile_, loss="fused-linear-ce",
+                           **NO_DROPOUT)  # fmt: skip
+        trainer = Trainer(setup, "cuda", seed=0)
+        losses = [float(trainer.step(Timer("cuda"))) for _ in range(6)]
+        return losses, {n: p.detach().float().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    eager_losses, eager_params = run(False)
+    graph_losses, graph_params = run(True)
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), atol=2e-3, rtol=2e-3)
+    for name in eager_params:
+        torch.testing.assert_close(graph_params[name], eager_params[name], atol=2e-3, rtol=2e-3, msg=name)
