@@ -75,8 +75,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         grad_hidden, grad_weight, count = ctx.saved_tensors
-        scale = grad_out / count
-        dh = None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype)
+        scale = grad_out.float() / count  # in fp32: a loss scale of 2**16 over one token would overflow fp16
+        dh = None if grad_hidden is None else (grad_hidden.float() * scale).to(grad_hidden.dtype)
         dw = None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype)
         return dh, dw, None, None
 

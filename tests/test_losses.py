@@ -106,3 +106,14 @@ def test_trainer_steps_with_the_fused_loss_train_like_the_models_loss():
     torch.testing.assert_close(torch.tensor(runs["fused-linear-ce"]), torch.tensor(runs["model"]), atol=1e-5, rtol=1e-5)
     with pytest.raises(RegistryError, match="training_loss"):
         TrainingSetup(loss="fused")
+
+
+def test_a_loss_scale_over_few_tokens_keeps_fp16_gradients_finite():
+    """fp16-amp scales the loss by up to 2**16; over one counted token the per-token factor must not pass
+    through fp16 (its largest finite value is 65504)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 8, generator=gen).half().requires_grad_(True)
+    weight = (0.01 * torch.randn(10, 8, generator=gen)).half()  # the scaled gradient itself fits in fp16
+    labels = torch.tensor([3, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX])
+    (linear_cross_entropy(hidden, weight, labels) * 65536.0).backward()
+    assert torch.isfinite(hidden.grad).all() and hidden.grad[0].abs().sum() > 0
