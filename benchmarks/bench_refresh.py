@@ -7,6 +7,8 @@
                  time: one host read per layer).
     grouped      `refresh_layers`: every layer at once, the predictors trained together (stacked parameters;
                  on CUDA replayed from a captured graph, bf16 matmuls for bf16 inputs), one host read.
+    grouped-kept the same with `keep`: the captured training step is kept between refreshes and replayed
+                 (no eager warm-up steps and no capture after the first refresh).
 
 Random weights (fc1 with a negative bias, so blocks go quiet), random inputs, random-init mlp-lowrank
 predictors; each variant first runs `buffer` refreshes, so its training pool is at its full size. With
@@ -143,8 +145,9 @@ def run_variant(name: str, args, device, dtype, steps: int) -> dict[str, Any]:
             for layer, x in xs.items():
                 refreshers[layer](x)
         else:
-            refresh_layers(refreshers, xs)
+            refresh_layers(refreshers, xs, keep=kept if name == "grouped-kept" else None)
 
+    kept: dict = {}
     stats = time_fn(one, device, warmup=RefreshConfig().buffer, reps=args.reps)
     return {"variant": name, "steps": steps, **_ms(stats), "host_syncs": host_syncs(one, device)}
 
@@ -174,6 +177,12 @@ def phases(args, device, dtype, steps: int) -> dict[str, Stats]:
                 preds, pools, steps=steps, lr=1e-3, seeds=0, matmul_dtype=m, graph=g
             ).tolist()
             out[name] = time_fn(run, device, reps=args.reps)
+            if graph:
+                kept: dict = {}
+                run = lambda m=low, k=kept: train_mlp_group(  # noqa: E731
+                    preds, pools, steps=steps, lr=1e-3, seeds=0, matmul_dtype=m, graph=True, keep=k
+                ).tolist()
+                out[name.replace("graph", "graph kept")] = time_fn(run, device, reps=args.reps)
     return out
 
 
@@ -193,7 +202,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per batch (B * S)")
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 20], help="optimizer steps per refresh")
-    parser.add_argument("--variants", nargs="+", default=["before", "per-layer", "grouped"])
+    parser.add_argument("--variants", nargs="+", default=["before", "per-layer", "grouped", "grouped-kept"])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1: steadier on a shared CPU)")
     parser.add_argument("--phases", action="store_true", help="also time the grouped refresh's parts")

@@ -153,7 +153,10 @@ case $stage in
     run 330 longexposure run suites/fig9_sparsity.yaml --preset paper --out "$work"
     ;;
   real-prep)  # issue 17/18 GPU tests, then relu-base pretrained into $LONGEXPOSURE_CACHE (kept while warm)
-    run 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py -k "compiled or refresh or dense"
+    run 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py tests/test_refresh.py \
+      -k "compiled or refresh or dense or fused or kept or captured"
+    run 60 python3 benchmarks/bench_refresh.py --variants grouped grouped-kept --steps 20 --reps 5 \
+      --out "$work/bench_refresh_kept.json"
     pretrain_relu_base
     ;;
   real-sweep)  # does a group-lasso term make relu-base's E2E patterns sparser? Then the best into the cache

@@ -187,6 +187,7 @@ def train_mlp_group(
     seeds: Sequence[int] | int = 0,
     matmul_dtype: torch.dtype | None = None,
     graph: bool | None = None,
+    keep: dict | None = None,
 ) -> Tensor:
     """`train_mlp` for L predictors of one shape at once, predictor l on `data[l]`, with `seeds[l]`.
 
@@ -211,6 +212,12 @@ def train_mlp_group(
             same step: its draws advance the generators on every replay; Adam is capturable and reads its
             learning rate from the device). Eagerly each step is some 60 small kernels, host-bound on a
             GPU; None: on CUDA when there are more steps than warm-up ones.
+        keep: with `graph`, a dict to keep the captured step in (`_KeptRun`) and to take it from on a later
+            call of the same shapes, options and seeds' layout: that call copies its data, parameters and
+            scales into the captured tensors, zeroes Adam's state and reseeds the generators in place, then
+            replays every step. The same steps as a fresh call, without its eager warm-up steps and capture
+            (a predictor refresh repeats one such call every N training steps); the kept graph holds its
+            memory pool between calls.
 
     Returns:
         (logged steps, L) device tensor: each predictor's loss every 50 steps and at the last step.
@@ -244,6 +251,19 @@ def train_mlp_group(
         del frac, mass
         # per token and predictor, sum and sum of squares of x: a batch's std from n gathered values each
         sums = torch.stack([x.float().sum(-1), x.float().square().sum(-1)], -1).double() if matmul_dtype else None
+    graph = device.type == "cuda" and steps > _GRAPH_WARMUP if graph is None else graph
+    slots = list(dict.fromkeys(seeds))  # one generator per distinct seed, in first-use order
+    key = (
+        type(ref), ref.config.rank, n_pred, n_blocks, x.shape, x.dtype, device, steps, tokens_per_step, lr, noise,
+        recall_weight, matmul_dtype, tuple(slots.index(s) for s in seeds),
+    )  # fmt: skip
+    kept = keep.get(key) if keep is not None and graph else None
+    if kept is not None:
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            losses = kept.rerun(preds, x, target, sums, in_scale, slots)
+        for p in preds:
+            p.eval()
+        return torch.stack(losses) if losses else torch.empty(0, n_pred, device=device)
     stacked = _stacked_mlp_params(preds)
     weights = [s for s, _ in stacked]
     total, width = x.shape[tdim], x.shape[-1]
@@ -252,7 +272,6 @@ def train_mlp_group(
     rows = torch.arange(n_pred, device=device)[:, None]  # with per-predictor token ids (L, n)
     in_div = in_scale[:, None, None]
     low = matmul_dtype or torch.float32  # the noise's dtype: the first matmul's operands
-    graph = device.type == "cuda" and steps > _GRAPH_WARMUP if graph is None else graph
     optim = torch.optim.Adam(weights, lr=lr, capturable=graph)
     lr_now = torch.full((), float(lr), device=device)
     if graph:  # a captured step reads its learning rate from the device (set after the constructor, whose
@@ -296,8 +315,14 @@ def train_mlp_group(
 
     logged = [step for step in range(steps) if step % 50 == 0 or step == steps - 1]
     with torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        run = _replayed_steps if graph else _eager_steps
-        losses = run(one_step, set_lr, optim, steps, logged, list(gens.values()), device)
+        generators = list(gens.values())
+        if graph:
+            losses, captured, loss = _replayed_steps(one_step, set_lr, optim, steps, logged, generators, device)
+            if keep is not None and captured is not None:
+                keep[key] = _KeptRun(captured, loss, x, target, sums, in_scale, weights, optim, generators, set_lr,
+                                     steps, logged, device)  # fmt: skip
+        else:
+            losses = _eager_steps(one_step, set_lr, optim, steps, logged, generators, device)
     with torch.no_grad():
         for trained, own in stacked:
             for layer, tensor in enumerate(own):
@@ -343,11 +368,13 @@ def _replayed_steps(
     device: torch.device,
 ) -> list[Tensor]:
     """`_eager_steps` with the steps after the warm-up replayed from one captured CUDA graph, on a side stream
-    (a capture may not run on the default stream), joined back before returning. No host sync."""
+    (a capture may not run on the default stream), joined back before returning. No host sync. Returns the
+    logged losses, the graph (None when no step was left after the warm-up) and its loss tensor."""
     main = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(main)
     losses = []
+    graph, loss = None, None
     with torch.cuda.stream(side):
         warm = min(_GRAPH_WARMUP, steps)
         losses += _eager_steps(one_step, set_lr, optim, warm, logged, generators, device)
@@ -365,7 +392,60 @@ def _replayed_steps(
                 if step in logged:
                     losses.append(loss.clone())
     main.wait_stream(side)
-    return losses
+    return losses, graph, loss
+
+
+@dataclass
+class _KeptRun:
+    """A captured `train_mlp_group` step with the tensors it reads, for `keep`: rerun it on new data."""
+
+    graph: torch.cuda.CUDAGraph
+    loss: Tensor
+    x: Tensor
+    target: Tensor
+    sums: Tensor | None
+    in_scale: Tensor
+    weights: list[Tensor]
+    optim: torch.optim.Optimizer
+    generators: list[torch.Generator]
+    set_lr: Callable[[int], None]
+    steps: int
+    logged: list[int]
+    device: torch.device
+
+    def rerun(self, preds: Sequence[MlpLowRank], x: Tensor, target: Tensor, sums: Tensor | None, in_scale: Tensor,
+              seeds: list[int]) -> list[Tensor]:  # fmt: skip
+        """A fresh call's steps on new data: everything the graph reads reset in place, every step replayed; the
+        trained values copied back into `preds`. Returns the logged losses."""
+        names = [n for n, _ in preds[0].named_parameters()]
+        with torch.no_grad():
+            for static, new in ((self.x, x), (self.target, target), (self.in_scale, in_scale), (self.sums, sums)):
+                if static is not None:
+                    static.copy_(new)
+            for trained, name in zip(self.weights, names, strict=True):
+                trained.copy_(torch.stack([dict(p.named_parameters())[name].detach() for p in preds]))
+            for state in self.optim.state.values():  # a new Adam: no moments, step 0
+                for value in state.values():
+                    if isinstance(value, Tensor):
+                        value.zero_()
+        for gen, seed in zip(self.generators, seeds, strict=True):
+            gen.manual_seed(seed)  # a generator registered with the graph: replays draw from its new seed
+        main = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        losses = []
+        with torch.cuda.stream(side):
+            for step in range(self.steps):
+                self.set_lr(step)
+                self.graph.replay()
+                if step in self.logged:
+                    losses.append(self.loss.clone())
+        main.wait_stream(side)
+        with torch.no_grad():
+            for trained, name in zip(self.weights, names, strict=True):
+                for layer, p in enumerate(preds):
+                    dict(p.named_parameters())[name].copy_(trained[layer])
+        return losses
 
 
 def _group_forward(

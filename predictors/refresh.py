@@ -144,7 +144,9 @@ def _calibrate_group(refreshers: list[MlpRefresher], data: list[LayerData]) -> T
     )
 
 
-def refresh_layers(refreshers: Mapping[int, MlpRefresher], inputs: Mapping[int, Tensor]) -> dict[int, dict[str, float]]:
+def refresh_layers(
+    refreshers: Mapping[int, MlpRefresher], inputs: Mapping[int, Tensor], keep: dict | None = None
+) -> dict[int, dict[str, float]]:
     """Refresh the predictor of every layer in `inputs` on its MLP input there; returns a `ROW_KEYS` row per layer.
 
     Per layer, on the device: the batch's true block stats (`layer_data`), recall and density at the current
@@ -158,6 +160,8 @@ def refresh_layers(refreshers: Mapping[int, MlpRefresher], inputs: Mapping[int, 
     Args:
         refreshers: per layer, its `MlpRefresher` (layers of `inputs` only are refreshed).
         inputs: per layer, the MLP input (..., d) of the step's batch.
+        keep: a dict that keeps each group's captured training step between refreshes (`train_mlp_group`'s
+            `keep`; CUDA only): later refreshes replay it instead of warming up and capturing again.
     """
     layers = sorted(inputs)
     data: dict[int, LayerData] = {}
@@ -186,7 +190,9 @@ def refresh_layers(refreshers: Mapping[int, MlpRefresher], inputs: Mapping[int, 
         rs = [refreshers[layer] for layer in members]
         pools = [r._pool() for r in rs]
         seeds = [r.count for r in rs]
-        train_mlp_group([r.pred for r in rs], pools, steps=config.steps, lr=config.lr, seeds=seeds, matmul_dtype=low)
+        train_mlp_group(
+            [r.pred for r in rs], pools, steps=config.steps, lr=config.lr, seeds=seeds, matmul_dtype=low, keep=keep
+        )
     out: dict[int, dict[str, float]] = {}
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for layer in layers:

@@ -324,6 +324,29 @@ def test_captured_training_steps_replay_the_eager_ones(low):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("low", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_kept_training_graph_reruns_like_a_fresh_call(low):
+    """`keep`: the second call (new data, new seeds, predictors changed in between) replays the first call's captured
+    step after resetting its inputs, Adam and generators in place: the same result as a fresh call's."""
+    gen = torch.Generator().manual_seed(0)
+    rounds = [[_cuda_data(_data(_fc1(8, 8, gen), 8, 2, 150, gen), low or torch.float32) for _ in range(3)]
+              for _ in range(2)]  # fmt: skip
+    kept_preds = [_pred(8, 8, i).cuda() for i in range(3)]
+    fresh_preds = copy.deepcopy(kept_preds)
+    kwargs = {"steps": 30, "lr": 3e-3, "tokens_per_step": 256, "matmul_dtype": low, "graph": True}
+    keep: dict = {}
+    for seeds, datas in zip(([1, 1, 1], [2, 2, 2]), rounds, strict=True):
+        a = train_mlp_group(kept_preds, datas, seeds=seeds, keep=keep, **kwargs)
+        b = train_mlp_group(fresh_preds, datas, seeds=seeds, **kwargs)
+        assert len(keep) == 1
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        for p, q in zip(kept_preds, fresh_preds, strict=True):
+            for (name, x), y in zip(p.named_parameters(), q.parameters(), strict=True):
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-4, msg=name)
+            torch.testing.assert_close(p.in_scale, q.in_scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_grouped_refresh_on_the_gpu_synchronizes_once():
     """bf16 MLP inputs on the GPU (the fc1 product in bf16, captured training): one synchronizing call, the row
     read, counted by CUDA's own sync debug mode; every tensor stays where it was."""
