@@ -91,6 +91,10 @@ class ExposureConfig:
             pattern predicted before it) and outside any CUDA graph: the predictors' weights and
             thresholds are updated in place, so a captured step stays valid.
         refresh_steps: optimizer steps per refresh.
+        refresh_keep_graph: on a GPU, keep the refresh's captured predictor-training step between refreshes and
+            replay it (`train_mlp_group(keep=...)`): no eager warm-up steps or capture after the first refresh,
+            at the cost of its memory pool held through training (`benchmarks/bench_refresh.py`, variant
+            `grouped-kept`, measures both forms).
         reorder: `replay` MLP: first permute each layer's neurons by the profile's recorded mass (exact: fc1
             rows, fc2 columns, LoRA factors; the model computes the same function), so the recorded mass
             concentrates in the first blocks; the report says so.
@@ -123,6 +127,7 @@ class ExposureConfig:
     compile_predictors: bool = False
     refresh_every: int = 0
     refresh_steps: int = 20
+    refresh_keep_graph: bool = False
     reorder: bool = False
     mlp_mass: float | None = None
     dense_above: float | None = None
@@ -145,6 +150,8 @@ class ExposureConfig:
             raise ValueError(f"reorder and mlp_mass shape replayed MLP patterns; the MLP source is {used.get('mlp')!r}")
         if self.mlp_mass is not None and not 0 < self.mlp_mass <= 1:
             raise ValueError(f"mlp_mass must be in (0, 1], got {self.mlp_mass}")
+        if self.refresh_keep_graph and not self.refresh_every:
+            raise ValueError("refresh_keep_graph keeps the refresh's training graph: it needs refresh_every")
         if self.refresh_every and used.get("mlp") != "predicted":
             raise ValueError(f"refresh_every refreshes predicted MLP patterns; the MLP source is {used.get('mlp')!r}")
         if self.dense_above is not None and not (self.refresh_every and 0 < self.dense_above <= 1):
@@ -269,6 +276,7 @@ class Exposure:
         self.steps_done = 0  # after_step() calls
         self.refreshes: dict[int, dict[str, float]] = {}  # per layer, its last refresh
         self._refreshers: dict[int, Any] = {}
+        self._refresh_graphs: dict = {}  # refresh_keep_graph: the captured predictor-training steps
         self._step_density: dict[str, list[torch.Tensor]] = {"mlp": [], "attention": []}  # on the device
         self.dense_switches = 0  # dense_above: times the set of dense MLP layers changed (graphs recapture)
         self.pad_replayed_mlp = True  # replayed MLP ids for the Triton operator padded to one shape (`prepare`)
@@ -640,7 +648,8 @@ class Exposure:
         # timed every step (zero when none is due), so every step has the same phases
         timing = timer.region("refresh_ms") if timer is not None else contextlib.nullcontext()
         with timing:
-            rows = refresh_layers(self._refreshers, self._mlp_inputs) if due else {}
+            keep = self._refresh_graphs if self.config.refresh_keep_graph else None
+            rows = refresh_layers(self._refreshers, self._mlp_inputs, keep=keep) if due else {}
         for layer, row in rows.items():
             self.refreshes[layer] = {**row, "layer": layer, "step": self.steps_done}
         if rows and self.config.dense_above is not None:
@@ -709,6 +718,8 @@ class Exposure:
                         f", MLP predictors refreshed every {self.config.refresh_every} training steps on that "
                         f"step's batch ({self.config.refresh_steps} optimizer steps + slack recalibration)"
                     )
+                    if self.config.refresh_keep_graph:
+                        src += ", their captured training step kept between refreshes"
                 if target == "mlp" and self.config.dense_above is not None:
                     src += (
                         f"; a layer whose refreshed prediction keeps >= {self.config.dense_above:g} of the blocks "

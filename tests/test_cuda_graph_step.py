@@ -58,7 +58,8 @@ def test_compiled_graph_replay_trains_like_eager_steps():
         torch.testing.assert_close(graph_params[name], eager_params[name], atol=2e-3, rtol=2e-3, msg=name)
 
 
-def test_graph_replay_with_predictor_refreshes_trains_like_eager_steps(request):
+@pytest.mark.parametrize("keep", [False, True], ids=["fresh", "kept"])
+def test_graph_replay_with_predictor_refreshes_trains_like_eager_steps(request, keep):
     """Refreshes run after the step, outside the graph, and change the predictors in place: graph steps train
     like eager steps (losses, LoRA weights, refreshed thresholds), and the last replay predicted with the
     refreshed predictor, not the one captured.
@@ -70,7 +71,7 @@ def test_graph_replay_with_predictor_refreshes_trains_like_eager_steps(request):
 
     bank = str(request.getfixturevalue("tiny_bank_cuda"))
     exposure = {**EXPOSED, "source": "predicted", "predictors": bank, "compile_predictors": True,
-                "refresh_every": 2, "refresh_steps": 5}  # fmt: skip
+                "refresh_every": 2, "refresh_steps": 5, "refresh_keep_graph": keep}  # fmt: skip
     eager_losses, eager_params, _ = _run(False, exposure, steps=7)
     graph_losses, graph_params, _ = _run(True, exposure, steps=7)
     assert eager_params["refreshes"].item() > 0

@@ -237,3 +237,12 @@ def test_dense_above_runs_the_first_step_and_refreshed_dense_layers_dense(micro_
     for bad in ({"dense_above": 0.5, "refresh_every": 0}, {"dense_above": 1.5}):
         with pytest.raises(ValueError, match="dense_above must be in"):
             expose(_micro(micro_checkpoint), **{**opts, **bad})
+
+
+def test_refresh_keep_graph_needs_refresh_every_and_is_reported(micro_checkpoint, bank_dir):  # noqa: F811
+    opts = dict(source="predicted", predictors=str(bank_dir), attention=False, mlp_block=MLP_BLOCK,
+                mlp_backend="torch-gather")  # fmt: skip
+    with pytest.raises(ValueError, match="refresh_keep_graph .* needs refresh_every"):
+        expose(_micro(micro_checkpoint), refresh_keep_graph=True, **opts)
+    exposure = expose(_micro(micro_checkpoint), refresh_every=3, refresh_keep_graph=True, **opts)
+    assert "captured training step kept between refreshes" in exposure.report()["sparsity_source"]
