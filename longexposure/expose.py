@@ -687,18 +687,16 @@ class Exposure:
 
     def _densities_of_last_step(self) -> None:
         """Densities of the dynamic sources' last patterns (synchronizes: for reports, not the hot path)."""
+        n_blocks = self.hf_config.ffn_dim // self.config.mlp_block if self.config.mlp else 0
         for state in self.layer_states:
-            if state.dense_mlp:
+            mlp, attention = state.last.get("mlp"), state.last.get("attention")
+            if state.dense_mlp:  # every block ran (a prediction left in `last` would be stale)
                 self.mlp_density[state.index] = 1.0
-        for (target, layer), out in self._last.items():
-            if target == "mlp":
-                ids, count = out
-                n_blocks = self.hf_config.ffn_dim // self.config.mlp_block
-                if self.layer_states[layer].dense_mlp:
-                    continue
-                self.mlp_density[layer] = (ids.numel() if count is None else int(count.item())) / n_blocks
-            else:
-                self.attn_density[layer] = float(out.density(causal=True))
+            elif mlp is not None:
+                ids, count = mlp
+                self.mlp_density[state.index] = (ids.numel() if count is None else int(count.item())) / n_blocks
+            if attention is not None:
+                self.attn_density[state.index] = float(attention.density(causal=True))
 
     def report(self) -> dict[str, Any]:
         """Per-layer densities of the last step and what produced them (for result records)."""

@@ -36,6 +36,7 @@ from longexposure.hf_compat import causal_mask_under_capture
 from longexposure.measure import Timer
 from longexposure.methods.builtin import apply_method
 from longexposure.models import build_model, family_of
+from longexposure.registry import TRAINING_LOSSES
 
 PRECISIONS = {"fp32": None, "fp16-amp": torch.float16, "bf16-amp": torch.bfloat16}
 GRAPH_WARMUP = 2
@@ -98,8 +99,6 @@ class TrainingSetup:
     loss: str = "model"
 
     def __post_init__(self) -> None:
-        from longexposure.registry import TRAINING_LOSSES
-
         TRAINING_LOSSES.entry(self.loss)  # an unknown name lists the valid ones
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {sorted(PRECISIONS)}")
@@ -222,8 +221,6 @@ class Trainer:
             reset_dynamo_counters()  # so describe() counts this model's compilations only
             self.compiled = compile_layers_(self.model)
         self.forward = distributed.wrap(self.model, self.dp, self.device) if self.dp else self.model
-        from longexposure.registry import TRAINING_LOSSES
-
         if self.dp is not None and setup.loss != "model":
             raise ValueError(
                 f"training_loss {setup.loss!r} bypasses the DDP wrapper's forward; use 'model' under torchrun"
