@@ -234,6 +234,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cuda-graph", action="store_true", help="replay forward + backward as one CUDA graph")
     parser.add_argument("--compile", action="store_true", help="compile each decoder layer and the loss (Inductor)")
+    parser.add_argument(
+        "--loss", default="model",
+        help="training_loss: model (the model's own) or fused-linear-ce (no logits tensor); `longexposure list "
+        "training_loss`",
+    )  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation and the data")
     parser.add_argument(
@@ -273,6 +278,7 @@ def main(args: argparse.Namespace) -> int:
         exposure=exposure,
         cuda_graph=args.cuda_graph,
         compile=args.compile,
+        loss=args.loss,
     )
     from longexposure import distributed
 

@@ -156,3 +156,14 @@ def test_unknown_expose_key_is_one_line_naming_the_valid_keys(capsys):
 def test_precision_choices_match_the_trainer():
     """`--precision` choices are spelt out so the parser needs no torch; they must stay the trainer's."""
     assert set(PRECISION_CHOICES) == {"auto", *PRECISIONS}
+
+
+def test_finetune_cli_takes_the_training_loss_and_names_the_valid_ones(tmp_path, capsys):
+    args = ["finetune", "--model", "opt-tiny", "--steps", "2", "--seq-len", "16", "--batch", "2", "--device", "cpu"]
+    assert main([*args, "--loss", "fused-linear-ce", "--out", str(tmp_path)]) == 0
+    summary = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert "fused-linear-ce" in json.dumps(summary)
+    capsys.readouterr()
+    assert main([*args, "--loss", "fused-ce"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fused-linear-ce" in err and "training_loss" in err
