@@ -323,13 +323,18 @@ def train_mlp_group(
                                      steps, logged, device)  # fmt: skip
         else:
             losses = _eager_steps(one_step, set_lr, optim, steps, logged, generators, device)
+    _copy_back(stacked)
+    for p in preds:
+        p.eval()
+    return torch.stack(losses) if losses else torch.empty(0, n_pred, device=device)
+
+
+def _copy_back(stacked: list[tuple[Tensor, list[Tensor]]]) -> None:
+    """The trained (L, ...) values into each predictor's own tensors, in place."""
     with torch.no_grad():
         for trained, own in stacked:
             for layer, tensor in enumerate(own):
                 tensor.copy_(trained[layer])
-    for p in preds:
-        p.eval()
-    return torch.stack(losses) if losses else torch.empty(0, n_pred, device=device)
 
 
 _GRAPH_WARMUP = 2  # eager steps before a capture: Adam's state and the matmul workspaces exist by then
@@ -366,7 +371,7 @@ def _replayed_steps(
     logged: list[int],
     generators: list[torch.Generator],
     device: torch.device,
-) -> list[Tensor]:
+) -> tuple[list[Tensor], torch.cuda.CUDAGraph | None, Tensor | None]:
     """`_eager_steps` with the steps after the warm-up replayed from one captured CUDA graph, on a side stream
     (a capture may not run on the default stream), joined back before returning. No host sync. Returns the
     logged losses, the graph (None when no step was left after the warm-up) and its loss tensor."""
@@ -386,13 +391,21 @@ def _replayed_steps(
             graph.capture_begin()
             loss = one_step()
             graph.capture_end()
-            for step in range(warm, steps):
-                set_lr(step)
-                graph.replay()
-                if step in logged:
-                    losses.append(loss.clone())
+            losses += _replay(graph, loss, set_lr, range(warm, steps), logged)
     main.wait_stream(side)
     return losses, graph, loss
+
+
+def _replay(graph: torch.cuda.CUDAGraph, loss: Tensor, set_lr: Callable[[int], None], steps: range,
+            logged: list[int]) -> list[Tensor]:  # fmt: skip
+    """Replay the captured step once per step of `steps` (its learning rate set first); the logged losses."""
+    losses = []
+    for step in steps:
+        set_lr(step)
+        graph.replay()
+        if step in logged:
+            losses.append(loss.clone())
+    return losses
 
 
 @dataclass
@@ -417,13 +430,13 @@ class _KeptRun:
               seeds: list[int]) -> list[Tensor]:  # fmt: skip
         """A fresh call's steps on new data: everything the graph reads reset in place, every step replayed; the
         trained values copied back into `preds`. Returns the logged losses."""
-        names = [n for n, _ in preds[0].named_parameters()]
+        stacked = _stacked_mlp_params(preds)
         with torch.no_grad():
             for static, new in ((self.x, x), (self.target, target), (self.in_scale, in_scale), (self.sums, sums)):
                 if static is not None:
                     static.copy_(new)
-            for trained, name in zip(self.weights, names, strict=True):
-                trained.copy_(torch.stack([dict(p.named_parameters())[name].detach() for p in preds]))
+            for trained, (values, _) in zip(self.weights, stacked, strict=True):
+                trained.copy_(values)
             for state in self.optim.state.values():  # a new Adam: no moments, step 0
                 for value in state.values():
                     if isinstance(value, Tensor):
@@ -433,18 +446,10 @@ class _KeptRun:
         main = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(main)
-        losses = []
         with torch.cuda.stream(side):
-            for step in range(self.steps):
-                self.set_lr(step)
-                self.graph.replay()
-                if step in self.logged:
-                    losses.append(self.loss.clone())
+            losses = _replay(self.graph, self.loss, self.set_lr, range(self.steps), self.logged)
         main.wait_stream(side)
-        with torch.no_grad():
-            for trained, name in zip(self.weights, names, strict=True):
-                for layer, p in enumerate(preds):
-                    dict(p.named_parameters())[name].copy_(trained[layer])
+        _copy_back([(trained, own) for trained, (_, own) in zip(self.weights, stacked, strict=True)])
         return losses
 
 
