@@ -169,7 +169,8 @@ case $stage in
   real-run)  # e2e_real (resumes: results live in $LONGEXPOSURE_CACHE/runs while the machine stays warm)
     pretrain_relu_base
     limit=${REAL_LIMIT:-$(( ${REAL_BUDGET:-575} - SECONDS ))}  # what is left of the call after pretraining
-    run "$limit" longexposure run suites/e2e_real.yaml --preset paper --keep-going --out "$LONGEXPOSURE_CACHE/runs"
+    # REAL_ONLY: extra `--only key=values` filters (e.g. "--only lr=0.0002"), one call's share of the matrix
+    run "$limit" longexposure run suites/e2e_real.yaml --preset paper --keep-going --out "$LONGEXPOSURE_CACHE/runs" ${REAL_ONLY:-}
     cp -r "$LONGEXPOSURE_CACHE/runs/e2e_real" "$work/" 2>/dev/null
     ;;
   real-profile)  # issue 17's "where the time went": relu-base (cached or pretrained first), then the profiles
@@ -184,7 +185,7 @@ case $stage in
     run "${PROFILE_LIMIT:-150}" python3 benchmarks/profile_step.py --seq 1024 --steps 5 --warmup 4 \
       --variants "${PROFILE_VARIANTS:-sdpa-compile-graph,le-compile-graph,le-reordered-compile-graph}" \
       --out "$work/profile_strongest_s1024.json"
-    run "${TEST_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py -k "compiled or refresh"
+    # (the compiled / refresh / fused-loss GPU tests run in real-prep)
     ;;
   strongest-methods)  # issue 18: Adapter and BitFit at 1024 beside their own compiled + graph dense baselines
     run "${FIG7_LIMIT:-540}" longexposure run suites/fig7.yaml --preset paper --keep-going --out "$work" \
