@@ -204,6 +204,10 @@ class Trainer:
         self.exposure = None
         if setup.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, got {self.device}")
+        if setup.compile or (setup.exposure or {}).get("compile_predictors"):
+            from longexposure.compiled_model import fresh_dynamo
+
+            fresh_dynamo()  # this model's programs only, counted from here (see compiled_model)
         if setup.exposure is not None:
             self.exposure = expose_from_options(self.model, setup.exposure)
             # patterns built now, so torch.compile and CUDA graphs only ever see cache lookups
@@ -216,9 +220,8 @@ class Trainer:
         self._static_loss: torch.Tensor | None = None
         self.compiled: dict[str, Any] = {}
         if setup.compile:
-            from longexposure.compiled_model import compile_layers_, reset_dynamo_counters
+            from longexposure.compiled_model import compile_layers_
 
-            reset_dynamo_counters()  # so describe() counts this model's compilations only
             self.compiled = compile_layers_(self.model)
         self.forward = distributed.wrap(self.model, self.dp, self.device) if self.dp else self.model
         if self.dp is not None and setup.loss != "model":

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from longexposure.arch import decoder_layers
-from longexposure.compiled_model import reset_dynamo_counters
 from longexposure.measure import Timer
 from longexposure.training import Trainer, TrainingSetup
 
@@ -46,6 +45,18 @@ def test_compiled_layers_train_like_eager_with_no_graph_break():
     assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None for layer in layers)
 
 
+@pytest.mark.slow
+def test_each_compiled_model_compiles_its_own_layers():
+    """Two models in one process (as a suite runs its cases): the second compiles its layers from empty caches
+    instead of adding entries to the first one's, which counted against the recompile limit, and a layer that
+    hits the limit is an error rather than eager."""
+    _losses(Trainer(_setup(True), "cpu", seed=0), steps=1)
+    second = Trainer(_setup(True), "cpu", seed=1)
+    _losses(second, steps=1)
+    assert second.describe()["frames_compiled"] >= 2, second.describe()
+    assert torch._dynamo.config.fail_on_recompile_limit_hit
+
+
 def test_amp_peft_layers_leave_casting_to_autocast():
     trainer = Trainer(_setup(False, precision="bf16-amp"), "cpu")
     flags = [m.cast_input_dtype_enabled for m in trainer.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
@@ -70,8 +81,6 @@ def test_exposed_layers_compile_once_for_every_layer():
         return dataclasses.replace(base, exposure=exposure, model_options=options)
 
     eager = _losses(Trainer(setup(False), "cpu", seed=0))
-    torch._dynamo.reset()  # other tests' programs for the same layer class would fail their guards here too
-    reset_dynamo_counters()
     trainer = Trainer(setup(True), "cpu", seed=0)
     compiled = _losses(trainer)
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), atol=1e-4, rtol=1e-4)
