@@ -125,16 +125,20 @@ def profile_refresh(trainer: Trainer, args: argparse.Namespace, repeats: int = 4
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     top_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]
+    top_gpu = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[: args.top]
     row = {
         "refresh_wall_ms": walls,
         "refresh_gpu_busy_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
         "refresh_gpu_ms_by_category": _by_category(kernels, 1),
         "refresh_top_cpu": [(e.key, e.count, round(e.self_cpu_time_total / 1e3, 3)) for e in top_cpu],
+        "refresh_top_gpu": [(e.key, e.count, round(e.self_device_time_total / 1e3, 3)) for e in top_gpu],
     }
     print(f"   refresh: wall ms {walls}, GPU busy {row['refresh_gpu_busy_ms']:.1f} ms; by category: "
           + ", ".join(f"{k} {v:.1f}" for k, v in row["refresh_gpu_ms_by_category"].items()))  # fmt: skip
     for key, count, ms in row["refresh_top_cpu"][:10]:
         print(f"   refresh cpu {ms:8.3f} ms x{count:5d} {key[:90]}")
+    for key, count, ms in row["refresh_top_gpu"][:10]:  # kernel names say the dtype (e.g. bf16 vs fp32 GEMMs)
+        print(f"   refresh gpu {ms:8.3f} ms x{count:5d} {key[:90]}")
     return row
 
 

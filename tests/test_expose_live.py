@@ -182,6 +182,28 @@ def test_refresh_every_retrains_the_mlp_predictors_after_training_steps_only(mic
         _loss_and_grads(forgotten, e2e_ids[0])
 
 
+def test_refresh_keeps_the_mlp_input_in_the_autocast_dtype(micro_checkpoint, e2e_ids, bank_dir):  # noqa: F811
+    """Under bf16 autocast the residual stream (and so the MLP input) is fp32; the refresh gets the bf16 input
+    the MLP multiplies, so on a GPU its fc1 and predictor training run bf16 matmuls, as `layer_data` documents."""
+    model = _micro(micro_checkpoint)
+    exposure = expose(
+        model, source="predicted", predictors=str(bank_dir), attention=False, refresh_every=2, refresh_steps=2,
+        mlp_block=MLP_BLOCK, mlp_backend="torch-gather",
+    )  # fmt: skip
+    model.train()
+    model(input_ids=e2e_ids[0], labels=e2e_ids[0]).loss.backward()  # no autocast: the model's own dtype
+    assert all(state.kept["mlp"].dtype == torch.float32 for state in exposure.layer_states)
+    exposure.after_step()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=e2e_ids[1], labels=e2e_ids[1]).loss.backward()
+    kept = [state.kept["mlp"] for state in exposure.layer_states]
+    assert kept and all(x.dtype == torch.bfloat16 for x in kept), [x.dtype for x in kept]
+    exposure.after_step()  # the refresh, on the bf16 inputs
+    assert [r["layer"] for r in exposure.report()["mlp_refreshes"]] == list(range(len(exposure.layers)))
+    # and a forward without autocast after one with it runs on the weights, not the last step's bf16 copy
+    assert model(input_ids=e2e_ids[0], labels=e2e_ids[0]).loss.dtype == torch.float32
+
+
 def test_dense_above_runs_the_first_step_and_refreshed_dense_layers_dense(micro_checkpoint, e2e_ids, bank_dir):  # noqa: F811
     """`dense_above`: the first training step runs every MLP dense (the dense model's loss), then the layers go
     back to their predictors; a refresh that predicts a layer at least that dense switches it to the dense MLP,
