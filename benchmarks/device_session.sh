@@ -169,7 +169,7 @@ case $stage in
   real-run)  # e2e_real (resumes: results live in $LONGEXPOSURE_CACHE/runs while the machine stays warm)
     pretrain_relu_base
     limit=${REAL_LIMIT:-$(( ${REAL_BUDGET:-575} - SECONDS ))}  # what is left of the call after pretraining
-    # REAL_ONLY: extra `--only key=values` filters (e.g. "--only lr=0.0002"), one call's share of the matrix
+    # REAL_ONLY: extra `--only key=values` filters (e.g. "--only variant=dense-lora-sdpa-graph,random-mlp")
     run "$limit" longexposure run suites/e2e_real.yaml --preset paper --keep-going --out "$LONGEXPOSURE_CACHE/runs" ${REAL_ONLY:-}
     cp -r "$LONGEXPOSURE_CACHE/runs/e2e_real" "$work/" 2>/dev/null
     ;;
