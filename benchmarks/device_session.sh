@@ -176,7 +176,7 @@ case $stage in
   real-profile)  # issue 17's "where the time went": relu-base (cached or pretrained first), then the profiles
     pretrain_relu_base
     run "${PROFILE_LIMIT:-300}" python3 benchmarks/profile_step.py --seq 1024 --steps 5 --warmup 4 \
-      --variants "${PROFILE_VARIANTS:-e2e-compile-graph,e2e-le-mlp-compile-graph,e2e-le-compile-graph}" \
+      --variants "${PROFILE_VARIANTS:-e2e-compile-graph,e2e-le-mlp-compile-graph,e2e-le-mlp-theta0.3-compile-graph}" \
       --out "$work/profile_e2e_s1024.json"
     ;;
   strongest)  # fig7 LoRA at 1024: the compiled + graph dense baseline beside Long Exposure (paper and mass order)
