@@ -579,11 +579,11 @@ class Exposure:
         mlp = state.mlp
         base1, base2, backend = mlp["base1"], mlp["base2"], mlp["backend"]
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x_mlp = x.to(dtype)  # what the MLP multiplies (under bf16 autocast the residual stream is fp32)
         if self.config.refresh_every and self.model.training and torch.is_grad_enabled():
-            # for the refresh `after_step` may run (counted in `_training_forward`), in the dtype the MLP computes
-            # in: under bf16 autocast the residual stream is fp32, and an fp32 copy made the refresh's fc1 and
-            # predictor training fp32 matmuls (H200 profile at 77ef17a: 42 of the refresh's 82 ms were GEMMs)
-            state.kept["mlp"] = x.to(dtype)
+            # for the refresh `after_step` may run (counted in `_training_forward`), in that dtype: an fp32 copy made
+            # the refresh's fc1 and predictor training fp32 matmuls (H200 profile at 77ef17a: 42 of 82 ms in GEMMs)
+            state.kept["mlp"] = x_mlp
         if state.dense_mlp:
             backend, ids, count = mlp["dense"], None, None
         elif self.sources["mlp"] in DYNAMIC:
@@ -602,7 +602,7 @@ class Exposure:
             for lr in (mlp["lora1"], mlp["lora2"])
         )
         with torch.autocast(x.device.type, enabled=False):
-            return backend(x.to(dtype), ids, count, fc1_lora=l1, fc2_lora=l2)
+            return backend(x_mlp, ids, count, fc1_lora=l1, fc2_lora=l2)
 
     def _training_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """refresh_every: a forward pre-hook on the whole model (never compiled, unlike the layers, whose
