@@ -204,6 +204,27 @@ def test_refresh_keeps_the_mlp_input_in_the_autocast_dtype(micro_checkpoint, e2e
     assert model(input_ids=e2e_ids[0], labels=e2e_ids[0]).loss.dtype == torch.float32
 
 
+@pytest.mark.slow
+def test_compiled_layers_keep_the_refresh_input_in_the_autocast_dtype(micro_checkpoint, e2e_ids, bank_dir):  # noqa: F811
+    """The same inside compiled decoder layers (where the kept input is a value the compiled program returns), and
+    the refresh then runs on it."""
+    from longexposure.compiled_model import compile_layers_, fresh_dynamo
+
+    model = _micro(micro_checkpoint)
+    exposure = expose(
+        model, source="predicted", predictors=str(bank_dir), attention=False, refresh_every=1, refresh_steps=2,
+        mlp_block=MLP_BLOCK, mlp_backend="torch-gather",
+    )  # fmt: skip
+    fresh_dynamo()
+    compile_layers_(model)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=e2e_ids[0], labels=e2e_ids[0]).loss.backward()
+    assert all(state.kept["mlp"].dtype == torch.bfloat16 for state in exposure.layer_states)
+    exposure.after_step()
+    assert [r["layer"] for r in exposure.report()["mlp_refreshes"]] == list(range(len(exposure.layers)))
+
+
 def test_dense_above_runs_the_first_step_and_refreshed_dense_layers_dense(micro_checkpoint, e2e_ids, bank_dir):  # noqa: F811
     """`dense_above`: the first training step runs every MLP dense (the dense model's loss), then the layers go
     back to their predictors; a refresh that predicts a layer at least that dense switches it to the dense MLP,
