@@ -561,6 +561,9 @@ class Exposure:
             dense=dense,
             base1=base1,
             base2=base2,
+            patched=(base1.weight, base2.weight),  # the tensors prepared here (FSDP replaces them: `_mlp_forward`)
+            fc1=fc1,
+            fc2=fc2,
             lora1=_lora_of(fc1, allow_dropout=True),
             lora2=_lora_of(fc2, allow_dropout=False),
         )
@@ -592,14 +595,20 @@ class Exposure:
             ids, count = self._mlp_ids(state, x.device)
         weights = (base1.weight, base1.bias, base2.weight, base2.bias)
         cast = tuple(_cast(t, dtype) for t in weights)
+        # FSDP2 (`distributed.wrap_fsdp`) gathers a layer's parameters into its own tensors for each forward: the
+        # backend then multiplies those (re-laid out as its own copy) and the LoRA factors are read again
+        gathered = weights[0] is not mlp["patched"][0] or weights[2] is not mlp["patched"][1]
         # fp32 weights under autocast: this step's low-precision copy; and back to the weights themselves when a
         # step without autocast follows one with it (the backend still holds that step's copy)
         stale = backend.fc1_weight is not None and backend.fc1_weight.dtype != dtype
-        if stale or any(c is not t for c, t in zip(cast, weights, strict=True)):
-            backend.prepare(*cast)
+        if gathered or stale or any(c is not t for c, t in zip(cast, weights, strict=True)):
+            backend.prepare(*cast, in_place=not gathered or cast[2] is not weights[2])
+        loras = (mlp["lora1"], mlp["lora2"])
+        if gathered:
+            loras = (_lora_of(mlp["fc1"], allow_dropout=True), _lora_of(mlp["fc2"], allow_dropout=False))
         l1, l2 = (
             None if lr is None else type(lr)(_cast(lr.a, dtype), _cast(lr.b, dtype), lr.scaling, lr.dropout)
-            for lr in (mlp["lora1"], mlp["lora2"])
+            for lr in loras
         )
         with torch.autocast(x.device.type, enabled=False):
             return backend(x_mlp, ids, count, fc1_lora=l1, fc2_lora=l2)

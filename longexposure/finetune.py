@@ -44,14 +44,17 @@ def _parse_options(pairs: list[str], flag: str = "--method-option") -> dict[str,
     return options
 
 
-def save_trained(model: torch.nn.Module, out: Path) -> Path:
-    """Save what the method trained: a peft adapter dir, or the trainable tensors as safetensors."""
+def save_trained(model: torch.nn.Module, out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save what the method trained: a peft adapter dir, or the trainable tensors as safetensors. `state_dict`:
+    the whole tensors when the model's own are shards (FSDP)."""
     if hasattr(model, "peft_config"):
-        model.save_pretrained(out / "adapter")
+        model.save_pretrained(out / "adapter", state_dict=state_dict)
         return out / "adapter"
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    values = dict(model.named_parameters()) if state_dict is None else state_dict
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    tensors = {n: values[n].detach().contiguous().cpu() for n in trained}
     save_file(tensors, str(out / "trainable.safetensors"))
     return out / "trainable.safetensors"
 
@@ -77,6 +80,7 @@ def finetune(
     import torch
     from tqdm import tqdm
 
+    from longexposure import distributed
     from longexposure.measure import Stats, Timer
     from longexposure.training import Trainer
 
@@ -123,10 +127,12 @@ def finetune(
         "ms_per_step": {k: Stats.of(v).to_dict() for k, v in times.items()},
         "info": trainer.describe(),
     }
+    # under FSDP every rank takes part in gathering the whole tensors; rank 0 writes them
+    whole = distributed.full_state_dict(trainer.model, trainer.dp, setup.data_parallel) if out is not None else None
     if out is not None and main_rank:
         out.mkdir(parents=True, exist_ok=True)
         (out / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in losses))
-        summary["saved"] = str(save_trained(trainer.model, out))
+        summary["saved"] = str(save_trained(trainer.model, out, whole))
         bank = (setup.exposure or {}).get("predictors")
         if bank and trainer.exposure is not None and trainer.exposure.dynamic:
             import shutil
@@ -239,6 +245,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="training_loss: model (the model's own) or fused-linear-ce (no logits tensor); `longexposure list "
         "training_loss`",
     )  # fmt: skip
+    parser.add_argument(
+        "--data-parallel", default="ddp",
+        help="under torchrun: ddp (whole model per rank) or fsdp (parameters sharded); `longexposure list "
+        "data_parallel`",
+    )  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation and the data")
     parser.add_argument(
@@ -279,6 +290,7 @@ def main(args: argparse.Namespace) -> int:
         cuda_graph=args.cuda_graph,
         compile=args.compile,
         loss=args.loss,
+        data_parallel=args.data_parallel,
     )
     from longexposure import distributed
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from longexposure.backends import BackendUnavailable, why_triton_cannot_run
-from longexposure.ops.neuron_block_mlp import LowRank, check_active_set, neuron_block_mlp, neuron_major_
+from longexposure.ops.neuron_block_mlp import LowRank, check_active_set, neuron_block_mlp, neuron_major, neuron_major_
 from longexposure.registry import MLP_BACKENDS
 
 _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,7 +59,9 @@ class MLPBackend:
         if dtype not in self.dtypes:
             raise BackendUnavailable(f"mlp backend {self.name!r} supports {self.dtypes}, not {dtype}")
 
-    def prepare(self, fc1_weight, fc1_bias, fc2_weight, fc2_bias) -> MLPBackend:
+    def prepare(self, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, in_place: bool = True) -> MLPBackend:
+        """Hold the weights the calls multiply. `in_place`: a backend that wants another layout may re-lay out
+        these tensors themselves (the model's own parameters, at patch time); False: it makes its own copy."""
         self.check(fc1_weight.device, fc1_weight.dtype)
         if fc1_weight.shape[0] % self.block_size:
             raise ValueError(f"fc1_weight: ffn={fc1_weight.shape[0]} is not a multiple of block_size={self.block_size}")
@@ -109,9 +111,9 @@ class TorchGatherMLP(MLPBackend):
 
     name = "torch-gather"
 
-    def prepare(self, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
-        super().prepare(fc1_weight, fc1_bias, neuron_major_(fc2_weight), fc2_bias)
-        return self
+    def prepare(self, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, in_place: bool = True):
+        w2 = neuron_major_(fc2_weight) if in_place else neuron_major(fc2_weight)
+        return super().prepare(fc1_weight, fc1_bias, w2, fc2_bias)
 
     def __call__(self, x, active_block_ids=None, n_active=None, *, fc1_lora=None, fc2_lora=None):
         w1, b1, w2, b2 = self._prepared()
@@ -151,9 +153,9 @@ class TritonMLP(MLPBackend):
         if why:
             raise BackendUnavailable(f"mlp backend 'triton' cannot run here: {why}")
 
-    def prepare(self, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
-        super().prepare(fc1_weight, fc1_bias, neuron_major_(fc2_weight), fc2_bias)
-        return self
+    def prepare(self, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, in_place: bool = True):
+        w2 = neuron_major_(fc2_weight) if in_place else neuron_major(fc2_weight)
+        return super().prepare(fc1_weight, fc1_bias, w2, fc2_bias)
 
     def __call__(self, x, active_block_ids=None, n_active=None, *, fc1_lora=None, fc2_lora=None):
         w1, b1, w2, b2 = self._prepared()

@@ -127,6 +127,7 @@ EXPOSERS: Registry[Any] = Registry("exposer", ("longexposure.exposers",))
 PREDICTORS: Registry[Any] = Registry("predictor", ("longexposure.predictors.builtin",))
 SPARSITY_SOURCES: Registry[Any] = Registry("sparsity_source", ("longexposure.sparsity_sources",))
 TRAINING_LOSSES: Registry[Callable[..., Any]] = Registry("training_loss", ("longexposure.losses",))
+DATA_PARALLEL: Registry[Callable[..., Any]] = Registry("data_parallel", ("longexposure.distributed",))
 TASKS: Registry[Callable[..., Any]] = Registry(
     "task",
     (
@@ -153,6 +154,7 @@ ALL: dict[str, Registry[Any]] = {
         PREDICTORS,
         SPARSITY_SOURCES,
         TRAINING_LOSSES,
+        DATA_PARALLEL,
         TASKS,
     )
 }

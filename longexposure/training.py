@@ -36,7 +36,7 @@ from longexposure.hf_compat import causal_mask_under_capture
 from longexposure.measure import Timer
 from longexposure.methods.builtin import apply_method
 from longexposure.models import build_model, family_of
-from longexposure.registry import TRAINING_LOSSES
+from longexposure.registry import DATA_PARALLEL, TRAINING_LOSSES
 
 PRECISIONS = {"fp32": None, "fp16-amp": torch.float16, "bf16-amp": torch.bfloat16}
 GRAPH_WARMUP = 2
@@ -73,6 +73,8 @@ class TrainingSetup:
         loss: the `training_loss` that turns a batch into the loss (`longexposure/losses.py`): `model` (the
             model's forward with labels) or `fused-linear-ce` (no logits tensor: projection + cross-entropy in
             chunks).
+        data_parallel: the `data_parallel` engine under torchrun (`longexposure/distributed.py`): `ddp` or
+            `fsdp` (parameters sharded over the ranks; no cuda_graph, compile, or predictor refresh with it).
         narrow_mlp: a speed yardstick, not a method (`longexposure.narrow`): {profile, theta, block}
             cuts each layer's MLP to the neuron blocks the replayed profile keeps, as dense layers of
             exactly that width (what an ideal neuron-block operator would cost); combine with an
@@ -97,9 +99,20 @@ class TrainingSetup:
     exposure: dict[str, Any] | None = None
     narrow_mlp: dict[str, Any] | None = None
     loss: str = "model"
+    data_parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         TRAINING_LOSSES.entry(self.loss)  # an unknown name lists the valid ones
+        DATA_PARALLEL.entry(self.data_parallel)
+        if self.data_parallel == "fsdp":
+            unsupported = [k for k in ("cuda_graph", "compile") if getattr(self, k)]
+            if (self.exposure or {}).get("refresh_every"):
+                unsupported.append("exposure.refresh_every")
+            if unsupported:
+                raise ValueError(
+                    f"data_parallel 'fsdp' does not combine with {', '.join(unsupported)} yet: FSDP gathers and "
+                    "frees each layer's weights around its forward (see longexposure/distributed.py); use 'ddp'"
+                )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {sorted(PRECISIONS)}")
         sources = {k: v for k, v in (self.exposure or {}).items() if k in ("source", "mlp_source", "attention_source")}
@@ -223,11 +236,14 @@ class Trainer:
             from longexposure.compiled_model import compile_layers_
 
             self.compiled = compile_layers_(self.model)
-        self.forward = distributed.wrap(self.model, self.dp, self.device) if self.dp else self.model
         if self.dp is not None and setup.loss != "model":
             raise ValueError(
-                f"training_loss {setup.loss!r} bypasses the DDP wrapper's forward; use 'model' under torchrun"
+                f"training_loss {setup.loss!r} bypasses the data-parallel wrapper's forward; use 'model' under "
+                "torchrun"
             )
+        self.forward = self.model
+        if self.dp is not None:
+            self.forward = distributed.wrap(self.model, self.dp, self.device, setup.data_parallel)
         self.loss_fn = TRAINING_LOSSES.get(setup.loss)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         fused = self.device.type == "cuda" and all(p.is_floating_point() for p in self.trainable)
@@ -350,8 +366,7 @@ class Trainer:
             "cuda_graph": self.setup.cuda_graph,
             "data_parallel": None
             if self.dp is None
-            else f"DDP over {self.dp.world_size} ranks ({self.dp.backend}), per-rank batch {self.setup.batch}, "
-            f"global batch {self.setup.batch * self.dp.world_size}; this row is rank {self.dp.rank}'s",
+            else distributed.describe(self.dp, self.setup.data_parallel, self.setup.batch),
             "optimizer": f"AdamW ({'fused' if self.optimizer.defaults.get('fused') else 'for-each'})",
             "training_loss": self.setup.loss,
         }

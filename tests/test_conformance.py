@@ -271,6 +271,42 @@ def _training_loss(name: str) -> None:
         torch.testing.assert_close(loss.detach(), model(**batch, use_cache=False).loss, atol=1e-5, rtol=1e-5)
 
 
+@contract("data_parallel")
+def _data_parallel(name: str) -> None:
+    """On a one-rank gloo group: the wrapped model's loss and every trainable gradient equal the model's own
+    (torchrun's two-rank runs are tests/test_distributed.py)."""
+    import copy
+    import tempfile
+
+    import torch.distributed as dist
+
+    from longexposure.distributed import DataParallel, wrap
+    from longexposure.methods.builtin import apply_method
+    from longexposure.models import build_model
+
+    torch.manual_seed(0)
+    model = apply_method(build_model(TINY, attn_implementation="eager", dropout=0.0), "lora").train()
+    ref = copy.deepcopy(model)
+    ids = _ids(seq=SEQ)
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp}/store")
+        try:
+            wrapped = wrap(model, DataParallel(0, 1, 0, "gloo"), torch.device("cpu"), name)
+            loss = wrapped(input_ids=ids, labels=ids).loss
+            loss.backward()
+            ref_loss = ref(input_ids=ids, labels=ids).loss
+            ref_loss.backward()
+        finally:
+            dist.destroy_process_group()
+    torch.testing.assert_close(loss.detach(), ref_loss.detach())
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert grads.keys() == expected.keys() and expected
+    for n, g in grads.items():
+        whole = g.full_tensor() if hasattr(g, "full_tensor") else g
+        torch.testing.assert_close(whole, expected[n], msg=n)
+
+
 @contract("sparsity_source")
 def _sparsity_source(name: str) -> None:
     """The entry says what ExposureConfig needs for it (missing: an error naming it) and whether it runs every

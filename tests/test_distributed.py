@@ -1,8 +1,9 @@
-"""Data-parallel fine-tuning under torchrun (gloo, 2 CPU ranks): the gradients equal a single-process run's with
-the same global batch, for the dense model and with Long Exposure's
-static patterns. Trained parameters are not compared: Adam moves a weight by about lr whatever its gradient's
-size, so rounding-level differences (the all-reduce sums in another order) flip the updates of near-zero
-gradients. (Each rank's loss is its slice's, not the global batch's, so losses are not compared either.)"""
+"""Data-parallel fine-tuning under torchrun (gloo, 2 CPU ranks), DDP and FSDP: the gradients equal a
+single-process run's with the same global batch, for the dense model and with Long Exposure's static patterns
+(under FSDP also with LoRA on the MLP, whose factors the exposed MLP reads from the gathered parameters).
+Trained parameters are not compared: Adam moves a weight by about lr whatever its gradient's size, so
+rounding-level differences (the all-reduce sums in another order) flip the updates of near-zero gradients.
+(Each rank's loss is its slice's, not the global batch's, so losses are not compared either.)"""
 
 import json
 import os
@@ -31,25 +32,41 @@ def _two_ranks(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
-def _torchrun(kind: str, out: Path, per_rank: int = 2, steps: int = 3) -> tuple[dict, dict]:
+def _torchrun(kind: str, out: Path, per_rank: int = 2, steps: int = 3, engine: str = "ddp") -> tuple[dict, dict]:
     _two_ranks(str(HERE / "ddp_worker.py"), "--kind", kind, "--batch", str(per_rank), "--steps", str(steps),
-               "--out", str(out))  # fmt: skip
+               "--engine", engine, "--out", str(out))  # fmt: skip
     return torch.load(out, weights_only=True), json.loads(Path(str(out) + ".json").read_text())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["dense", "all-active", "replay"])
-def test_two_ranks_train_what_one_process_trains_on_the_global_batch(tmp_path, kind, monkeypatch):
+@pytest.mark.parametrize(
+    "engine, kind",
+    [("ddp", "dense"), ("ddp", "all-active"), ("ddp", "replay"), ("fsdp", "dense"), ("fsdp", "all-active-mlp-lora"),
+     ("fsdp", "replay")],
+)  # fmt: skip
+def test_two_ranks_train_what_one_process_trains_on_the_global_batch(tmp_path, engine, kind, monkeypatch):
     monkeypatch.setenv("LONGEXPOSURE_SHARED", str(HERE.parents[1] / "shared"))
-    ranks, record = _torchrun(kind, tmp_path / "ranks.pt")
+    ranks, record = _torchrun(kind, tmp_path / "ranks.pt", engine=engine)
     single, _, info = train(kind, batch=4, steps=3)
-    assert record["data_parallel"].startswith("DDP over 2 ranks (gloo)"), record
+    assert record["data_parallel"].startswith(f"{engine.upper()} over 2 ranks (gloo)"), record
     assert info.get("data_parallel") is None
     assert ranks.keys() == single.keys() and single
     assert all(g.abs().sum() > 0 for n, g in single.items() if "lora_B" in n), "every LoRA B gets a gradient"
     for name in single:
         torch.testing.assert_close(ranks[name], single[name], atol=1e-6, rtol=1e-4)
     assert len(record["losses"]) == 3 and all(v == v for v in record["losses"]), "the DDP steps run"
+
+
+def test_fsdp_refuses_what_it_does_not_combine_with_and_unknown_engines_are_named():
+    from longexposure.training import TrainingSetup
+
+    refresh = {"exposure": {"source": "predicted", "refresh_every": 5}}
+    for bad, named in (({"cuda_graph": True}, "cuda_graph"), ({"compile": True}, "compile"),
+                       (refresh, "exposure.refresh_every")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"'fsdp' does not combine with {named}"):
+            TrainingSetup(data_parallel="fsdp", **bad)
+    with pytest.raises(LookupError, match="unknown data_parallel 'zero3'.*Valid data_parallel names: ddp, fsdp"):
+        TrainingSetup(data_parallel="zero3")
 
 
 def test_shard_takes_each_ranks_contiguous_rows_and_refuses_an_uneven_split():
@@ -61,11 +78,23 @@ def test_shard_takes_each_ranks_contiguous_rows_and_refuses_an_uneven_split():
 
 
 @pytest.mark.slow
-def test_finetune_under_torchrun_writes_once_from_rank_0(tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_finetune_under_torchrun_writes_once_from_rank_0(tmp_path, engine):
     done = _two_ranks("-m", "longexposure", "finetune", "--model", "opt-tiny", "--batch", "2", "--seq-len", "32",
-                      "--steps", "3", "--device", "cpu", "--out", str(tmp_path / "run"))  # fmt: skip
+                      "--steps", "3", "--device", "cpu", "--data-parallel", engine,
+                      "--out", str(tmp_path / "run"))  # fmt: skip
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["info"]["data_parallel"].startswith("DDP over 2 ranks (gloo), per-rank batch 2, global batch 4")
+    assert summary["info"]["data_parallel"].startswith(
+        f"{engine.upper()} over 2 ranks (gloo), per-rank batch 2, global batch 4"
+    )
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    a = [t for n, t in saved.items() if "lora_A" in n]
+    b = [t for n, t in saved.items() if "lora_B" in n]
+    assert a and len(a) == len(b), sorted(saved)
+    assert all(t.shape[0] == 8 for t in a) and all(t.shape[1] == 8 for t in b), "whole factors (r 8), not shards"
+    assert all(t.abs().max() > 0 for t in b), "B starts at zero: trained values were saved"
     assert done.stdout.count("final loss") == 1, "one summary line, from rank 0"
 
 

@@ -84,6 +84,22 @@ def test_prepare_relays_fc2_in_place_and_gradients_reach_the_module():
     assert fc2.weight.grad[:, 16:32].abs().max() == 0 and fc2.weight.grad[:, :16].abs().max() > 0
 
 
+@pytest.mark.parametrize("name", MLP_BACKENDS.names())
+def test_prepare_on_weights_it_does_not_own_leaves_their_layout(name):
+    """`in_place=False` (weights FSDP gathered into its own buffers): the backend makes its own layout, the
+    tensors it was given keep theirs, and the gradient still reaches them."""
+    torch.manual_seed(0)
+    fc1, fc2 = torch.nn.Linear(32, 64).to(DEVICE), torch.nn.Linear(64, 32).to(DEVICE)
+    x = torch.randn(5, 32, device=DEVICE)
+    ids = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=DEVICE)
+    backend = MLP_BACKENDS.get(name)(block_size=16).prepare(fc1.weight, fc1.bias, fc2.weight, fc2.bias, in_place=False)
+    y = backend(x, ids)
+    assert fc2.weight.is_contiguous(), "the given fc2 keeps its row-major layout"
+    y.sum().backward()
+    assert_close(y, fc2(torch.relu(fc1(x))), f"{name}: y")
+    assert fc2.weight.grad is not None and fc2.weight.grad.abs().max() > 0
+
+
 def test_lora_adapters_are_passed_not_wrapped():
     """LoRA goes through LowRank adapters; the same adapters give the same result on every backend."""
     p = make_problem(12, 9, 32, 4, 16, torch.float32, pattern="all", lora=True, requires_grad=False)

@@ -137,6 +137,12 @@ def is_neuron_major(fc2_weight: torch.Tensor) -> bool:
     return fc2_weight.t().is_contiguous()
 
 
+def neuron_major(fc2_weight: torch.Tensor) -> torch.Tensor:
+    """fc2.weight laid out column-major: itself if it already is, else a (differentiable) copy. For weights the
+    caller does not own, e.g. the ones FSDP gathers into its own buffers for each forward."""
+    return fc2_weight if is_neuron_major(fc2_weight) else fc2_weight.t().contiguous().t()
+
+
 def neuron_major_(fc2_weight: torch.Tensor) -> torch.Tensor:
     """Re-lay fc2.weight's storage column-major, in place; same object, shape and dtype. Returns it.
 
