@@ -127,9 +127,8 @@ def full_state_dict(model: nn.Module, dp: DataParallel | None, engine: str) -> d
 
 def describe(dp: DataParallel, engine: str, per_rank_batch: int) -> str:
     """What a result row says of its data parallelism."""
-    name = {"ddp": "DDP", "fsdp": "FSDP"}.get(engine, engine)
     return (
-        f"{name} over {dp.world_size} ranks ({dp.backend}), per-rank batch {per_rank_batch}, global batch "
+        f"{engine.upper()} over {dp.world_size} ranks ({dp.backend}), per-rank batch {per_rank_batch}, global batch "
         f"{per_rank_batch * dp.world_size}; this row is rank {dp.rank}'s"
     )
 

@@ -90,6 +90,14 @@ def _lora(out: torch.Tensor, inp: torch.Tensor, lora: LowRank | None, a: torch.T
     return out + F.linear(F.linear(inp, lora.a if a is None else a), lora.b if b is None else b) * lora.scaling
 
 
+class NeuronMajorMLP(MLPBackend):
+    """A sparse backend that reads fc2 by neuron blocks, so holds it column-major (`neuron_major_`)."""
+
+    def prepare(self, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, in_place: bool = True):
+        w2 = neuron_major_(fc2_weight) if in_place else neuron_major(fc2_weight)
+        return super().prepare(fc1_weight, fc1_bias, w2, fc2_bias)
+
+
 @MLP_BACKENDS.register("dense", devices=("cuda", "cpu"), dtypes=_ALL_DTYPES, supports_backward=True,
                        uses_active_set=False, help="the unmodified MLP: every neuron, the active set ignored")
 class DenseMLP(MLPBackend):
@@ -106,14 +114,10 @@ class DenseMLP(MLPBackend):
 
 @MLP_BACKENDS.register("torch-gather", devices=("cuda", "cpu"), dtypes=_ALL_DTYPES, supports_backward=True,
                        uses_active_set=True, help="index_select the active weight rows, then dense matmuls on them")
-class TorchGatherMLP(MLPBackend):
+class TorchGatherMLP(NeuronMajorMLP):
     """index_select the active weight rows, then cuBLAS/CPU matmuls on the gathered (compact) weights."""
 
     name = "torch-gather"
-
-    def prepare(self, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, in_place: bool = True):
-        w2 = neuron_major_(fc2_weight) if in_place else neuron_major(fc2_weight)
-        return super().prepare(fc1_weight, fc1_bias, w2, fc2_bias)
 
     def __call__(self, x, active_block_ids=None, n_active=None, *, fc1_lora=None, fc2_lora=None):
         w1, b1, w2, b2 = self._prepared()
@@ -138,7 +142,7 @@ class TorchGatherMLP(MLPBackend):
 
 @MLP_BACKENDS.register("triton", devices=("cuda", "cpu-interpret"), dtypes=_ALL_DTYPES, supports_backward=True,
                        uses_active_set=True, help="neuron-block Triton operator: fc1 to a compact buffer, fc2 from it")
-class TritonMLP(MLPBackend):
+class TritonMLP(NeuronMajorMLP):
     """The neuron-block Triton operator (kernels/neuron_block_mlp.py): fc1 into a compact buffer, fc2 from it."""
 
     name = "triton"
@@ -152,10 +156,6 @@ class TritonMLP(MLPBackend):
         why = why_triton_cannot_run(torch.device(device), kernels.INTERPRET)
         if why:
             raise BackendUnavailable(f"mlp backend 'triton' cannot run here: {why}")
-
-    def prepare(self, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, in_place: bool = True):
-        w2 = neuron_major_(fc2_weight) if in_place else neuron_major(fc2_weight)
-        return super().prepare(fc1_weight, fc1_bias, w2, fc2_bias)
 
     def __call__(self, x, active_block_ids=None, n_active=None, *, fc1_lora=None, fc2_lora=None):
         w1, b1, w2, b2 = self._prepared()
