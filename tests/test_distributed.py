@@ -103,6 +103,9 @@ def test_a_suite_under_torchrun_runs_the_two_rank_cases_and_rank_0_writes_once(t
     _two_ranks("-m", "longexposure", "run", str(HERE.parent / "suites" / "fig14.yaml"), "--preset", "cpu-tiny",
                "--only", "gpus=2", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "fig14" / "cpu-tiny" / "results.jsonl").read_text().splitlines()]
-    assert sorted(r["case"]["variant"] for r in rows) == ["dense-sdpa", "long-exposure"], "one row per case"
-    assert all(r["info"]["data_parallel"].startswith("DDP over 2 ranks (gloo)") for r in rows)
+    variants = {r["case"]["variant"]: r for r in rows}
+    assert sorted(r["case"]["variant"] for r in rows) == ["dense-sdpa", "long-exposure", "long-exposure-fsdp"]
+    for name, row in variants.items():
+        engine = "FSDP" if name.endswith("fsdp") else "DDP"
+        assert row["info"]["data_parallel"].startswith(f"{engine} over 2 ranks (gloo)"), row["info"]
     assert all(r["metrics"]["tokens_per_s"] == pytest.approx(2 * r["metrics"]["tokens_per_s_per_gpu"]) for r in rows)
