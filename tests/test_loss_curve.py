@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_setup
 
 from longexposure.suite.context import RunContext
-from longexposure.tasks.loss_curve import LossCurveCase, loss_curve
+from longexposure.tasks.loss_curve import LossCurveCase, _slow_steps, loss_curve
 
 LIVE = {
     "source": "predicted",
@@ -35,12 +35,23 @@ def test_loss_curve_records_every_step_and_reuses_trained_predictors(tmp_path, m
         assert out["final_loss"] == pytest.approx(out["loss_curve"][-1])  # the last 10% of 4 steps: one step
     assert dense["loss_curve"][0] == pytest.approx(live["loss_curve"][0], rel=0.05), "same model, data, start"
     assert live["predict_ms"]["p50"] > 0 and 0 < live["mlp_block_density"] <= 1
+    assert all(s["total_ms"] > 2 * live["total_ms"]["p50"] for s in live["slow_steps"])
     assert live["info"]["sparsity_source"].startswith("predicted: live predictors from")
     banks = list((tmp_path / "cache" / "predictors").iterdir())
     assert len(banks) == 1
     stamp = (banks[0] / "predictors.pt").stat().st_mtime_ns
     loss_curve(_case(exposure=LIVE), ctx)
     assert (banks[0] / "predictors.pt").stat().st_mtime_ns == stamp, "the cached bank is reused, not retrained"
+
+
+def test_slow_steps_name_the_steps_a_mean_paid_for():
+    times = [{"total_ms": ms, "refresh_ms": 0.0} for ms in (900.0, 10.0, 11.0, 10.5, 65.0, 10.0, 740.0, 10.2)]
+    times[4]["refresh_ms"] = 55.0
+    slow = _slow_steps(times, warmup=1, median=10.2)
+    assert [s["step"] for s in slow] == [6, 4], "slowest first; the warmup step (900 ms) is not timed"
+    assert slow[1]["refresh_ms"] == 55.0, "each keeps its phases"
+    assert _slow_steps(times, warmup=1, median=10.2, limit=1) == slow[:1]
+    assert _slow_steps(times[:4], warmup=0, median=1000.0) == []
 
 
 def test_bad_loss_curve_cases():

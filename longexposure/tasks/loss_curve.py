@@ -104,6 +104,7 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
         "loss_curve": curve,
         "total_ms": step_ms.to_dict(),
         "step_ms_mean": step_ms.mean,
+        "slow_steps": _slow_steps(times, case.timing_warmup, step_ms.p50),
     }
     if any("predict_ms" in t for t in timed):
         metrics["predict_ms"] = Stats.of([t.get("predict_ms", 0.0) for t in timed]).to_dict()
@@ -120,6 +121,13 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
     metrics["attention_block_density"] = info.get("attention_block_density_of_causal")
     metrics["info"] = {**info, "neuron_reorder": reorder_note}
     return metrics
+
+
+def _slow_steps(times: list[dict[str, float]], warmup: int, median: float, limit: int = 12) -> list[dict[str, Any]]:
+    """The timed steps over twice the median, slowest first, with their phases: what a mean above the median
+    paid for (a refresh, a graph recapture, a recompile) is then in the result, not guessed afterwards."""
+    slow = [{"step": i, **t} for i, t in enumerate(times) if i >= warmup and t["total_ms"] > 2 * median]
+    return sorted(slow, key=lambda t: -t["total_ms"])[:limit]
 
 
 def _held_out(case: LossCurveCase, trainer: Trainer, ctx: RunContext) -> dict[str, Any]:
