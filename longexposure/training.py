@@ -231,6 +231,8 @@ class Trainer:
         self._graph_switches = 0  # the exposure's `dense_switches` when the graph was captured
         self._static_batch: dict[str, torch.Tensor] = {}
         self._static_loss: torch.Tensor | None = None
+        self.steps_taken = 0
+        self.graph_captures: list[int] = []  # the step (from 0) of each CUDA-graph capture, recaptures included
         self.compiled: dict[str, Any] = {}
         if setup.compile:
             from longexposure.compiled_model import compile_layers_
@@ -272,6 +274,7 @@ class Trainer:
     def step(self, timer: Timer) -> torch.Tensor:
         """One optimizer step on the next batch; returns the (detached) loss without a host sync."""
         batch = distributed.shard(next(self.batches), self.dp)
+        self.steps_taken += 1
         if self.setup.cuda_graph:
             return self._graph_step(batch, timer)
         if self.exposure is not None and self.exposure.dynamic and not self.setup.compile:
@@ -343,6 +346,7 @@ class Trainer:
 
     def _capture(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self._graph_switches = self.exposure.dense_switches if self.exposure is not None else 0
+        self.graph_captures.append(self.steps_taken - 1)
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's pool
         self._static_batch = {name: t.clone() for name, t in batch.items()}
         graph = torch.cuda.CUDAGraph()
@@ -370,6 +374,8 @@ class Trainer:
             "optimizer": f"AdamW ({'fused' if self.optimizer.defaults.get('fused') else 'for-each'})",
             "training_loss": self.setup.loss,
         }
+        if self.setup.cuda_graph:
+            info["graph_captures_at_steps"] = list(self.graph_captures)
         if self.setup.compile:
             from longexposure.compiled_model import dynamo_counters
 

@@ -22,6 +22,8 @@ def _run(cuda_graph: bool, exposure, steps: int = 6, compile_: bool = False):
     timer = Timer("cuda")
     losses = [float(trainer.step(timer)) for _ in range(steps)]
     params = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    if cuda_graph:
+        _LAST["trainer"] = trainer
     if exposure is not None and exposure.get("refresh_every"):
         params["refreshes"] = torch.tensor([len(trainer.exposure.refreshes)], dtype=torch.float32)
         for i, pred in enumerate(trainer.exposure.predictors["mlp"]):
@@ -50,9 +52,14 @@ def test_graph_replay_trains_like_eager_steps(exposure, request):
 
 def test_compiled_graph_replay_trains_like_eager_steps():
     """The strongest dense baseline: Inductor-compiled layers captured in the step's CUDA graph."""
+    from longexposure.training import GRAPH_WARMUP, MAX_GRAPH_WARMUP
+
     eager_losses, eager_params, _ = _run(False, None)
+    _LAST.clear()
     graph_losses, graph_params, phases = _run(True, None, compile_=True)
     assert "forward_backward_ms" in phases
+    captures = _LAST["trainer"].graph_captures
+    assert len(captures) == 1 and GRAPH_WARMUP <= captures[0] <= MAX_GRAPH_WARMUP, captures
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), atol=2e-3, rtol=2e-3)
     for name in eager_params:
         torch.testing.assert_close(graph_params[name], eager_params[name], atol=2e-3, rtol=2e-3, msg=name)
@@ -101,6 +108,11 @@ def test_graph_steps_recapture_when_layers_switch_to_dense(request, compile_):
     graph_losses, graph_params, _ = _run(True, exposure, steps=8, compile_=compile_)
     trainer = _LAST["trainer"]
     assert trainer.exposure.dense_switches == 2 and trainer._graph_switches == 2 and trainer._graph is not None
+    captures = trainer.graph_captures  # (from 0) step 2, sparse; again after the switch the refresh made at step 2
+    assert captures == sorted(captures) and captures[0] >= 2 and 4 <= captures[-1] < 8, captures
+    if not compile_:  # (a compiled warm-up that recompiles may reach the switch before its first capture)
+        assert len(captures) == 2, captures
+    assert trainer.describe()["graph_captures_at_steps"] == captures
     assert all(s.dense_mlp for s in trainer.exposure.layer_states)
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), atol=2e-3, rtol=2e-3)
     for name in eager_params:

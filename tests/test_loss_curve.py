@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_setup
 
 from longexposure.suite.context import RunContext
-from longexposure.tasks.loss_curve import LossCurveCase, _slow_steps, loss_curve
+from longexposure.tasks.loss_curve import LossCurveCase, _slow_steps, loss_curve, timed_from
 
 LIVE = {
     "source": "predicted",
@@ -36,6 +36,7 @@ def test_loss_curve_records_every_step_and_reuses_trained_predictors(tmp_path, m
     assert dense["loss_curve"][0] == pytest.approx(live["loss_curve"][0], rel=0.05), "same model, data, start"
     assert live["predict_ms"]["p50"] > 0 and 0 < live["mlp_block_density"] <= 1
     assert all(s["total_ms"] > 2 * live["total_ms"]["p50"] for s in live["slow_steps"])
+    assert live["timed_from_step"] == 1 and live["total_ms"]["n"] == 3, "no graph: timing_warmup (1) alone"
     assert live["info"]["sparsity_source"].startswith("predicted: live predictors from")
     banks = list((tmp_path / "cache" / "predictors").iterdir())
     assert len(banks) == 1
@@ -52,6 +53,15 @@ def test_slow_steps_name_the_steps_a_mean_paid_for():
     assert slow[1]["refresh_ms"] == 55.0, "each keeps its phases"
     assert _slow_steps(times, warmup=1, median=10.2, limit=1) == slow[:1]
     assert _slow_steps(times[:4], warmup=0, median=1000.0) == []
+
+
+def test_timing_starts_after_the_first_graph_capture():
+    """On the H200 (d4335b4) a compiled step whose warm-up recompiled captured its graph at step 3, the first
+    timed step of `timing_warmup: 3`: 1.7 s of capture in a 300-step mean (20.5 ms against a 13.6 ms median)."""
+    assert timed_from(3, []) == 3, "no graph: the warm-up alone"
+    assert timed_from(3, [2]) == 3, "captured inside the warm-up"
+    assert timed_from(3, [3, 120]) == 4, "captured late: timing starts after it; the recapture at 120 counts"
+    assert timed_from(0, [5]) == 6
 
 
 def test_bad_loss_curve_cases():

@@ -38,8 +38,10 @@ class LossCurveCase(TrainingSetup):
         reorder_batches: > 0: reorder the checkpoint's neurons by activation mass on this many batches first.
         held_out_batches: batches the fine-tuned model is evaluated on at the end (`longexposure.held_out`):
             the dataset's `held-out` split where it has one (e2e), else batches drawn with another seed.
-        timing_warmup: first steps left out of the step-time statistics, the same for every variant (they
-            compile, capture graphs, autotune); every later step counts, predictor refreshes included.
+        timing_warmup: first steps left out of the step-time statistics (they compile, capture graphs,
+            autotune); every later step counts, predictor refreshes and graph recaptures included. A compiled
+            step whose warm-up recompiles captures its CUDA graph later (`training.MAX_GRAPH_WARMUP`): the
+            statistics then start after that first capture, and `timed_from_step` says where they did.
     """
 
     steps: int = 100
@@ -96,7 +98,13 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
     if not all(math.isfinite(v) for v in curve):
         raise FloatingPointError(f"the loss became non-finite: {curve[-5:]}")
     tail = max(1, case.steps // 10)
-    timed = times[case.timing_warmup :]
+    start = timed_from(case.timing_warmup, trainer.graph_captures)
+    if start >= case.steps:
+        raise ValueError(
+            f"no step left to time: the first CUDA graph capture was at step {start - 1} of {case.steps}; "
+            "raise steps"
+        )
+    timed = times[start:]
     step_ms = Stats.of([t["total_ms"] for t in timed])
     metrics: dict[str, Any] = {
         "final_loss": sum(curve[-tail:]) / tail,
@@ -104,7 +112,8 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
         "loss_curve": curve,
         "total_ms": step_ms.to_dict(),
         "step_ms_mean": step_ms.mean,
-        "slow_steps": _slow_steps(times, case.timing_warmup, step_ms.p50),
+        "timed_from_step": start,
+        "slow_steps": _slow_steps(times, start, step_ms.p50),
     }
     if any("predict_ms" in t for t in timed):
         metrics["predict_ms"] = Stats.of([t.get("predict_ms", 0.0) for t in timed]).to_dict()
@@ -121,6 +130,12 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
     metrics["attention_block_density"] = info.get("attention_block_density_of_causal")
     metrics["info"] = {**info, "neuron_reorder": reorder_note}
     return metrics
+
+
+def timed_from(warmup: int, captures: list[int]) -> int:
+    """The first timed step: after `warmup` steps and after the first CUDA-graph capture (a one-off, like
+    compilation; later recaptures, e.g. a dense-fallback switch, are part of the method's cost and count)."""
+    return max(warmup, captures[0] + 1) if captures else warmup
 
 
 def _slow_steps(times: list[dict[str, float]], warmup: int, median: float, limit: int = 12) -> list[dict[str, Any]]:
