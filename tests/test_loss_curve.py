@@ -48,20 +48,22 @@ def test_loss_curve_records_every_step_and_reuses_trained_predictors(tmp_path, m
 def test_slow_steps_name_the_steps_a_mean_paid_for():
     times = [{"total_ms": ms, "refresh_ms": 0.0} for ms in (900.0, 10.0, 11.0, 10.5, 65.0, 10.0, 740.0, 10.2)]
     times[4]["refresh_ms"] = 55.0
-    slow = _slow_steps(times, warmup=1, median=10.2)
+    slow = _slow_steps(times, start=1, median=10.2)
     assert [s["step"] for s in slow] == [6, 4], "slowest first; the warmup step (900 ms) is not timed"
     assert slow[1]["refresh_ms"] == 55.0, "each keeps its phases"
-    assert _slow_steps(times, warmup=1, median=10.2, limit=1) == slow[:1]
-    assert _slow_steps(times[:4], warmup=0, median=1000.0) == []
+    assert _slow_steps(times, start=1, median=10.2, limit=1) == slow[:1]
+    assert _slow_steps(times[:4], start=0, median=1000.0) == []
 
 
 def test_timing_starts_after_the_first_graph_capture():
     """On the H200 (d4335b4) a compiled step whose warm-up recompiled captured its graph at step 3, the first
     timed step of `timing_warmup: 3`: 1.7 s of capture in a 300-step mean (20.5 ms against a 13.6 ms median)."""
-    assert timed_from(3, []) == 3, "no graph: the warm-up alone"
-    assert timed_from(3, [2]) == 3, "captured inside the warm-up"
-    assert timed_from(3, [3, 120]) == 4, "captured late: timing starts after it; the recapture at 120 counts"
-    assert timed_from(0, [5]) == 6
+    assert timed_from(3, [], 300) == 3, "no graph: the warm-up alone"
+    assert timed_from(3, [2], 300) == 3, "captured inside the warm-up"
+    assert timed_from(3, [3, 120], 300) == 4, "captured late: timing starts after it; the recapture at 120 counts"
+    assert timed_from(0, [5], 7) == 6
+    with pytest.raises(ValueError, match="no step left to time: the first CUDA graph capture was at step 5 of 6"):
+        timed_from(0, [5], 6)
 
 
 def test_bad_loss_curve_cases():

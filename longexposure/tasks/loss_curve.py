@@ -98,12 +98,7 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
     if not all(math.isfinite(v) for v in curve):
         raise FloatingPointError(f"the loss became non-finite: {curve[-5:]}")
     tail = max(1, case.steps // 10)
-    start = timed_from(case.timing_warmup, trainer.graph_captures)
-    if start >= case.steps:
-        raise ValueError(
-            f"no step left to time: the first CUDA graph capture was at step {start - 1} of {case.steps}; "
-            "raise steps"
-        )
+    start = timed_from(case.timing_warmup, trainer.graph_captures, case.steps)
     timed = times[start:]
     step_ms = Stats.of([t["total_ms"] for t in timed])
     metrics: dict[str, Any] = {
@@ -132,16 +127,19 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
     return metrics
 
 
-def timed_from(warmup: int, captures: list[int]) -> int:
+def timed_from(warmup: int, captures: list[int], steps: int) -> int:
     """The first timed step: after `warmup` steps and after the first CUDA-graph capture (a one-off, like
     compilation; later recaptures, e.g. a dense-fallback switch, are part of the method's cost and count)."""
-    return max(warmup, captures[0] + 1) if captures else warmup
+    start = max(warmup, captures[0] + 1) if captures else warmup
+    if start >= steps:
+        raise ValueError(f"no step left to time: the first CUDA graph capture was at step {start - 1} of {steps}")
+    return start
 
 
-def _slow_steps(times: list[dict[str, float]], warmup: int, median: float, limit: int = 12) -> list[dict[str, Any]]:
+def _slow_steps(times: list[dict[str, float]], start: int, median: float, limit: int = 12) -> list[dict[str, Any]]:
     """The timed steps over twice the median, slowest first, with their phases: what a mean above the median
     paid for (a refresh, a graph recapture, a recompile) is then in the result, not guessed afterwards."""
-    slow = [{"step": i, **t} for i, t in enumerate(times) if i >= warmup and t["total_ms"] > 2 * median]
+    slow = [{"step": i, **t} for i, t in enumerate(times) if i >= start and t["total_ms"] > 2 * median]
     return sorted(slow, key=lambda t: -t["total_ms"])[:limit]
 
 
