@@ -670,6 +670,25 @@ class Exposure:
         if rows and self.config.dense_above is not None:
             self._set_dense_mlp({layer: row["density_after"] >= self.config.dense_above for layer, row in rows.items()})
 
+    @contextlib.contextmanager
+    def mlp_patterns_from(self, predictors: list[nn.Module]) -> Any:
+        """Within: every layer's MLP runs sparse on `predictors[i]`'s (ids, count) instead of its own predictor's
+        (no dense fallback; compiled code runs eagerly). For evaluation: the same fine-tuned weights with
+        other blocks kept (`held_out.mlp_pattern_swaps`)."""
+        if self.sources.get("mlp") not in DYNAMIC:
+            raise ValueError(f"mlp_patterns_from needs a dynamic MLP source, not {self.sources.get('mlp')!r}")
+        if len(predictors) != len(self.layer_states):
+            raise ValueError(f"{len(predictors)} predictors for {len(self.layer_states)} layers")
+        saved = [(s.predictors["mlp"], s.dense_mlp, s.last.get("mlp")) for s in self.layer_states]
+        try:
+            for state, pred in zip(self.layer_states, predictors, strict=True):
+                state.predictors["mlp"], state.dense_mlp = pred, False
+            with torch.compiler.set_stance("force_eager"):
+                yield
+        finally:
+            for state, (pred, dense, last) in zip(self.layer_states, saved, strict=True):
+                state.predictors["mlp"], state.dense_mlp, state.last["mlp"] = pred, dense, last
+
     def _set_dense_mlp(self, dense: dict[int, bool]) -> None:
         """dense_above: set which layers run their MLP dense; a change bumps `dense_switches`."""
         changed = False

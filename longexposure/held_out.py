@@ -6,6 +6,11 @@ exposure's sparse forward, patterns predicted from these batches), in eval mode 
 the MLP input is caught on its way in, so the predicted block mask can be compared with the `threshold`
 exposer's on the true activations: recall (exposer blocks the prediction kept) and density (blocks kept).
 A dense model gets the exposer's density alone: how much block sparsity its activations would allow.
+
+Whether the predictor chose *well* is a paired question: the same fine-tuned weights on the same batches with
+other blocks kept (`mlp_pattern_swaps`). If as many random blocks per layer as the predictor kept give the same
+loss as the predicted ones, the loss says nothing about the predictor, whatever a separately trained random
+control shows.
 """
 
 from __future__ import annotations
@@ -18,9 +23,102 @@ from torch import nn
 
 from longexposure.arch import decoder_layers, family
 
+MLP_SWAPS = ("predicted", "oracle", "random", "none", "all")
+
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+class SwappedMlpPattern(nn.Module):
+    """One layer's MLP blocks for a held-out swap, in the exposure's (ids, count) form: its predictor's blocks
+    (`predicted`), the exposer's on the true activations (`oracle`), as many random blocks as the predictor
+    kept on this batch (`random`), no block (`none`: the MLP adds only its fc2 bias) or every block (`all`)."""
+
+    def __init__(self, kind: str, predictor: nn.Module, fc1: nn.Linear, *, theta: float, seed: int = 0):
+        super().__init__()
+        from longexposure.predictors.lowrank import MlpOracle, PredictorConfig
+
+        if kind not in MLP_SWAPS:
+            raise ValueError(f"unknown MLP swap {kind!r}; valid: {list(MLP_SWAPS)}")
+        self.kind, self.predictor, self.n_blocks = kind, predictor, predictor.n_blocks
+        config = PredictorConfig(block_size=predictor.config.block_size, theta=theta)
+        self.oracle = MlpOracle(fc1, torch.relu, config)  # the `threshold` exposer (a ReLU MLP: expose checked)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.kept: list[int] = []  # blocks kept per call (what the swap ran with)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from longexposure.exposers import ids_with_count
+
+        n = self.n_blocks
+        if self.kind == "oracle":
+            mask = self.oracle.block_mask(x)
+        elif self.kind in ("none", "all"):
+            mask = torch.full((n,), self.kind == "all", dtype=torch.bool, device=x.device)
+        else:
+            mask = self.predictor.block_mask(x)
+            if self.kind == "random":
+                pick = torch.randperm(n, generator=self.gen)[: int(mask.sum())].to(x.device)
+                mask = torch.zeros_like(mask).index_fill(0, pick, True)
+        self.kept.append(int(mask.sum()))
+        return ids_with_count(mask)
+
+
+def _losses(model: nn.Module, batches: list[dict[str, torch.Tensor]], autocast_dtype: torch.dtype | None) -> list:
+    out = []
+    for batch in batches:
+        amp = (
+            torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with amp:
+            out.append(float(model(**batch, use_cache=False).loss))
+    return out
+
+
+@torch.no_grad()
+def mlp_pattern_swaps(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    exposure: Any,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    theta: float = 0.1,
+    random_draws: int = 3,
+) -> dict[str, Any]:
+    """Held-out loss of one fine-tuned model with each kind of MLP blocks in every layer (`MLP_SWAPS`; no dense
+    fallback), on the same batches: `held_out_loss_mlp_<kind>`, the random one a mean over `random_draws`
+    seeds (each draw's mean in `held_out_loss_mlp_random_draws`), the density each ran with (mean over layers
+    and per layer: `held_out_mlp_density_<kind>`; random's count is the prediction's on the input the layer sees
+    in that run, which after layer 0 differs from the predicted run's), and `held_out_random_swap_ratio` =
+    random / predicted loss."""
+    states = exposure.layer_states
+    out: dict[str, Any] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for kind in MLP_SWAPS:
+            draws, kept = [], {s.index: [] for s in states}
+            for seed in range(random_draws if kind == "random" else 1):
+                swaps = [
+                    SwappedMlpPattern(kind, s.predictors["mlp"], s.mlp["base1"], theta=theta, seed=1000 * seed + i)
+                    for i, s in enumerate(states)
+                ]
+                with exposure.mlp_patterns_from(swaps):
+                    draws.append(_mean(_losses(model, batches, autocast_dtype)))
+                for s, sw in zip(states, swaps, strict=True):
+                    kept[s.index] += [k / sw.n_blocks for k in sw.kept]
+            per_layer = {str(i): _mean(values) for i, values in kept.items()}
+            out[f"held_out_loss_mlp_{kind}"] = _mean(draws)
+            out[f"held_out_mlp_density_{kind}"] = _mean(list(per_layer.values()))
+            out[f"held_out_mlp_density_{kind}_per_layer"] = per_layer
+            if kind == "random":
+                out["held_out_loss_mlp_random_draws"] = draws
+    finally:
+        model.train(was_training)
+    out["held_out_random_swap_ratio"] = out["held_out_loss_mlp_random"] / out["held_out_loss_mlp_predicted"]
+    return out
 
 
 @torch.no_grad()
@@ -32,9 +130,11 @@ def held_out_metrics(
     autocast_dtype: torch.dtype | None = None,
     mlp_block: int = 64,
     theta: float = 0.1,
+    swaps: bool = True,
 ) -> dict[str, Any]:
     """Mean loss over `batches`; per-layer MLP exposer density and, for predicted MLP patterns, the
-    prediction's density and recall against the exposer (means over batches, then over layers)."""
+    prediction's density and recall against the exposer (means over batches, then over layers) and, with
+    `swaps`, the same weights' loss with other blocks kept (`mlp_pattern_swaps`)."""
     from longexposure.predictors.lowrank import PredictorConfig
     from longexposure.predictors.offline import evaluate_mlp, mlp_truth
     from longexposure.predictors.refresh import layer_data
@@ -99,4 +199,6 @@ def held_out_metrics(
         if values:
             out[name] = _mean(values)
             out[name + "_per_layer"] = {str(i): row[key] for i, row in per_layer.items()}
+    if predicted and swaps and layers:
+        out.update(mlp_pattern_swaps(model, batches, exposure, autocast_dtype=autocast_dtype, theta=theta))
     return out

@@ -289,3 +289,47 @@ def test_refresh_keep_graph_needs_refresh_every_and_is_reported(micro_checkpoint
         expose(_micro(micro_checkpoint), refresh_keep_graph=True, **opts)
     exposure = expose(_micro(micro_checkpoint), refresh_every=3, refresh_keep_graph=True, **opts)
     assert "captured training step kept between refreshes" in exposure.report()["sparsity_source"]
+
+
+def test_held_out_swaps_keep_the_weights_and_change_only_the_blocks(micro_checkpoint, e2e_ids, tmp_path):  # noqa: F811
+    """`mlp_pattern_swaps`: one model, the same batches, each kind of MLP blocks in every layer. Every block is
+    the dense model; random keeps as many blocks as the prediction; the exposure is left as it was."""
+    from longexposure.held_out import SwappedMlpPattern, held_out_metrics
+
+    # MLP predictors for theta 0.9: the micro model's blocks are nearly equally important (see above)
+    base = build_model("relu-micro", weights=str(micro_checkpoint), attn_implementation="eager")
+    fit_predictors(base.requires_grad_(False), e2e_ids[:4], tmp_path, attention=False, mlp_block=MLP_BLOCK,
+                   theta=0.9, steps=40)
+
+    batches = [{"input_ids": ids, "labels": ids} for ids in e2e_ids[4:6]]
+    dense = _micro(micro_checkpoint)
+    with torch.no_grad():
+        dense_loss = sum(float(dense(**b).loss) for b in batches) / len(batches)
+    model = _micro(micro_checkpoint)
+    exposure = expose(model, source="predicted", predictors=str(tmp_path), theta=0.9, attention=False,
+                      mlp_block=MLP_BLOCK, mlp_backend="torch-gather")
+    own = [s.predictors["mlp"] for s in exposure.layer_states]
+    out = held_out_metrics(model, batches, exposure=exposure, mlp_block=MLP_BLOCK, theta=0.9)
+    assert out["held_out_loss_mlp_all"] == pytest.approx(dense_loss, rel=1e-5)
+    assert out["held_out_mlp_density_all"] == 1.0 and out["held_out_mlp_density_none"] == 0.0
+    assert out["held_out_loss_mlp_predicted"] == pytest.approx(out["held_out_loss"], rel=1e-6), "no dense fallback"
+    assert 0 < out["held_out_mlp_density_predicted"] < 1
+    # random keeps the prediction's count on the input each layer sees: layer 0's is the predicted run's
+    predicted, random = out["held_out_mlp_density_predicted_per_layer"], out["held_out_mlp_density_random_per_layer"]
+    assert random["0"] == predicted["0"] and random["1"] == pytest.approx(predicted["1"], abs=0.2)
+    assert len(set(out["held_out_loss_mlp_random_draws"])) == 3, "three different random draws"
+    assert out["held_out_loss_mlp_none"] != pytest.approx(out["held_out_loss_mlp_all"], rel=1e-3)
+    assert out["held_out_random_swap_ratio"] == out["held_out_loss_mlp_random"] / out["held_out_loss_mlp_predicted"]
+    assert [s.predictors["mlp"] for s in exposure.layer_states] == own, "the layers' own predictors are back"
+    assert not model.training
+    with pytest.raises(ValueError, match="unknown MLP swap 'best'; valid: "):
+        SwappedMlpPattern("best", own[0], exposure.layer_states[0].mlp["base1"], theta=0.9)
+    with pytest.raises(ValueError, match="2 predictors for"), exposure.mlp_patterns_from(own[:2]):
+        pass
+
+
+def test_pattern_swaps_need_a_dynamic_mlp_source(micro_checkpoint):  # noqa: F811
+    exposure = expose(_micro(micro_checkpoint), source="all-active", mlp_block=MLP_BLOCK, attention=False,
+                      mlp_backend="torch-gather")
+    with pytest.raises(ValueError, match="needs a dynamic MLP source, not 'all-active'"):
+        exposure.mlp_patterns_from([]).__enter__()
