@@ -115,7 +115,7 @@ def profile_refresh(trainer: Trainer, args: argparse.Namespace, repeats: int = 4
     from longexposure.predictors.refresh import refresh_layers
 
     exposure = trainer.exposure
-    inputs = exposure._mlp_inputs
+    inputs = exposure.last_mlp_inputs
     walls = []
     for _ in range(repeats):
         synchronize(args.device)

@@ -312,7 +312,7 @@ class Exposure:
                 state.last[target] = None
 
     @property
-    def _mlp_inputs(self) -> dict[int, torch.Tensor]:
+    def last_mlp_inputs(self) -> dict[int, torch.Tensor]:
         """refresh_every: each layer's MLP input in the last training forward (kept, not copied: in a captured
         step it is the graph's buffer, which every replay rewrites)."""
         return {s.index: s.kept["mlp"] for s in self.layer_states if "mlp" in s.kept}
@@ -659,12 +659,12 @@ class Exposure:
             self._set_dense_mlp({s.index: False for s in self.layer_states})
         if not self.config.refresh_every:
             return
-        due = self.steps_done % self.config.refresh_every == 0 and self._mlp_inputs
+        due = self.steps_done % self.config.refresh_every == 0 and self.last_mlp_inputs
         # timed every step (zero when none is due), so every step has the same phases
         timing = timer.region("refresh_ms") if timer is not None else contextlib.nullcontext()
         with timing:
             keep = self._refresh_graphs if self.config.refresh_keep_graph else None
-            rows = refresh_layers(self._refreshers, self._mlp_inputs, keep=keep) if due else {}
+            rows = refresh_layers(self._refreshers, self.last_mlp_inputs, keep=keep) if due else {}
         for layer, row in rows.items():
             self.refreshes[layer] = {**row, "layer": layer, "step": self.steps_done}
         if rows and self.config.dense_above is not None:

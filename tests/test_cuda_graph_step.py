@@ -88,7 +88,7 @@ def test_graph_replay_with_predictor_refreshes_trains_like_eager_steps(request, 
     exposure_state = _LAST["trainer"].exposure
     assert exposure_state.steps_done == 7 and {r["step"] for r in exposure_state.refreshes.values()} == {6}
     for i, pred in enumerate(exposure_state.predictors["mlp"]):  # step 7 replayed after the step-6 refresh
-        x = exposure_state._mlp_inputs[i]
+        x = exposure_state.last_mlp_inputs[i]
         with torch.no_grad():
             ids, count = compiled("mlp")(pred, x[None] if x.dim() == 2 else x)
         replayed_ids, replayed_count = exposure_state._last[("mlp", i)]
@@ -108,8 +108,10 @@ def test_graph_steps_recapture_when_layers_switch_to_dense(request, compile_):
     graph_losses, graph_params, _ = _run(True, exposure, steps=8, compile_=compile_)
     trainer = _LAST["trainer"]
     assert trainer.exposure.dense_switches == 2 and trainer._graph_switches == 2 and trainer._graph is not None
-    captures = trainer.graph_captures  # (from 0) step 2, sparse; again after the switch the refresh made at step 2
-    assert captures == sorted(captures) and captures[0] >= 2 and 4 <= captures[-1] < 8, captures
+    # (from 0) step 2, sparse; again after the switch the refresh made at step 2. A compiled warm-up that recompiles
+    # reaches the switch before its first capture: then the one capture is the dense step 3 (H200, b8b928c)
+    captures = trainer.graph_captures
+    assert captures == sorted(captures) and captures[0] >= 2 and 3 <= captures[-1] < 8, captures
     if not compile_:  # (a compiled warm-up that recompiles may reach the switch before its first capture)
         assert len(captures) == 2, captures
     assert trainer.describe()["graph_captures_at_steps"] == captures

@@ -102,3 +102,30 @@ def test_reordered_checkpoint_trains_the_same_function(tmp_path, monkeypatch):
     fc1 = "model.decoder.layers.0.fc1.weight"
     before, after = (build_model("opt-tiny", weights=str(p)).state_dict()[fc1] for p in (ckpt, saved))
     assert not torch.equal(before, after) and torch.equal(before.sum(1).sort().values, after.sum(1).sort().values)
+
+
+def test_predictor_cost_counts_the_calls_and_the_refresh(tmp_path, monkeypatch):
+    """`predict_graph_ms` times every predicting layer's call on the run's last MLP inputs; a layer on its dense
+    fallback predicts nothing in a step, so it is not timed; `predictor_share` adds the refresh's mean."""
+    from longexposure.predictor_cost import mlp_predict_ms
+
+    monkeypatch.setenv("LONGEXPOSURE_CACHE", str(tmp_path / "cache"))
+    ctx = RunContext(device=torch.device("cpu"), preset="cpu-tiny", out_dir=tmp_path)
+    out = loss_curve(_case(exposure={**LIVE, "refresh_every": 2}), ctx)
+    layers = out["predict_graph_layers"]
+    assert layers == len(out["info"]["mlp_density_per_layer"]) and out["predict_graph_ms"] > 0
+    assert out["predict_graph_timed"] == "eager"
+    share = (out["predict_graph_ms"] + out["refresh_ms_mean"]) / out["step_ms_mean"]
+    assert out["predictor_share"] == pytest.approx(share)
+    assert "predict_graph_ms" not in loss_curve(_case(exposure=LIVE), ctx), "no refresh: no inputs kept, not timed"
+
+    from longexposure.measure import Timer
+    from longexposure.training import Trainer
+
+    (bank,) = (tmp_path / "cache" / "predictors").iterdir()
+    trainer = Trainer(_case(exposure={**LIVE, "predictors": str(bank), "refresh_every": 2}), "cpu", seed=0)
+    trainer.step(Timer("cpu"))
+    exposure = trainer.exposure
+    exposure.layer_states[0].dense_mlp = True
+    assert mlp_predict_ms(exposure, exposure.last_mlp_inputs, reps=2)["predict_graph_layers"] == layers - 1
+    assert mlp_predict_ms(exposure, {}, reps=2) == {"predict_graph_ms": 0.0, "predict_graph_layers": 0}
