@@ -177,11 +177,17 @@ class MlpLowRank(MlpPredictor):
         self.register_buffer("mass_scale", torch.ones(()))
 
     def raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-token logits (count logit, mass pre-softplus), each (..., n_blocks)."""
+        """Per-token logits (count logit, mass pre-softplus), each (..., n_blocks).
+
+        With rank > 0 the input scale is folded into W_in ((x / s) W^T = x (W / s)^T) and under autocast x enters
+        the matmul as it is: the (tokens, d) input is read once, not cast to fp32, divided and cast back (in a
+        bf16 graph step that round trip was half the predictor's time)."""
         w = self.out.weight
-        h = x.to(w.dtype) / self.in_scale
         if self.config.rank > 0:
-            h = F.relu(self.inp(h))
+            keep = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # (meta: no autocast)
+            h = F.relu(F.linear(x if keep else x.to(w.dtype), self.inp.weight / self.in_scale, self.inp.bias))
+        else:
+            h = x.to(w.dtype) / self.in_scale
         o = self.out(h)
         return o[..., : self.n_blocks], o[..., self.n_blocks :]
 

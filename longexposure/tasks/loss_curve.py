@@ -117,7 +117,7 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
     peak = peak_memory_gib(ctx.device)
     if peak is not None:
         metrics["peak_mem_gib"] = peak
-    metrics.update(_predictor_cost(trainer, metrics))
+    metrics.update(_predictor_cost(case, trainer, metrics))
     if case.held_out_batches:
         metrics.update(_held_out(case, trainer, ctx))
     info = trainer.describe()
@@ -144,16 +144,17 @@ def _slow_steps(times: list[dict[str, float]], start: int, median: float, limit:
     return sorted(slow, key=lambda t: -t["total_ms"])[:limit]
 
 
-def _predictor_cost(trainer: Trainer, metrics: dict[str, Any]) -> dict[str, Any]:
+def _predictor_cost(case: LossCurveCase, trainer: Trainer, metrics: dict[str, Any]) -> dict[str, Any]:
     """Live MLP predictors with refresh: one step's predictor calls timed on the last step's MLP inputs
     (`longexposure.predictor_cost`; inside a graph step nothing else can time them) and, with the refresh's
     mean per step, `predictor_share`: the predictors' whole cost as a fraction of the mean step."""
     from longexposure.predictor_cost import mlp_predict_ms
+    from longexposure.training import PRECISIONS
 
     exposure = trainer.exposure
     if exposure is None or exposure.sources.get("mlp") != "predicted" or not exposure.last_mlp_inputs:
         return {}
-    out = mlp_predict_ms(exposure, exposure.last_mlp_inputs)
+    out = mlp_predict_ms(exposure, exposure.last_mlp_inputs, autocast_dtype=PRECISIONS[case.precision])
     refresh = metrics.get("refresh_ms_mean", 0.0)
     out["predictor_share"] = (out["predict_graph_ms"] + refresh) / metrics["step_ms_mean"]
     return out
