@@ -21,6 +21,8 @@ recorded in every report:
                 per step on the operator's input, under no_grad, before the operator
     oracle      the exposer's true pattern computed from the frozen weights each step (upper bound)
     random      random blocks at the oracle's density each step (the Fig. 11 baseline)
+    random-as-predicted  MLP: random blocks, as many as the live predictors keep each step (the control at
+                the predicted density; refreshed like `predicted`)
 Static sources (all-active, replay) are built once per (layer, sequence length); dynamic ones run
 every step, and their densities are those of the last step.
 
@@ -55,6 +57,7 @@ SOURCES = tuple(e.name for e in SPARSITY_SOURCES)  # the `sparsity_source` regis
 AUTO = "auto"
 TORCH_BACKENDS = {"mlp": "torch-gather", "attention": "sdpa"}  # `auto` where Triton cannot run
 DYNAMIC = tuple(e.name for e in SPARSITY_SOURCES if e.obj.dynamic)
+REFRESHED = ("predicted", "random-as-predicted")  # MLP sources whose predictors `refresh_every` refreshes
 STATE_ATTR = "long_exposure"
 _HOW = {  # what to give for a field a sparsity source requires
     "profile": "a profile (RecordedProfile.from_reference(shared_dir) or .load)",
@@ -152,8 +155,13 @@ class ExposureConfig:
             raise ValueError(f"mlp_mass must be in (0, 1], got {self.mlp_mass}")
         if self.refresh_keep_graph and not self.refresh_every:
             raise ValueError("refresh_keep_graph keeps the refresh's training graph: it needs refresh_every")
-        if self.refresh_every and used.get("mlp") != "predicted":
-            raise ValueError(f"refresh_every refreshes predicted MLP patterns; the MLP source is {used.get('mlp')!r}")
+        if self.refresh_every and used.get("mlp") not in REFRESHED:
+            raise ValueError(
+                f"refresh_every refreshes the MLP predictors of {' and '.join(REFRESHED)}; the MLP source is "
+                f"{used.get('mlp')!r}"
+            )
+        if used.get("attention") == "random-as-predicted":
+            raise ValueError("random-as-predicted is an MLP source; attention has `random` (the oracle's density)")
         if self.dense_above is not None and not (self.refresh_every and 0 < self.dense_above <= 1):
             raise ValueError(
                 f"dense_above must be in (0, 1] and needs refresh_every (the refresh decides): "
@@ -349,20 +357,24 @@ class Exposure:
 
     def _build_predictors(self) -> dict[str, list[nn.Module]]:
         """Per dynamic target, one predictor per layer, in eval mode and frozen."""
+        from longexposure.predictors.lowrank import MlpRandomLike
         from longexposure.predictors.offline import PredictorBank
 
         wanted = {t: src for t, src in self.sources.items() if src in DYNAMIC}
         if not wanted:
             return {}
         out: dict[str, list[nn.Module]] = {}
-        saved = PredictorBank.load(self.config.predictors, self.model) if "predicted" in wanted.values() else None
+        from_bank = {"predicted", "random-as-predicted"} & set(wanted.values())
+        saved = PredictorBank.load(self.config.predictors, self.model) if from_bank else None
         for target, src in wanted.items():
-            if src == "predicted":
+            if src in from_bank:
                 if target not in saved.predictors:
                     raise ValueError(
                         f"{self.config.predictors} holds no {target} predictors (it has {list(saved.names)})"
                     )
                 preds = saved.predictors[target]
+                if src == "random-as-predicted":
+                    preds = [MlpRandomLike(p, seed=i) for i, p in enumerate(preds)]
             else:
                 opts = (
                     {"block_size": self.config.mlp_block, "theta": self.config.theta}
@@ -397,7 +409,7 @@ class Exposure:
             if target == "mlp" and x.dim() == 2:  # OPT flattens (B, S) before fc1; MLP sums over both anyway
                 x = x[None]
             # MLP: (ids, count); attention: the layout tables. `random` draws on the host: never compiled.
-            use_compiled = self.config.compile_predictors and self.sources[target] != "random"
+            use_compiled = self.config.compile_predictors and not SPARSITY_SOURCES.get(self.sources[target]).host_side
             call = compiled_call(target) if use_compiled else EAGER_CALLS[target]
             out = call(state.predictors[target], x.detach())
         if target == "attention":
@@ -636,6 +648,7 @@ class Exposure:
             config = RefreshConfig(steps=self.config.refresh_steps)
             for state in self.layer_states:
                 pred, fc1 = state.predictors["mlp"], state.mlp["base1"]
+                pred = getattr(pred, "predictor", pred)  # random-as-predicted: the predictor that sets the count
                 self._refreshers[state.index] = MlpRefresher(pred, fc1, config, seed=state.index)
 
     def after_step(self, timer: Any = None) -> None:
@@ -743,8 +756,13 @@ class Exposure:
                     src += "; this model's MLP neurons permuted to that order (exact)"
                 if target == "mlp" and self.config.mlp_mass is not None:
                     src += f"; MLP blocks holding {self.config.mlp_mass:g} of each layer's recorded mass"
-            elif src == "predicted":
-                src = f"predicted: live predictors from {self.config.predictors}"
+            elif src in REFRESHED:
+                src = (
+                    f"predicted: live predictors from {self.config.predictors}"
+                    if src == "predicted"
+                    else f"random-as-predicted: random blocks, as many as the live predictors from "
+                    f"{self.config.predictors} keep"
+                )
                 if target == "mlp" and self.config.refresh_every:
                     src += (
                         f", MLP predictors refreshed every {self.config.refresh_every} training steps on that "

@@ -37,14 +37,14 @@ class SwappedMlpPattern(nn.Module):
 
     def __init__(self, kind: str, predictor: nn.Module, fc1: nn.Linear, *, theta: float, seed: int = 0):
         super().__init__()
-        from longexposure.predictors.lowrank import MlpOracle, PredictorConfig
+        from longexposure.predictors.lowrank import MlpOracle, MlpRandomLike, PredictorConfig
 
         if kind not in MLP_SWAPS:
             raise ValueError(f"unknown MLP swap {kind!r}; valid: {list(MLP_SWAPS)}")
         self.kind, self.predictor, self.n_blocks = kind, predictor, predictor.n_blocks
         config = PredictorConfig(block_size=predictor.config.block_size, theta=theta)
         self.oracle = MlpOracle(fc1, torch.relu, config)  # the `threshold` exposer (a ReLU MLP: expose checked)
-        self.gen = torch.Generator().manual_seed(seed)
+        self.random = MlpRandomLike(predictor, seed=seed)
         self.kept: list[int] = []  # blocks kept per call (what the swap ran with)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,10 +56,7 @@ class SwappedMlpPattern(nn.Module):
         elif self.kind in ("none", "all"):
             mask = torch.full((n,), self.kind == "all", dtype=torch.bool, device=x.device)
         else:
-            mask = self.predictor.block_mask(x)
-            if self.kind == "random":
-                pick = torch.randperm(n, generator=self.gen)[: int(mask.sum())].to(x.device)
-                mask = torch.zeros_like(mask).index_fill(0, pick, True)
+            mask = (self.random if self.kind == "random" else self.predictor).block_mask(x)
         self.kept.append(int(mask.sum()))
         return ids_with_count(mask)
 

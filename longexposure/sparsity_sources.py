@@ -37,5 +37,9 @@ for _source, _help in (
         SparsitySource("random", dynamic=True, host_side=True),
         "random blocks at the oracle's density every step (the control)",
     ),
+    (
+        SparsitySource("random-as-predicted", dynamic=True, requires=("predictors",), host_side=True),
+        "MLP: random blocks, as many per layer and step as the live predictors keep (the control at their density)",
+    ),
 ):
     SPARSITY_SOURCES.register(_source.name, _source, help=_help)

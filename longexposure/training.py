@@ -36,7 +36,7 @@ from longexposure.hf_compat import causal_mask_under_capture
 from longexposure.measure import Timer
 from longexposure.methods.builtin import apply_method
 from longexposure.models import build_model, family_of
-from longexposure.registry import DATA_PARALLEL, TRAINING_LOSSES
+from longexposure.registry import DATA_PARALLEL, SPARSITY_SOURCES, TRAINING_LOSSES
 
 PRECISIONS = {"fp32": None, "fp16-amp": torch.float16, "bf16-amp": torch.bfloat16}
 GRAPH_WARMUP = 2
@@ -116,10 +116,13 @@ class TrainingSetup:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {sorted(PRECISIONS)}")
         sources = {k: v for k, v in (self.exposure or {}).items() if k in ("source", "mlp_source", "attention_source")}
-        if self.cuda_graph and "random" in sources.values():
+        host_side = sorted(
+            {s for s in sources.values() if s in SPARSITY_SOURCES and SPARSITY_SOURCES.get(s).host_side}
+        )
+        if self.cuda_graph and host_side:
             raise ValueError(
-                "cuda_graph cannot replay the `random` sparsity source: it draws its blocks on the host every "
-                "step; run it without cuda_graph"
+                f"cuda_graph cannot replay the {', '.join(host_side)} sparsity source: it draws its blocks on the host "
+                "every step; run it without cuda_graph"
             )
         if self.narrow_mlp is not None:
             unknown = sorted(set(self.narrow_mlp) - {"profile", "theta", "block"})

@@ -407,6 +407,28 @@ class MlpRandom(nn.Module):
         return _block_ids(mask, self.config)
 
 
+class MlpRandomLike(nn.Module):
+    """Random neuron blocks, as many as `predictor` keeps on the same input: the control at the predicted density
+    (`MlpRandom` keeps as many as the exposer, which a recall-weighted predictor exceeds, e.g. 0.08 against 0.17
+    on relu-base at theta 0.5). The count is read on the host: eager only, like `MlpRandom`."""
+
+    target = "mlp"
+
+    def __init__(self, predictor: MlpPredictor, seed: int = 0):
+        super().__init__()
+        self.predictor, self.config = predictor, predictor.config
+        self.d_model, self.n_blocks = predictor.d_model, predictor.n_blocks
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def block_mask(self, x: Tensor) -> Tensor:
+        k = int(self.predictor.block_mask(x).sum())
+        pick = torch.randperm(self.n_blocks, generator=self.gen)[:k].to(x.device)
+        return torch.zeros(self.n_blocks, dtype=torch.bool, device=x.device).index_fill(0, pick, True)
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        return _block_ids(self.block_mask(x), self.config)
+
+
 class AttnRandom(nn.Module):
     """Per (batch, head): the diagonal plus random causal blocks, as many as the oracle keeps (or `density`)."""
 

@@ -170,7 +170,7 @@ def test_refresh_every_retrains_the_mlp_predictors_after_training_steps_only(mic
     now = [p for m in exposure.predictors["mlp"] for p in m.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(loaded, now, strict=True)), "the refreshes trained nothing"
     assert "refreshed every 2 training steps" in report["sparsity_source"]
-    with pytest.raises(ValueError, match="refresh_every refreshes predicted MLP patterns"):
+    with pytest.raises(ValueError, match="refresh_every refreshes the MLP predictors of predicted and random-as-pre"):
         expose(_micro(micro_checkpoint), source="oracle", refresh_every=2, **BLOCKS)
     forgotten = _micro(micro_checkpoint)
     expose(forgotten, source="predicted", predictors=str(bank_dir), attention=False, refresh_every=1,
@@ -291,22 +291,27 @@ def test_refresh_keep_graph_needs_refresh_every_and_is_reported(micro_checkpoint
     assert "captured training step kept between refreshes" in exposure.report()["sparsity_source"]
 
 
-def test_held_out_swaps_keep_the_weights_and_change_only_the_blocks(micro_checkpoint, e2e_ids, tmp_path):  # noqa: F811
+@pytest.fixture(scope="module")
+def strict_bank(micro_checkpoint, e2e_ids, tmp_path_factory):  # noqa: F811
+    """MLP predictors for theta 0.9: the micro model's blocks are nearly equally important (see above)."""
+    base = build_model("relu-micro", weights=str(micro_checkpoint), attn_implementation="eager")
+    out = tmp_path_factory.mktemp("strict-bank")
+    fit_predictors(base.requires_grad_(False), e2e_ids[:4], out, attention=False, mlp_block=MLP_BLOCK,
+                   theta=0.9, steps=40)
+    return out
+
+
+def test_held_out_swaps_keep_the_weights_and_change_only_the_blocks(micro_checkpoint, e2e_ids, strict_bank):  # noqa: F811
     """`mlp_pattern_swaps`: one model, the same batches, each kind of MLP blocks in every layer. Every block is
     the dense model; random keeps as many blocks as the prediction; the exposure is left as it was."""
     from longexposure.held_out import SwappedMlpPattern, held_out_metrics
-
-    # MLP predictors for theta 0.9: the micro model's blocks are nearly equally important (see above)
-    base = build_model("relu-micro", weights=str(micro_checkpoint), attn_implementation="eager")
-    fit_predictors(base.requires_grad_(False), e2e_ids[:4], tmp_path, attention=False, mlp_block=MLP_BLOCK,
-                   theta=0.9, steps=40)
 
     batches = [{"input_ids": ids, "labels": ids} for ids in e2e_ids[4:6]]
     dense = _micro(micro_checkpoint)
     with torch.no_grad():
         dense_loss = sum(float(dense(**b).loss) for b in batches) / len(batches)
     model = _micro(micro_checkpoint)
-    exposure = expose(model, source="predicted", predictors=str(tmp_path), theta=0.9, attention=False,
+    exposure = expose(model, source="predicted", predictors=str(strict_bank), theta=0.9, attention=False,
                       mlp_block=MLP_BLOCK, mlp_backend="torch-gather")
     own = [s.predictors["mlp"] for s in exposure.layer_states]
     out = held_out_metrics(model, batches, exposure=exposure, mlp_block=MLP_BLOCK, theta=0.9)
@@ -333,3 +338,46 @@ def test_pattern_swaps_need_a_dynamic_mlp_source(micro_checkpoint):  # noqa: F81
                       mlp_backend="torch-gather")
     with pytest.raises(ValueError, match="needs a dynamic MLP source, not 'all-active'"):
         exposure.mlp_patterns_from([]).__enter__()
+
+
+def test_random_as_predicted_keeps_the_predicted_count_of_other_blocks(micro_checkpoint, e2e_ids, strict_bank):  # noqa: F811
+    """The control at the predicted density: per layer and step as many random blocks as the live predictor keeps
+    (layer 0 sees the same input in both models, so the same count), not the same blocks; refreshed like
+    `predicted`; eager only."""
+    ids = e2e_ids[0]
+    opts = {"predictors": str(strict_bank), "theta": 0.9, "attention": False, "mlp_block": MLP_BLOCK,
+            "mlp_backend": "torch-gather"}  # fmt: skip
+    runs = {}
+    for source in ("predicted", "random-as-predicted"):
+        model = _micro(micro_checkpoint)
+        exposure = expose(model, source=source, **opts)
+        loss, grads = _loss_and_grads(model, ids)
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+        ids0, count0 = exposure.layer_states[0].last["mlp"]
+        runs[source] = (set(ids0[: int(count0)].tolist()), exposure.report())
+    (pred_blocks, _), (rand_blocks, rand_report) = runs["predicted"], runs["random-as-predicted"]
+    assert 0 < len(pred_blocks) < 512 // MLP_BLOCK
+    assert len(rand_blocks) == len(pred_blocks)
+    assert rand_report["sparsity_source"].startswith("random-as-predicted: random blocks, as many as the live")
+    model = _micro(micro_checkpoint)
+    exposure = expose(model, source="random-as-predicted", **opts)
+    draws = set()
+    for _ in range(4):  # the drawn blocks change from call to call (the predicted ones would not)
+        _loss_and_grads(model, ids)
+        ids0, count0 = exposure.layer_states[0].last["mlp"]
+        draws.add(frozenset(ids0[: int(count0)].tolist()))
+    assert len(draws) > 1 and {len(d) for d in draws} == {len(pred_blocks)}
+
+    setup = TrainingSetup(model="relu-micro", weights=str(micro_checkpoint), method="lora", batch=2, seq_len=SEQ,
+                          precision="fp32", attn="eager",
+                          exposure={"source": "random-as-predicted", "refresh_every": 2, "refresh_steps": 3, **opts})
+    trainer = Trainer(setup, "cpu")
+    for _ in range(4):
+        trainer.step(Timer("cpu"))
+    assert sorted(trainer.exposure.refreshes) == [0, 1, 2, 3], "every layer's predictor was refreshed"
+    with pytest.raises(ValueError, match="cuda_graph cannot replay the random-as-predicted sparsity source"):
+        TrainingSetup(model="relu-micro", method="lora", cuda_graph=True,
+                      exposure={"source": "random-as-predicted", **opts})
+    with pytest.raises(ValueError, match="random-as-predicted is an MLP source"):
+        expose(_micro(micro_checkpoint), source="predicted", attention_source="random-as-predicted",
+               predictors=str(strict_bank), **BLOCKS)
