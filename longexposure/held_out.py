@@ -61,17 +61,11 @@ class SwappedMlpPattern(nn.Module):
         return ids_with_count(mask)
 
 
-def _losses(model: nn.Module, batches: list[dict[str, torch.Tensor]], autocast_dtype: torch.dtype | None) -> list:
-    out = []
-    for batch in batches:
-        amp = (
-            torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype)
-            if autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with amp:
-            out.append(float(model(**batch, use_cache=False).loss))
-    return out
+def _loss(model: nn.Module, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None) -> float:
+    """The model's loss on one batch, under autocast to `autocast_dtype` (None: none), as the step ran it."""
+    on = autocast_dtype is not None
+    with torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype) if on else contextlib.nullcontext():
+        return float(model(**batch, use_cache=False).loss)
 
 
 @torch.no_grad()
@@ -103,7 +97,7 @@ def mlp_pattern_swaps(
                     for i, s in enumerate(states)
                 ]
                 with exposure.mlp_patterns_from(swaps):
-                    draws.append(_mean(_losses(model, batches, autocast_dtype)))
+                    draws.append(_mean([_loss(model, b, autocast_dtype) for b in batches]))
                 for s, sw in zip(states, swaps, strict=True):
                     kept[s.index] += [k / sw.n_blocks for k in sw.kept]
             per_layer = {str(i): _mean(values) for i, values in kept.items()}
@@ -159,13 +153,7 @@ def held_out_metrics(
     try:
         for batch in batches:
             inputs.clear()
-            amp = (
-                torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None
-                else contextlib.nullcontext()
-            )
-            with amp:
-                losses.append(float(model(**batch, use_cache=False).loss))
+            losses.append(_loss(model, batch, autocast_dtype))
             for i, layer in enumerate(layers):
                 fc1 = getattr(layer, fc1_name)
                 base = getattr(fc1, "base_layer", fc1)
