@@ -57,7 +57,8 @@ SOURCES = tuple(e.name for e in SPARSITY_SOURCES)  # the `sparsity_source` regis
 AUTO = "auto"
 TORCH_BACKENDS = {"mlp": "torch-gather", "attention": "sdpa"}  # `auto` where Triton cannot run
 DYNAMIC = tuple(e.name for e in SPARSITY_SOURCES if e.obj.dynamic)
-REFRESHED = ("predicted", "random-as-predicted")  # MLP sources whose predictors `refresh_every` refreshes
+# sources run by a saved PredictorBank's predictors (an MLP one's are what `refresh_every` refreshes)
+BANK_SOURCES = ("predicted", "random-as-predicted")
 STATE_ATTR = "long_exposure"
 _HOW = {  # what to give for a field a sparsity source requires
     "profile": "a profile (RecordedProfile.from_reference(shared_dir) or .load)",
@@ -155,9 +156,9 @@ class ExposureConfig:
             raise ValueError(f"mlp_mass must be in (0, 1], got {self.mlp_mass}")
         if self.refresh_keep_graph and not self.refresh_every:
             raise ValueError("refresh_keep_graph keeps the refresh's training graph: it needs refresh_every")
-        if self.refresh_every and used.get("mlp") not in REFRESHED:
+        if self.refresh_every and used.get("mlp") not in BANK_SOURCES:
             raise ValueError(
-                f"refresh_every refreshes the MLP predictors of {' and '.join(REFRESHED)}; the MLP source is "
+                f"refresh_every refreshes the MLP predictors of {' and '.join(BANK_SOURCES)}; the MLP source is "
                 f"{used.get('mlp')!r}"
             )
         if used.get("attention") == "random-as-predicted":
@@ -364,10 +365,10 @@ class Exposure:
         if not wanted:
             return {}
         out: dict[str, list[nn.Module]] = {}
-        from_bank = {"predicted", "random-as-predicted"} & set(wanted.values())
+        from_bank = any(src in BANK_SOURCES for src in wanted.values())
         saved = PredictorBank.load(self.config.predictors, self.model) if from_bank else None
         for target, src in wanted.items():
-            if src in from_bank:
+            if src in BANK_SOURCES:
                 if target not in saved.predictors:
                     raise ValueError(
                         f"{self.config.predictors} holds no {target} predictors (it has {list(saved.names)})"
@@ -756,7 +757,7 @@ class Exposure:
                     src += "; this model's MLP neurons permuted to that order (exact)"
                 if target == "mlp" and self.config.mlp_mass is not None:
                     src += f"; MLP blocks holding {self.config.mlp_mass:g} of each layer's recorded mass"
-            elif src in REFRESHED:
+            elif src in BANK_SOURCES:
                 src = (
                     f"predicted: live predictors from {self.config.predictors}"
                     if src == "predicted"

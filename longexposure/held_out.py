@@ -41,22 +41,24 @@ class SwappedMlpPattern(nn.Module):
 
         if kind not in MLP_SWAPS:
             raise ValueError(f"unknown MLP swap {kind!r}; valid: {list(MLP_SWAPS)}")
-        self.kind, self.predictor, self.n_blocks = kind, predictor, predictor.n_blocks
-        config = PredictorConfig(block_size=predictor.config.block_size, theta=theta)
-        self.oracle = MlpOracle(fc1, torch.relu, config)  # the `threshold` exposer (a ReLU MLP: expose checked)
-        self.random = MlpRandomLike(predictor, seed=seed)
+        self.kind, self.n_blocks = kind, predictor.n_blocks
+        self.blocks: nn.Module | None = None  # what picks the blocks (none / all: nothing)
+        if kind == "predicted":
+            self.blocks = predictor
+        elif kind == "random":
+            self.blocks = MlpRandomLike(predictor, seed=seed)
+        elif kind == "oracle":  # the `threshold` exposer (a ReLU MLP: expose checked)
+            config = PredictorConfig(block_size=predictor.config.block_size, theta=theta)
+            self.blocks = MlpOracle(fc1, torch.relu, config)
         self.kept: list[int] = []  # blocks kept per call (what the swap ran with)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from longexposure.exposers import ids_with_count
 
-        n = self.n_blocks
-        if self.kind == "oracle":
-            mask = self.oracle.block_mask(x)
-        elif self.kind in ("none", "all"):
-            mask = torch.full((n,), self.kind == "all", dtype=torch.bool, device=x.device)
+        if self.blocks is None:
+            mask = torch.full((self.n_blocks,), self.kind == "all", dtype=torch.bool, device=x.device)
         else:
-            mask = (self.random if self.kind == "random" else self.predictor).block_mask(x)
+            mask = self.blocks.block_mask(x)
         self.kept.append(int(mask.sum()))
         return ids_with_count(mask)
 
