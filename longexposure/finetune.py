@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # torch and the trainer are imported when a run starts: `fine
 
     from longexposure.training import TrainingSetup
 
+DENSE_GAP = 1.02  # held-out loss run dense over as trained above which `finetune` says the adapter needs its sparsity
 PRECISION_CHOICES = ("auto", "fp32", "fp16-amp", "bf16-amp")  # auto + `training.PRECISIONS` (a test keeps them equal)
 
 
@@ -69,18 +70,27 @@ def warmup_steps(setup: TrainingSetup, steps: int) -> int:
 
 
 def finetune(
-    setup: TrainingSetup, steps: int, out: Path | None, device: str | None = None, seed: int = 0, log_every: int = 10
+    setup: TrainingSetup,
+    steps: int,
+    out: Path | None,
+    device: str | None = None,
+    seed: int = 0,
+    log_every: int = 10,
+    held_out_batches: int = 0,
 ) -> dict[str, Any]:
     """Train for `steps` steps; returns the summary (also written to `out` when given).
 
     ms/step statistics are per step, over every step after `warmup_steps`; the device is synchronised once per
     log interval, not per step. Progress: a tqdm bar on a terminal; otherwise (CI, logs, a pipe) one line on
-    stderr every `log_every` steps, since tqdm shows nothing there.
+    stderr every `log_every` steps, since tqdm shows nothing there. `held_out_batches`: afterwards, the model on
+    that many batches it never trained on (`held_out.evaluate_held_out`): its loss as it trained and, with
+    predicted MLP patterns, with every MLP block (`held_out_loss_mlp_all`: the model merged and run dense).
     """
     import torch
     from tqdm import tqdm
 
     from longexposure import distributed
+    from longexposure.held_out import check_held_out, evaluate_held_out
     from longexposure.measure import Stats, Timer
     from longexposure.training import Trainer
 
@@ -88,6 +98,7 @@ def finetune(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
+    check_held_out(setup, held_out_batches)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     trainer = Trainer(setup, dev, seed=seed)
     warmup = warmup_steps(setup, steps)
@@ -127,6 +138,8 @@ def finetune(
         "ms_per_step": {k: Stats.of(v).to_dict() for k, v in times.items()},
         "info": trainer.describe(),
     }
+    if held_out_batches and main_rank:
+        summary["held_out"] = evaluate_held_out(setup, trainer, held_out_batches, seed)
     # under FSDP every rank takes part in gathering the whole tensors; rank 0 writes them
     whole = distributed.full_state_dict(trainer.model, trainer.dp, setup.data_parallel) if out is not None else None
     if out is not None and main_rank:
@@ -255,6 +268,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-every", type=int, default=10, help="steps between loss/time read-backs (and log lines when not a tty)"
     )
+    parser.add_argument(
+        "--held-out-batches", type=int, default=0,
+        help="afterwards, evaluate on this many batches never trained on (e2e: needs --data-split train): the loss "
+        "as trained and, with predicted MLP patterns, with every MLP block (the model run dense)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="directory for losses, summary and trained parameters")
 
 
@@ -312,6 +330,7 @@ def main(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         log_every=args.log_every,
+        held_out_batches=args.held_out_batches,
     )
     if dp is not None and not dp.is_main:
         return 0
@@ -321,6 +340,27 @@ def main(args: argparse.Namespace) -> int:
         f"{summary['warmup_steps']} warm-up); weights: {summary['info']['weights']}; "
         f"data: {summary['info']['data']}; sparsity: {summary['info']['sparsity_source']}"
     )
+    if "held_out" in summary:
+        print(held_out_line(summary["held_out"]))
     if "saved" in summary:
         print(f"saved {summary['saved']}")
     return 0
+
+
+def held_out_line(held: dict[str, Any]) -> str:
+    """The held-out result in words; with predicted MLP patterns, whether the model can also run dense."""
+    line = f"held-out loss {held['held_out_loss']:.4f} ({held['held_out_batches']} batches: {held['held_out_data']})"
+    dense = held.get("held_out_loss_mlp_all")
+    if dense is None:
+        return line
+    line += (
+        f"; with every MLP block {dense:.4f}, with as many random blocks as predicted "
+        f"{held['held_out_loss_mlp_random']:.4f} (predicted {held['held_out_loss_mlp_predicted']:.4f})"
+    )
+    if dense > DENSE_GAP * held["held_out_loss"]:
+        line += (
+            f". This adapter depends on its sparsity: run dense (merged) its loss is "
+            f"{dense / held['held_out_loss']:.3f}x; serve it with its predictors, or fine-tune with a lower theta "
+            "for a model you will run dense"
+        )
+    return line

@@ -189,3 +189,50 @@ def held_out_metrics(
     if predicted and swaps and layers:
         out.update(mlp_pattern_swaps(model, batches, exposure, autocast_dtype=autocast_dtype, theta=theta))
     return out
+
+
+def check_held_out(setup: Any, n: int) -> None:
+    """Refuse, before any step, a held-out evaluation that would not be held out: E2E fine-tuning must train on
+    its `train` split, so that the `held-out` split's meaning representations are never trained on."""
+    if n < 0:
+        raise ValueError(f"held_out_batches must be >= 0, got {n}")
+    if n and setup.dataset == "e2e" and setup.data_split != "train":
+        raise ValueError(
+            f"e2e fine-tuning with held_out_batches needs data_split: train (got {setup.data_split!r}), so that "
+            "the held-out split's meaning representations are never trained on"
+        )
+
+
+def evaluate_held_out(setup: Any, trainer: Any, n: int, seed: int) -> dict[str, Any]:
+    """`held_out_metrics` of `trainer`'s fine-tuned model (as it trained: its exposure, its precision) on `n`
+    batches it never trained on: the dataset's `held-out` split where it has one (E2E; `check_held_out`),
+    else batches drawn with another seed. `held_out_data` says which."""
+    from longexposure.data import load_batches
+    from longexposure.models import family_of
+    from longexposure.training import PRECISIONS
+
+    check_held_out(setup, n)
+    split = "held-out" if setup.dataset == "e2e" else None
+    stream = load_batches(
+        setup.dataset,
+        batch=setup.batch,
+        seq_len=setup.seq_len,
+        vocab_size=trainer.model.config.vocab_size,
+        path=setup.data_path,
+        seed=seed + 3,
+        device=trainer.device,
+        family=family_of(trainer.model),
+        **({"split": split} if split else {}),
+    )
+    batches = [next(stream) for _ in range(n)]
+    exposure = setup.exposure or {}
+    out = held_out_metrics(
+        trainer.model,
+        batches,
+        exposure=trainer.exposure,
+        autocast_dtype=PRECISIONS[setup.precision],
+        mlp_block=int(exposure.get("mlp_block", 64)),
+        theta=float(exposure.get("theta", 0.1)),
+    )
+    out["held_out_data"] = stream.description + ("" if split else f" (seed {seed + 3}: unseen batches)")
+    return out

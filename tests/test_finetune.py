@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,8 @@ def test_train_predictors_then_finetune_with_them(tmp_path, capsys):
         "attention_backend=eager",
     ]
     out = tmp_path / "run"
-    args = ["finetune", *common, "--attn", "eager", "--steps", "2", "--log-every", "1", "--out", str(out)]
+    args = ["finetune", *common, "--attn", "eager", "--steps", "2", "--log-every", "1", "--out", str(out),
+            "--held-out-batches", "2"]  # fmt: skip
     for pair in expose:
         args += ["--expose", pair]
     assert main(args) == 0
@@ -108,8 +110,27 @@ def test_train_predictors_then_finetune_with_them(tmp_path, capsys):
     assert summary["ms_per_step"]["predict_ms"]["p50"] > 0
     assert summary["info"]["sparsity_source"].startswith("predicted: live predictors from")
     assert (out / "predictors" / "predictors.json").exists()
-    assert "sparsity: predicted" in capsys.readouterr().out
+    held = summary["held_out"]
+    assert held["held_out_batches"] == 2 and math.isfinite(held["held_out_loss"])
+    assert held["held_out_mlp_density_all"] == 1.0 and "seed 3: unseen batches" in held["held_out_data"]
+    printed = capsys.readouterr().out
+    assert "sparsity: predicted" in printed
+    assert f"held-out loss {held['held_out_loss']:.4f} (2 batches: " in printed and "with every MLP block" in printed
     assert main(["finetune", *common, "--expose", "source=guess", "--steps", "1"]) == 2
+    # E2E held out only when fine-tuning on its train split, refused before any step
+    assert main(["finetune", *common, "--dataset", "e2e", "--held-out-batches", "2", "--steps", "1"]) == 2
+    assert "needs data_split: train" in capsys.readouterr().err
+
+
+def test_held_out_line_says_when_an_adapter_needs_its_sparsity():
+    from longexposure.finetune import held_out_line
+
+    held = {"held_out_loss": 1.64, "held_out_batches": 16, "held_out_data": "e2e held-out"}
+    held |= {"held_out_loss_mlp_predicted": 1.64, "held_out_loss_mlp_random": 1.69, "held_out_loss_mlp_all": 2.17}
+    assert "depends on its sparsity: run dense (merged) its loss is 1.323x" in held_out_line(held)
+    assert "depends" not in held_out_line({**held, "held_out_loss_mlp_all": 1.66})
+    dense = {k: held[k] for k in ("held_out_loss", "held_out_batches", "held_out_data")}
+    assert held_out_line(dense) == "held-out loss 1.6400 (16 batches: e2e held-out)"
 
 
 def _tiny_setup():

@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from longexposure.held_out import check_held_out, evaluate_held_out
 from longexposure.measure import Stats, Timer, peak_memory_gib, reset_peak_memory
 from longexposure.prepared import auto_predictors, pretrained_weights, reordered_weights
 from longexposure.registry import TASKS
@@ -63,11 +64,7 @@ class LossCurveCase(TrainingSetup):
             )
         if self.reorder_batches < 0:
             raise ValueError(f"reorder_batches must be >= 0, got {self.reorder_batches}")
-        if self.held_out_batches and self.dataset == "e2e" and self.data_split != "train":
-            raise ValueError(
-                f"e2e fine-tuning with held_out_batches needs data_split: train (got {self.data_split!r}), so that "
-                "the held-out split's meaning representations are never trained on"
-            )
+        check_held_out(self, self.held_out_batches)
         if self.reorder_batches and not self.weights:
             raise ValueError("reorder_batches needs weights (a checkpoint or 'pretrained') to reorder and save")
 
@@ -119,7 +116,7 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
         metrics["peak_mem_gib"] = peak
     metrics.update(_predictor_cost(case, trainer, metrics))
     if case.held_out_batches:
-        metrics.update(_held_out(case, trainer, ctx))
+        metrics.update(evaluate_held_out(case, trainer, case.held_out_batches, ctx.seed))
     info = trainer.describe()
     # dynamic sources: the mean over every step of the prediction the step ran with (before any refresh)
     metrics["mlp_block_density"] = info.get("mlp_block_density_mean_over_steps", info.get("mlp_block_density"))
@@ -157,37 +154,4 @@ def _predictor_cost(case: LossCurveCase, trainer: Trainer, metrics: dict[str, An
     out = mlp_predict_ms(exposure, exposure.last_mlp_inputs, autocast_dtype=PRECISIONS[case.precision])
     refresh = metrics.get("refresh_ms_mean", 0.0)
     out["predictor_share"] = (out["predict_graph_ms"] + refresh) / metrics["step_ms_mean"]
-    return out
-
-
-def _held_out(case: LossCurveCase, trainer: Trainer, ctx: RunContext) -> dict[str, Any]:
-    """The fine-tuned model on batches it never trained on (see `longexposure.held_out`)."""
-    from longexposure.data import load_batches
-    from longexposure.held_out import held_out_metrics
-    from longexposure.models import family_of
-    from longexposure.training import PRECISIONS
-
-    split = "held-out" if case.dataset == "e2e" else None  # the case trained on `train` (checked when built)
-    stream = load_batches(
-        case.dataset,
-        batch=case.batch,
-        seq_len=case.seq_len,
-        vocab_size=trainer.model.config.vocab_size,
-        path=case.data_path,
-        seed=ctx.seed + 3,
-        device=trainer.device,
-        family=family_of(trainer.model),
-        **({"split": split} if split else {}),
-    )
-    batches = [next(stream) for _ in range(case.held_out_batches)]
-    exposure = case.exposure or {}
-    out = held_out_metrics(
-        trainer.model,
-        batches,
-        exposure=trainer.exposure,
-        autocast_dtype=PRECISIONS[case.precision],
-        mlp_block=int(exposure.get("mlp_block", 64)),
-        theta=float(exposure.get("theta", 0.1)),
-    )
-    out["held_out_data"] = stream.description + ("" if split else f" (seed {ctx.seed + 3}: unseen batches)")
     return out
