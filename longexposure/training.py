@@ -117,7 +117,7 @@ class TrainingSetup:
             raise ValueError(f"precision {self.precision!r} is not one of {sorted(PRECISIONS)}")
         sources = {k: v for k, v in (self.exposure or {}).items() if k in ("source", "mlp_source", "attention_source")}
         host_side = sorted(
-            {s for s in sources.values() if s in SPARSITY_SOURCES and SPARSITY_SOURCES.get(s).host_side}
+            {f"`{s}`" for s in sources.values() if s in SPARSITY_SOURCES and SPARSITY_SOURCES.get(s).host_side}
         )
         if self.cuda_graph and host_side:
             raise ValueError(

@@ -375,7 +375,7 @@ def test_random_as_predicted_keeps_the_predicted_count_of_other_blocks(micro_che
     for _ in range(4):
         trainer.step(Timer("cpu"))
     assert sorted(trainer.exposure.refreshes) == [0, 1, 2, 3], "every layer's predictor was refreshed"
-    with pytest.raises(ValueError, match="cuda_graph cannot replay the random-as-predicted sparsity source"):
+    with pytest.raises(ValueError, match="cuda_graph cannot replay the `random-as-predicted` sparsity source"):
         TrainingSetup(model="relu-micro", method="lora", cuda_graph=True,
                       exposure={"source": "random-as-predicted", **opts})
     with pytest.raises(ValueError, match="random-as-predicted is an MLP source"):
