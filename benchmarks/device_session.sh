@@ -23,6 +23,8 @@
 #   bash benchmarks/device_session.sh real-sweep # relu-base with act_group_l1 0 / 0.3 / 1 (600 steps each): held-out
 #                                                # E2E d90; the best then pretrained in full into the cache
 #   bash benchmarks/device_session.sh real-run   # e2e_real on relu-base (pretrains it first if not cached; resumes)
+#   bash benchmarks/device_session.sh real-control  # issue 17's last control: theta 0.5 refreshed every 100 steps beside
+#                                                # random blocks at its predicted density, with both dense baselines
 #   bash benchmarks/device_session.sh real-profile  # step profiles of e2e_real's dense and Long Exposure compiled +
 #                                                # graph steps on relu-base, and of a predictor refresh on its own
 #   bash benchmarks/device_session.sh strongest  # fig7 LoRA at 1024 against the compiled + graph baseline, profiles
@@ -39,7 +41,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-profile|strongest|strongest-methods|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-profile|strongest|strongest-methods|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -171,6 +173,12 @@ case $stage in
     limit=${REAL_LIMIT:-$(( ${REAL_BUDGET:-575} - SECONDS ))}  # what is left of the call after pretraining
     # REAL_ONLY: extra `--only key=values` filters (e.g. "--only variant=dense-lora-sdpa-graph,random-mlp")
     run "$limit" longexposure run suites/e2e_real.yaml --preset paper --keep-going --out "$LONGEXPOSURE_CACHE/runs" ${REAL_ONLY:-}
+    cp -r "$LONGEXPOSURE_CACHE/runs/e2e_real" "$work/" 2>/dev/null
+    ;;
+  real-control)  # one call (~330 s with pretraining): the headline row beside the control at the same density
+    pretrain_relu_base
+    run $(( ${REAL_BUDGET:-575} - SECONDS )) longexposure run suites/e2e_real.yaml --preset paper --keep-going \
+      --out "$LONGEXPOSURE_CACHE/runs" --only variant=dense-lora-sdpa-graph,dense-lora-compile-graph,long-exposure-mlp-compile-graph-theta0.5-refresh100,random-mlp-theta0.5-as-predicted,random-mlp-theta0.5
     cp -r "$LONGEXPOSURE_CACHE/runs/e2e_real" "$work/" 2>/dev/null
     ;;
   real-profile)  # issue 17's "where the time went": relu-base (cached or pretrained first), then the profiles

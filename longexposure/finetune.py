@@ -138,7 +138,7 @@ def finetune(
         "ms_per_step": {k: Stats.of(v).to_dict() for k, v in times.items()},
         "info": trainer.describe(),
     }
-    if held_out_batches and main_rank:
+    if held_out_batches:  # on every rank: a data-parallel model's forward may take part in collectives
         summary["held_out"] = evaluate_held_out(setup, trainer, held_out_batches, seed)
     # under FSDP every rank takes part in gathering the whole tensors; rank 0 writes them
     whole = distributed.full_state_dict(trainer.model, trainer.dp, setup.data_parallel) if out is not None else None
