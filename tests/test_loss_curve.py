@@ -73,6 +73,10 @@ def test_bad_loss_curve_cases():
         _case(reorder_batches=2)
     with pytest.raises(ValueError, match="needs data_split: train"):  # refused before any step, not after
         _case(dataset="e2e")
+    with pytest.raises(ValueError, match="held_out_batches must be >= 0, got -1"):
+        _case(held_out_batches=-1)
+    with pytest.raises(ValueError, match="need 0 <= timing_warmup < steps, got 4, 4"):
+        _case(timing_warmup=4)
 
 
 def test_reordered_checkpoint_trains_the_same_function(tmp_path, monkeypatch):

@@ -57,11 +57,8 @@ class LossCurveCase(TrainingSetup):
         super().__post_init__()
         if self.steps < 2:
             raise ValueError(f"steps must be >= 2, got {self.steps}")
-        if not 0 <= self.timing_warmup < self.steps or self.held_out_batches < 0:
-            raise ValueError(
-                f"need 0 <= timing_warmup < steps and held_out_batches >= 0, got {self.timing_warmup}, "
-                f"{self.steps}, {self.held_out_batches}"
-            )
+        if not 0 <= self.timing_warmup < self.steps:
+            raise ValueError(f"need 0 <= timing_warmup < steps, got {self.timing_warmup}, {self.steps}")
         if self.reorder_batches < 0:
             raise ValueError(f"reorder_batches must be >= 0, got {self.reorder_batches}")
         check_held_out(self, self.held_out_batches)
