@@ -168,17 +168,14 @@ case $stage in
     echo "== picked act_group_l1 ${group:-none}" | tee -a "$log"
     if [ -n "$group" ]; then PRETRAIN_ARGS="--act-group-l1 $group" pretrain_relu_base; fi
     ;;
+  real-control)  # one call (~330 s with pretraining): the headline row beside the control at the same density
+    REAL_ONLY="--only variant=dense-lora-sdpa-graph,dense-lora-compile-graph,long-exposure-mlp-compile-graph-theta0.5-refresh100,random-mlp-theta0.5-as-predicted,random-mlp-theta0.5"
+    ;&  # then real-run's steps with that filter
   real-run)  # e2e_real (resumes: results live in $LONGEXPOSURE_CACHE/runs while the machine stays warm)
     pretrain_relu_base
     limit=${REAL_LIMIT:-$(( ${REAL_BUDGET:-575} - SECONDS ))}  # what is left of the call after pretraining
     # REAL_ONLY: extra `--only key=values` filters (e.g. "--only variant=dense-lora-sdpa-graph,random-mlp")
     run "$limit" longexposure run suites/e2e_real.yaml --preset paper --keep-going --out "$LONGEXPOSURE_CACHE/runs" ${REAL_ONLY:-}
-    cp -r "$LONGEXPOSURE_CACHE/runs/e2e_real" "$work/" 2>/dev/null
-    ;;
-  real-control)  # one call (~330 s with pretraining): the headline row beside the control at the same density
-    pretrain_relu_base
-    run $(( ${REAL_BUDGET:-575} - SECONDS )) longexposure run suites/e2e_real.yaml --preset paper --keep-going \
-      --out "$LONGEXPOSURE_CACHE/runs" --only variant=dense-lora-sdpa-graph,dense-lora-compile-graph,long-exposure-mlp-compile-graph-theta0.5-refresh100,random-mlp-theta0.5-as-predicted,random-mlp-theta0.5
     cp -r "$LONGEXPOSURE_CACHE/runs/e2e_real" "$work/" 2>/dev/null
     ;;
   real-profile)  # issue 17's "where the time went": relu-base (cached or pretrained first), then the profiles

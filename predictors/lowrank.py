@@ -381,6 +381,12 @@ class AttnOracle(nn.Module):
 
 
 # ============================================================================================ random
+def _random_mask(n_blocks: int, k: int, gen: torch.Generator, device: torch.device) -> Tensor:
+    """(n_blocks,) bool with `k` blocks drawn on the host from `gen` (the random controls' draw)."""
+    pick = torch.randperm(n_blocks, generator=gen)[:k].to(device)
+    return torch.zeros(n_blocks, dtype=torch.bool, device=device).index_fill(0, pick, True)
+
+
 class MlpRandom(nn.Module):
     """Random neuron blocks at a fixed density, or at the oracle's density on every call (Fig. 11 baseline)."""
 
@@ -399,8 +405,7 @@ class MlpRandom(nn.Module):
             k = int(self.oracle.block_mask(x).sum())
         else:
             k = max(1, round(self.config.density * self.n_blocks))
-        pick = torch.randperm(self.n_blocks, generator=self.gen)[:k].to(x.device)
-        return torch.zeros(self.n_blocks, dtype=torch.bool, device=x.device).index_fill(0, pick, True)
+        return _random_mask(self.n_blocks, k, self.gen, x.device)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         mask = self.block_mask(x)
@@ -421,9 +426,7 @@ class MlpRandomLike(nn.Module):
         self.gen = torch.Generator().manual_seed(seed)
 
     def block_mask(self, x: Tensor) -> Tensor:
-        k = int(self.predictor.block_mask(x).sum())
-        pick = torch.randperm(self.n_blocks, generator=self.gen)[:k].to(x.device)
-        return torch.zeros(self.n_blocks, dtype=torch.bool, device=x.device).index_fill(0, pick, True)
+        return _random_mask(self.n_blocks, int(self.predictor.block_mask(x).sum()), self.gen, x.device)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         return _block_ids(self.block_mask(x), self.config)
