@@ -95,6 +95,9 @@ class ExposureConfig:
             pattern predicted before it) and outside any CUDA graph: the predictors' weights and
             thresholds are updated in place, so a captured step stays valid.
         refresh_steps: optimizer steps per refresh.
+        recall_target: `predicted` MLP: the recall of the exposer's blocks that calibration asks of each predictor,
+            offline (`predictors: auto`) and at every refresh; the predicted density follows it (a lower target
+            keeps fewer blocks). 0.97 by default.
         refresh_keep_graph: on a GPU, keep the refresh's captured predictor-training step between refreshes and
             replay it (`train_mlp_group(keep=...)`): no eager warm-up steps or capture after the first refresh,
             at the cost of its memory pool held through training (`benchmarks/bench_refresh.py`, variant
@@ -131,6 +134,7 @@ class ExposureConfig:
     compile_predictors: bool = False
     refresh_every: int = 0
     refresh_steps: int = 20
+    recall_target: float = 0.97
     refresh_keep_graph: bool = False
     reorder: bool = False
     mlp_mass: float | None = None
@@ -154,6 +158,8 @@ class ExposureConfig:
             raise ValueError(f"reorder and mlp_mass shape replayed MLP patterns; the MLP source is {used.get('mlp')!r}")
         if self.mlp_mass is not None and not 0 < self.mlp_mass <= 1:
             raise ValueError(f"mlp_mass must be in (0, 1], got {self.mlp_mass}")
+        if not 0 < self.recall_target <= 1:
+            raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target}")
         if self.refresh_keep_graph and not self.refresh_every:
             raise ValueError("refresh_keep_graph keeps the refresh's training graph: it needs refresh_every")
         if self.refresh_every and used.get("mlp") not in BANK_SOURCES:
@@ -646,7 +652,7 @@ class Exposure:
                 state.dense_mlp = True
         self.training_forwards += 1
         if not self._refreshers:
-            config = RefreshConfig(steps=self.config.refresh_steps)
+            config = RefreshConfig(steps=self.config.refresh_steps, recall_target=self.config.recall_target)
             for state in self.layer_states:
                 pred, fc1 = state.predictors["mlp"], state.mlp["base1"]
                 pred = getattr(pred, "predictor", pred)  # random-as-predicted: the predictor that sets the count

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from longexposure.paths import cache_dir, write_text_atomic
 from longexposure.training import TrainingSetup
 
-PREDICTOR_OPTIONS = ("mlp_block", "attn_block", "theta", "tau")
+PREDICTOR_OPTIONS = ("mlp_block", "attn_block", "theta", "tau", "recall_target")
 
 
 def pretrained_weights(preset: str, steps: int | None) -> Path:
@@ -140,6 +140,7 @@ def auto_predictors(
         attn_block=opts.get("attn_block", 64),
         theta=opts.get("theta", 0.1),
         tau=opts.get("tau", 0.95),
+        recall_target=opts.get("recall_target", 0.97),
         steps=steps,
     )
     return out

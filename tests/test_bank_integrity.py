@@ -203,3 +203,23 @@ def test_loss_curve_cache_refits_a_bank_it_cannot_load(tmp_path, monkeypatch):
     (out / "predictors.json").write_text(json.dumps({"format": 1, "model": {}, "targets": {}}))
     prepared.auto_predictors(case, None, 16, 300, torch.device("cpu"), 0)
     assert fits == [out] * 3
+
+
+def test_auto_predictors_fit_at_the_exposure_recall_target_in_their_own_cache_entry(tmp_path, monkeypatch):
+    """`recall_target` in the exposure reaches the offline calibration and keys the cached bank (a bank
+    calibrated for 0.97 is never reused for 0.9); without it the default 0.97 is used and the key is unchanged."""
+    from longexposure import prepared
+    from longexposure.tasks import loss_curve
+
+    monkeypatch.setenv("LONGEXPOSURE_CACHE", str(tmp_path))
+    fits = []
+    monkeypatch.setattr(
+        "longexposure.predictors.fit.fit_predictors_for", lambda model, weights, out, **kw: fits.append((out, kw))
+    )
+    outs = []
+    for extra in ({}, {"recall_target": 0.9}):
+        exposure = {"source": "predicted", "predictors": "auto", **extra}
+        case = loss_curve.LossCurveCase(model="opt-tiny", exposure=exposure)
+        outs.append(prepared.auto_predictors(case, None, 16, 300, torch.device("cpu"), 0))
+    assert outs[0] != outs[1]
+    assert [kw["recall_target"] for _, kw in fits] == [0.97, 0.9]

@@ -170,6 +170,7 @@ def test_refresh_every_retrains_the_mlp_predictors_after_training_steps_only(mic
     now = [p for m in exposure.predictors["mlp"] for p in m.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(loaded, now, strict=True)), "the refreshes trained nothing"
     assert "refreshed every 2 training steps" in report["sparsity_source"]
+    assert {r.config.recall_target for r in exposure._refreshers.values()} == {0.97}
     with pytest.raises(ValueError, match="refresh_every refreshes the MLP predictors of predicted and random-as-pre"):
         expose(_micro(micro_checkpoint), source="oracle", refresh_every=2, **BLOCKS)
     forgotten = _micro(micro_checkpoint)
@@ -381,3 +382,17 @@ def test_random_as_predicted_keeps_the_predicted_count_of_other_blocks(micro_che
     with pytest.raises(ValueError, match="random-as-predicted is an MLP source"):
         expose(_micro(micro_checkpoint), source="predicted", attention_source="random-as-predicted",
                predictors=str(strict_bank), **BLOCKS)
+
+
+def test_recall_target_reaches_every_refresh_and_is_checked(micro_checkpoint, bank_dir):  # noqa: F811
+    model = _micro(micro_checkpoint)
+    exposure = expose(
+        model, source="predicted", predictors=str(bank_dir), attention=False, refresh_every=2, refresh_steps=2,
+        recall_target=0.8, mlp_block=MLP_BLOCK, mlp_backend="torch-gather",
+    )  # fmt: skip
+    model.train()
+    model(input_ids=torch.zeros(1, 8, dtype=torch.long))
+    assert {r.config.recall_target for r in exposure._refreshers.values()} == {0.8}
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="recall_target must be in"):
+            expose(_micro(micro_checkpoint), source="predicted", predictors=str(bank_dir), recall_target=bad, **BLOCKS)
