@@ -241,8 +241,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def diagnose() -> dict:
-    """Per-kernel CUDA-graph times against the matching torch matmul, with pointer loads and with tensor
-    descriptors (LONGEXPOSURE_TMA=1), and where the host time goes."""
+    """Per-kernel CUDA-graph times (and TFLOP/s) against the matching torch matmul, with pointer loads and with
+    tensor descriptors (LONGEXPOSURE_TMA=1), at densities 1.0 / 0.25 / 0.1 (the first blocks: consecutive ids,
+    as a reordered layer's), and where the host time goes."""
     import cProfile
     import io
     import pstats
@@ -280,12 +281,17 @@ def diagnose() -> dict:
         }
 
     before = os.environ.get("LONGEXPOSURE_TMA")
-    for density in (1.0, 0.1):
+    for density in (1.0, 0.25, 0.1):
+        flop = 2.0 * t_ * d * int(ffn // blk * density) * blk  # every product here has this many
         for tma in ("0", "1"):  # pointer loads, then tensor descriptors (LONGEXPOSURE_TMA, read per launch)
             os.environ["LONGEXPOSURE_TMA"] = tma
             label = f"density {density}" + (" tma" if tma == "1" else "")
             out[label] = kernel_times(density)
+            out[label + " TFLOP/s"] = {
+                name: round(flop / ms / 1e9, 1) for name, ms in out[label].items() if not name.startswith("zeros")
+            }
             print(label, json.dumps(out[label]))
+            print(label, "TFLOP/s", json.dumps(out[label + " TFLOP/s"]))
     if before is None:
         os.environ.pop("LONGEXPOSURE_TMA")
     else:

@@ -5,6 +5,7 @@
 #   bash benchmarks/device_session.sh e2e        # GPU tests of the graph step, step profiles, fig7
 #   bash benchmarks/device_session.sh predictors # graph-step test with compiled predictors; predictor cost --compile
 #   bash benchmarks/device_session.sh tma        # MLP kernels with tensor descriptors: GPU test, per-kernel A/B
+#   bash benchmarks/device_session.sh tma-ab     # per-kernel pointer vs descriptor A/B first, then the GPU test
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
 #   bash benchmarks/device_session.sh suites     # fig8, fig10, fig13 (resume where a call stopped)
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
@@ -41,7 +42,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-profile|strongest|strongest-methods|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-profile|strongest|strongest-methods|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -85,6 +86,10 @@ case $stage in
     run 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py -k predicted-compiled
     run 300 python3 benchmarks/bench_predictors.py cost --fixed-capacity --in-step --graph --compile \
       --out "$work/predictor_cost_graph_compiled.json"
+    ;;
+  tma-ab)  # pointer vs descriptor per kernel (ms, TFLOP/s, cuBLAS beside), then the descriptor path's GPU test
+    run "${AB_LIMIT:-300}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels_tma_ab.json"
+    run "${TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_neuron_block_mlp.py -k descriptor
     ;;
   tma)  # LONGEXPOSURE_TMA=1 correctness on the real kernels, then pointer vs descriptor kernel times
     run 240 python3 -m pytest -q -p no:cacheprovider tests/test_neuron_block_mlp.py -k descriptor

@@ -25,11 +25,12 @@ Four kernels (named by which operand is compact, stk-style):
   - `_dsd_kernel`: dense = compact @ W[act] (+ bias); fc2 forward and, in backward, dx = dZ @ W1[act].
   - `_wgrad_kernel`: G[act rows] = compact^T @ dense; dW1, dB1 (LoRA), dW2^T, dA2^T.
   - `_colsum_kernel`: g[act] = sum over tokens of compact; db1.
-With LONGEXPOSURE_TMA=1 (opt-in, not yet timed on a GPU) sdd, dsd and wgrad read their main product's
-operands through tensor descriptors (Hopper's bulk tensor copies) instead of per-element pointers: in dsd a
-K step inside one neuron block is BK contiguous weight rows (one box at `id * BLOCK + k % BLOCK`); in sdd a
-column tile no wider than the block is BN contiguous rows (one (BN, BK) box per K step); wgrad loads
-(tokens, columns) boxes of the compact buffer and transposes them in shared memory.
+With LONGEXPOSURE_TMA=1 (opt-in; timed per kernel on the H100, fig12_mlp run 6) sdd, dsd and wgrad read their
+main product's operands through tensor descriptors (Hopper's bulk tensor copies) instead of per-element
+pointers: in dsd a K step inside one neuron block is BK contiguous weight rows (one box at
+`id * BLOCK + k % BLOCK`); in sdd a column tile inside one block, or over blocks with consecutive ids, is BN
+contiguous rows (one (BN, BK) box per K step; other tiles gather through pointers); wgrad loads (tokens,
+columns) boxes of the compact buffer and transposes them in shared memory.
 Then the launchers (validation, allocation, grids). Autograd is the `longexposure::neuron_block_mlp` op's, registered
 in `longexposure.ops.neuron_block_mlp` (the one path, eager and compiled).
 """
@@ -101,6 +102,43 @@ def _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK: tl.constexpr):
     return block_id * BLOCK + offs_c % BLOCK
 
 
+@triton.jit
+def _sdd_gathered(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """sdd's main product with the weight rows gathered through pointers (any ids)."""
+    for k in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k, other=0.0)
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_ptrs += BK * stride_ak
+        w_ptrs += BK * stride_wk
+    return acc
+
+
+@triton.jit
+def _sdd_boxes(acc, a_ptr, w_ptr, T, K, W_ROWS, w_row, pid_m, stride_am, stride_wn, BM: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """sdd's main product through tensor descriptors, the tile's weight rows being w_row .. w_row + BN - 1.
+
+    Rows past the tokens or the weight and a ragged K tail load as zeros; columns past the count come from
+    whatever rows follow and are never stored."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[T, K], strides=[stride_am, 1], block_shape=[BM, BK])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1], block_shape=[BN, BK])
+    for k in range(0, K, BK):
+        a = a_desc.load([pid_m * BM, k])
+        wt = w_desc.load([w_row, k])
+        if UPCAST:
+            a, wt = a.to(tl.float32), wt.to(tl.float32)
+        acc = tl.dot(a, wt.T, acc, input_precision=PRECISION)
+    return acc
+
+
 # reset_to_zero: the skinny output is accumulated by atomics, so every autotuning run must start from
 # zeros (without it the first, tuning call returned the sum of all benchmark runs: seen on the H100).
 @triton.autotune(configs=_autotune_configs(large_tiles=False), key=[*_KEY, "USE_TMA"], reset_to_zero=["o2_ptr"])
@@ -157,32 +195,27 @@ def _sdd_kernel(
     w_ptrs = w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if USE_TMA and BLOCK % BN == 0:
-        # The tile's BN compact columns are BN consecutive rows of one neuron block: one (BN, BK) box per
-        # K step. Rows past the tokens and a ragged K tail load as zeros.
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[T, K], strides=[stride_am, 1], block_shape=[BM, BK])
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1], block_shape=[BN, BK])
+    if USE_TMA and (BLOCK % BN == 0 or BN % BLOCK == 0):
+        # The tile's BN compact columns are BN consecutive weight rows when the tile lies inside one neuron
+        # block, or spans whole blocks with consecutive ids (every tile at density 1, most of a reordered
+        # layer's): then one (BN, BK) box per K step; other tiles gather their rows through pointers.
         c0 = pid_n * BN
-        w_row = tl.load(ids_ptr + c0 // BLOCK) * BLOCK + c0 % BLOCK
-        for k in range(0, K, BK):
-            a = a_desc.load([pid_m * BM, k])
-            wt = w_desc.load([w_row, k])
-            if UPCAST:
-                a, wt = a.to(tl.float32), wt.to(tl.float32)
-            acc = tl.dot(a, wt.T, acc, input_precision=PRECISION)
-    else:
-        for k in range(0, K, BK):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                w = tl.load(w_ptrs)
+        first_block = tl.load(ids_ptr + c0 // BLOCK)
+        w_row = first_block * BLOCK + c0 % BLOCK
+        if BLOCK % BN == 0:
+            acc = _sdd_boxes(acc, a_ptr, w_ptr, T, K, W_ROWS, w_row, pid_m, stride_am, stride_wn,
+                             BM, BN, BK, UPCAST, PRECISION)
+        else:
+            blocks_in_tile = tl.minimum(BN // BLOCK, n_cols // BLOCK - c0 // BLOCK)  # valid blocks (>= 1)
+            last_block = tl.load(ids_ptr + c0 // BLOCK + blocks_in_tile - 1)
+            if last_block - first_block == blocks_in_tile - 1:
+                acc = _sdd_boxes(acc, a_ptr, w_ptr, T, K, W_ROWS, w_row, pid_m, stride_am, stride_wn,
+                                 BM, BN, BK, UPCAST, PRECISION)
             else:
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k, other=0.0)
-                w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k, other=0.0)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-            a_ptrs += BK * stride_ak
-            w_ptrs += BK * stride_wk
+                acc = _sdd_gathered(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST,
+                                    PRECISION)
+    else:
+        acc = _sdd_gathered(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST, PRECISION)
     if HAS_LOW_RANK:
         for r in range(0, R, BR):
             offs_r = r + tl.arange(0, BR)

@@ -177,6 +177,11 @@ def test_forward_and_every_gradient_match_reference(seed, tokens, d_units, block
         (64, torch.float16, "all", "exact"),
         (128, torch.bfloat16, "one", "padded"),
         (64, torch.float32, "empty", "padded"),
+        # blocks narrower than the interpreter's 32-wide tile: sdd takes one box for two blocks with consecutive
+        # ids and gathers the other tiles (a random pattern has both; one block leaves a half-valid tile)
+        (16, torch.float16, "all", "exact"),
+        (16, torch.float32, "random", "padded"),
+        (16, torch.bfloat16, "one", "padded"),
     ],
 )
 def test_tensor_descriptor_path_matches_reference(monkeypatch, block, dtype, pattern, capacity):
