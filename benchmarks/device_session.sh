@@ -37,6 +37,8 @@
 # between calls while the machine stays warm: the relu* stages then reuse a cached relu-small instead of
 # pretraining it again, and act-l1 keeps its checkpoints under $LONGEXPOSURE_CACHE/act-l1.
 #
+# LONGEXPOSURE_GIT: the commit, written out where it was made (`LONGEXPOSURE_GIT=a925565`, not `$(git rev-parse ...)`
+# run on the device: the device's copy of .git can be stale, and at a925565 it named an older commit).
 # Needs: LONGEXPOSURE_SHARED pointing at a copy of shared/ (reference profile; for `relu` also data/e2e and
 # data/opt-tokenizer), $OUT (the device tool's output folder); `relu` also LONGEXPOSURE_CORPUS, the
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since

@@ -224,6 +224,22 @@ def test_grouped_refresh_equals_refreshing_layer_by_layer():
         assert r.count == 3 and not r.pred.training and not any(p.requires_grad for p in r.pred.parameters())
 
 
+def test_the_training_pool_keeps_its_shape_from_the_first_refresh():
+    """The pool holds `buffer` batches from the first refresh on (the newest fills the empty slots), so a kept
+    training graph, keyed on the pool's shape, is captured once; later the oldest batch leaves."""
+    refreshers = _refreshers(1)  # buffer 2, 40 tokens kept per batch
+    r = refreshers[0]
+    pools = []
+    for step in range(3):
+        refresh_layers(refreshers, _inputs(1, step))
+        pools.append(r._pool().mlp_x.clone())
+        torch.testing.assert_close(pools[-1][:, :, 40:], r.recent[-1].mlp_x, rtol=0, atol=0)  # the newest last
+    assert [tuple(p.shape)[2] for p in pools] == [80, 80, 80]
+    assert torch.equal(pools[0][:, :, :40], pools[0][:, :, 40:]), "one batch so far: it fills both slots"
+    assert torch.equal(pools[1][:, :, :40], pools[0][:, :, 40:]), "two batches: the older one first"
+    assert not torch.equal(pools[2][:, :, :40], pools[0][:, :, 40:]), "the oldest batch leaves the pool"
+
+
 def test_refresh_changes_every_tensor_in_place():
     """A captured CUDA graph reads the predictors' tensors by address: a refresh must write into them."""
     refreshers = _refreshers(3)
