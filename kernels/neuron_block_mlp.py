@@ -103,9 +103,11 @@ def _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sdd_gathered(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """sdd's main product with the weight rows gathered through pointers (any ids)."""
+def _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += A @ W over a reduction of length K, both read through pointer tiles: A (BM, BK) steps along its
+    columns, W (BK, BN) along its rows; a ragged tail (not EVEN_K) loads as zeros. sdd's main product with
+    gathered weight rows (any ids), and wgrad's with the compact buffer read transposed."""
     for k in range(0, K, BK):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -212,10 +214,10 @@ def _sdd_kernel(
                 acc = _sdd_boxes(acc, a_ptr, w_ptr, T, K, W_ROWS, w_row, pid_m, stride_am, stride_wn,
                                  BM, BN, BK, UPCAST, PRECISION)
             else:
-                acc = _sdd_gathered(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST,
+                acc = _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST,
                                     PRECISION)
     else:
-        acc = _sdd_gathered(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST, PRECISION)
+        acc = _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST, PRECISION)
     if HAS_LOW_RANK:
         for r in range(0, R, BR):
             offs_r = r + tl.arange(0, BR)
@@ -381,18 +383,7 @@ def _wgrad_kernel(
                 c, d = c.to(tl.float32), d.to(tl.float32)
             acc = tl.dot(c.T, d, acc, input_precision=PRECISION)
     else:
-        for t in range(0, T, BK):
-            if EVEN_T:
-                ct = tl.load(ct_ptrs)
-                d = tl.load(d_ptrs)
-            else:
-                ct = tl.load(ct_ptrs, mask=offs_t[None, :] < T - t, other=0.0)
-                d = tl.load(d_ptrs, mask=offs_t[:, None] < T - t, other=0.0)
-            if UPCAST:
-                ct, d = ct.to(tl.float32), d.to(tl.float32)
-            acc = tl.dot(ct, d, acc, input_precision=PRECISION)
-            ct_ptrs += BK * stride_cm
-            d_ptrs += BK * stride_dm
+        acc = _pointer_product(acc, ct_ptrs, d_ptrs, T, offs_t, stride_cm, stride_dm, BK, EVEN_T, UPCAST, PRECISION)
     rows = _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK)
     tl.store(g_ptr + rows[:, None] * stride_gn + offs_n[None, :] * stride_gk,
              acc.to(g_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_n[None, :])
