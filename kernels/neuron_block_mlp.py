@@ -203,19 +203,14 @@ def _sdd_kernel(
         # layer's): then one (BN, BK) box per K step; other tiles gather their rows through pointers.
         c0 = pid_n * BN
         first_block = tl.load(ids_ptr + c0 // BLOCK)
-        w_row = first_block * BLOCK + c0 % BLOCK
-        if BLOCK % BN == 0:
-            acc = _sdd_boxes(acc, a_ptr, w_ptr, T, K, W_ROWS, w_row, pid_m, stride_am, stride_wn,
-                             BM, BN, BK, UPCAST, PRECISION)
+        blocks_in_tile = tl.minimum(tl.cdiv(BN, BLOCK), n_cols // BLOCK - c0 // BLOCK)  # valid blocks (>= 1)
+        last_block = tl.load(ids_ptr + c0 // BLOCK + blocks_in_tile - 1)  # first_block when BN <= BLOCK
+        if last_block - first_block == blocks_in_tile - 1:
+            acc = _sdd_boxes(acc, a_ptr, w_ptr, T, K, W_ROWS, first_block * BLOCK + c0 % BLOCK, pid_m, stride_am,
+                             stride_wn, BM, BN, BK, UPCAST, PRECISION)
         else:
-            blocks_in_tile = tl.minimum(BN // BLOCK, n_cols // BLOCK - c0 // BLOCK)  # valid blocks (>= 1)
-            last_block = tl.load(ids_ptr + c0 // BLOCK + blocks_in_tile - 1)
-            if last_block - first_block == blocks_in_tile - 1:
-                acc = _sdd_boxes(acc, a_ptr, w_ptr, T, K, W_ROWS, w_row, pid_m, stride_am, stride_wn,
-                                 BM, BN, BK, UPCAST, PRECISION)
-            else:
-                acc = _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST,
-                                    PRECISION)
+            acc = _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST,
+                                   PRECISION)
     else:
         acc = _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST, PRECISION)
     if HAS_LOW_RANK:
