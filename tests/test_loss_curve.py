@@ -121,6 +121,8 @@ def test_predictor_cost_counts_the_calls_and_the_refresh(tmp_path, monkeypatch):
     assert out["predict_graph_timed"] == "eager"
     share = (out["predict_graph_ms"] + out["refresh_ms_mean"]) / out["step_ms_mean"]
     assert out["predictor_share"] == pytest.approx(share)
+    each = out["refresh_ms_each"]  # every refresh (after steps 2, 4, ...), the untimed warm-up's included
+    assert [r["step"] for r in each] == list(range(1, len(out["loss_curve"]), 2)) and all(r["ms"] > 0 for r in each)
     assert "predict_graph_ms" not in loss_curve(_case(exposure=LIVE), ctx), "no refresh: no inputs kept, not timed"
 
     from longexposure.measure import Timer

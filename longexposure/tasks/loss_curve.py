@@ -108,6 +108,12 @@ def loss_curve(case: LossCurveCase, ctx: RunContext) -> dict[str, Any]:
         metrics["predict_ms"] = Stats.of([t.get("predict_ms", 0.0) for t in timed]).to_dict()
     if any("refresh_ms" in t for t in timed):  # predictor refreshes, after the step: amortised over every step
         metrics["refresh_ms_mean"] = Stats.of([t.get("refresh_ms", 0.0) for t in timed]).mean
+        # each refresh on its own: the first of a process pays one-offs (about 120 ms more on the H200) that the
+        # mean spreads over this run's length
+        every = int((case.exposure or {}).get("refresh_every", 0))
+        metrics["refresh_ms_each"] = [
+            {"step": i, "ms": t.get("refresh_ms", 0.0)} for i, t in enumerate(times) if every and (i + 1) % every == 0
+        ]
     peak = peak_memory_gib(ctx.device)
     if peak is not None:
         metrics["peak_mem_gib"] = peak
