@@ -269,6 +269,12 @@ def _exposed_mlp_forward(fc1: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return state.exposure._mlp_forward(state, x)
 
 
+
+def _warms_refresh(inputs: dict[int, torch.Tensor]) -> bool:
+    """Whether the first step warms the refresh path up (`predictors.refresh.warm_up`): on a GPU, where a
+    process's first refresh costs about 120 ms of one-offs; on a CPU there is nothing to warm."""
+    return any(x.is_cuda for x in inputs.values())
+
 class Exposure:
     """The patch state of one model: what was replaced, the per-layer backends, and what ran."""
 
@@ -292,6 +298,7 @@ class Exposure:
         self.refreshes: dict[int, dict[str, float]] = {}  # per layer, its last refresh
         self._refreshers: dict[int, Any] = {}
         self._refresh_graphs: dict = {}  # refresh_keep_graph: the captured predictor-training steps
+        self.refresh_warmup_ms: float | None = None  # the first step's throwaway refresh (GPU), when it ran
         self._step_density: dict[str, list[torch.Tensor]] = {"mlp": [], "attention": []}  # on the device
         self.dense_switches = 0  # dense_above: times the set of dense MLP layers changed (graphs recapture)
         self.pad_replayed_mlp = True  # replayed MLP ids for the Triton operator padded to one shape (`prepare`)
@@ -668,9 +675,11 @@ class Exposure:
         predictor. Weights and thresholds change in place, so a CUDA graph that captured the predictors
         replays the refreshed ones. All layers refresh in one call (`refresh_layers`: their predictors train
         together, and the report rows come back in one host read). A `measure.Timer` times the refresh as
-        `refresh_ms`.
+        `refresh_ms`. On a GPU the first step also runs a throwaway refresh on copies of the predictors
+        (`predictors.refresh.warm_up`, `refresh_warmup_ms`): a process's first refresh pays one-offs that would
+        otherwise land in a timed step.
         """
-        from longexposure.predictors.refresh import refresh_layers
+        from longexposure.predictors.refresh import refresh_layers, warm_up
 
         self.steps_done += 1
         self._record_step_density()
@@ -679,6 +688,8 @@ class Exposure:
             self._set_dense_mlp({s.index: False for s in self.layer_states})
         if not self.config.refresh_every:
             return
+        if self.steps_done == 1 and self.last_mlp_inputs and _warms_refresh(self.last_mlp_inputs):
+            self.refresh_warmup_ms = warm_up(self._refreshers, self.last_mlp_inputs, self.config.refresh_keep_graph)
         due = self.steps_done % self.config.refresh_every == 0 and self.last_mlp_inputs
         # timed every step (zero when none is due), so every step has the same phases
         timing = timer.region("refresh_ms") if timer is not None else contextlib.nullcontext()
@@ -777,6 +788,8 @@ class Exposure:
                     )
                     if self.config.refresh_keep_graph:
                         src += ", their captured training step kept between refreshes"
+                    if self.refresh_warmup_ms is not None:
+                        src += " (a throwaway refresh on copies after the first step warmed the process up)"
                 if target == "mlp" and self.config.dense_above is not None:
                     src += (
                         f"; a layer whose refreshed prediction keeps >= {self.config.dense_above:g} of the blocks "
@@ -796,6 +809,7 @@ class Exposure:
         return {
             **over_steps,
             **({"steps_recorded": self.steps_done} if over_steps else {}),
+            **({"refresh_warmup_ms": self.refresh_warmup_ms} if self.refresh_warmup_ms is not None else {}),
             "sparsity_source": source,
             "attention_backend": self.config.attention_backend if self.config.attention else None,
             "mlp_backend": self.config.mlp_backend if self.config.mlp else None,

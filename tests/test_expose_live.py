@@ -396,3 +396,38 @@ def test_recall_target_reaches_every_refresh_and_is_checked(micro_checkpoint, ba
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="recall_target must be in"):
             expose(_micro(micro_checkpoint), source="predicted", predictors=str(bank_dir), recall_target=bad, **BLOCKS)
+
+
+def test_the_refresh_warm_up_runs_once_on_copies_and_changes_nothing(micro_checkpoint, e2e_ids, bank_dir, monkeypatch):  # noqa: F811
+    """The first step's throwaway refresh (on a GPU; forced here) leaves the real predictors, their thresholds
+    and refresh counts as they were: the run's refreshes and patterns equal a run without it."""
+    import longexposure.expose as expose_module
+
+    def run(warm: bool):
+        monkeypatch.setattr(expose_module, "_warms_refresh", lambda inputs: warm)
+        model = _micro(micro_checkpoint)
+        exposure = expose(
+            model, source="predicted", predictors=str(bank_dir), attention=False, refresh_every=2, refresh_steps=3,
+            mlp_block=MLP_BLOCK, mlp_backend="torch-gather",
+        )  # fmt: skip
+        model.train()
+        _loss_and_grads(model, e2e_ids[0])
+        exposure.after_step()
+        state = [t.detach().clone() for m in exposure.predictors["mlp"] for t in (*m.parameters(), *m.buffers())]
+        counts = [r.count for r in exposure._refreshers.values()]
+        for step in range(3):
+            _loss_and_grads(model, e2e_ids[step % 2])
+            exposure.after_step()
+        return exposure, state, counts
+
+    warmed, state_w, counts_w = run(True)
+    plain, state_p, counts_p = run(False)
+    assert warmed.refresh_warmup_ms is not None and warmed.refresh_warmup_ms > 0 and plain.refresh_warmup_ms is None
+    assert counts_w == counts_p == [0] * len(counts_w), "the warm-up refreshed no real predictor"
+    for a, b in zip(state_w, state_p, strict=True):
+        assert torch.equal(a, b)
+    assert warmed.refreshes == plain.refreshes
+    report = warmed.report()
+    assert report["refresh_warmup_ms"] == warmed.refresh_warmup_ms
+    assert "warmed the process up" in report["sparsity_source"]
+    assert "refresh_warmup_ms" not in plain.report()
