@@ -24,8 +24,8 @@
 #   bash benchmarks/device_session.sh real-sweep # relu-base with act_group_l1 0 / 0.3 / 1 (600 steps each): held-out
 #                                                # E2E d90; the best then pretrained in full into the cache
 #   bash benchmarks/device_session.sh real-run   # e2e_real on relu-base (pretrains it first if not cached; resumes)
-#   bash benchmarks/device_session.sh real-control  # issue 17's last control: theta 0.5 refreshed every 100 steps beside
-#                                                # random blocks at its predicted density, with both dense baselines
+#   bash benchmarks/device_session.sh real-control  # issue 17: theta 0.5 refreshed every 100 steps (recall 0.97 and 0.9)
+#                                                # beside random blocks at the 0.9 row's density, both dense baselines
 #   bash benchmarks/device_session.sh real-profile  # step profiles of e2e_real's dense and Long Exposure compiled +
 #                                                # graph steps on relu-base, and of a predictor refresh on its own
 #   bash benchmarks/device_session.sh strongest  # fig7 LoRA at 1024 against the compiled + graph baseline, profiles
@@ -175,8 +175,8 @@ case $stage in
     echo "== picked act_group_l1 ${group:-none}" | tee -a "$log"
     if [ -n "$group" ]; then PRETRAIN_ARGS="--act-group-l1 $group" pretrain_relu_base; fi
     ;;
-  real-control)  # one call (~330 s with pretraining): the headline row beside the control at the same density
-    REAL_ONLY="--only variant=dense-lora-sdpa-graph,dense-lora-compile-graph,long-exposure-mlp-compile-graph-theta0.5-refresh100,random-mlp-theta0.5-as-predicted,random-mlp-theta0.5"
+  real-control)  # one call (~330 s with pretraining): the headline rows beside their controls at the same density
+    REAL_ONLY="--only variant=dense-lora-sdpa-graph,dense-lora-compile-graph,long-exposure-mlp-compile-graph-theta0.5-refresh100,long-exposure-mlp-compile-graph-theta0.5-refresh100-recall0.9,random-mlp-theta0.5-as-predicted-recall0.9"
     ;&  # then real-run's steps with that filter
   real-run)  # e2e_real (resumes: results live in $LONGEXPOSURE_CACHE/runs while the machine stays warm)
     pretrain_relu_base
