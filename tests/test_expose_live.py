@@ -16,6 +16,12 @@ REFERENCE_BACKENDS = {"mlp_backend": "torch-gather", "attention_backend": "eager
 BLOCKS = {"mlp_block": MLP_BLOCK, "attn_block": ATTN_BLOCK}
 
 
+def _live_mlp(bank_dir, **over) -> dict:
+    """`expose` options of a live-predicted MLP (no attention) on the micro model, on the torch-gather backend."""
+    return dict(source="predicted", predictors=str(bank_dir), attention=False, mlp_block=MLP_BLOCK,
+                mlp_backend="torch-gather", **over)  # fmt: skip
+
+
 def _micro(checkpoint, method="lora"):
     model = build_model("relu-micro", weights=str(checkpoint), attn_implementation="eager", seed=0)
     torch.manual_seed(0)  # the same LoRA initialisation in every copy
@@ -146,10 +152,7 @@ def test_compiled_predictors_match_eager_calls(micro_checkpoint, e2e_ids, bank_d
 
 def test_refresh_every_retrains_the_mlp_predictors_after_training_steps_only(micro_checkpoint, e2e_ids, bank_dir):  # noqa: F811
     model = _micro(micro_checkpoint)
-    exposure = expose(
-        model, source="predicted", predictors=str(bank_dir), attention=False, refresh_every=2, refresh_steps=5,
-        mlp_block=MLP_BLOCK, mlp_backend="torch-gather",
-    )  # fmt: skip
+    exposure = expose(model, **_live_mlp(bank_dir, refresh_every=2, refresh_steps=5))
     loaded = [p.detach().clone() for m in exposure.predictors["mlp"] for p in m.parameters()]
     with torch.no_grad():
         model(input_ids=e2e_ids[0])  # eval mode, no grad: not a training forward
@@ -174,8 +177,7 @@ def test_refresh_every_retrains_the_mlp_predictors_after_training_steps_only(mic
     with pytest.raises(ValueError, match="refresh_every refreshes the MLP predictors of predicted and random-as-pre"):
         expose(_micro(micro_checkpoint), source="oracle", refresh_every=2, **BLOCKS)
     forgotten = _micro(micro_checkpoint)
-    expose(forgotten, source="predicted", predictors=str(bank_dir), attention=False, refresh_every=1,
-           mlp_block=MLP_BLOCK, mlp_backend="torch-gather")  # fmt: skip
+    expose(forgotten, **_live_mlp(bank_dir, refresh_every=1))
     forgotten.train()
     _loss_and_grads(forgotten, e2e_ids[0])
     _loss_and_grads(forgotten, e2e_ids[0])
@@ -187,10 +189,7 @@ def test_refresh_keeps_the_mlp_input_in_the_autocast_dtype(micro_checkpoint, e2e
     """Under bf16 autocast the residual stream (and so the MLP input) is fp32; the refresh gets the bf16 input
     the MLP multiplies, so on a GPU its fc1 and predictor training run bf16 matmuls, as `layer_data` documents."""
     model = _micro(micro_checkpoint)
-    exposure = expose(
-        model, source="predicted", predictors=str(bank_dir), attention=False, refresh_every=2, refresh_steps=2,
-        mlp_block=MLP_BLOCK, mlp_backend="torch-gather",
-    )  # fmt: skip
+    exposure = expose(model, **_live_mlp(bank_dir, refresh_every=2, refresh_steps=2))
     model.train()
     model(input_ids=e2e_ids[0], labels=e2e_ids[0]).loss.backward()  # no autocast: the model's own dtype
     assert all(state.kept["mlp"].dtype == torch.float32 for state in exposure.layer_states)
@@ -212,10 +211,7 @@ def test_compiled_layers_keep_the_refresh_input_in_the_autocast_dtype(micro_chec
     from longexposure.compiled_model import compile_layers_, fresh_dynamo
 
     model = _micro(micro_checkpoint)
-    exposure = expose(
-        model, source="predicted", predictors=str(bank_dir), attention=False, refresh_every=1, refresh_steps=2,
-        mlp_block=MLP_BLOCK, mlp_backend="torch-gather",
-    )  # fmt: skip
+    exposure = expose(model, **_live_mlp(bank_dir, refresh_every=1, refresh_steps=2))
     fresh_dynamo()
     compile_layers_(model)
     model.train()
@@ -239,8 +235,7 @@ def test_dense_above_runs_the_first_step_and_refreshed_dense_layers_dense(micro_
 
     ids = e2e_ids[0][:1]  # one sequence: the union of its tokens' blocks leaves some out
     dense_loss, dense_grads = _loss_and_grads(fresh(), ids)
-    opts = dict(source="predicted", predictors=str(bank_dir), attention=False, refresh_every=2, refresh_steps=3,
-                mlp_block=MLP_BLOCK, mlp_backend="torch-gather")  # fmt: skip
+    opts = _live_mlp(bank_dir, refresh_every=2, refresh_steps=3)
     model = fresh()
     exposure = expose(model, dense_above=1e-6, **opts)  # every layer predicted above it: all go dense
     calls = []
@@ -284,8 +279,7 @@ def test_dense_above_runs_the_first_step_and_refreshed_dense_layers_dense(micro_
 
 
 def test_refresh_keep_graph_needs_refresh_every_and_is_reported(micro_checkpoint, bank_dir):  # noqa: F811
-    opts = dict(source="predicted", predictors=str(bank_dir), attention=False, mlp_block=MLP_BLOCK,
-                mlp_backend="torch-gather")  # fmt: skip
+    opts = _live_mlp(bank_dir)
     with pytest.raises(ValueError, match="refresh_keep_graph .* needs refresh_every"):
         expose(_micro(micro_checkpoint), refresh_keep_graph=True, **opts)
     exposure = expose(_micro(micro_checkpoint), refresh_every=3, refresh_keep_graph=True, **opts)
@@ -386,10 +380,7 @@ def test_random_as_predicted_keeps_the_predicted_count_of_other_blocks(micro_che
 
 def test_recall_target_reaches_every_refresh_and_is_checked(micro_checkpoint, bank_dir):  # noqa: F811
     model = _micro(micro_checkpoint)
-    exposure = expose(
-        model, source="predicted", predictors=str(bank_dir), attention=False, refresh_every=2, refresh_steps=2,
-        recall_target=0.8, mlp_block=MLP_BLOCK, mlp_backend="torch-gather",
-    )  # fmt: skip
+    exposure = expose(model, **_live_mlp(bank_dir, refresh_every=2, refresh_steps=2, recall_target=0.8))
     model.train()
     model(input_ids=torch.zeros(1, 8, dtype=torch.long))
     assert {r.config.recall_target for r in exposure._refreshers.values()} == {0.8}
@@ -406,10 +397,7 @@ def test_the_refresh_warm_up_runs_once_on_copies_and_changes_nothing(micro_check
     def run(warm: bool):
         monkeypatch.setattr(expose_module, "_warms_refresh", lambda inputs: warm)
         model = _micro(micro_checkpoint)
-        exposure = expose(
-            model, source="predicted", predictors=str(bank_dir), attention=False, refresh_every=2, refresh_steps=3,
-            mlp_block=MLP_BLOCK, mlp_backend="torch-gather",
-        )  # fmt: skip
+        exposure = expose(model, **_live_mlp(bank_dir, refresh_every=2, refresh_steps=3))
         model.train()
         _loss_and_grads(model, e2e_ids[0])
         exposure.after_step()
