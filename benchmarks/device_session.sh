@@ -26,6 +26,8 @@
 #   bash benchmarks/device_session.sh real-run   # e2e_real on relu-base (pretrains it first if not cached; resumes)
 #   bash benchmarks/device_session.sh real-control  # issue 17: theta 0.5 refreshed every 100 steps (recall 0.97 and 0.9)
 #                                                # beside random blocks at the 0.9 row's density, both dense baselines
+#   bash benchmarks/device_session.sh real-corpus   # issue 17's control where the model's MLP knows the domain: the same
+#                                                # rows fine-tuned on the pretraining corpus (held out: its tail)
 #   bash benchmarks/device_session.sh real-profile  # step profiles of e2e_real's dense and Long Exposure compiled +
 #                                                # graph steps on relu-base, and of a predictor refresh on its own
 #   bash benchmarks/device_session.sh strongest  # fig7 LoRA at 1024 against the compiled + graph baseline, profiles
@@ -44,7 +46,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-profile|strongest|strongest-methods|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -175,8 +177,13 @@ case $stage in
     echo "== picked act_group_l1 ${group:-none}" | tee -a "$log"
     if [ -n "$group" ]; then PRETRAIN_ARGS="--act-group-l1 $group" pretrain_relu_base; fi
     ;;
-  real-control)  # one call (~330 s with pretraining): the headline rows beside their controls at the same density
-    REAL_ONLY="--only variant=dense-lora-sdpa-graph,dense-lora-compile-graph,long-exposure-mlp-compile-graph-theta0.5-refresh100,long-exposure-mlp-compile-graph-theta0.5-refresh100-recall0.9,random-mlp-theta0.5-as-predicted-recall0.9"
+  real-control|real-corpus)  # one call each (~330 / ~400 s with pretraining): the headline rows beside their controls
+    # at the same density, on E2E (real-control) or on the pretraining corpus (real-corpus)
+    if [ "$stage" = real-corpus ]; then
+      REAL_ONLY="--only dataset=corpus --only variant=dense-lora-sdpa-graph,dense-lora-compile-graph,long-exposure-mlp-compile-graph-theta0.5-refresh100-recall0.9,random-mlp-theta0.5-as-predicted-recall0.9,random-mlp-theta0.5"
+    else
+      REAL_ONLY="--only dataset=e2e --only variant=dense-lora-sdpa-graph,dense-lora-compile-graph,long-exposure-mlp-compile-graph-theta0.5-refresh100,long-exposure-mlp-compile-graph-theta0.5-refresh100-recall0.9,random-mlp-theta0.5-as-predicted-recall0.9"
+    fi
     ;&  # then real-run's steps with that filter
   real-run)  # e2e_real (resumes: results live in $LONGEXPOSURE_CACHE/runs while the machine stays warm)
     pretrain_relu_base

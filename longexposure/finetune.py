@@ -220,8 +220,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="synthetic", help="dataset name (see `longexposure list dataset`)")
     parser.add_argument("--data-path", default=None, help="file or directory of the dataset")
     parser.add_argument(
-        "--data-split", default=None, help="the dataset's split (e2e: train / held-out); none: the dataset's default"
-    )
+        "--data-split", default=None,
+        help="the dataset's split (e2e, corpus: train / held-out); none: the dataset's default",
+    )  # fmt: skip
     parser.add_argument(
         "--reorder-batches",
         type=int,
@@ -270,8 +271,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--held-out-batches", type=int, default=0,
-        help="afterwards, evaluate on this many batches never trained on (e2e: needs --data-split train): the loss "
-        "as trained and, with predicted MLP patterns, with every MLP block (the model run dense)",
+        help="afterwards, evaluate on this many batches never trained on (e2e, corpus: need --data-split train): the "
+        "loss as trained and, with predicted MLP patterns, with every MLP block (the model run dense)",
     )  # fmt: skip
     parser.add_argument("--out", default=None, help="directory for losses, summary and trained parameters")
 

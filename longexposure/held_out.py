@@ -191,28 +191,35 @@ def held_out_metrics(
     return out
 
 
+def held_out_split(dataset: str) -> str | None:
+    """The split of `dataset` that fine-tuning never reads (registered as `held_out_split`), or None."""
+    from longexposure.registry import DATASETS
+
+    return DATASETS.entry(dataset).meta.get("held_out_split")
+
+
 def check_held_out(setup: Any, n: int) -> None:
-    """Refuse, before any step, a held-out evaluation that would not be held out: E2E fine-tuning must train on
-    its `train` split, so that the `held-out` split's meaning representations are never trained on."""
+    """Refuse, before any step, a held-out evaluation that would not be held out: on a dataset with a held-out
+    split (E2E, corpus) fine-tuning must train on its `train` split, so the held-out split is never trained on."""
     if n < 0:
         raise ValueError(f"held_out_batches must be >= 0, got {n}")
-    if n and setup.dataset == "e2e" and setup.data_split != "train":
+    if n and held_out_split(setup.dataset) and setup.data_split != "train":
         raise ValueError(
-            f"e2e fine-tuning with held_out_batches needs data_split: train (got {setup.data_split!r}), so that "
-            "the held-out split's meaning representations are never trained on"
+            f"{setup.dataset} fine-tuning with held_out_batches needs data_split: train (got {setup.data_split!r}), "
+            f"so that its {held_out_split(setup.dataset)!r} split is never trained on"
         )
 
 
 def evaluate_held_out(setup: Any, trainer: Any, n: int, seed: int) -> dict[str, Any]:
     """`held_out_metrics` of `trainer`'s fine-tuned model (as it trained: its exposure, its precision) on `n`
-    batches it never trained on: the dataset's `held-out` split where it has one (E2E; `check_held_out`),
+    batches it never trained on: the dataset's held-out split where it has one (E2E, corpus; `check_held_out`),
     else batches drawn with another seed. `held_out_data` says which."""
     from longexposure.data import load_batches
     from longexposure.models import family_of
     from longexposure.training import PRECISIONS
 
     check_held_out(setup, n)
-    split = "held-out" if setup.dataset == "e2e" else None
+    split = held_out_split(setup.dataset)
     stream = load_batches(
         setup.dataset,
         batch=setup.batch,

@@ -60,7 +60,8 @@ class TrainingSetup:
         method: PEFT method name; method_options: its keyword arguments.
         attn: attention implementation (`eager`, `sdpa`, or a registered AttentionInterface name).
         dataset, data_path: dataset name and where its files are; data_split: the dataset's split (e2e:
-            `train` / `held-out`, disjoint meaning representations; None: the dataset's default).
+            `train` / `held-out`, disjoint meaning representations; corpus: the stream pretraining trains on / the
+            tail it holds out; None: the dataset's default).
         batch: sequences per step (per rank under torchrun: the global batch is batch x ranks).
         precision: `fp32`, `fp16-amp` or `bf16-amp`.
         compile: compile each decoder layer and the loss with torch.compile (see the module docstring).

@@ -69,3 +69,45 @@ def test_alpaca_tokenizes_instruction_input_output(tmp_path):
     bad.write_text('{"instruction": "x"}\n')
     with pytest.raises(ValueError, match="expected keys 'instruction' and 'output'"):
         load_batches("alpaca", batch=1, seq_len=8, vocab_size=10, path=str(bad), tokenizer=str(TOKENIZER))
+
+
+def _corpus(tmp_path, n=5000):
+    """A tokenized corpus whose token at position i is i % 50000: a window's ids say where it was cut."""
+    import numpy as np
+
+    path = tmp_path / "corpus.npy"
+    np.save(path, (np.arange(n) % 50000).astype(np.uint16))
+    return path
+
+
+def test_corpus_splits_as_pretraining_does(tmp_path):
+    from longexposure.pretrain import load_corpus
+
+    path = _corpus(tmp_path)
+    train_tokens, tail = load_corpus(path).split()
+    for split, lo, hi in (("train", 0, len(train_tokens)), ("held-out", len(train_tokens), 5000)):
+        batches = load_batches("corpus", batch=4, seq_len=16, vocab_size=50272, path=str(path), split=split)
+        assert f"split {split}" in batches.description
+        for _ in range(8):
+            ids = next(batches)["input_ids"]
+            assert ids.shape == (4, 16)
+            assert bool(((ids[:, 1:] - ids[:, :-1]) == 1).all()), "a window is a contiguous run of the stream"
+            assert int(ids.min()) >= lo and int(ids.max()) < hi, f"{split} windows stay inside their split"
+    assert len(tail) == 5000 - len(train_tokens) > 0
+    default = load_batches("corpus", batch=1, seq_len=16, vocab_size=50272, path=str(path), seed=3)
+    again = load_batches("corpus", batch=1, seq_len=16, vocab_size=50272, path=str(path), seed=3, split="train")
+    assert torch.equal(next(default)["input_ids"], next(again)["input_ids"]), "train is the default, seeded"
+
+
+def test_corpus_bad_inputs_are_clear_errors(tmp_path):
+    path = str(_corpus(tmp_path))
+    with pytest.raises(ValueError, match="corpus split 'valid' is not one of"):
+        load_batches("corpus", batch=1, seq_len=16, vocab_size=50272, path=path, split="valid")
+    with pytest.raises(ValueError, match="OPT tokenizer"):
+        load_batches("corpus", batch=1, seq_len=16, vocab_size=50272, path=path, family="llama")
+    with pytest.raises(ValueError, match="fewer than one window"):
+        load_batches("corpus", batch=1, seq_len=512, vocab_size=50272, path=path, split="held-out")
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        load_batches("corpus", batch=1, seq_len=16, vocab_size=1000, path=path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_batches("corpus", batch=1, seq_len=16, vocab_size=50272, path=str(tmp_path / "none.npy"))

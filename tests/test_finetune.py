@@ -122,6 +122,23 @@ def test_train_predictors_then_finetune_with_them(tmp_path, capsys):
     assert "needs data_split: train" in capsys.readouterr().err
 
 
+def test_finetune_on_the_corpus_holds_out_its_tail(tmp_path, capsys):
+    """`--dataset corpus`: fine-tuning reads pretraining's stream and the held-out loss the tail it holds out;
+    without `--data-split train` a held-out evaluation is refused before any step."""
+    import numpy as np
+
+    corpus = tmp_path / "corpus.npy"
+    np.save(corpus, (np.arange(20000) % 1000).astype(np.uint16))
+    common = ["--model", "opt-tiny", "--seq-len", "32", "--batch", "2", "--device", "cpu", "--dataset", "corpus",
+              "--data-path", str(corpus), "--held-out-batches", "2", "--steps", "2"]  # fmt: skip
+    assert main(["finetune", *common, "--out", str(tmp_path / "run"), "--data-split", "train"]) == 0
+    held = json.loads((tmp_path / "run" / "summary.json").read_text())["held_out"]
+    assert "split held-out (the tail pretraining holds out: 400 tokens)" in held["held_out_data"]
+    assert math.isfinite(held["held_out_loss"])
+    assert main(["finetune", *common]) == 2
+    assert "corpus fine-tuning with held_out_batches needs data_split: train" in capsys.readouterr().err
+
+
 def test_held_out_line_says_when_an_adapter_needs_its_sparsity():
     from longexposure.finetune import held_out_line
 

@@ -73,6 +73,8 @@ def test_bad_loss_curve_cases():
         _case(reorder_batches=2)
     with pytest.raises(ValueError, match="needs data_split: train"):  # refused before any step, not after
         _case(dataset="e2e")
+    with pytest.raises(ValueError, match="corpus fine-tuning with held_out_batches needs data_split: train"):
+        _case(dataset="corpus")  # the corpus's held-out tail, likewise
     with pytest.raises(ValueError, match="held_out_batches must be >= 0, got -1"):
         _case(held_out_batches=-1)
     with pytest.raises(ValueError, match="need 0 <= timing_warmup < steps, got 4, 4"):

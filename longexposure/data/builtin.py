@@ -1,4 +1,5 @@
-"""Built-in datasets: `synthetic` (random ids, for timing), `e2e` (tokenized JSONL), `alpaca` (text JSONL).
+"""Built-in datasets: `synthetic` (random ids, for timing), `e2e` (tokenized JSONL), `alpaca` (text JSONL),
+`corpus` (the project's pretraining corpus: a fine-tuning task in the domain the model was pretrained on).
 
 Each dataset is a function returning `Batches`: an endless iterator of {input_ids, labels} of shape
 (batch, seq_len) plus a one-line description recorded in every artifact. Real data is read from a
@@ -188,7 +189,11 @@ def e2e_split(examples: list[tuple[list[int], list[int]]], split: str) -> list[t
     return [(c, r) for c, r in examples if (tuple(c) in held) == (split == "held-out")]
 
 
-@DATASETS.register("e2e", help="E2E NLG tokenized JSONL with context/completion ids (packed; split all/train/held-out)")
+@DATASETS.register(
+    "e2e",
+    help="E2E NLG tokenized JSONL with context/completion ids (packed; split all/train/held-out)",
+    held_out_split="held-out",
+)
 def e2e(
     *,
     batch: int,
@@ -220,6 +225,57 @@ def e2e(
         _pack(examples, batch, seq_len, seed, device, vocab_size),
         f"e2e {file} ({len(examples)} examples{part}, packed to {seq_len})",
     )
+
+
+CORPUS_SPLITS = ("train", "held-out")
+
+
+@DATASETS.register(
+    "corpus",
+    help="the pretraining corpus (OPT-tokenized Python 3.11 docs; split train: what pretraining trains on, held-out)",
+    held_out_split="held-out",
+)
+def corpus(
+    *,
+    batch: int,
+    seq_len: int,
+    vocab_size: int,
+    path: str | None,
+    seed: int,
+    device: torch.device,
+    family: str | None = None,
+    split: str = "train",
+) -> Batches:
+    """Random windows of the corpus `longexposure pretrain` reads, split exactly as pretraining splits it.
+
+    Why: on E2E the project's ReLU models (pretrained on documentation) gain little from their MLPs, so any MLP
+    blocks fine-tune about as well as any others. In the domain the model was pretrained in, its MLP holds what it
+    knows, and which blocks a sparse step keeps should show in the held-out loss.
+    """
+    from longexposure.pretrain import load_corpus
+
+    if split not in CORPUS_SPLITS:
+        raise ValueError(f"corpus split {split!r} is not one of {list(CORPUS_SPLITS)}")
+    if family not in (None, "opt"):
+        raise ValueError(f"dataset 'corpus' is tokenized with the OPT tokenizer; a {family} model reads other ids")
+    data = load_corpus(path)
+    tokens = data.split()[0 if split == "train" else 1]
+    if len(tokens) <= seq_len:
+        raise ValueError(f"corpus split {split!r} has {len(tokens)} tokens, fewer than one window ({seq_len} + 1)")
+    if int(tokens.max()) >= vocab_size:
+        raise ValueError(f"corpus token id {int(tokens.max())} is outside the model's vocabulary ({vocab_size})")
+    gen = torch.Generator().manual_seed(seed)
+    stream = torch.from_numpy(tokens.astype("int64"))
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            starts = torch.randint(0, len(stream) - seq_len, (batch,), generator=gen)
+            ids = torch.stack([stream[s : s + seq_len] for s in starts.tolist()]).to(device)
+            yield {"input_ids": ids, "labels": ids}
+
+    part = "the stream pretraining trains on" if split == "train" else "the tail pretraining holds out"
+    desc = f"corpus {data.description}, split {split} ({part}: {len(tokens)} tokens), windows of {seq_len}"
+    return Batches(batches(), desc)
 
 
 @DATASETS.register("alpaca", help="instruction/input/output text JSONL, tokenized with a local tokenizer")
