@@ -217,7 +217,11 @@ def build_parser(configure: Collection[str] | None = None) -> argparse.ArgumentP
     ):
         p = add(name, helptext)
         p.add_argument("suite", help="suite YAML file, e.g. suites/table1.yaml")
-        p.add_argument("--preset", default="auto", help="cpu-tiny, paper, or auto (paper on a GPU, else cpu-tiny)")
+        p.add_argument(
+            "--preset",
+            default="auto",
+            help="cpu-tiny, paper, cpu-quality (where a suite has it), or auto (paper on a GPU, else cpu-tiny)",
+        )
         p.add_argument("--out", default="artifacts", help="artifact root (default: artifacts)")
         if name == "run":
             p.add_argument("--force", action="store_true", help="discard earlier results of this preset")

@@ -35,6 +35,8 @@ PRESETS = {
     "cpu-tiny": "a smoke test: tiny shapes on the CPU check that the pipeline runs end to end; its times swing "
     "from run to run and say nothing about the paper's claims",
     "paper": "the paper's shapes, for a GPU",
+    "cpu-quality": "a quality check on the CPU: a small model really trained, whose losses mean something at that "
+    "scale and whose times say nothing",
 }
 # A suite's name is a folder under `--out`: the registry's name pattern, plus '_' (shipped suites use it).
 SUITE_NAME = re.compile(r"[a-z0-9][a-z0-9._\-]*")
