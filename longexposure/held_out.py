@@ -203,10 +203,11 @@ def check_held_out(setup: Any, n: int) -> None:
     split (E2E, corpus) fine-tuning must train on its `train` split, so the held-out split is never trained on."""
     if n < 0:
         raise ValueError(f"held_out_batches must be >= 0, got {n}")
-    if n and held_out_split(setup.dataset) and setup.data_split != "train":
+    held = held_out_split(setup.dataset) if n else None
+    if held and setup.data_split != "train":
         raise ValueError(
             f"{setup.dataset} fine-tuning with held_out_batches needs data_split: train (got {setup.data_split!r}), "
-            f"so that its {held_out_split(setup.dataset)!r} split is never trained on"
+            f"so that its {held!r} split is never trained on"
         )
 
 

@@ -299,7 +299,8 @@ def _lm_loss(model: torch.nn.Module, ids: torch.Tensor, negatives: int, gen: tor
     return F.cross_entropy(logits.float(), inverse[: targets.numel()])
 
 
-def _windows(tokens: np.ndarray, batch: int, seq_len: int, gen: np.random.Generator) -> torch.Tensor:
+def random_windows(tokens: np.ndarray, batch: int, seq_len: int, gen: np.random.Generator) -> torch.Tensor:
+    """`batch` windows of `seq_len` tokens cut at random from the stream (pretraining, and dataset `corpus`)."""
     starts = gen.integers(0, len(tokens) - seq_len, size=batch)
     return torch.from_numpy(np.stack([tokens[s : s + seq_len].astype(np.int64) for s in starts]))
 
@@ -311,7 +312,7 @@ def held_out_loss(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, devi
     gen = np.random.default_rng(1234)
     losses = []
     for _ in range(max(1, n // 4)):
-        ids = _windows(tokens, 4, seq_len, gen).to(device)
+        ids = random_windows(tokens, 4, seq_len, gen).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses.append(float(model(input_ids=ids, labels=ids).loss))
     model.train()
@@ -485,7 +486,7 @@ def pretrain(
                     recipe = replace(recipe, steps=max(fit, step + 1))
         for group in optim.param_groups:
             group["lr"] = lr_at(step)
-        ids = _windows(train_tokens, recipe.batch, recipe.seq_len, gen).to(device, non_blocking=True)
+        ids = random_windows(train_tokens, recipe.batch, recipe.seq_len, gen).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = _lm_loss(model, ids, recipe.sampled_negatives, tgen)
             total = loss + torch.stack(act_terms).mean() if act_terms else loss
@@ -513,7 +514,7 @@ def pretrain(
         hook.remove()
     elapsed = time.perf_counter() - started
     val = held_out_loss(model, val_tokens, recipe.seq_len, device)
-    probe = _windows(val_tokens, 4, recipe.seq_len, np.random.default_rng(99)).to(device)
+    probe = random_windows(val_tokens, 4, recipe.seq_len, np.random.default_rng(99)).to(device)
     sparsity = mlp_sparsity(model, probe)
     log(f"held-out loss {val:.3f} (ppl {math.exp(val):.1f}); {elapsed:.0f}s")
     for i, row in enumerate(sparsity):

@@ -252,7 +252,9 @@ def corpus(
     blocks fine-tune about as well as any others. In the domain the model was pretrained in, its MLP holds what it
     knows, and which blocks a sparse step keeps should show in the held-out loss.
     """
-    from longexposure.pretrain import load_corpus
+    import numpy as np
+
+    from longexposure.pretrain import load_corpus, random_windows
 
     if split not in CORPUS_SPLITS:
         raise ValueError(f"corpus split {split!r} is not one of {list(CORPUS_SPLITS)}")
@@ -264,13 +266,11 @@ def corpus(
         raise ValueError(f"corpus split {split!r} has {len(tokens)} tokens, fewer than one window ({seq_len} + 1)")
     if int(tokens.max()) >= vocab_size:
         raise ValueError(f"corpus token id {int(tokens.max())} is outside the model's vocabulary ({vocab_size})")
-    gen = torch.Generator().manual_seed(seed)
-    stream = torch.from_numpy(tokens.astype("int64"))
+    gen = np.random.default_rng(seed)
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            starts = torch.randint(0, len(stream) - seq_len, (batch,), generator=gen)
-            ids = torch.stack([stream[s : s + seq_len] for s in starts.tolist()]).to(device)
+            ids = random_windows(tokens, batch, seq_len, gen).to(device)
             yield {"input_ids": ids, "labels": ids}
 
     part = "the stream pretraining trains on" if split == "train" else "the tail pretraining holds out"
