@@ -268,12 +268,11 @@ def _exposed_mlp_forward(fc1: nn.Module, x: torch.Tensor) -> torch.Tensor:
     state: LayerState = fc1.__dict__[LAYER_ATTR]
     return state.exposure._mlp_forward(state, x)
 
-
-
 def _warms_refresh(inputs: dict[int, torch.Tensor]) -> bool:
     """Whether the first step warms the refresh path up (`predictors.refresh.warm_up`): on a GPU, where a
     process's first refresh costs about 120 ms of one-offs; on a CPU there is nothing to warm."""
     return any(x.is_cuda for x in inputs.values())
+
 
 class Exposure:
     """The patch state of one model: what was replaced, the per-layer backends, and what ran."""

@@ -216,7 +216,6 @@ def refresh_layers(
     return out
 
 
-
 def warm_up(refreshers: Mapping[int, MlpRefresher], inputs: Mapping[int, Tensor], keep_graph: bool) -> float:
     """A throwaway `refresh_layers` on copies of the predictors; returns its wall time in ms (synchronized).
 
@@ -229,5 +228,6 @@ def warm_up(refreshers: Mapping[int, MlpRefresher], inputs: Mapping[int, Tensor]
     started = time.perf_counter()
     refresh_layers(copies, inputs, keep={} if keep_graph else None)  # its one host read waits for the device
     return (time.perf_counter() - started) * 1e3
+
 
 _MLP_FIELDS = ("mlp_x", "mlp_frac", "mlp_mass")
