@@ -23,6 +23,10 @@ against that triangle (dense sdpa: density 1); backward 2.5 x forward (its five 
 once, as FlashAttention counts; the kernels' second recompute for dQ is not credited). Masking inside the
 diagonal blocks is not subtracted.
 
+dQ: the triton backend runs once per `--dq-modes` entry (LONGEXPOSURE_BSA_DQ: `pass`, the dQ kernel over the
+layout's rows; `atomic`, dQ added by the dK/dV kernel, FlashAttention-2's structure), in correctness, compile
+and timing alike, each row labelled `triton (dQ <mode>)` and both timed against the same sdpa row.
+
 Targets (issue 4), from the graph-replayed medians, fp16, D=64, block 64:
   T1 triton <= 1.10 x sdpa (causal dense) at block sparsity 0;   T2 sdpa / triton >= 3.5 at sparsity 0.8;
   T3 time linear in density (R^2 of a least-squares line);        T4 pool combination <= 50 us.
@@ -31,8 +35,10 @@ Targets (issue 4), from the graph-replayed medians, fp16, D=64, block 64:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -40,6 +46,28 @@ from pathlib import Path
 import torch
 
 SPARSITIES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+@contextlib.contextmanager
+def dq_mode(mode: str | None):
+    """LONGEXPOSURE_BSA_DQ=mode inside (None: as the environment has it)."""
+    before = os.environ.get("LONGEXPOSURE_BSA_DQ")
+    if mode is not None:
+        os.environ["LONGEXPOSURE_BSA_DQ"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LONGEXPOSURE_BSA_DQ", None)
+        else:
+            os.environ["LONGEXPOSURE_BSA_DQ"] = before
+
+
+def variants(backend: str, dq_modes: list[str]) -> list[tuple[str, str | None]]:
+    """(row label, dQ mode) per run of a backend: the triton backend once per mode, others once."""
+    if backend != "triton":
+        return [(backend, None)]
+    return [(f"triton (dQ {m})", m) for m in dq_modes]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -54,7 +82,7 @@ def _maxerr(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------- correctness
 
 
-def correctness(device: torch.device, quick: bool = False) -> list[dict]:
+def correctness(device: torch.device, quick: bool = False, dq_modes: tuple[str, ...] = ("pass",)) -> list[dict]:
     from longexposure.attention.layout import BlockLayout
     from longexposure.attention_backends import get_backend
     from longexposure.ops.block_sparse_attention import reference_attention
@@ -95,13 +123,14 @@ def correctness(device: torch.device, quick: bool = False) -> list[dict]:
         lo = [t.to(dt).requires_grad_() for t in x[:3]]
         lo_o = reference_attention(*lo, layout, causal=causal, seq_lens=lens)
         lo_g = torch.autograd.grad(lo_o, lo, x[3].to(dt))
-        for name in backends:
+        for name, mode in (v for b in backends for v in variants(b, list(dq_modes))):
             row = {"backend": name, "dtype": dt_name, "head_dim": d, "block": block, "seq_len": s, "causal": causal,
                    "ragged": ragged, "sparsity": sp}
             try:
                 leaves = [t.to(dt).requires_grad_() for t in x[:3]]
-                o = get_backend(name)(*leaves, layout, causal=causal, seq_lens=lens)
-                g = torch.autograd.grad(o, leaves, x[3].to(dt))
+                with dq_mode(mode):
+                    o = get_backend(name.split()[0])(*leaves, layout, causal=causal, seq_lens=lens)
+                    g = torch.autograd.grad(o, leaves, x[3].to(dt))
                 ok = True
                 for label, got, same, want in zip(("out", "dq", "dk", "dv"), (o, *g), (lo_o, *lo_g), (hi_o, *hi_g),
                                                   strict=True):
@@ -123,8 +152,12 @@ def correctness(device: torch.device, quick: bool = False) -> list[dict]:
     return rows
 
 
-def compile_check(device: torch.device) -> dict:
-    """torch.compile (inductor) of fwd+bwd over three layouts: values vs eager, and compiled frames."""
+def compile_check(device: torch.device, dq_modes: tuple[str, ...] = ("pass",)) -> dict:
+    """torch.compile (inductor) of fwd+bwd over three layouts, per dQ mode: values vs eager, compiled frames."""
+    return {mode: _compile_check(device, mode) for mode in dq_modes}
+
+
+def _compile_check(device: torch.device, mode: str) -> dict:
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from longexposure.attention.layout import BlockLayout
@@ -141,23 +174,24 @@ def compile_check(device: torch.device) -> dict:
     out = {"frames": None, "max_rel_vs_eager": None}
     try:
         errs = []
-        for i, sp in enumerate((0.0, 0.5, 0.8)):
-            gen = torch.Generator(device=device).manual_seed(7 + i)
-            q, k, v, do = (torch.randn(2, 4, 512, 64, generator=gen, device=device, dtype=torch.float16)
-                           for _ in range(4))
-            for t in (q, k, v):
-                t.requires_grad_()
-            lay = random_causal_layout(2, 4, 8, 64, sp, device, seed=i).with_transpose()
-            o = step(q, k, v, lay.kv_counts, lay.kv_indices, lay.q_counts, lay.q_indices)
-            g = torch.autograd.grad(o, (q, k, v), do)  # AOTAutograd's compiled backward
-            oe = block_sparse_attention(q, k, v, lay)
-            ge = torch.autograd.grad(oe, (q, k, v), do)
-            errs += [_rel(o, oe)] + [_rel(a, b) for a, b in zip(g, ge, strict=True)]
+        with dq_mode(mode):  # the compiled backward is traced at the first backward call: inside too
+            for i, sp in enumerate((0.0, 0.5, 0.8)):
+                gen = torch.Generator(device=device).manual_seed(7 + i)
+                q, k, v, do = (torch.randn(2, 4, 512, 64, generator=gen, device=device, dtype=torch.float16)
+                               for _ in range(4))
+                for t in (q, k, v):
+                    t.requires_grad_()
+                lay = random_causal_layout(2, 4, 8, 64, sp, device, seed=i).with_transpose()
+                o = step(q, k, v, lay.kv_counts, lay.kv_indices, lay.q_counts, lay.q_indices)
+                g = torch.autograd.grad(o, (q, k, v), do)  # AOTAutograd's compiled backward
+                oe = block_sparse_attention(q, k, v, lay)
+                ge = torch.autograd.grad(oe, (q, k, v), do)
+                errs += [_rel(o, oe)] + [_rel(a, b) for a, b in zip(g, ge, strict=True)]
         out = {"frames": counter.frame_count, "max_rel_vs_eager": max(errs)}
     except Exception as exc:  # noqa: BLE001
         out["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
     torch._dynamo.reset()
-    print("compile", json.dumps(out), flush=True)
+    print("compile", json.dumps({"dq": mode, **out}), flush=True)
     return out
 
 
@@ -188,44 +222,51 @@ def _time(fn, graph: bool) -> tuple[float, str]:
 
 
 def timings(device: torch.device, seqs: list[int], sparsities: list[float], backends: list[str], blocks: list[int],
-            dtype: str, rows: list[dict], on_row=lambda: None) -> list[dict]:  # noqa: ANN001
-    """Appends one row per case to `rows` and calls `on_row()` after each (a cut-off run keeps its rows)."""
+            dtype: str, rows: list[dict], on_row=lambda: None,  # noqa: ANN001
+            dq_modes: tuple[str, ...] = ("pass",)) -> list[dict]:
+    """Appends one row per case to `rows` and calls `on_row()` after each (a cut-off run keeps its rows). Rows
+    are labelled by `variants` (the triton backend once per dQ mode)."""
     from longexposure.tasks.attention_operator import AttentionOperatorCase, attention_flops, build_case
 
-    for s in seqs:
-        for backend in backends:
-            blocks_here = blocks if backend == "triton" else blocks[:1]
-            for block in blocks_here:
-                for sp in sparsities if backend != "sdpa" else [0.0]:
-                    case = AttentionOperatorCase(backend=backend, seq_len=s, block=block, block_sparsity=sp,
-                                                 dtype=dtype)
-                    row = {"backend": backend, "seq_len": s, "block": block, "block_sparsity": sp, "dtype": dtype,
-                           "batch": case.batch, "heads": case.heads, "head_dim": case.head_dim}
-                    try:
-                        t0 = time.perf_counter()
-                        built = build_case(case, device, seed=0)
-                        row["density"] = built.density
-                        built.fwd()
-                        built.bwd()  # compiles/autotunes both directions
-                        torch.cuda.synchronize()
-                        row["first_call_s"] = time.perf_counter() - t0
-                        for phase, fn in (("fwd", built.fwd), ("fwdbwd", built.fwd_bwd), ("bwd", built.bwd)):
-                            for graph in {"fwd": (True, False), "fwdbwd": (True,), "bwd": (False,)}[phase]:
-                                ms, mode = _time(fn, graph)
-                                row[f"{phase}_ms_{'graph' if graph else 'eager'}"] = ms
-                                if mode.startswith("graph failed"):
-                                    row[f"{phase}_graph_note"] = mode
-                        # autograd runs a backward on its forward's stream, so a graph captures fwd+bwd together
-                        row["bwd_ms_graph"] = row["fwdbwd_ms_graph"] - row["fwd_ms_graph"]
-                        add_tflops(row, attention_flops(case, built.density))
-                        row["backend_ran"] = built.info["backend_ran"]
-                    except Exception as exc:  # noqa: BLE001 - a failing backend is a recorded cell
-                        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    print("time", json.dumps(row), flush=True)
-                    rows.append(row)
-                    on_row()
-                    torch.cuda.empty_cache()
+    cells = [(s, backend, label, mode, block, sp)
+             for s in seqs for backend in backends for label, mode in variants(backend, list(dq_modes))
+             for block in (blocks if backend == "triton" else blocks[:1])
+             for sp in (sparsities if backend != "sdpa" else [0.0])]
+    for s, backend, label, mode, block, sp in cells:
+        case = AttentionOperatorCase(backend=backend, seq_len=s, block=block, block_sparsity=sp, dtype=dtype)
+        row = {"backend": label, "seq_len": s, "block": block, "block_sparsity": sp, "dtype": dtype,
+               "batch": case.batch, "heads": case.heads, "head_dim": case.head_dim, "dq": mode}
+        with dq_mode(mode):  # read per launch: graph captures record the mode's kernels
+            _time_cell(case, device, row, build_case, attention_flops)
+        print("time", json.dumps(row), flush=True)
+        rows.append(row)
+        on_row()
+        torch.cuda.empty_cache()
     return rows
+
+
+def _time_cell(case, device: torch.device, row: dict, build_case, attention_flops) -> None:  # noqa: ANN001
+    """Fills one timing row (an exception is recorded in the row: a failing backend is a cell, not a crash)."""
+    try:
+        t0 = time.perf_counter()
+        built = build_case(case, device, seed=0)
+        row["density"] = built.density
+        built.fwd()
+        built.bwd()  # compiles/autotunes both directions
+        torch.cuda.synchronize()
+        row["first_call_s"] = time.perf_counter() - t0
+        for phase, fn in (("fwd", built.fwd), ("fwdbwd", built.fwd_bwd), ("bwd", built.bwd)):
+            for graph in {"fwd": (True, False), "fwdbwd": (True,), "bwd": (False,)}[phase]:
+                ms, mode = _time(fn, graph)
+                row[f"{phase}_ms_{'graph' if graph else 'eager'}"] = ms
+                if mode.startswith("graph failed"):
+                    row[f"{phase}_graph_note"] = mode
+        # autograd runs a backward on its forward's stream, so a graph captures fwd+bwd together
+        row["bwd_ms_graph"] = row["fwdbwd_ms_graph"] - row["fwd_ms_graph"]
+        add_tflops(row, attention_flops(case, built.density))
+        row["backend_ran"] = built.info["backend_ran"]
+    except Exception as exc:  # noqa: BLE001 - a failing backend is a recorded cell
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 def layout_build(device: torch.device) -> list[dict]:
@@ -304,8 +345,17 @@ def summarize(rows: list[dict], layout_rows: list[dict]) -> dict:
                     at = {r["block_sparsity"]: r.get(f"{phase}_speedup_vs_sdpa_graph") for r in sel}
                     out[f"S={s} {backend} block={block} {phase}"] = {
                         "speedup_vs_sdpa_at_0": at.get(0.0), "at_0.5": at.get(0.5), "at_0.8": at.get(0.8),
+                        "at_0.9": at.get(0.9),
                         **{f"linear_{k}": v for k, v in fit.items()},
                     }
+    # the dQ A/B: pass time / atomic time of the same cell (> 1: atomics faster), graph-replayed
+    by_cell = {(r["seq_len"], r["block"], r["block_sparsity"], r.get("dq")): r for r in rows
+               if r["backend"].startswith("triton") and "error" not in r}
+    for (s, block, sp, mode), r in sorted(by_cell.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        other = by_cell.get((s, block, sp, "pass"))
+        if mode == "atomic" and other is not None:
+            ab = out.setdefault(f"S={s} block={block} bwd, dQ pass / atomic (graph)", {})
+            ab[sp] = other["bwd_ms_graph"] / r["bwd_ms_graph"]
     if layout_rows:
         out["layout_build_us"] = {f"B={r['batch']} H={r['heads']}": {k: r[k] for k in r if k.endswith("us")}
                                   for r in layout_rows}
@@ -341,6 +391,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: correctness compile timing layout")
     ap.add_argument("--quick-check", action="store_true", help="4 correctness cases instead of 9")
+    ap.add_argument("--dq-modes", nargs="+", default=["pass", "atomic"], choices=["pass", "atomic"],
+                    help="the triton backend's dQ (LONGEXPOSURE_BSA_DQ): one row per mode, side by side")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention_operator needs a CUDA GPU")
@@ -356,17 +408,18 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     save = lambda: out.write_text(json.dumps(res, indent=1, default=str) + "\n")  # noqa: E731 - after each section
     if "correctness" not in args.skip:
-        res["correctness"] = correctness(device, quick=args.quick_check)
+        res["correctness"] = correctness(device, quick=args.quick_check, dq_modes=tuple(args.dq_modes))
         save()
     if "compile" not in args.skip:
-        res["compile"] = compile_check(device)
+        res["compile"] = compile_check(device, tuple(args.dq_modes))
         save()
     if "layout" not in args.skip:
         res["layout_build"] = layout_build(device)
         save()
     if "timing" not in args.skip:
         res["timings"] = []
-        timings(device, args.seq, args.sparsities, args.backends, args.blocks, args.dtype, res["timings"], save)
+        timings(device, args.seq, args.sparsities, args.backends, args.blocks, args.dtype, res["timings"], save,
+                dq_modes=tuple(args.dq_modes))
     res["summary"] = summarize(res.get("timings", []), res.get("layout_build", []))
     save()
     md = table(res.get("timings", []))

@@ -10,6 +10,8 @@
 #   bash benchmarks/device_session.sh suites     # fig8, fig10, fig13 (resume where a call stopped)
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
 #   bash benchmarks/device_session.sh operators-quick  # attention 0/50/80% + MLP quick (about 5 minutes)
+#   bash benchmarks/device_session.sh attn-ab    # attention backward, dQ pass vs atomic (LONGEXPOSURE_BSA_DQ) side by
+#                                                # side: correctness and compile per mode, 0/50/80/90% at S 1024/2048
 #   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig11 (reordered neurons)
 #   bash benchmarks/device_session.sh relu-refresh   # pretrain relu-small, fig11 dense / live / refreshed predictors
 #   bash benchmarks/device_session.sh relu-profiles  # pretrain relu-small, fig9_time, fig9_sparsity
@@ -46,7 +48,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -107,13 +109,19 @@ case $stage in
     run 150 longexposure run suites/fig13.yaml --preset paper --out "$work"
     ;;
   operators)
-    run 200 python3 benchmarks/bench_attention_operator.py --skip compile --quick-check --out "$work/attention.json"
+    run 200 python3 benchmarks/bench_attention_operator.py --skip compile --quick-check --dq-modes pass \
+      --out "$work/attention.json"
     run 150 python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
     run 120 python3 benchmarks/bench_predictors.py cost --fixed-capacity --in-step --out "$work/predictor_cost.json"
     ;;
   operators-quick)  # attention at 0 / 50 / 80% block sparsity and the MLP quick table, for a short lease
     run 170 python3 benchmarks/bench_attention_operator.py --skip compile --quick-check --sparsities 0 0.5 0.8 \
-      --blocks 64 --out "$work/attention.json"
+      --blocks 64 --dq-modes pass --out "$work/attention.json"
+    ;;
+  attn-ab)  # issue 21: the attention backward's dQ as its own pass vs atomics in the dK/dV kernel, one process
+    run "${AB_LIMIT:-480}" python3 benchmarks/bench_attention_operator.py --quick-check --skip layout \
+      --backends sdpa triton --blocks 64 --sparsities 0 0.5 0.8 0.9 --dq-modes pass atomic \
+      --out "$work/attention_dq_ab.json"
     run 140 python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
     ;;
   relu)  # one call: a fresh machine has no cached checkpoint, and it is too large to bring back

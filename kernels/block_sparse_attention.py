@@ -12,6 +12,10 @@ Kernels (flash style: online softmax, no materialised score matrix, fp32 accumul
     _bsa_bwd_dkdv_kernel     one program per (key block, batch*head); visits the query blocks of the
                              transposed layout (q_indices).
     _bsa_bwd_dq_kernel       one program per (query block, batch*head); visits kv_indices again.
+                             With LONGEXPOSURE_BSA_DQ=atomic (read per launch) there is no dQ pass: the
+                             dK/dV kernel also adds each tile's dQ share into an fp32 buffer with atomics
+                             (FlashAttention-2's five products per block instead of seven; the dQ sum's
+                             order then varies run to run, so deterministic mode keeps the pass).
     _layout_union_kernel     the pattern pool's online combination: per (batch*head, row), the union
                              of the selected atoms' precomputed block lists.
 
@@ -256,9 +260,10 @@ def _bsa_bwd_delta_kernel(
     o_ptr,  # (B, H, S, D)
     do_ptr,  # (B, H, S, D)
     delta_ptr,  # (B, H, S) fp32 out
-    sob, soh, sos, sdb, sdh, sds,
+    dq_acc_ptr,  # (B, H, S, D) fp32 out, zeroed here (read only if ZERO_DQ): the atomic dQ's accumulator
+    sob, soh, sos, sdb, sdh, sds, sab, sah, sas,
     H, BH, S,
-    D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr,
+    D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr, ZERO_DQ: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     qb = pid // BH
@@ -275,14 +280,17 @@ def _bsa_bwd_delta_kernel(
         tl.store(delta_ptr + bh * S + offs_m, delta)
     else:
         tl.store(delta_ptr + bh * S + offs_m, delta, mask=offs_m < S)
+    if ZERO_DQ:  # here rather than a memset: one launch fewer
+        zeros = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        _store_tile(dq_acc_ptr + b * sab + h * sah, zeros, qb * BLOCK, sas, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
 
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, col_ptr, lo, hi, q_base, do_base, lse_base, delta_base, sqs, sds, offs_n, offs_d, L, S, D,
-    qk_scale,
+    dk, dv, k, v, col_ptr, lo, hi, q_base, do_base, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n, offs_d,
+    L, S, D, qk_scale, sm_scale,
     BLOCK: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // SPLIT  # query rows per tile
     for j in range(lo, hi):
@@ -307,12 +315,18 @@ def _dkdv_inner(
                 p_t = tl.where(ok, p_t, 0.0)
             dv += _dot(p_t.to(do.dtype), do, DOT_PREC)
             dp_t = _dot(v, tl.trans(do), DOT_PREC)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(ds_t.to(q.dtype), q, DOT_PREC)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk += _dot(ds_t, q, DOT_PREC)
+            if DQ_ATOMIC:  # this tile's share of dQ = s dS K, added into the fp32 accumulator
+                dq = _dot(tl.trans(ds_t), k, DOT_PREC) * sm_scale
+                ptrs = dq_base + offs_m[:, None] * sdqs + offs_d[None, :]
+                tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < S) & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=autotune_configs("bwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+# the atomic dQ accumulates: autotune trials start it from zero (and so does the chosen config's run)
+@triton.autotune(configs=autotune_configs("bwd"), key=[*_KEY, "DQ_ATOMIC"], reset_to_zero=["dq_acc_ptr"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
     q_ptr,  # (B, H, S, D)
@@ -323,14 +337,16 @@ def _bsa_bwd_dkdv_kernel(
     delta_ptr,  # (B, H, S) fp32
     dk_ptr,  # (B, H, S, D) out
     dv_ptr,  # (B, H, S, D) out
+    dq_acc_ptr,  # (B, H, S, D) fp32, zeroed, accumulated with atomics (used only if DQ_ATOMIC)
     q_cnt_ptr,  # (LB, LH, NK) int32: transposed layout
     q_idx_ptr,  # (LB, LH, NK, NQ) int32
     lens_ptr,  # (B,) int32
-    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sdkb, sdkh, sdks, sdvb, sdvh, sdvs, sab, sah, sas,
     scb, sch, scr, sib, sih, sir,
     H, BH, S, sm_scale, qk_scale,
     D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NQP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -364,13 +380,16 @@ def _bsa_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     q_base = q_ptr + b * sqb + h * sqh
     do_base = do_ptr + b * sdb + h * sdh
+    dq_base = dq_acc_ptr + b * sab + h * sah
     dk, dv = _dkdv_inner(
-        dk, dv, k, v, col_ptr, 0, n_masked, q_base, do_base, lse_ptr + bh * S, delta_ptr + bh * S, sqs, sds,
-        offs_n, offs_d, L, S, D, qk_scale, BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC,
+        dk, dv, k, v, col_ptr, 0, n_masked, q_base, do_base, lse_ptr + bh * S, delta_ptr + bh * S, dq_base, sqs,
+        sds, sas, offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC,
+        DQ_ATOMIC,
     )
     dk, dv = _dkdv_inner(
-        dk, dv, k, v, col_ptr, n_masked, cnt, q_base, do_base, lse_ptr + bh * S, delta_ptr + bh * S, sqs, sds,
-        offs_n, offs_d, L, S, D, qk_scale, BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC,
+        dk, dv, k, v, col_ptr, n_masked, cnt, q_base, do_base, lse_ptr + bh * S, delta_ptr + bh * S, dq_base, sqs,
+        sds, sas, offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC,
+        DQ_ATOMIC,
     )
     dk = dk * sm_scale
     dk_base, dv_base = dk_ptr + b * sdkb + h * sdkh, dv_ptr + b * sdvb + h * sdvh
@@ -593,6 +612,19 @@ def _check_lens(seq_lens: torch.Tensor | None, batch: int, device: torch.device)
         )
 
 
+DQ_MODES = ("pass", "atomic")
+
+
+def dq_mode() -> str:
+    """How the backward computes dQ: LONGEXPOSURE_BSA_DQ (read per launch), `pass` (default: its own kernel over
+    the layout's rows, recomputing P) or `atomic` (added by the dK/dV kernel); `pass` under
+    `torch.use_deterministic_algorithms`, since atomics sum in a varying order."""
+    mode = os.environ.get("LONGEXPOSURE_BSA_DQ", "pass")
+    if mode not in DQ_MODES:
+        raise ValueError(f"LONGEXPOSURE_BSA_DQ={mode!r} is not one of {DQ_MODES}")
+    return "pass" if torch.are_deterministic_algorithms_enabled() else mode
+
+
 def _check_block(block: int) -> None:
     if not isinstance(block, int) or block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
@@ -662,7 +694,8 @@ def block_sparse_attention_bwd(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward (delta, dK/dV over the transposed layout, dQ). Returns dq, dk, dv."""
+    """Launch the backward (delta, dK/dV over the transposed layout, dQ: a pass or atomics, `dq_mode`).
+    Returns dq, dk, dv."""
     _check_qkv(q, k, v)
     _check_block(block)
     if do.shape != q.shape or do.stride(-1) != 1:
@@ -678,21 +711,27 @@ def block_sparse_attention_bwd(
         raise ValueError(f"lse must be contiguous ({bsz}, {heads}, {seq}), got {tuple(lse.shape)}")
     meta = _meta(q, block, scale)
     lens = seq_lens if seq_lens is not None else kv_counts
+    atomic = dq_mode() == "atomic"
     delta = torch.empty_like(lse)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    # the atomic dQ's fp32 accumulator (zeroed by the delta kernel); otherwise dk stands in, never read
+    dq_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32) if atomic else dk
     grid = (nq * bsz * heads,)
     _launch(_bsa_bwd_delta_kernel)[grid](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], heads, bsz * heads, seq,
-        D=meta["D"], BLOCK=block, BLOCK_D=meta["BLOCK_D"], EVEN_S=meta["EVEN_S"],
+        o, do, delta, dq_acc, *o.stride()[:3], *do.stride()[:3], *dq_acc.stride()[:3], heads, bsz * heads, seq,
+        D=meta["D"], BLOCK=block, BLOCK_D=meta["BLOCK_D"], EVEN_S=meta["EVEN_S"], ZERO_DQ=atomic,
     )
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     pow2 = max(16, triton.next_power_of_2(nq))
     _launch(_bsa_bwd_dkdv_kernel)[grid](
-        q, k, v, do, lse, delta, dk, dv, q_counts, q_indices, lens,
+        q, k, v, do, lse, delta, dk, dv, dq_acc, q_counts, q_indices, lens,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        *_layout_strides(q_counts), *_layout_strides(q_indices),
+        *dq_acc.stride()[:3], *_layout_strides(q_counts), *_layout_strides(q_indices),
         heads, bsz * heads, seq, scale, scale * math.log2(math.e),
-        NQP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, **meta,
+        NQP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, DQ_ATOMIC=atomic, **meta,
     )
+    if atomic:
+        return dq_acc.to(q.dtype), dk, dv
+    dq = torch.empty_like(q)
     _launch(_bsa_bwd_dq_kernel)[grid](
         q, k, v, do, lse, delta, dq, kv_counts, kv_indices, lens,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],

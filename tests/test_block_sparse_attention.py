@@ -5,6 +5,10 @@ switch, and torch.compile tracing without recompiling on a new layout."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -68,21 +72,24 @@ def run_case(batch, heads, seq, head_dim, block, dtype, causal, pattern, density
     return out, grads, layout, seq_lens
 
 
-@given(
-    block=st.sampled_from([16, 32]),
-    n=st.integers(1, 4),
-    trim=st.integers(0, 15),
-    batch=st.integers(1, 2),
-    heads=st.integers(1, 3),
-    head_dim=st.sampled_from([16, 24, 32, 64, 80]),
-    dtype=st.sampled_from(["float32", "float32", "float16", "bfloat16"]),
-    causal=st.booleans(),
-    pattern=st.sampled_from(["random", "random", "all", "diagonal-row", "empty-row"]),
-    density=st.floats(0.2, 1.0),
-    ragged=st.booleans(),
-    broadcast=st.sampled_from(["none", "none", "batch", "heads"]),
-    seed=st.integers(0, 2**16),
-)
+CASES = {
+    "block": st.sampled_from([16, 32]),
+    "n": st.integers(1, 4),
+    "trim": st.integers(0, 15),
+    "batch": st.integers(1, 2),
+    "heads": st.integers(1, 3),
+    "head_dim": st.sampled_from([16, 24, 32, 64, 80]),
+    "dtype": st.sampled_from(["float32", "float32", "float16", "bfloat16"]),
+    "causal": st.booleans(),
+    "pattern": st.sampled_from(["random", "random", "all", "diagonal-row", "empty-row"]),
+    "density": st.floats(0.2, 1.0),
+    "ragged": st.booleans(),
+    "broadcast": st.sampled_from(["none", "none", "batch", "heads"]),
+    "seed": st.integers(0, 2**16),
+}
+
+
+@given(**CASES)
 # head_dim 64 with every block listed: a public flash block-sparse backward was silently wrong there
 @example(
     block=16,
@@ -120,6 +127,58 @@ def test_forward_and_gradients_match_reference(
 ):
     seq = max(1, n * block - min(trim, block - 1))
     run_case(batch, heads, seq, head_dim, block, dtype, causal, pattern, density, ragged, broadcast, seed)
+
+
+@contextlib.contextmanager
+def dq_mode(mode: str):
+    """LONGEXPOSURE_BSA_DQ for the calls inside (a context, not monkeypatch: hypothesis reruns the test body)."""
+    with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_DQ": mode}):
+        assert K.dq_mode() == mode
+        yield
+
+
+@given(**CASES)
+@example(  # every block listed, causal, ragged: each query row gets dQ shares from every key block before it
+    block=16, n=4, trim=5, batch=2, heads=2, head_dim=24, dtype="float32", causal=True, pattern="all",
+    density=1.0, ragged=True, broadcast="none", seed=3,
+)
+def test_atomic_dq_matches_reference(
+    block, n, trim, batch, heads, head_dim, dtype, causal, pattern, density, ragged, broadcast, seed
+):
+    """LONGEXPOSURE_BSA_DQ=atomic: dQ added by the dK/dV kernel (no dQ pass), over the same cases."""
+    seq = max(1, n * block - min(trim, block - 1))
+    with dq_mode("atomic"):
+        run_case(batch, heads, seq, head_dim, block, dtype, causal, pattern, density, ragged, broadcast, seed)
+
+
+def test_atomic_dq_equals_the_dq_pass_and_leaves_dk_dv_alone():
+    """Both modes on one case: dK and dV bit-equal (same kernel, same order), dQ equal to rounding; empty and
+    padded rows keep dQ exactly 0 (the accumulator starts from zero)."""
+    outs = {}
+    for mode in K.DQ_MODES:
+        with dq_mode(mode):
+            outs[mode] = run_case(2, 2, 61, 32, 16, "float32", True, "empty-row", 0.6, True, "none", 7)
+    (_, (dq_a, dk_a, dv_a), layout, lens), (_, (dq_p, dk_p, dv_p), _, _) = outs["atomic"], outs["pass"]
+    assert torch.equal(dk_a, dk_p) and torch.equal(dv_a, dv_p)
+    assert_close(dq_a, dq_p, "dq atomic vs pass")
+    for b in range(2):
+        assert torch.all(dq_a[b, :, int(lens[b]) :] == 0)
+    empty = ~layout.to_dense().any(-1)  # (B, H, NQ) query blocks that see nothing
+    for b, h, r in empty.nonzero().tolist():
+        assert torch.all(dq_a[b, h, r * 16 : (r + 1) * 16] == 0)
+
+
+def test_dq_mode_is_checked_and_deterministic_mode_keeps_the_pass():
+    with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_DQ": "atomics"}), pytest.raises(
+        ValueError, match="LONGEXPOSURE_BSA_DQ='atomics' is not one of"
+    ):
+        K.dq_mode()
+    with dq_mode("atomic"):
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert K.dq_mode() == "pass"
+        finally:
+            torch.use_deterministic_algorithms(False)
 
 
 def test_empty_rows_and_padding_give_zero_output_and_gradient():
@@ -200,9 +259,11 @@ def test_compile_traces_the_op_and_new_layouts_do_not_recompile():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize(("causal", "ragged"), [(True, True), (False, False)])
-def test_split_tiles_match_reference(monkeypatch, causal, ragged):
-    """SPLIT=2 (a listed block visited as two half-height tiles; autotuned on GPU for 128-blocks)."""
+@pytest.mark.parametrize(("causal", "ragged", "mode"), [(True, True, "pass"), (False, False, "pass"),
+                                                        (True, True, "atomic")])
+def test_split_tiles_match_reference(monkeypatch, causal, ragged, mode):
+    """SPLIT=2 (a listed block visited as two half-height tiles; autotuned on GPU for 128-blocks), both dQ modes."""
+    monkeypatch.setenv("LONGEXPOSURE_BSA_DQ", mode)
 
     class Split2:
         def __init__(self, kernel):
