@@ -35,7 +35,7 @@ here: reading them is a host sync. The kernels clamp counts and block indices in
 layout that skipped the check can give wrong numbers but never reads outside q, k, v or the tables.
 
 Program ids are widened to int64 before pointer math (tile offsets inside a block stay 32-bit). A
-128-token block may be visited as two 64-row tiles (`SPLIT`, autotuned). Autotune spaces come from
+block of 64 or 128 tokens may be visited as two half-height tiles (`SPLIT`, autotuned). Autotune spaces come from
 `autotune_configs`; LONGEXPOSURE_AUTOTUNE=0 (and the Triton interpreter) collapse them to one config.
 Eager calls launch the kernels directly; under torch.compile tracing they go through `wrap_triton`.
 """
@@ -67,9 +67,10 @@ def autotune_configs(kind: str) -> list[triton.Config]:
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    # small tiles gain nothing from 8 warps; only 128-blocks are split into two 64-row tiles
+    # small tiles gain nothing from 8 warps; blocks of 64 and more may be visited as two half-height tiles
+    # (64 x 32 at block 64: FlashAttention-2's Triton backward streams 32-row tiles past a resident key block)
     block = kwargs.get("BLOCK", named_args.get("BLOCK", 64))
-    kept = [c for c in configs if not (block <= 32 and c.num_warps > 4) and not (block < 128 and c.kwargs["SPLIT"] > 1)]
+    kept = [c for c in configs if not (block <= 32 and c.num_warps > 4) and not (block < 64 and c.kwargs["SPLIT"] > 1)]
     return kept or configs[:1]
 
 

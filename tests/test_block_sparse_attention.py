@@ -227,10 +227,13 @@ def test_launcher_errors_name_the_argument():
         )
 
 
-def test_autotune_space_collapses_for_ci(monkeypatch):
+def test_autotune_space_prunes_by_block_and_collapses_for_ci(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("LONGEXPOSURE_AUTOTUNE", "1")
     assert len(K.autotune_configs("fwd")) > 1 and len(K.autotune_configs("bwd")) > 1
+    splits = {block: {c.kwargs["SPLIT"] for c in K._prune(K.autotune_configs("bwd"), {}, BLOCK=block)}
+              for block in (32, 64, 128)}
+    assert splits == {32: {1}, 64: {1, 2}, 128: {1, 2}}, "half-height tiles are candidates from block 64 on"
     monkeypatch.setenv("LONGEXPOSURE_AUTOTUNE", "0")
     assert len(K.autotune_configs("fwd")) == 1 and len(K.autotune_configs("bwd")) == 1
 
