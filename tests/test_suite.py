@@ -279,6 +279,11 @@ def test_variants_multiply_cases_and_give_speedup_columns(tmp_path):
     assert "speedup vs slow" in (out / "table.md").read_text() and "1.00x" in (out / "table.md").read_text()
     with pytest.raises(ValueError, match="no case key 'z'"):
         run_suite(path, preset="cpu-tiny", out=tmp_path / "art", device="cpu", only={"z": "1"})
+    # a misspelt value beside a good one is named, with the values there are; nothing runs
+    misspelt = r"--only variant=fsat: no case of preset 'cpu-tiny' has it; its values: fast, slow"
+    with pytest.raises(ValueError, match=misspelt):
+        run_suite(path, preset="cpu-tiny", out=tmp_path / "art2", device="cpu", only={"variant": "slow,fsat"})
+    assert not (tmp_path / "art2").exists()
 
 
 def test_variant_with_an_unknown_parameter_is_an_error(tmp_path):

@@ -130,6 +130,13 @@ def run_suite(
         unknown = sorted(set(only) - {k for c in cases for k in c})
         if unknown:
             raise ValueError(f"--only: {suite.path} has no case key {unknown[0]!r}")
+        for key, values in only.items():  # a misspelt value among good ones is named, not silently dropped
+            missing = sorted(set(values.split(",")) - {str(c.get(key)) for c in cases})
+            if missing:
+                known = sorted({str(c.get(key)) for c in cases})
+                raise ValueError(
+                    f"--only {key}={missing[0]}: no case of preset {preset!r} has it; its values: {', '.join(known)}"
+                )
         cases = [c for c in cases if all(str(c.get(k)) in v.split(",") for k, v in only.items())]
         if not cases:
             raise ValueError(f"--only {only}: no case of preset {preset!r} matches")
