@@ -35,32 +35,22 @@ Targets (issue 4), from the graph-replayed medians, fp16, D=64, block 64:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import platform
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 SPARSITIES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
-@contextlib.contextmanager
 def dq_mode(mode: str | None):
-    """LONGEXPOSURE_BSA_DQ=mode inside (None: as the environment has it)."""
-    before = os.environ.get("LONGEXPOSURE_BSA_DQ")
-    if mode is not None:
-        os.environ["LONGEXPOSURE_BSA_DQ"] = mode
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("LONGEXPOSURE_BSA_DQ", None)
-        else:
-            os.environ["LONGEXPOSURE_BSA_DQ"] = before
+    """LONGEXPOSURE_BSA_DQ=mode inside (None: as the environment has it); the kernels read it per launch."""
+    return mock.patch.dict(os.environ, {} if mode is None else {"LONGEXPOSURE_BSA_DQ": mode})
 
 
 def variants(backend: str, dq_modes: list[str]) -> list[tuple[str, str | None]]:
@@ -123,13 +113,13 @@ def correctness(device: torch.device, quick: bool = False, dq_modes: tuple[str, 
         lo = [t.to(dt).requires_grad_() for t in x[:3]]
         lo_o = reference_attention(*lo, layout, causal=causal, seq_lens=lens)
         lo_g = torch.autograd.grad(lo_o, lo, x[3].to(dt))
-        for name, mode in (v for b in backends for v in variants(b, list(dq_modes))):
+        for backend, name, mode in ((b, *v) for b in backends for v in variants(b, list(dq_modes))):
             row = {"backend": name, "dtype": dt_name, "head_dim": d, "block": block, "seq_len": s, "causal": causal,
                    "ragged": ragged, "sparsity": sp}
             try:
                 leaves = [t.to(dt).requires_grad_() for t in x[:3]]
                 with dq_mode(mode):
-                    o = get_backend(name.split()[0])(*leaves, layout, causal=causal, seq_lens=lens)
+                    o = get_backend(backend)(*leaves, layout, causal=causal, seq_lens=lens)
                     g = torch.autograd.grad(o, leaves, x[3].to(dt))
                 ok = True
                 for label, got, same, want in zip(("out", "dq", "dk", "dv"), (o, *g), (lo_o, *lo_g), (hi_o, *hi_g),
@@ -226,7 +216,7 @@ def timings(device: torch.device, seqs: list[int], sparsities: list[float], back
             dq_modes: tuple[str, ...] = ("pass",)) -> list[dict]:
     """Appends one row per case to `rows` and calls `on_row()` after each (a cut-off run keeps its rows). Rows
     are labelled by `variants` (the triton backend once per dQ mode)."""
-    from longexposure.tasks.attention_operator import AttentionOperatorCase, attention_flops, build_case
+    from longexposure.tasks.attention_operator import AttentionOperatorCase
 
     cells = [(s, backend, label, mode, block, sp)
              for s in seqs for backend in backends for label, mode in variants(backend, list(dq_modes))
@@ -237,7 +227,7 @@ def timings(device: torch.device, seqs: list[int], sparsities: list[float], back
         row = {"backend": label, "seq_len": s, "block": block, "block_sparsity": sp, "dtype": dtype,
                "batch": case.batch, "heads": case.heads, "head_dim": case.head_dim, "dq": mode}
         with dq_mode(mode):  # read per launch: graph captures record the mode's kernels
-            _time_cell(case, device, row, build_case, attention_flops)
+            _time_cell(case, device, row)
         print("time", json.dumps(row), flush=True)
         rows.append(row)
         on_row()
@@ -245,8 +235,10 @@ def timings(device: torch.device, seqs: list[int], sparsities: list[float], back
     return rows
 
 
-def _time_cell(case, device: torch.device, row: dict, build_case, attention_flops) -> None:  # noqa: ANN001
+def _time_cell(case, device: torch.device, row: dict) -> None:  # noqa: ANN001
     """Fills one timing row (an exception is recorded in the row: a failing backend is a cell, not a crash)."""
+    from longexposure.tasks.attention_operator import attention_flops, build_case
+
     try:
         t0 = time.perf_counter()
         built = build_case(case, device, seed=0)
