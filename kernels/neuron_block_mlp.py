@@ -30,7 +30,8 @@ main product's operands through tensor descriptors (Hopper's bulk tensor copies)
 pointers: in dsd a K step inside one neuron block is BK contiguous weight rows (one box at
 `id * BLOCK + k % BLOCK`); in sdd a column tile inside one block, or over blocks with consecutive ids, is BN
 contiguous rows (one (BN, BK) box per K step; other tiles gather through pointers); wgrad loads (tokens,
-columns) boxes of the compact buffer and transposes them in shared memory.
+columns) boxes of the compact buffer and transposes them in shared memory. Eager and compiled calls alike
+(a traced call takes its operands' storages as aligned and checks their offsets: `_use_tma`).
 Then the launchers (validation, allocation, grids). Autograd is the `longexposure::neuron_block_mlp` op's, registered
 in `longexposure.ops.neuron_block_mlp` (the one path, eager and compiled).
 """
@@ -588,7 +589,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, h=None, 
     ), dict(
         BLOCK=block, HAS_LOW_RANK=e is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
         HAS_SKINNY=skinny is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
-        USE_TMA=wrap is _no_wrap and _use_tma(a, w),
+        USE_TMA=_use_tma(a, w, traced=wrap is not _no_wrap),
     ), key=(a.dtype, _bucket(tokens), k, r, r2), even=("EVEN_K", k))
     return out
 
@@ -603,15 +604,19 @@ def _has_tma(device: torch.device) -> bool:
     return INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def _use_tma(*operands: torch.Tensor) -> bool:
-    """LONGEXPOSURE_TMA=1 (read per launch), a Hopper GPU (or the interpreter), descriptor-legal operands.
+def _use_tma(*operands: torch.Tensor, traced: bool = False) -> bool:
+    """LONGEXPOSURE_TMA=1 (read per launch, or per trace), a Hopper GPU (or the interpreter), descriptor-legal
+    operands: unit inner stride, 16-byte rows and, in eager, a 16-byte aligned address.
 
-    Eager launches only: a traced call (torch.compile) keeps pointer loads (its operands have no address)."""
+    A traced call (torch.compile, `traced`) has no address yet: its operands' storages are taken as aligned (torch's
+    allocators and Inductor's buffers start at 16-byte multiples or more) and their offsets into them are checked.
+    The compiled step then reads through descriptors too (before 2026-12-05 only eager calls did)."""
     if os.environ.get("LONGEXPOSURE_TMA", "0") != "1" or not _has_tma(operands[0].device):
         return False
     for t in operands:
         size = t.element_size()
-        if t.stride(1) != 1 or (t.stride(0) * size) % 16 or t.data_ptr() % 16:
+        start = t.storage_offset() * size if traced else t.data_ptr()
+        if t.stride(1) != 1 or (t.stride(0) * size) % 16 or start % 16:
             return False
     from triton.runtime import _allocation
 
@@ -633,7 +638,7 @@ def _launch_dsd(c, w, ids, count, block, *, bias=None, out, wrap=_no_wrap):
         c.stride(0), c.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         0 if bias is None else bias.stride(0),
     ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=bias is not None, EPILOGUE=0, **_flags(c.dtype),
-            USE_TMA=wrap is _no_wrap and _use_tma(c, w)),
+            USE_TMA=_use_tma(c, w, traced=wrap is not _no_wrap)),
         key=(c.dtype, _bucket(tokens), c.shape[1], n))
     return out
 
@@ -649,7 +654,7 @@ def _launch_wgrad(c, d, ids, count, block, *, out, wrap=_no_wrap):
         tokens, n, cap_cols, _bucket(tokens),
         c.stride(0), c.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
     ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=False, EPILOGUE=3, **_flags(c.dtype),
-            USE_TMA=wrap is _no_wrap and _use_tma(c, d)),
+            USE_TMA=_use_tma(c, d, traced=wrap is not _no_wrap)),
         key=(c.dtype, _bucket(tokens), cap_cols, n), even=("EVEN_T", tokens))
     return out
 

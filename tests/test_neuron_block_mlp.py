@@ -190,7 +190,7 @@ def test_tensor_descriptor_path_matches_reference(monkeypatch, block, dtype, pat
     monkeypatch.setenv("LONGEXPOSURE_TMA", "1")
     decided = []
     use_tma = K._use_tma
-    monkeypatch.setattr(K, "_use_tma", lambda *ops: decided.append(use_tma(*ops)) or decided[-1])
+    monkeypatch.setattr(K, "_use_tma", lambda *ops, **kw: decided.append(use_tma(*ops, **kw)) or decided[-1])
     p = make_problem(5, 37, 48, 256 // block, block, dtype, pattern, capacity, lora=True, bias=True)
     check_against_reference(p)
     assert any(decided) or pattern == "empty", "the descriptor path must have run"
@@ -253,8 +253,13 @@ def test_count_changes_reuse_one_capacity():
         check_against_reference(p)
 
 
-def test_torch_compile_traces_without_recompiling_on_count_changes():
+@pytest.mark.parametrize("tma", ["0", "1"])
+def test_torch_compile_traces_without_recompiling_on_count_changes(monkeypatch, tma):
+    """On a GPU: Inductor, with pointer loads and (LONGEXPOSURE_TMA=1, Hopper) tensor descriptors inside the compiled
+    graph; on the CPU the graph runs the interpreter's kernels eagerly."""
     from torch._dynamo.testing import CompileCounter
+
+    monkeypatch.setenv("LONGEXPOSURE_TMA", tma)
 
     torch._dynamo.reset()
     p = make_problem(8, 19, 32, 4, 16, torch.float32, capacity="padded", pattern="all", lora=False)

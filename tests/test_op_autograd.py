@@ -24,7 +24,7 @@ from numerics import assert_close
 
 from longexposure.attention.layout import BlockLayout
 from longexposure.ops.block_sparse_attention import block_sparse_attention, reference_attention
-from longexposure.ops.neuron_block_mlp import LowRank, neuron_block_mlp, neuron_block_mlp_reference
+from longexposure.ops.neuron_block_mlp import LowRank, neuron_block_mlp, neuron_block_mlp_reference, neuron_major
 
 
 def custom_nodes(out: torch.Tensor) -> set[str]:
@@ -81,7 +81,9 @@ def test_block_sparse_attention_backward_is_the_registered_ops():
 
 
 def compiled_kernels() -> dict[str, dict[str, int]]:
-    """Per op: how often each Triton kernel appears in AOTAutograd's joint forward+backward graph."""
+    """Per op: how often each Triton kernel appears in AOTAutograd's joint forward+backward graph; for the MLP with
+    LONGEXPOSURE_TMA=1 (a Hopper GPU assumed), counted by the kernels' USE_TMA constant."""
+    from longexposure.kernels import neuron_block_mlp as K
     from torch._functorch.aot_autograd import aot_function
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -89,7 +91,7 @@ def compiled_kernels() -> dict[str, dict[str, int]]:
     class Joint(Exception):  # the partitioner needs a Triton driver: stop at the joint graph
         pass
 
-    def joint_graph(fn, inputs):
+    def joint_graph(fn, inputs, tag=lambda args: ""):
         graphs = []
 
         def partition(joint, *args, **kwargs):
@@ -107,7 +109,9 @@ def compiled_kernels() -> dict[str, dict[str, int]]:
                 kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
                 while hasattr(kernel, "fn"):  # autotuner and heuristics wrappers
                     kernel = kernel.fn
-                counts[kernel.__name__] += 1
+                constants = kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"])
+                args = {**node.kwargs["kwargs"], **constants}
+                counts[kernel.__name__ + tag(args)] += 1
         return dict(counts)
 
     r = lambda *s: torch.randn(*s)
@@ -126,9 +130,15 @@ def compiled_kernels() -> dict[str, dict[str, int]]:
                         layout.q_counts, layout.q_indices]
     with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_DQ": "atomic"}):
         atomic = joint_graph(attention, attention_inputs)
+    # fc2's weight neuron-major, as the backends hold it (`neuron_major_`), so its products are descriptor-legal
+    mlp_inputs = [r(24, d), r(ffn, d), r(ffn), neuron_major(r(d, ffn)), r(d), r(4, d), r(ffn, 4), r(5, ffn), r(d, 5),
+                  torch.arange(4, dtype=torch.int32), torch.tensor([3], dtype=torch.int32)]
+    tma = lambda args: f" tma={int(args['USE_TMA'])}" if "USE_TMA" in args else ""  # noqa: E731
+    with mock.patch.dict(os.environ, {"LONGEXPOSURE_TMA": "1"}), mock.patch.object(K, "_has_tma", lambda _: True):
+        mlp_tma = joint_graph(mlp, mlp_inputs, tma)
     return {
-        "mlp": joint_graph(mlp, [r(24, d), r(ffn, d), r(ffn), r(d, ffn), r(d), r(4, d), r(ffn, 4), r(5, ffn), r(d, 5),
-                                 torch.arange(4, dtype=torch.int32), torch.tensor([3], dtype=torch.int32)]),
+        "mlp": joint_graph(mlp, mlp_inputs),
+        "mlp, LONGEXPOSURE_TMA=1": mlp_tma,
         "attention": joint_graph(attention, attention_inputs),
         "attention, atomic dQ": atomic,
     }
@@ -141,6 +151,10 @@ def test_compiled_graph_holds_every_kernel_of_both_directions():
     assert json.loads(child.stdout.splitlines()[-1]) == {
         # forward: fc1 (sdd), fc2 (dsd); backward: dZ (sdd), dx (dsd), dW1, dB1, dW2, dA2 (wgrad), db1 (colsum)
         "mlp": {"_sdd_kernel": 2, "_dsd_kernel": 2, "_wgrad_kernel": 4, "_colsum_kernel": 1},
+        # traced launches read through descriptors too, where the operands allow: not dA2's, whose right operand
+        # (tokens, rank 5) fp32 has 20-byte rows
+        "mlp, LONGEXPOSURE_TMA=1": {"_sdd_kernel tma=1": 2, "_dsd_kernel tma=1": 2, "_wgrad_kernel tma=1": 3,
+                                    "_wgrad_kernel tma=0": 1, "_colsum_kernel": 1},
         "attention": {"_bsa_fwd_kernel": 1, "_bsa_bwd_delta_kernel": 1, "_bsa_bwd_dkdv_kernel": 1,
                       "_bsa_bwd_dq_kernel": 1},
         # LONGEXPOSURE_BSA_DQ=atomic: the dK/dV kernel adds dQ, no dQ pass (its accumulator reset for autotuning)
