@@ -23,9 +23,11 @@ against that triangle (dense sdpa: density 1); backward 2.5 x forward (its five 
 once, as FlashAttention counts; the kernels' second recompute for dQ is not credited). Masking inside the
 diagonal blocks is not subtracted.
 
-dQ: the triton backend runs once per `--dq-modes` entry (LONGEXPOSURE_BSA_DQ: `pass`, the dQ kernel over the
-layout's rows; `atomic`, dQ added by the dK/dV kernel, FlashAttention-2's structure), in correctness, compile
-and timing alike, each row labelled `triton (dQ <mode>)` and both timed against the same sdpa row.
+Triton variants (`--triton-variants`, issue 21's opt-in switches, read per launch): `default`; `dq-atomic`
+(LONGEXPOSURE_BSA_DQ=atomic: dQ added by the dK/dV kernel, FlashAttention-2's structure, no dQ pass); `tma`
+(LONGEXPOSURE_BSA_TMA=1: the inner loops read their blocks through tensor descriptors); `dq-atomic+tma`. Each
+runs in correctness, compile and timing alike, its rows labelled `triton (<variant>)`, all timed against the
+same sdpa row; the summary gives each variant's backward and forward time over the default's.
 
 Targets (issue 4), from the graph-replayed medians, fp16, D=64, block 64:
   T1 triton <= 1.10 x sdpa (causal dense) at block sparsity 0;   T2 sdpa / triton >= 3.5 at sparsity 0.8;
@@ -48,16 +50,25 @@ import torch
 SPARSITIES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
-def dq_mode(mode: str | None):
-    """LONGEXPOSURE_BSA_DQ=mode inside (None: as the environment has it); the kernels read it per launch."""
-    return mock.patch.dict(os.environ, {} if mode is None else {"LONGEXPOSURE_BSA_DQ": mode})
+TRITON_VARIANTS = {
+    "default": {},
+    "dq-atomic": {"LONGEXPOSURE_BSA_DQ": "atomic"},
+    "tma": {"LONGEXPOSURE_BSA_TMA": "1"},
+    "dq-atomic+tma": {"LONGEXPOSURE_BSA_DQ": "atomic", "LONGEXPOSURE_BSA_TMA": "1"},
+}
 
 
-def variants(backend: str, dq_modes: list[str]) -> list[tuple[str, str | None]]:
-    """(row label, dQ mode) per run of a backend: the triton backend once per mode, others once."""
+def switches(env: dict[str, str]):
+    """The kernels' switches set as `env` says inside, the others off (they are read per launch)."""
+    off = {"LONGEXPOSURE_BSA_DQ": "pass", "LONGEXPOSURE_BSA_TMA": "0"}
+    return mock.patch.dict(os.environ, {**off, **env})
+
+
+def variants(backend: str, names: list[str]) -> list[tuple[str, dict[str, str] | None]]:
+    """(row label, switches) per run of a backend: the triton backend once per variant, others once (as set)."""
     if backend != "triton":
         return [(backend, None)]
-    return [(f"triton (dQ {m})", m) for m in dq_modes]
+    return [(f"triton ({n})", TRITON_VARIANTS[n]) for n in names]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,7 +83,7 @@ def _maxerr(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------- correctness
 
 
-def correctness(device: torch.device, quick: bool = False, dq_modes: tuple[str, ...] = ("pass",)) -> list[dict]:
+def correctness(device: torch.device, quick: bool = False, names: tuple[str, ...] = ("default",)) -> list[dict]:
     from longexposure.attention.layout import BlockLayout
     from longexposure.attention_backends import get_backend
     from longexposure.ops.block_sparse_attention import reference_attention
@@ -113,12 +124,12 @@ def correctness(device: torch.device, quick: bool = False, dq_modes: tuple[str, 
         lo = [t.to(dt).requires_grad_() for t in x[:3]]
         lo_o = reference_attention(*lo, layout, causal=causal, seq_lens=lens)
         lo_g = torch.autograd.grad(lo_o, lo, x[3].to(dt))
-        for backend, name, mode in ((b, *v) for b in backends for v in variants(b, list(dq_modes))):
+        for backend, name, env in ((b, *v) for b in backends for v in variants(b, list(names))):
             row = {"backend": name, "dtype": dt_name, "head_dim": d, "block": block, "seq_len": s, "causal": causal,
                    "ragged": ragged, "sparsity": sp}
             try:
                 leaves = [t.to(dt).requires_grad_() for t in x[:3]]
-                with dq_mode(mode):
+                with switches(env or {}):
                     o = get_backend(backend)(*leaves, layout, causal=causal, seq_lens=lens)
                     g = torch.autograd.grad(o, leaves, x[3].to(dt))
                 ok = True
@@ -142,12 +153,12 @@ def correctness(device: torch.device, quick: bool = False, dq_modes: tuple[str, 
     return rows
 
 
-def compile_check(device: torch.device, dq_modes: tuple[str, ...] = ("pass",)) -> dict:
-    """torch.compile (inductor) of fwd+bwd over three layouts, per dQ mode: values vs eager, compiled frames."""
-    return {mode: _compile_check(device, mode) for mode in dq_modes}
+def compile_check(device: torch.device, names: tuple[str, ...] = ("default",)) -> dict:
+    """torch.compile (inductor) of fwd+bwd over three layouts, per triton variant: values vs eager, frames."""
+    return {name: _compile_check(device, name) for name in names}
 
 
-def _compile_check(device: torch.device, mode: str) -> dict:
+def _compile_check(device: torch.device, name: str) -> dict:
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from longexposure.attention.layout import BlockLayout
@@ -164,7 +175,7 @@ def _compile_check(device: torch.device, mode: str) -> dict:
     out = {"frames": None, "max_rel_vs_eager": None}
     try:
         errs = []
-        with dq_mode(mode):  # the compiled backward is traced at the first backward call: inside too
+        with switches(TRITON_VARIANTS[name]):  # the compiled backward is traced at its first call: inside too
             for i, sp in enumerate((0.0, 0.5, 0.8)):
                 gen = torch.Generator(device=device).manual_seed(7 + i)
                 q, k, v, do = (torch.randn(2, 4, 512, 64, generator=gen, device=device, dtype=torch.float16)
@@ -181,7 +192,7 @@ def _compile_check(device: torch.device, mode: str) -> dict:
     except Exception as exc:  # noqa: BLE001
         out["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
     torch._dynamo.reset()
-    print("compile", json.dumps({"dq": mode, **out}), flush=True)
+    print("compile", json.dumps({"variant": name, **out}), flush=True)
     return out
 
 
@@ -213,20 +224,20 @@ def _time(fn, graph: bool) -> tuple[float, str]:
 
 def timings(device: torch.device, seqs: list[int], sparsities: list[float], backends: list[str], blocks: list[int],
             dtype: str, rows: list[dict], on_row=lambda: None,  # noqa: ANN001
-            dq_modes: tuple[str, ...] = ("pass",)) -> list[dict]:
+            names: tuple[str, ...] = ("default",)) -> list[dict]:
     """Appends one row per case to `rows` and calls `on_row()` after each (a cut-off run keeps its rows). Rows
-    are labelled by `variants` (the triton backend once per dQ mode)."""
+    are labelled by `variants` (the triton backend once per variant)."""
     from longexposure.tasks.attention_operator import AttentionOperatorCase
 
-    cells = [(s, backend, label, mode, block, sp)
-             for s in seqs for backend in backends for label, mode in variants(backend, list(dq_modes))
+    cells = [(s, backend, label, env, block, sp)
+             for s in seqs for backend in backends for label, env in variants(backend, list(names))
              for block in (blocks if backend == "triton" else blocks[:1])
              for sp in (sparsities if backend != "sdpa" else [0.0])]
-    for s, backend, label, mode, block, sp in cells:
+    for s, backend, label, env, block, sp in cells:
         case = AttentionOperatorCase(backend=backend, seq_len=s, block=block, block_sparsity=sp, dtype=dtype)
         row = {"backend": label, "seq_len": s, "block": block, "block_sparsity": sp, "dtype": dtype,
-               "batch": case.batch, "heads": case.heads, "head_dim": case.head_dim, "dq": mode}
-        with dq_mode(mode):  # read per launch: graph captures record the mode's kernels
+               "batch": case.batch, "heads": case.heads, "head_dim": case.head_dim, "switches": env}
+        with switches(env or {}):  # read per launch: graph captures record the variant's kernels
             _time_cell(case, device, row)
         print("time", json.dumps(row), flush=True)
         rows.append(row)
@@ -340,14 +351,16 @@ def summarize(rows: list[dict], layout_rows: list[dict]) -> dict:
                         "at_0.9": at.get(0.9),
                         **{f"linear_{k}": v for k, v in fit.items()},
                     }
-    # the dQ A/B: pass time / atomic time of the same cell (> 1: atomics faster), graph-replayed
-    by_cell = {(r["seq_len"], r["block"], r["block_sparsity"], r.get("dq")): r for r in rows
-               if r["backend"].startswith("triton") and "error" not in r}
-    for (s, block, sp, mode), r in sorted(by_cell.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        other = by_cell.get((s, block, sp, "pass"))
-        if mode == "atomic" and other is not None:
-            ab = out.setdefault(f"S={s} block={block} bwd, dQ pass / atomic (graph)", {})
-            ab[sp] = other["bwd_ms_graph"] / r["bwd_ms_graph"]
+    # the A/B of the switches: the default variant's time / the variant's, same cell (> 1: the variant is faster)
+    by_cell = {(r["seq_len"], r["block"], r["block_sparsity"], r["backend"]): r for r in rows
+               if r["backend"].startswith("triton (") and "error" not in r}
+    for (s, block, sp, label), r in sorted(by_cell.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        default = by_cell.get((s, block, sp, "triton (default)"))
+        if default is None or r is default:
+            continue
+        for phase in ("fwd", "bwd"):
+            ab = out.setdefault(f"S={s} block={block} {phase}, default / {label} (graph)", {})
+            ab[sp] = default[f"{phase}_ms_graph"] / r[f"{phase}_ms_graph"]
     if layout_rows:
         out["layout_build_us"] = {f"B={r['batch']} H={r['heads']}": {k: r[k] for k in r if k.endswith("us")}
                                   for r in layout_rows}
@@ -383,8 +396,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: correctness compile timing layout")
     ap.add_argument("--quick-check", action="store_true", help="4 correctness cases instead of 9")
-    ap.add_argument("--dq-modes", nargs="+", default=["pass", "atomic"], choices=["pass", "atomic"],
-                    help="the triton backend's dQ (LONGEXPOSURE_BSA_DQ): one row per mode, side by side")
+    ap.add_argument("--triton-variants", nargs="+", default=list(TRITON_VARIANTS), choices=list(TRITON_VARIANTS),
+                    help="the triton backend's switches (module docstring): one row per variant, side by side")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention_operator needs a CUDA GPU")
@@ -400,10 +413,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     save = lambda: out.write_text(json.dumps(res, indent=1, default=str) + "\n")  # noqa: E731 - after each section
     if "correctness" not in args.skip:
-        res["correctness"] = correctness(device, quick=args.quick_check, dq_modes=tuple(args.dq_modes))
+        res["correctness"] = correctness(device, quick=args.quick_check, names=tuple(args.triton_variants))
         save()
     if "compile" not in args.skip:
-        res["compile"] = compile_check(device, tuple(args.dq_modes))
+        res["compile"] = compile_check(device, tuple(args.triton_variants))
         save()
     if "layout" not in args.skip:
         res["layout_build"] = layout_build(device)
@@ -411,7 +424,7 @@ def main() -> None:
     if "timing" not in args.skip:
         res["timings"] = []
         timings(device, args.seq, args.sparsities, args.backends, args.blocks, args.dtype, res["timings"], save,
-                dq_modes=tuple(args.dq_modes))
+                names=tuple(args.triton_variants))
     res["summary"] = summarize(res.get("timings", []), res.get("layout_build", []))
     save()
     md = table(res.get("timings", []))

@@ -11,8 +11,8 @@
 #   bash benchmarks/device_session.sh suites     # fig8, fig10, fig13 (resume where a call stopped)
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
 #   bash benchmarks/device_session.sh operators-quick  # attention 0/50/80% + MLP quick (about 5 minutes)
-#   bash benchmarks/device_session.sh attn-ab    # attention backward, dQ pass vs atomic (LONGEXPOSURE_BSA_DQ) side by
-#                                                # side: correctness and compile per mode, 0/50/80/90% at S 1024/2048
+#   bash benchmarks/device_session.sh attn-ab    # attention: default vs dQ by atomics vs descriptor loads,
+#                                                # correctness per variant, 0/50/80/90% at S 1024/2048
 #   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig11 (reordered neurons)
 #   bash benchmarks/device_session.sh relu-refresh   # pretrain relu-small, fig11 dense / live / refreshed predictors
 #   bash benchmarks/device_session.sh relu-profiles  # pretrain relu-small, fig9_time, fig9_sparsity
@@ -119,19 +119,21 @@ case $stage in
     run 150 longexposure run suites/fig13.yaml --preset paper --out "$work"
     ;;
   operators)
-    run 200 python3 benchmarks/bench_attention_operator.py --skip compile --quick-check --dq-modes pass \
+    run 200 python3 benchmarks/bench_attention_operator.py --skip compile --quick-check --triton-variants default \
       --out "$work/attention.json"
     run 150 python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
     run 120 python3 benchmarks/bench_predictors.py cost --fixed-capacity --in-step --out "$work/predictor_cost.json"
     ;;
   operators-quick)  # attention at 0 / 50 / 80% block sparsity and the MLP quick table, for a short lease
     run 170 python3 benchmarks/bench_attention_operator.py --skip compile --quick-check --sparsities 0 0.5 0.8 \
-      --blocks 64 --dq-modes pass --out "$work/attention.json"
+      --blocks 64 --triton-variants default --out "$work/attention.json"
     ;;
-  attn-ab)  # issue 21: the attention backward's dQ as its own pass vs atomics in the dK/dV kernel, one process
-    run "${AB_LIMIT:-480}" python3 benchmarks/bench_attention_operator.py --quick-check --skip layout \
-      --backends sdpa triton --blocks 64 --sparsities 0 0.5 0.8 0.9 --dq-modes pass atomic \
-      --out "$work/attention_dq_ab.json"
+  attn-ab)  # issue 21: the attention kernels' opt-in switches (dQ by atomics, descriptor loads) beside the default,
+    # one process, each against the same sdpa rows, correctness per variant first (about 8 minutes: each variant
+    # autotunes its own kernels; the compile check and the combined variant wait until one of them wins)
+    run "${AB_LIMIT:-570}" python3 benchmarks/bench_attention_operator.py --quick-check --skip layout compile \
+      --backends sdpa triton --blocks 64 --sparsities 0 0.5 0.8 0.9 --triton-variants default dq-atomic tma \
+      --out "$work/attention_ab.json"
     run 140 python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
     ;;
   relu)  # one call: a fresh machine has no cached checkpoint, and it is too large to bring back

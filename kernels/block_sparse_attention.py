@@ -34,6 +34,10 @@ Layout values (ranges, order, no repeats) are checked where a layout is built (`
 here: reading them is a host sync. The kernels clamp counts and block indices into the grid, so a
 layout that skipped the check can give wrong numbers but never reads outside q, k, v or the tables.
 
+With LONGEXPOSURE_BSA_TMA=1 (opt-in, read per launch or per trace) the inner loops read the blocks they stream
+(K and V in the forward and dQ, Q and dO in dK/dV) through (B, H, S, D) tensor descriptors, strided heads
+included, where `kernels/descriptors.py` allows; pointer loads otherwise.
+
 Program ids are widened to int64 before pointer math (tile offsets inside a block stay 32-bit). A
 block of 64 or 128 tokens may be visited as two half-height tiles (`SPLIT`, autotuned). Autotune spaces come from
 `autotune_configs`; LONGEXPOSURE_AUTOTUNE=0 (and the Triton interpreter) collapse them to one config.
@@ -48,6 +52,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from longexposure.kernels import descriptors
 from torch.library import wrap_triton
 
 from longexposure.backends import interpreting
@@ -74,7 +79,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return kept or configs[:1]
 
 
-_KEY = ["BLOCK", "BLOCK_D", "CAUSAL", "EVEN_S"]
+_KEY = ["BLOCK", "BLOCK_D", "CAUSAL", "EVEN_S", "USE_TMA"]
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -99,6 +104,31 @@ def _load_tile(base, row0, stride_s, offs_d, S, D, ROWS: tl.constexpr, EVEN_S: t
         else:
             x = tl.load(ptrs, mask=(rows[:, None] < S) & (offs_d[None, :] < D), other=0.0)
     return x
+
+
+@triton.jit
+def _load_rows(src, b, h, row0, stride_s, offs_d, S, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+               EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [row0, row0 + ROWS) of head (b, h) as a (ROWS, BLOCK_D) tile, out of range reading 0: through the
+    (B, H, S, D) tensor descriptor `src` (USE_TMA: one bulk copy, no address math in the threads), or from the
+    pointer `src` to that head's (S, D) slab."""
+    if USE_TMA:
+        x = src.load([b.to(tl.int32), h.to(tl.int32), row0.to(tl.int32), 0]).reshape(ROWS, BLOCK_D)
+    else:
+        x = _load_tile(src, row0, stride_s, offs_d, S, D, ROWS, EVEN_S, EVEN_D)
+    return x
+
+
+@triton.jit
+def _heads(ptr, b, h, sb, sh, ss, B, H, S, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """What `_load_rows` reads a (B, H, S, D) operand through: a tensor descriptor of ROWS-row boxes (USE_TMA),
+    or the pointer to head (b, h)."""
+    if USE_TMA:
+        src = tl.make_tensor_descriptor(ptr, shape=[B, H, S, D], strides=[sb, sh, ss, 1],
+                                        block_shape=[1, 1, ROWS, BLOCK_D])
+    else:
+        src = ptr + b * sb + h * sh
+    return src
 
 
 @triton.jit
@@ -153,17 +183,17 @@ def _row_entries(row_ptr, cnt, NKP: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(
-    acc, m_i, l_i, q, row_ptr, lo, hi, k_base, v_base, sks, svs, offs_m, offs_d, qb, L, S, D, qk_scale,
-    BLOCK: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    acc, m_i, l_i, q, row_ptr, lo, hi, k_src, v_src, b, h, sks, svs, offs_m, offs_d, qb, L, S, D, qk_scale,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile: a listed block is visited in SPLIT tiles
     for j in range(lo, hi):
         kb = _block_at(row_ptr, j, S, BLOCK)
         for t in tl.static_range(SPLIT):
             n0 = kb * BLOCK + t * SUB
-            k = _load_tile(k_base, n0, sks, offs_d, S, D, SUB, EVEN_S, EVEN_D)
-            v = _load_tile(v_base, n0, svs, offs_d, S, D, SUB, EVEN_S, EVEN_D)
+            k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+            v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
             qk = _dot(q, tl.trans(k), DOT_PREC)
             if MASKED:
                 offs_n = n0 + tl.arange(0, SUB)
@@ -200,7 +230,8 @@ def _bsa_fwd_kernel(
     scb, sch, scr, sib, sih, sir,
     H, BH, S, NQ, qk_scale,
     D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NKP: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass Python floats as fp64
@@ -229,15 +260,15 @@ def _bsa_fwd_kernel(
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
+    k_src = _heads(k_ptr, b, h, skb, skh, sks, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
+    v_src = _heads(v_ptr, b, h, svb, svh, svs, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, row_ptr, 0, n_full, k_base, v_base, sks, svs, offs_m, offs_d, qb, L, S, D, qk_scale,
-        BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC,
+        acc, m_i, l_i, q, row_ptr, 0, n_full, k_src, v_src, b, h, sks, svs, offs_m, offs_d, qb, L, S, D, qk_scale,
+        BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
     )
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, row_ptr, n_full, cnt, k_base, v_base, sks, svs, offs_m, offs_d, qb, L, S, D, qk_scale,
-        BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC,
+        acc, m_i, l_i, q, row_ptr, n_full, cnt, k_src, v_src, b, h, sks, svs, offs_m, offs_d, qb, L, S, D, qk_scale,
+        BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
     )
     # a row that saw a NaN score has l_i = NaN: it stays live, so O is NaN as in dense attention (only a
     # row with no visible key, l_i = 0, or a padded row gets O = 0)
@@ -288,10 +319,10 @@ def _bsa_bwd_delta_kernel(
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, col_ptr, lo, hi, q_base, do_base, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n, offs_d,
-    L, S, D, qk_scale, sm_scale,
-    BLOCK: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    dk, dv, k, v, col_ptr, lo, hi, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n,
+    offs_d, L, S, D, qk_scale, sm_scale,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // SPLIT  # query rows per tile
     for j in range(lo, hi):
@@ -299,8 +330,8 @@ def _dkdv_inner(
         for t in tl.static_range(SPLIT):
             m0 = qb * BLOCK + t * SUB
             offs_m = m0 + tl.arange(0, SUB)
-            q = _load_tile(q_base, m0, sqs, offs_d, S, D, SUB, EVEN_S, EVEN_D)
-            do = _load_tile(do_base, m0, sds, offs_d, S, D, SUB, EVEN_S, EVEN_D)
+            q = _load_rows(q_src, b, h, m0, sqs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+            do = _load_rows(do_src, b, h, m0, sds, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
             if EVEN_S:
                 lse = tl.load(lse_base + offs_m)
                 delta = tl.load(delta_base + offs_m)
@@ -346,8 +377,8 @@ def _bsa_bwd_dkdv_kernel(
     scb, sch, scr, sib, sih, sir,
     H, BH, S, sm_scale, qk_scale,
     D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NQP: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+    SPLIT: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -379,18 +410,18 @@ def _bsa_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    q_base = q_ptr + b * sqb + h * sqh
-    do_base = do_ptr + b * sdb + h * sdh
+    q_src = _heads(q_ptr, b, h, sqb, sqh, sqs, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
+    do_src = _heads(do_ptr, b, h, sdb, sdh, sds, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
     dq_base = dq_acc_ptr + b * sab + h * sah
     dk, dv = _dkdv_inner(
-        dk, dv, k, v, col_ptr, 0, n_masked, q_base, do_base, lse_ptr + bh * S, delta_ptr + bh * S, dq_base, sqs,
-        sds, sas, offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC,
-        DQ_ATOMIC,
+        dk, dv, k, v, col_ptr, 0, n_masked, q_src, do_src, b, h, lse_ptr + bh * S, delta_ptr + bh * S, dq_base, sqs,
+        sds, sas, offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True,
+        DOT_PREC, DQ_ATOMIC, USE_TMA,
     )
     dk, dv = _dkdv_inner(
-        dk, dv, k, v, col_ptr, n_masked, cnt, q_base, do_base, lse_ptr + bh * S, delta_ptr + bh * S, dq_base, sqs,
-        sds, sas, offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC,
-        DQ_ATOMIC,
+        dk, dv, k, v, col_ptr, n_masked, cnt, q_src, do_src, b, h, lse_ptr + bh * S, delta_ptr + bh * S, dq_base,
+        sqs, sds, sas, offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL,
+        False, DOT_PREC, DQ_ATOMIC, USE_TMA,
     )
     dk = dk * sm_scale
     dk_base, dv_base = dk_ptr + b * sdkb + h * sdkh, dv_ptr + b * sdvb + h * sdvh
@@ -400,17 +431,17 @@ def _bsa_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, lse, delta, row_ptr, lo, hi, k_base, v_base, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
-    BLOCK: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    dq, q, do, lse, delta, row_ptr, lo, hi, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile
     for j in range(lo, hi):
         kb = _block_at(row_ptr, j, S, BLOCK)
         for t in tl.static_range(SPLIT):
             n0 = kb * BLOCK + t * SUB
-            k = _load_tile(k_base, n0, sks, offs_d, S, D, SUB, EVEN_S, EVEN_D)
-            v = _load_tile(v_base, n0, svs, offs_d, S, D, SUB, EVEN_S, EVEN_D)
+            k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+            v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
             qk = _dot(q, tl.trans(k), DOT_PREC)
             p = tl.math.exp2(qk * qk_scale - lse[:, None])
             if MASKED:
@@ -442,7 +473,8 @@ def _bsa_bwd_dq_kernel(
     scb, sch, scr, sib, sih, sir,
     H, BH, S, NQ, sm_scale, qk_scale,
     D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NKP: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -476,15 +508,15 @@ def _bsa_bwd_dq_kernel(
     n_full = tl.sum((_row_entries(row_ptr, cnt, NKP) < lim).to(tl.int32), 0)
 
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
+    k_src = _heads(k_ptr, b, h, skb, skh, sks, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
+    v_src = _heads(v_ptr, b, h, svb, svh, svs, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
     dq = _dq_inner(
-        dq, q, do, lse, delta, row_ptr, 0, n_full, k_base, v_base, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
-        BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC,
+        dq, q, do, lse, delta, row_ptr, 0, n_full, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+        BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
     )
     dq = _dq_inner(
-        dq, q, do, lse, delta, row_ptr, n_full, cnt, k_base, v_base, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
-        BLOCK, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC,
+        dq, q, do, lse, delta, row_ptr, n_full, cnt, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+        BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
     )
     dq = dq * sm_scale
     dq_base = dq_ptr + b * sdqb + h * sdqh
@@ -631,9 +663,13 @@ def _check_block(block: int) -> None:
         raise ValueError(f"block must be a power of two >= 16, got {block}")
 
 
-def _meta(q: torch.Tensor, block: int, scale: float) -> dict:
+def _meta(q: torch.Tensor, block: int, scale: float, streamed: tuple[torch.Tensor, ...]) -> dict:
+    """The kernels' constants; `streamed`: the operands the inner loops read block by block (K and V, or Q and
+    dO), through tensor descriptors when LONGEXPOSURE_BSA_TMA=1 allows (`kernels/descriptors.py`)."""
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
+    from torch._subclasses.fake_tensor import is_fake
+
     d = q.shape[-1]
     interp_bf16 = interpreting() and q.dtype == torch.bfloat16
     return {
@@ -642,6 +678,7 @@ def _meta(q: torch.Tensor, block: int, scale: float) -> dict:
         "BLOCK_D": max(16, triton.next_power_of_2(d)),
         "EVEN_S": q.shape[2] % block == 0,
         "DOT_PREC": "ieee" if q.dtype == torch.float32 else ("interp-bf16" if interp_bf16 else "tf32"),
+        "USE_TMA": descriptors.use("LONGEXPOSURE_BSA_TMA", *streamed, traced=is_fake(q)),
     }
 
 
@@ -673,7 +710,8 @@ def block_sparse_attention_fwd(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         *_layout_strides(kv_counts), *_layout_strides(kv_indices),
         heads, bsz * heads, seq, nq, scale * math.log2(math.e),
-        NKP=max(16, triton.next_power_of_2(nq)), CAUSAL=causal, HAS_LENS=seq_lens is not None, **_meta(q, block, scale),
+        NKP=max(16, triton.next_power_of_2(nq)), CAUSAL=causal, HAS_LENS=seq_lens is not None,
+        **_meta(q, block, scale, (k, v)),
     )
     return o, lse
 
@@ -710,7 +748,7 @@ def block_sparse_attention_bwd(
     _check_lens(seq_lens, bsz, q.device)
     if lse.shape != (bsz, heads, seq) or not lse.is_contiguous():
         raise ValueError(f"lse must be contiguous ({bsz}, {heads}, {seq}), got {tuple(lse.shape)}")
-    meta = _meta(q, block, scale)
+    meta = _meta(q, block, scale, (q, do))  # dK/dV streams Q and dO past its key block; dQ streams K and V
     lens = seq_lens if seq_lens is not None else kv_counts
     atomic = dq_mode() == "atomic"
     delta = torch.empty_like(lse)
@@ -738,7 +776,7 @@ def block_sparse_attention_bwd(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
         *_layout_strides(kv_counts), *_layout_strides(kv_indices),
         heads, bsz * heads, seq, nq, scale, scale * math.log2(math.e),
-        NKP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, **meta,
+        NKP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, **_meta(q, block, scale, (k, v)),
     )
     return dq, dk, dv
 

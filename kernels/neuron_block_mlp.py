@@ -31,7 +31,7 @@ pointers: in dsd a K step inside one neuron block is BK contiguous weight rows (
 `id * BLOCK + k % BLOCK`); in sdd a column tile inside one block, or over blocks with consecutive ids, is BN
 contiguous rows (one (BN, BK) box per K step; other tiles gather through pointers); wgrad loads (tokens,
 columns) boxes of the compact buffer and transposes them in shared memory. Eager and compiled calls alike
-(a traced call takes its operands' storages as aligned and checks their offsets: `_use_tma`).
+(`kernels/descriptors.py` says when an operand may be read so).
 Then the launchers (validation, allocation, grids). Autograd is the `longexposure::neuron_block_mlp` op's, registered
 in `longexposure.ops.neuron_block_mlp` (the one path, eager and compiled).
 """
@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from longexposure.kernels import descriptors
 
 from longexposure.backends import interpreting
 
@@ -594,35 +595,11 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, h=None, 
     return out
 
 
-def _tma_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Global scratch for device-side tensor descriptors (Triton asks for it at launch)."""
-    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
-
-
-@functools.lru_cache(maxsize=16)
-def _has_tma(device: torch.device) -> bool:
-    return INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
 def _use_tma(*operands: torch.Tensor, traced: bool = False) -> bool:
     """LONGEXPOSURE_TMA=1 (read per launch, or per trace), a Hopper GPU (or the interpreter), descriptor-legal
-    operands: unit inner stride, 16-byte rows and, in eager, a 16-byte aligned address.
-
-    A traced call (torch.compile, `traced`) has no address yet: its operands' storages are taken as aligned (torch's
-    allocators and Inductor's buffers start at 16-byte multiples or more) and their offsets into them are checked.
-    The compiled step then reads through descriptors too (before 2026-12-05 only eager calls did)."""
-    if os.environ.get("LONGEXPOSURE_TMA", "0") != "1" or not _has_tma(operands[0].device):
-        return False
-    for t in operands:
-        size = t.element_size()
-        start = t.storage_offset() * size if traced else t.data_ptr()
-        if t.stride(1) != 1 or (t.stride(0) * size) % 16 or start % 16:
-            return False
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_tma_allocator)
-    return True
+    operands: the rule of `kernels/descriptors.py`. Traced calls (torch.compile) take descriptors too since
+    2026-12-05 (before, only eager calls did)."""
+    return descriptors.use("LONGEXPOSURE_TMA", *operands, traced=traced)
 
 
 def _launch_dsd(c, w, ids, count, block, *, bias=None, out, wrap=_no_wrap):

@@ -168,6 +168,52 @@ def test_atomic_dq_equals_the_dq_pass_and_leaves_dk_dv_alone():
         assert torch.all(dq_a[b, h, r * 16 : (r + 1) * 16] == 0)
 
 
+@contextlib.contextmanager
+def descriptor_loads():
+    """LONGEXPOSURE_BSA_TMA=1 inside; yields the decisions the launches made (True: descriptors)."""
+    decided = []
+    use = K.descriptors.use
+
+    def spy(switch, *operands, **kw):
+        decided.append(use(switch, *operands, **kw))
+        return decided[-1]
+
+    with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_TMA": "1"}), mock.patch.object(K.descriptors, "use", spy):
+        yield decided
+
+
+@given(**CASES)
+def test_descriptor_loads_match_reference(
+    block, n, trim, batch, heads, head_dim, dtype, causal, pattern, density, ragged, broadcast, seed
+):
+    """LONGEXPOSURE_BSA_TMA=1: the inner loops read K/V (forward, dQ) and Q/dO (dK/dV) through (B, H, S, D) tensor
+    descriptors; rows past the sequence and columns past the head dim load as zeros, as the pointer loads do."""
+    seq = max(1, n * block - min(trim, block - 1))
+    with descriptor_loads() as decided:
+        run_case(batch, heads, seq, head_dim, block, dtype, causal, pattern, density, ragged, broadcast, seed)
+    assert decided and all(decided), "every launch of these contiguous operands must read through descriptors"
+
+
+def test_descriptor_loads_of_strided_views_and_the_fallback():
+    """Heads as a view of (B, S, H, D) projections (what the attention backends pass): descriptors take the strides
+    as they are. A view whose start is not 16-byte aligned falls back to pointer loads, with the same result."""
+    gen = torch.Generator().manual_seed(9)
+    batch, heads, seq, dim, block = 2, 3, 45, 32, 16
+    layout = make_layout(batch, heads, 3, block, pattern="random", density=0.7, causal=True, broadcast="none", seed=9)
+    base = [torch.randn(batch, seq, heads, dim + 4, generator=gen) for _ in range(3)]  # fp32 rows of 144 bytes
+    for view, expect in ((lambda t: t[..., :dim], True), (lambda t: t[..., 1 : dim + 1], False)):
+        leaves = [view(t).transpose(1, 2).detach().requires_grad_() for t in base]
+        with descriptor_loads() as decided:
+            out = block_sparse_attention(*leaves, layout, causal=True)
+            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        assert set(decided) == {expect}
+        ref = [t.detach().double().requires_grad_() for t in leaves]
+        ref_out = reference_attention(*ref, layout, causal=True)
+        ref_grads = torch.autograd.grad(ref_out, ref, torch.ones_like(ref_out))
+        for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True):
+            assert_close(got, want, name)
+
+
 def test_dq_mode_is_checked_and_deterministic_mode_keeps_the_pass():
     with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_DQ": "atomics"}), pytest.raises(
         ValueError, match="LONGEXPOSURE_BSA_DQ='atomics' is not one of"

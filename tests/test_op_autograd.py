@@ -81,9 +81,9 @@ def test_block_sparse_attention_backward_is_the_registered_ops():
 
 
 def compiled_kernels() -> dict[str, dict[str, int]]:
-    """Per op: how often each Triton kernel appears in AOTAutograd's joint forward+backward graph; for the MLP with
-    LONGEXPOSURE_TMA=1 (a Hopper GPU assumed), counted by the kernels' USE_TMA constant."""
-    from longexposure.kernels import neuron_block_mlp as K
+    """Per op: how often each Triton kernel appears in AOTAutograd's joint forward+backward graph; with the
+    descriptor switches on (a Hopper GPU assumed), counted by the kernels' USE_TMA constant."""
+    from longexposure.kernels import descriptors
     from torch._functorch.aot_autograd import aot_function
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -133,14 +133,18 @@ def compiled_kernels() -> dict[str, dict[str, int]]:
     # fc2's weight neuron-major, as the backends hold it (`neuron_major_`), so its products are descriptor-legal
     mlp_inputs = [r(24, d), r(ffn, d), r(ffn), neuron_major(r(d, ffn)), r(d), r(4, d), r(ffn, 4), r(5, ffn), r(d, 5),
                   torch.arange(4, dtype=torch.int32), torch.tensor([3], dtype=torch.int32)]
-    tma = lambda args: f" tma={int(args['USE_TMA'])}" if "USE_TMA" in args else ""  # noqa: E731
-    with mock.patch.dict(os.environ, {"LONGEXPOSURE_TMA": "1"}), mock.patch.object(K, "_has_tma", lambda _: True):
+    tma = lambda args: f" tma={int(args['USE_TMA'])}" if "USE_TMA" in args else ""
+    hopper = mock.patch.object(descriptors, "has_tma", lambda _: True)
+    with mock.patch.dict(os.environ, {"LONGEXPOSURE_TMA": "1"}), hopper:
         mlp_tma = joint_graph(mlp, mlp_inputs, tma)
+    with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_TMA": "1"}), hopper:
+        attention_tma = joint_graph(attention, attention_inputs, tma)
     return {
         "mlp": joint_graph(mlp, mlp_inputs),
         "mlp, LONGEXPOSURE_TMA=1": mlp_tma,
         "attention": joint_graph(attention, attention_inputs),
         "attention, atomic dQ": atomic,
+        "attention, LONGEXPOSURE_BSA_TMA=1": attention_tma,
     }
 
 
@@ -159,6 +163,9 @@ def test_compiled_graph_holds_every_kernel_of_both_directions():
                       "_bsa_bwd_dq_kernel": 1},
         # LONGEXPOSURE_BSA_DQ=atomic: the dK/dV kernel adds dQ, no dQ pass (its accumulator reset for autotuning)
         "attention, atomic dQ": {"_bsa_fwd_kernel": 1, "_bsa_bwd_delta_kernel": 1, "_bsa_bwd_dkdv_kernel": 1},
+        # the three kernels that stream blocks read them through descriptors when traced too
+        "attention, LONGEXPOSURE_BSA_TMA=1": {"_bsa_fwd_kernel tma=1": 1, "_bsa_bwd_delta_kernel": 1,
+                                              "_bsa_bwd_dkdv_kernel tma=1": 1, "_bsa_bwd_dq_kernel tma=1": 1},
     }
 
 

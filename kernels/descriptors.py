@@ -1,0 +1,55 @@
+"""When the Triton operators may read through Hopper tensor descriptors (TMA), one rule for all of them.
+
+A kernel built with `tl.make_tensor_descriptor` copies whole boxes with one bulk instruction instead of having
+every thread compute addresses; out-of-range rows and columns read as zeros. It is opt-in per operator family,
+each with its own environment switch read per launch (or per trace), so each is measured against pointer loads
+on its own before it becomes a default: `LONGEXPOSURE_TMA=1` for the neuron-block MLP kernels,
+`LONGEXPOSURE_BSA_TMA=1` for block-sparse attention.
+
+An operand is descriptor-legal when its innermost stride is 1 and every other stride and its start address are
+multiples of 16 bytes. A traced call (torch.compile) has no address yet: its storage is taken as aligned
+(torch's allocators and Inductor's buffers start at 16-byte multiples or more) and its offset into it is checked.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from longexposure.backends import interpreting
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global scratch for device-side descriptors (Triton asks for it at launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
+
+
+@functools.lru_cache(maxsize=16)
+def has_tma(device: torch.device) -> bool:
+    """A Hopper (sm_90) or newer GPU, or the interpreter (which emulates descriptors on the CPU)."""
+    return interpreting() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def legal(t: torch.Tensor, traced: bool = False) -> bool:
+    """`t` can be read through a tensor descriptor (see the module docstring)."""
+    size = t.element_size()
+    start = t.storage_offset() * size if traced else t.data_ptr()
+    outer = t.stride()[:-1]
+    return t.stride(-1) == 1 and start % 16 == 0 and all(s > 0 and (s * size) % 16 == 0 for s in outer)
+
+
+def use(switch: str, *operands: torch.Tensor, traced: bool = False) -> bool:
+    """Whether a launch reads `operands` through descriptors: environment `switch` is "1", the device has TMA and
+    every operand is legal. Installs the scratch allocator the descriptors need when none is set."""
+    if os.environ.get(switch, "0") != "1" or not has_tma(operands[0].device):
+        return False
+    if not all(legal(t, traced) for t in operands):
+        return False
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+    return True
