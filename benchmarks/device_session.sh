@@ -6,7 +6,8 @@
 #   bash benchmarks/device_session.sh predictors # graph-step test with compiled predictors; predictor cost --compile
 #   bash benchmarks/device_session.sh tma        # MLP kernels with tensor descriptors: GPU test, per-kernel A/B
 #   bash benchmarks/device_session.sh tma-ab     # per-kernel pointer vs descriptor A/B first, then the GPU tests
-#   bash benchmarks/device_session.sh tma-e2e    # fig7 compile + graph steps, pointer loads vs descriptors (two runs)
+#   bash benchmarks/device_session.sh switches-e2e  # fig7 compile + graph steps without / with E2E_SWITCHES (default
+#                                                # LONGEXPOSURE_TMA=1: the MLP's descriptors), two runs
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
 #   bash benchmarks/device_session.sh suites     # fig8, fig10, fig13 (resume where a call stopped)
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
@@ -49,7 +50,7 @@
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|tma-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -99,12 +100,17 @@ case $stage in
     run "${TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_neuron_block_mlp.py \
       -k "descriptor or compile_traces"  # the compiled path: Inductor launching the descriptor kernels
     ;;
-  tma-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) with pointer loads, then with
-    # descriptors (LONGEXPOSURE_TMA=1), each run beside the strongest dense baseline of its own process
-    for tma in 0 1; do
-      LONGEXPOSURE_TMA=$tma run "${E2E_LIMIT:-280}" longexposure run suites/fig7.yaml --preset paper --keep-going \
-        --out "$work/tma$tma" --only method=lora --only seq_len=1024 \
-        --only variant=peft-sdpa-compile-graph,long-exposure-compile-graph,long-exposure-reordered-compile-graph
+  switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
+    # opt-in kernel switches in E2E_SWITCHES (default LONGEXPOSURE_TMA=1, the MLP's descriptors; e.g.
+    # E2E_SWITCHES="LONGEXPOSURE_BSA_DQ=atomic LONGEXPOSURE_BSA_TMA=1" for attention's), each run beside the
+    # strongest dense baseline of its own process; the switches are written to switches.txt
+    switches=${E2E_SWITCHES:-LONGEXPOSURE_TMA=1}
+    echo "$switches" > "$work/switches.txt"
+    for side in off on; do
+      ( [ "$side" = on ] && export $switches
+        run "${E2E_LIMIT:-280}" longexposure run suites/fig7.yaml --preset paper --keep-going \
+          --out "$work/switches-$side" --only method=lora --only seq_len=1024 \
+          --only variant=peft-sdpa-compile-graph,long-exposure-compile-graph,long-exposure-reordered-compile-graph )
     done
     ;;
   tma)  # LONGEXPOSURE_TMA=1 correctness on the real kernels, then pointer vs descriptor kernel times
