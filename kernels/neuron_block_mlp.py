@@ -364,7 +364,10 @@ def _wgrad_kernel(
     # The compact operand is read as a transposed (columns, tokens) pointer tile. Loading (tokens,
     # columns) and transposing in registers with tl.trans measured 6x slower on the H100 (1.40 ms vs
     # 0.23 ms for dW1 at density 1.0), so this form stays.
-    ct_ptrs = c_ptr + tl.minimum(offs_c, n_cols - 1)[:, None] * stride_cc + offs_t[None, :] * stride_cm
+    # Columns wrap modulo the buffer's width K: past-count columns read finite data of the buffer and their rows of G
+    # are never stored. (A clamp, min(offs_c, n_cols - 1), hid the columns' contiguity from the compiler: no
+    # vectorised loads, so no cp.async pipelining, one stage of shared memory; the offline sm_90 compile shows it.)
+    ct_ptrs = c_ptr + (offs_c % K)[:, None] * stride_cc + offs_t[None, :] * stride_cm
     d_ptrs = d_ptr + offs_t[:, None] * stride_dm + (offs_n % N)[None, :] * stride_dn
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
