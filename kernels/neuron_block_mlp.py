@@ -105,6 +105,16 @@ def _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _block_id_at(ids_ptr, k, K, BLOCK: tl.constexpr):
+    """Id of the neuron block that compact column k lies in; 0 at or past the buffer's width K (a prefetch one step
+    past the loop). dsd's loops read the next step's id one step ahead: an id loaded and used in the same step made
+    the weight load depend on a load of its own iteration, and the compiler then double- instead of multi-buffered
+    the operands (an sm_90 compile: 64 KB of shared memory instead of 4 x 32 KB)."""
+    i = k // BLOCK
+    return tl.load(ids_ptr + i, mask=i < K // BLOCK, other=0)
+
+
+@triton.jit
 def _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK: tl.constexpr, EVEN_K: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """acc += A @ W over a reduction of length K, both read through pointer tiles: A (BM, BK) steps along its
@@ -290,8 +300,10 @@ def _dsd_kernel(
         # Out-of-range rows/columns of a tile load as zeros; the store below is masked.
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[T, K], strides=[stride_cm, 1], block_shape=[BM, BK])
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, N], strides=[stride_wn, 1], block_shape=[BK, BN])
+        next_id = _block_id_at(ids_ptr, 0, K, BLOCK)
         for k in range(0, k_end, BK):
-            block_id = tl.load(ids_ptr + k // BLOCK)
+            block_id = next_id
+            next_id = _block_id_at(ids_ptr, k + BK, K, BLOCK)
             c = c_desc.load([pid_m * BM, k])
             w = w_desc.load([block_id * BLOCK + k % BLOCK, pid_n * BN])
             if UPCAST:
@@ -300,8 +312,10 @@ def _dsd_kernel(
     elif BLOCK % BK == 0:
         # Every K step lies inside one neuron block: one id, then BK consecutive weight rows.
         w_offs += offs_k[:, None] * stride_wn
+        next_id = _block_id_at(ids_ptr, 0, K, BLOCK).to(tl.int64)
         for k in range(0, k_end, BK):
-            block_id = tl.load(ids_ptr + k // BLOCK).to(tl.int64)
+            block_id = next_id
+            next_id = _block_id_at(ids_ptr, k + BK, K, BLOCK).to(tl.int64)
             c = tl.load(c_ptrs)
             w = tl.load(w_ptr + (block_id * BLOCK + k % BLOCK) * stride_wn + w_offs)
             if UPCAST:
