@@ -46,6 +46,11 @@ CASES = {
         ("dkdv dq-atomic", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": True}),
     )
 }
+for _name, _kernel, _extra in (("fwd", "_bsa_fwd_kernel", {"NKP": 16}), ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16}),
+                               ("dkdv dq-atomic", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": True})):
+    # half-height tiles at block 64 (64 x 32), autotune candidates since 2026-12-05, with 8 warps
+    CASES[f"attention {_name} split=2 tma=True"] = (
+        "block_sparse_attention", _kernel, {**ATTENTION, **_extra, "SPLIT": 2, "USE_TMA": True}, 8, 2)
 CASES["attention delta zeroing dq"] = (
     "block_sparse_attention", "_bsa_bwd_delta_kernel",
     {"D": 64, "BLOCK": 64, "BLOCK_D": 64, "EVEN_S": False, "ZERO_DQ": True}, 4, 1,
