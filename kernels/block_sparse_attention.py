@@ -663,13 +663,17 @@ def _check_block(block: int) -> None:
         raise ValueError(f"block must be a power of two >= 16, got {block}")
 
 
-def _meta(q: torch.Tensor, block: int, scale: float, streamed: tuple[torch.Tensor, ...]) -> dict:
-    """The kernels' constants; `streamed`: the operands the inner loops read block by block (K and V, or Q and
-    dO), through tensor descriptors when LONGEXPOSURE_BSA_TMA=1 allows (`kernels/descriptors.py`)."""
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
+def _use_tma(*streamed: torch.Tensor) -> bool:
+    """Whether a kernel reads the operands its inner loop streams block by block (K and V, or Q and dO) through
+    tensor descriptors: LONGEXPOSURE_BSA_TMA=1 and `kernels/descriptors.py`'s rule."""
     from torch._subclasses.fake_tensor import is_fake
 
+    return descriptors.use("LONGEXPOSURE_BSA_TMA", *streamed, traced=is_fake(streamed[0]))
+
+
+def _meta(q: torch.Tensor, block: int, scale: float) -> dict:
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
     d = q.shape[-1]
     interp_bf16 = interpreting() and q.dtype == torch.bfloat16
     return {
@@ -678,7 +682,6 @@ def _meta(q: torch.Tensor, block: int, scale: float, streamed: tuple[torch.Tenso
         "BLOCK_D": max(16, triton.next_power_of_2(d)),
         "EVEN_S": q.shape[2] % block == 0,
         "DOT_PREC": "ieee" if q.dtype == torch.float32 else ("interp-bf16" if interp_bf16 else "tf32"),
-        "USE_TMA": descriptors.use("LONGEXPOSURE_BSA_TMA", *streamed, traced=is_fake(q)),
     }
 
 
@@ -711,7 +714,7 @@ def block_sparse_attention_fwd(
         *_layout_strides(kv_counts), *_layout_strides(kv_indices),
         heads, bsz * heads, seq, nq, scale * math.log2(math.e),
         NKP=max(16, triton.next_power_of_2(nq)), CAUSAL=causal, HAS_LENS=seq_lens is not None,
-        **_meta(q, block, scale, (k, v)),
+        USE_TMA=_use_tma(k, v), **_meta(q, block, scale),
     )
     return o, lse
 
@@ -748,7 +751,7 @@ def block_sparse_attention_bwd(
     _check_lens(seq_lens, bsz, q.device)
     if lse.shape != (bsz, heads, seq) or not lse.is_contiguous():
         raise ValueError(f"lse must be contiguous ({bsz}, {heads}, {seq}), got {tuple(lse.shape)}")
-    meta = _meta(q, block, scale, (q, do))  # dK/dV streams Q and dO past its key block; dQ streams K and V
+    meta = _meta(q, block, scale)
     lens = seq_lens if seq_lens is not None else kv_counts
     atomic = dq_mode() == "atomic"
     delta = torch.empty_like(lse)
@@ -766,7 +769,8 @@ def block_sparse_attention_bwd(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         *dq_acc.stride()[:3], *_layout_strides(q_counts), *_layout_strides(q_indices),
         heads, bsz * heads, seq, scale, scale * math.log2(math.e),
-        NQP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, DQ_ATOMIC=atomic, **meta,
+        NQP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, DQ_ATOMIC=atomic,
+        USE_TMA=_use_tma(q, do), **meta,  # Q and dO stream past each key block
     )
     if atomic:
         return dq_acc.to(q.dtype), dk, dv
@@ -776,7 +780,7 @@ def block_sparse_attention_bwd(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
         *_layout_strides(kv_counts), *_layout_strides(kv_indices),
         heads, bsz * heads, seq, nq, scale, scale * math.log2(math.e),
-        NKP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, **_meta(q, block, scale, (k, v)),
+        NKP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, USE_TMA=_use_tma(k, v), **meta,
     )
     return dq, dk, dv
 
