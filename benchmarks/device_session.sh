@@ -140,7 +140,9 @@ case $stage in
     run "${AB_LIMIT:-570}" python3 benchmarks/bench_attention_operator.py --quick-check --skip layout compile \
       --backends sdpa triton --blocks 64 --sparsities 0 0.5 0.8 0.9 --triton-variants default dq-atomic tma \
       --out "$work/attention_ab.json"
-    run 140 python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
+    # MLP_QUICK_LIMIT=0 leaves out the MLP quick table (when tma-ab's per-kernel table ran in the same lease)
+    [ "${MLP_QUICK_LIMIT:-140}" -gt 0 ] && run "${MLP_QUICK_LIMIT:-140}" python3 benchmarks/bench_mlp_operator.py --quick \
+      --out "$work/mlp_quick.json"
     ;;
   relu)  # one call: a fresh machine has no cached checkpoint, and it is too large to bring back
     # (fig9_time and fig9_sparsity ran on 2026-11-23: `relu-profiles` reruns them)
