@@ -242,8 +242,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def diagnose() -> dict:
     """Per-kernel CUDA-graph times (and TFLOP/s) against the matching torch matmul, with pointer loads and with
-    tensor descriptors (LONGEXPOSURE_TMA=1), at densities 1.0 / 0.25 / 0.1 (the first blocks: consecutive ids,
-    as a reordered layer's), and where the host time goes."""
+    tensor descriptors (LONGEXPOSURE_TMA=1), dsd also persistent (LONGEXPOSURE_PERSISTENT=1), at densities
+    1.0 / 0.25 / 0.1 (the first blocks: consecutive ids, as a reordered layer's), and where the host time goes."""
     import cProfile
     import io
     import pstats
@@ -260,6 +260,13 @@ def diagnose() -> dict:
     w2n = torch.randn(ffn, d, device=dev, dtype=dt) * ffn**-0.5  # fc2.weight^T, neuron-major
     b1, b2 = torch.zeros(ffn, device=dev, dtype=dt), torch.zeros(d, device=dev, dtype=dt)
 
+    def persistent(launch, *args, **kwargs):  # LONGEXPOSURE_PERSISTENT=1 for this launch (read per launch)
+        os.environ["LONGEXPOSURE_PERSISTENT"] = "1"
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            os.environ.pop("LONGEXPOSURE_PERSISTENT")
+
     def kernel_times(density: float) -> dict[str, float]:  # one density; every lambda is timed at once
         n = int(ffn // blk * density)
         ids = torch.arange(ffn // blk, device=dev, dtype=torch.int32)
@@ -273,6 +280,7 @@ def diagnose() -> dict:
             "sdd fc1 (bias+relu)": g(lambda: k._launch_sdd(x, w1, ids, cnt, blk, bias=b1, out=h)),
             "mm x@W1c^T": g(lambda: torch.mm(x, w1c.t())),
             "dsd fc2 (bias)": g(lambda: k._launch_dsd(h, w2n, ids, cnt, blk, bias=b2, out=o)),
+            "dsd fc2 (bias) persistent": g(lambda: persistent(k._launch_dsd, h, w2n, ids, cnt, blk, bias=b2, out=o)),
             "mm hc@W2c": g(lambda: torch.mm(hc, w2c)),
             "sdd dZ (mask)": g(lambda: k._launch_sdd(o, w2n, ids, cnt, blk, h=h, epilogue=2, out=h)),
             "wgrad dW1 = dZ^T x": g(lambda: k._launch_wgrad(h, x, ids, cnt, blk, out=gw)),

@@ -261,34 +261,13 @@ def _sdd_kernel(
                       mask=mask_m[:, None] & mask_r2[None, :], sem="relaxed")
 
 
-@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "USE_TMA"])
 @triton.jit
-def _dsd_kernel(
-    c_ptr,  # (tokens, capacity*BLOCK) compact left operand: h (forward) or dZ (backward)
-    w_ptr,  # (ffn, N) neuron-major right operand: fc2.weight^T, A2^T, fc1.weight or B1
-    bias_ptr,  # (N,) (HAS_BIAS)
-    o_ptr,  # (tokens, N) dense output
-    ids_ptr,  # (capacity,) int32
-    count_ptr,  # (1,) int32
-    T, N, K, T_BUCKET,  # K: the compact width (capacity*BLOCK); it also keys the autotuner
-    W_ROWS,  # ffn: rows of w (the descriptor's bound)
-    stride_cm, stride_cc, stride_wn, stride_wk, stride_om, stride_on, stride_bias,
-    BLOCK: tl.constexpr,
-    HAS_LOW_RANK: tl.constexpr,  # unused; keeps one autotune key for every kernel
-    HAS_BIAS: tl.constexpr,
-    EPILOGUE: tl.constexpr,  # unused
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,  # operands through tensor descriptors (needs unit inner strides, 16-byte rows)
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    k_end = tl.load(count_ptr) * BLOCK  # runtime loop bound: the count never recompiles
-    num_m = tl.cdiv(T, BM)
-    num_n = tl.cdiv(N, BN)
-    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
+def _dsd_tile(tile, k_end, c_ptr, w_ptr, bias_ptr, o_ptr, ids_ptr, T, N, K, W_ROWS,
+              stride_cm, stride_cc, stride_wn, stride_wk, stride_om, stride_on, stride_bias,
+              BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              USE_TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """One (BM, BN) output tile of dsd: a program's whole work, or one turn of a persistent program's loop."""
+    pid_m, pid_n = _tile_ids(tile, tl.cdiv(T, BM), tl.cdiv(N, BN), GROUP_M)
     offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
@@ -337,6 +316,45 @@ def _dsd_kernel(
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(o_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(o_ptr.dtype.element_ty), mask=(offs_m < T)[:, None] & mask_n[None, :])
+
+
+@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "USE_TMA", "PERSISTENT"])
+@triton.jit
+def _dsd_kernel(
+    c_ptr,  # (tokens, capacity*BLOCK) compact left operand: h (forward) or dZ (backward)
+    w_ptr,  # (ffn, N) neuron-major right operand: fc2.weight^T, A2^T, fc1.weight or B1
+    bias_ptr,  # (N,) (HAS_BIAS)
+    o_ptr,  # (tokens, N) dense output
+    ids_ptr,  # (capacity,) int32
+    count_ptr,  # (1,) int32
+    T, N, K, T_BUCKET,  # K: the compact width (capacity*BLOCK); it also keys the autotuner
+    W_ROWS,  # ffn: rows of w (the descriptor's bound)
+    stride_cm, stride_cc, stride_wn, stride_wk, stride_om, stride_on, stride_bias,
+    BLOCK: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr,  # unused; keeps one autotune key for every kernel
+    HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,  # unused
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # operands through tensor descriptors (needs unit inner strides, 16-byte rows)
+    PERSISTENT: tl.constexpr,  # one program per SM walks the tiles (LONGEXPOSURE_PERSISTENT=1); else one per tile
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    k_end = tl.load(count_ptr) * BLOCK  # runtime loop bound: the count never recompiles
+    if PERSISTENT:
+        # flatten: the tile loop and the K loop are pipelined as one, so the next tile's first loads are in
+        # flight while this tile's epilogue stores (Triton's persistent-matmul schedule)
+        for tile in tl.range(tl.program_id(0), tl.cdiv(T, BM) * tl.cdiv(N, BN), tl.num_programs(0), flatten=True):
+            _dsd_tile(tile, k_end, c_ptr, w_ptr, bias_ptr, o_ptr, ids_ptr, T, N, K, W_ROWS, stride_cm, stride_cc,
+                      stride_wn, stride_wk, stride_om, stride_on, stride_bias, BLOCK, HAS_BIAS, UPCAST, PRECISION,
+                      USE_TMA, BM, BN, BK, GROUP_M)
+    else:
+        _dsd_tile(tl.program_id(0), k_end, c_ptr, w_ptr, bias_ptr, o_ptr, ids_ptr, T, N, K, W_ROWS, stride_cm,
+                  stride_cc, stride_wn, stride_wk, stride_om, stride_on, stride_bias, BLOCK, HAS_BIAS, UPCAST,
+                  PRECISION, USE_TMA, BM, BN, BK, GROUP_M)
 
 
 @triton.autotune(configs=_autotune_configs(large_tiles=False), key=[*_KEY, "USE_TMA"])
@@ -619,20 +637,37 @@ def _use_tma(*operands: torch.Tensor, traced: bool = False) -> bool:
     return descriptors.use("LONGEXPOSURE_TMA", *operands, traced=traced)
 
 
+def _persistent() -> bool:
+    """LONGEXPOSURE_PERSISTENT=1 (opt-in, read per launch or per trace): dsd runs one program per SM, each walking
+    tiles in a loop that Triton pipelines across tile boundaries. Not timed on a GPU yet (issue 21)."""
+    value = os.environ.get("LONGEXPOSURE_PERSISTENT", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"LONGEXPOSURE_PERSISTENT={value!r}: expected '0' or '1'")
+    return value == "1"
+
+
+@functools.cache
+def _programs(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM; 3 in the interpreter, so tests walk several tiles per program."""
+    return 3 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _launch_dsd(c, w, ids, count, block, *, bias=None, out, wrap=_no_wrap):
     tokens, n = out.shape
     if tokens == 0 or n == 0:
         return out
     if c.shape[1] == 0:  # no capacity: the product is empty
         return out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
-    grid = lambda meta: (triton.cdiv(tokens, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+    persistent = _persistent()
+    tiles = lambda meta: triton.cdiv(tokens, meta["BM"]) * triton.cdiv(n, meta["BN"])  # noqa: E731
+    grid = lambda meta: (min(tiles(meta), _programs(c.device)) if persistent else tiles(meta),)  # noqa: E731
     _launch(wrap, _dsd_kernel, grid, (
         c, w, c if bias is None else bias, out, ids, count,
         tokens, n, c.shape[1], _bucket(tokens), w.shape[0],
         c.stride(0), c.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         0 if bias is None else bias.stride(0),
     ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=bias is not None, EPILOGUE=0, **_flags(c.dtype),
-            USE_TMA=_use_tma(c, w, traced=wrap is not _no_wrap)),
+            USE_TMA=_use_tma(c, w, traced=wrap is not _no_wrap), PERSISTENT=persistent),
         key=(c.dtype, _bucket(tokens), c.shape[1], n))
     return out
 

@@ -13,11 +13,13 @@ compared elementwise; the kink itself (pre-activations exactly 0) is tested exac
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from unittest import mock
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from longexposure.kernels import neuron_block_mlp as K
 from numerics import assert_close, assert_close_to_reference
@@ -194,6 +196,38 @@ def test_tensor_descriptor_path_matches_reference(monkeypatch, block, dtype, pat
     p = make_problem(5, 37, 48, 256 // block, block, dtype, pattern, capacity, lora=True, bias=True)
     check_against_reference(p)
     assert any(decided) or pattern == "empty", "the descriptor path must have run"
+
+
+@settings(max_examples=12)
+@given(
+    seed=st.integers(0, 2**16),
+    tokens=st.integers(1, 100),
+    d_units=st.integers(1, 6),
+    block=st.sampled_from(K.BLOCK_SIZES),
+    dtype=st.sampled_from(DTYPES),
+    pattern=st.sampled_from(PATTERNS),
+    capacity=st.sampled_from(["exact", "padded"]),
+    tma=st.booleans(),
+)
+@example(seed=6, tokens=100, d_units=6, block=32, dtype=torch.float16, pattern="random", capacity="padded", tma=True)
+@example(seed=7, tokens=5, d_units=1, block=64, dtype=torch.float32, pattern="empty", capacity="padded", tma=False)
+def test_persistent_dsd_matches_reference(seed, tokens, d_units, block, dtype, pattern, capacity, tma):
+    """LONGEXPOSURE_PERSISTENT=1: dsd (fc2's forward, dx's backward) as one program per SM walking the output tiles
+    (3 programs in the interpreter, so most cases give a program several tiles, the last a partial turn)."""
+    decided = []
+    persistent = K._persistent
+    with mock.patch.dict(os.environ, {"LONGEXPOSURE_PERSISTENT": "1", "LONGEXPOSURE_TMA": "1" if tma else "0"}), \
+            mock.patch.object(K, "_persistent", lambda: decided.append(persistent()) or decided[-1]):
+        p = make_problem(seed, tokens, 16 * d_units, max(1, 256 // block), block, dtype, pattern, capacity,
+                         lora=True, bias=True)
+        check_against_reference(p)
+    assert all(decided) and (decided or pattern == "empty"), "the persistent dsd must have run"
+
+
+def test_persistent_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("LONGEXPOSURE_PERSISTENT", "yes")
+    with pytest.raises(ValueError, match="LONGEXPOSURE_PERSISTENT='yes'"):
+        K._persistent()
 
 
 def test_relu_boundary_pre_activation_exactly_zero():
