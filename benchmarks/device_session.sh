@@ -98,7 +98,7 @@ case $stage in
   tma-ab)  # pointer vs descriptor per kernel (ms, TFLOP/s, cuBLAS beside), then the descriptor path's GPU test
     run "${AB_LIMIT:-300}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels_tma_ab.json"
     run "${TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_neuron_block_mlp.py \
-      -k "descriptor or compile_traces"  # the compiled path: Inductor launching the descriptor kernels
+      -k "descriptor or compile_traces or persistent"  # the compiled path: Inductor launching the descriptor kernels
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
     # opt-in kernel switches in E2E_SWITCHES (default LONGEXPOSURE_TMA=1, the MLP's descriptors; e.g.
