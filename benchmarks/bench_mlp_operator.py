@@ -242,7 +242,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def diagnose() -> dict:
     """Per-kernel CUDA-graph times (and TFLOP/s) against the matching torch matmul, with pointer loads and with
-    tensor descriptors (LONGEXPOSURE_TMA=1), dsd also persistent (LONGEXPOSURE_PERSISTENT=1), at densities
+    tensor descriptors (LONGEXPOSURE_TMA=1), sdd and dsd also persistent (LONGEXPOSURE_PERSISTENT=1), at densities
     1.0 / 0.25 / 0.1 (the first blocks: consecutive ids, as a reordered layer's), and where the host time goes."""
     import cProfile
     import io
@@ -278,6 +278,8 @@ def diagnose() -> dict:
         hc, w1c, w2c = h[:, : n * blk].contiguous(), w1[: n * blk].contiguous(), w2n[: n * blk].contiguous()
         return {
             "sdd fc1 (bias+relu)": g(lambda: k._launch_sdd(x, w1, ids, cnt, blk, bias=b1, out=h)),
+            "sdd fc1 (bias+relu) persistent": g(lambda: persistent(k._launch_sdd, x, w1, ids, cnt, blk, bias=b1,
+                                                                   out=h)),
             "mm x@W1c^T": g(lambda: torch.mm(x, w1c.t())),
             "dsd fc2 (bias)": g(lambda: k._launch_dsd(h, w2n, ids, cnt, blk, bias=b2, out=o)),
             "dsd fc2 (bias) persistent": g(lambda: persistent(k._launch_dsd, h, w2n, ids, cnt, blk, bias=b2, out=o)),

@@ -153,50 +153,17 @@ def _sdd_boxes(acc, a_ptr, w_ptr, T, K, W_ROWS, w_row, pid_m, stride_am, stride_
     return acc
 
 
-# reset_to_zero: the skinny output is accumulated by atomics, so every autotuning run must start from
-# zeros (without it the first, tuning call returned the sum of all benchmark runs: seen on the H100).
-@triton.autotune(configs=_autotune_configs(large_tiles=False), key=[*_KEY, "USE_TMA"], reset_to_zero=["o2_ptr"])
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
-def _sdd_kernel(
-    a_ptr,  # (tokens, K) dense left operand: x (fc1 forward) or dy (backward)
-    w_ptr,  # (ffn, K) neuron-major weight: fc1.weight, or fc2.weight^T
-    e_ptr,  # (tokens, R) low-rank left operand (HAS_LOW_RANK): scaled x A1^T, or dv
-    l_ptr,  # (ffn, R) neuron-major low-rank weight (HAS_LOW_RANK): B1, or A2^T
-    bias_ptr,  # (ffn,) (HAS_BIAS)
-    h_ptr,  # (tokens, capacity*BLOCK) forward activations, read when EPILOGUE == 2
-    c_ptr,  # (tokens, capacity*BLOCK) compact output
-    s_ptr,  # (ffn, R2) neuron-major skinny weight (HAS_SKINNY): A2^T (forward) or B1 (backward)
-    o2_ptr,  # (tokens, R2) fp32, zeroed: += c_tile @ s[rows] (HAS_SKINNY), by atomics across column tiles
-    ids_ptr,  # (capacity,) int32 active block ids; the first count are valid
-    count_ptr,  # (1,) int32
-    T, K, R, R2, T_BUCKET,
-    W_ROWS,  # ffn: rows of w (the descriptor's bound)
-    stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr,
-    stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias,
-    BLOCK: tl.constexpr,
-    HAS_LOW_RANK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    EPILOGUE: tl.constexpr,  # 0: none, 1: ReLU, 2: ReLU's backward mask (zero where h <= 0)
-    HAS_SKINNY: tl.constexpr,
-    BR: tl.constexpr,
-    BR2: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,  # main product through tensor descriptors when a column tile is inside one block
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
+def _sdd_tile(
+    tile, num_m, num_n, n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, h_ptr, c_ptr, s_ptr, o2_ptr, ids_ptr, T, K, R,
+    R2, W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_hm,
+    stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SKINNY: tl.constexpr,
+    BR: tl.constexpr, BR2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    n_cols = tl.load(count_ptr) * BLOCK
-    num_m = tl.cdiv(T, BM)
-    num_n = tl.cdiv(n_cols, BN)
-    pid = tl.program_id(0)
-    if pid >= num_m * num_n:  # tiles past the device-side count: nothing to do
-        return
-    pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
+    """One (BM, BN) compact tile of sdd: a program's whole work, or one turn of a persistent program's loop."""
+    pid_m, pid_n = _tile_ids(tile, num_m, num_n, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     offs_c = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     mask_m = offs_m < T
@@ -259,6 +226,70 @@ def _sdd_kernel(
         part = tl.dot(part.to(sw.dtype), sw, input_precision=PRECISION)
         tl.atomic_add(o2_ptr + offs_m[:, None] * stride_om + offs_r2[None, :], part,
                       mask=mask_m[:, None] & mask_r2[None, :], sem="relaxed")
+
+
+# reset_to_zero: the skinny output is accumulated by atomics, so every autotuning run must start from
+# zeros (without it the first, tuning call returned the sum of all benchmark runs: seen on the H100).
+@triton.autotune(configs=_autotune_configs(large_tiles=False), key=[*_KEY, "USE_TMA", "PERSISTENT"],
+                 reset_to_zero=["o2_ptr"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
+@triton.jit
+def _sdd_kernel(
+    a_ptr,  # (tokens, K) dense left operand: x (fc1 forward) or dy (backward)
+    w_ptr,  # (ffn, K) neuron-major weight: fc1.weight, or fc2.weight^T
+    e_ptr,  # (tokens, R) low-rank left operand (HAS_LOW_RANK): scaled x A1^T, or dv
+    l_ptr,  # (ffn, R) neuron-major low-rank weight (HAS_LOW_RANK): B1, or A2^T
+    bias_ptr,  # (ffn,) (HAS_BIAS)
+    h_ptr,  # (tokens, capacity*BLOCK) forward activations, read when EPILOGUE == 2
+    c_ptr,  # (tokens, capacity*BLOCK) compact output
+    s_ptr,  # (ffn, R2) neuron-major skinny weight (HAS_SKINNY): A2^T (forward) or B1 (backward)
+    o2_ptr,  # (tokens, R2) fp32, zeroed: += c_tile @ s[rows] (HAS_SKINNY), by atomics across column tiles
+    ids_ptr,  # (capacity,) int32 active block ids; the first count are valid
+    count_ptr,  # (1,) int32
+    T, K, R, R2, T_BUCKET,
+    W_ROWS,  # ffn: rows of w (the descriptor's bound)
+    stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr,
+    stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias,
+    BLOCK: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,  # 0: none, 1: ReLU, 2: ReLU's backward mask (zero where h <= 0)
+    HAS_SKINNY: tl.constexpr,
+    BR: tl.constexpr,
+    BR2: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # main product through tensor descriptors when a column tile is inside one block
+    PERSISTENT: tl.constexpr,  # one program per SM walks the tiles (LONGEXPOSURE_PERSISTENT=1); else one per tile
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    n_cols = tl.load(count_ptr) * BLOCK
+    num_m = tl.cdiv(T, BM)
+    num_n = tl.cdiv(n_cols, BN)
+    if PERSISTENT:  # the tiles up to the device-side count, as in dsd
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
+            _sdd_tile(
+                tile, num_m, num_n, n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, h_ptr, c_ptr, s_ptr, o2_ptr,
+                ids_ptr, T, K, R, R2, W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er,
+                stride_ln, stride_lr, stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om,
+                stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, HAS_SKINNY, BR, BR2, UPCAST, PRECISION,
+                USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
+            )
+    else:
+        pid = tl.program_id(0)
+        if pid >= num_m * num_n:  # tiles past the device-side count: nothing to do
+            return
+        _sdd_tile(
+            pid, num_m, num_n, n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, h_ptr, c_ptr, s_ptr, o2_ptr, ids_ptr,
+            T, K, R, R2, W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln,
+            stride_lr, stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias,
+            BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, HAS_SKINNY, BR, BR2, UPCAST, PRECISION, USE_TMA, BM, BN, BK,
+            GROUP_M, EVEN_K,
+        )
 
 
 @triton.jit
@@ -609,7 +640,9 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, h=None, 
     dummy = a
     if skinny_out is None:  # never a real input: the autotuner zeroes this argument while tuning
         skinny_out = _scratch_f32(a.device) if wrap is _no_wrap else a.new_empty(1, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(tokens, meta["BM"]) * triton.cdiv(cap_cols, meta["BN"]),)
+    persistent = _persistent()
+    tiles = lambda meta: triton.cdiv(tokens, meta["BM"]) * triton.cdiv(cap_cols, meta["BN"])  # noqa: E731
+    grid = lambda meta: (min(tiles(meta), _programs(a.device)) if persistent else tiles(meta),)  # noqa: E731
     _launch(wrap, _sdd_kernel, grid, (
         a, w, dummy if e is None else e, dummy if lw is None else lw, dummy if bias is None else bias,
         dummy if h is None else h, out, dummy if skinny is None else skinny,
@@ -625,7 +658,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, h=None, 
     ), dict(
         BLOCK=block, HAS_LOW_RANK=e is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
         HAS_SKINNY=skinny is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
-        USE_TMA=_use_tma(a, w, traced=wrap is not _no_wrap),
+        USE_TMA=_use_tma(a, w, traced=wrap is not _no_wrap), PERSISTENT=persistent,
     ), key=(a.dtype, _bucket(tokens), k, r, r2), even=("EVEN_K", k))
     return out
 
@@ -638,8 +671,8 @@ def _use_tma(*operands: torch.Tensor, traced: bool = False) -> bool:
 
 
 def _persistent() -> bool:
-    """LONGEXPOSURE_PERSISTENT=1 (opt-in, read per launch or per trace): dsd runs one program per SM, each walking
-    tiles in a loop that Triton pipelines across tile boundaries. Not timed on a GPU yet (issue 21)."""
+    """LONGEXPOSURE_PERSISTENT=1 (opt-in, read per launch or per trace): sdd and dsd run one program per SM, each
+    walking tiles in a loop that Triton pipelines across tile boundaries. Not timed on a GPU yet (issue 21)."""
     value = os.environ.get("LONGEXPOSURE_PERSISTENT", "0")
     if value not in ("0", "1"):
         raise ValueError(f"LONGEXPOSURE_PERSISTENT={value!r}: expected '0' or '1'")

@@ -56,10 +56,12 @@ CASES["attention delta zeroing dq"] = (
     {"D": 64, "BLOCK": 64, "BLOCK_D": 64, "EVEN_S": False, "ZERO_DQ": True}, 4, 1,
 )
 for _tma in (False, True):  # sdd with 128-wide column tiles over 64-neuron blocks: the multi-block box path
-    CASES[f"mlp sdd tma={_tma}"] = ("neuron_block_mlp", "_sdd_kernel", {**MLP, "EPILOGUE": 1, "HAS_SKINNY": True,
-                                    "BR": 16, "BR2": 16, "USE_TMA": _tma, "EVEN_K": True}, 8, 4)
     for _persistent in (False, True):  # LONGEXPOSURE_PERSISTENT=1: one program per SM walks the tiles
-        CASES[f"mlp dsd tma={_tma}" + " persistent" * _persistent] = (
+        _name = f"tma={_tma}" + " persistent" * _persistent
+        CASES[f"mlp sdd {_name}"] = ("neuron_block_mlp", "_sdd_kernel", {
+            **MLP, "EPILOGUE": 1, "HAS_SKINNY": True, "BR": 16, "BR2": 16, "USE_TMA": _tma, "EVEN_K": True,
+            "PERSISTENT": _persistent}, 8, 4)
+        CASES[f"mlp dsd {_name}"] = (
             "neuron_block_mlp", "_dsd_kernel", {**MLP, "EPILOGUE": 0, "USE_TMA": _tma, "PERSISTENT": _persistent}, 8, 4)
     CASES[f"mlp wgrad tma={_tma}"] = ("neuron_block_mlp", "_wgrad_kernel",
                                       {**MLP, "EPILOGUE": 3, "USE_TMA": _tma, "EVEN_T": True}, 8, 4)
