@@ -136,14 +136,13 @@ def _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK: t
 
 
 @triton.jit
-def _sdd_boxes(acc, a_ptr, w_ptr, T, K, W_ROWS, w_row, pid_m, stride_am, stride_wn, BM: tl.constexpr,
-               BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """sdd's main product through tensor descriptors, the tile's weight rows being w_row .. w_row + BN - 1.
+def _sdd_boxes(acc, a_desc, w_desc, K, w_row, pid_m, BM: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """sdd's main product through tensor descriptors (a (BM, BK) box of the dense operand, a (BN, BK) box of the
+    weight), the tile's weight rows being w_row .. w_row + BN - 1.
 
     Rows past the tokens or the weight and a ragged K tail load as zeros; columns past the count come from
     whatever rows follow and are never stored."""
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[T, K], strides=[stride_am, 1], block_shape=[BM, BK])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1], block_shape=[BN, BK])
     for k in range(0, K, BK):
         a = a_desc.load([pid_m * BM, k])
         wt = w_desc.load([w_row, k])
@@ -155,14 +154,15 @@ def _sdd_boxes(acc, a_ptr, w_ptr, T, K, W_ROWS, w_row, pid_m, stride_am, stride_
 
 @triton.jit
 def _sdd_tile(
-    tile, num_m, num_n, n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, h_ptr, c_ptr, s_ptr, o2_ptr, ids_ptr, T, K, R,
-    R2, W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_hm,
-    stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK: tl.constexpr,
+    tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, h_ptr, c_ptr, s_ptr, o2_ptr,
+    ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr,
+    stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK: tl.constexpr,
     HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SKINNY: tl.constexpr,
     BR: tl.constexpr, BR2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """One (BM, BN) compact tile of sdd: a program's whole work, or one turn of a persistent program's loop."""
+    """One (BM, BN) compact tile of sdd: a program's whole work, or one turn of a persistent program's loop (the
+    kernel makes the descriptors, once per program)."""
     pid_m, pid_n = _tile_ids(tile, num_m, num_n, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     offs_c = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
@@ -185,8 +185,8 @@ def _sdd_tile(
         blocks_in_tile = tl.minimum(tl.cdiv(BN, BLOCK), n_cols // BLOCK - c0 // BLOCK)  # valid blocks (>= 1)
         last_block = tl.load(ids_ptr + c0 // BLOCK + blocks_in_tile - 1)  # first_block when BN <= BLOCK
         if last_block - first_block == blocks_in_tile - 1:
-            acc = _sdd_boxes(acc, a_ptr, w_ptr, T, K, W_ROWS, first_block * BLOCK + c0 % BLOCK, pid_m, stride_am,
-                             stride_wn, BM, BN, BK, UPCAST, PRECISION)
+            acc = _sdd_boxes(acc, a_desc, w_desc, K, first_block * BLOCK + c0 % BLOCK, pid_m, BM, BK, UPCAST,
+                             PRECISION)
         else:
             acc = _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST,
                                    PRECISION)
@@ -270,34 +270,39 @@ def _sdd_kernel(
     n_cols = tl.load(count_ptr) * BLOCK
     num_m = tl.cdiv(T, BM)
     num_n = tl.cdiv(n_cols, BN)
+    if not PERSISTENT and tl.program_id(0) >= num_m * num_n:  # a tile past the device-side count: nothing to do
+        return
+    if USE_TMA and (BLOCK % BN == 0 or BN % BLOCK == 0):
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[T, K], strides=[stride_am, 1], block_shape=[BM, BK])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1], block_shape=[BN, BK])
+    else:  # unused
+        a_desc, w_desc = a_ptr, w_ptr
     if PERSISTENT:  # the tiles up to the device-side count, as in dsd
         for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
             _sdd_tile(
-                tile, num_m, num_n, n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, h_ptr, c_ptr, s_ptr, o2_ptr,
-                ids_ptr, T, K, R, R2, W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er,
+                tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, h_ptr, c_ptr, s_ptr,
+                o2_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er,
                 stride_ln, stride_lr, stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om,
-                stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, HAS_SKINNY, BR, BR2, UPCAST, PRECISION,
-                USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
+                stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, HAS_SKINNY, BR, BR2, UPCAST, PRECISION, USE_TMA,
+                BM, BN, BK, GROUP_M, EVEN_K,
             )
     else:
-        pid = tl.program_id(0)
-        if pid >= num_m * num_n:  # tiles past the device-side count: nothing to do
-            return
         _sdd_tile(
-            pid, num_m, num_n, n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, h_ptr, c_ptr, s_ptr, o2_ptr, ids_ptr,
-            T, K, R, R2, W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln,
-            stride_lr, stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias,
-            BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, HAS_SKINNY, BR, BR2, UPCAST, PRECISION, USE_TMA, BM, BN, BK,
-            GROUP_M, EVEN_K,
+            tl.program_id(0), num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, h_ptr,
+            c_ptr, s_ptr, o2_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em,
+            stride_er, stride_ln, stride_lr, stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr,
+            stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, HAS_SKINNY, BR, BR2, UPCAST, PRECISION,
+            USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
         )
 
 
 @triton.jit
-def _dsd_tile(tile, k_end, c_ptr, w_ptr, bias_ptr, o_ptr, ids_ptr, T, N, K, W_ROWS,
+def _dsd_tile(tile, k_end, c_ptr, w_ptr, c_desc, w_desc, bias_ptr, o_ptr, ids_ptr, T, N, K,
               stride_cm, stride_cc, stride_wn, stride_wk, stride_om, stride_on, stride_bias,
               BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
               USE_TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """One (BM, BN) output tile of dsd: a program's whole work, or one turn of a persistent program's loop."""
+    """One (BM, BN) output tile of dsd: a program's whole work, or one turn of a persistent program's loop (the
+    kernel makes the descriptors, once per program)."""
     pid_m, pid_n = _tile_ids(tile, tl.cdiv(T, BM), tl.cdiv(N, BN), GROUP_M)
     offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
@@ -308,8 +313,6 @@ def _dsd_tile(tile, k_end, c_ptr, w_ptr, bias_ptr, o_ptr, ids_ptr, T, N, K, W_RO
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if USE_TMA and BLOCK % BK == 0:
         # Out-of-range rows/columns of a tile load as zeros; the store below is masked.
-        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[T, K], strides=[stride_cm, 1], block_shape=[BM, BK])
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, N], strides=[stride_wn, 1], block_shape=[BK, BN])
         next_id = _block_id_at(ids_ptr, 0, K, BLOCK)
         for k in range(0, k_end, BK):
             block_id = next_id
@@ -375,17 +378,22 @@ def _dsd_kernel(
     GROUP_M: tl.constexpr,
 ):
     k_end = tl.load(count_ptr) * BLOCK  # runtime loop bound: the count never recompiles
+    if USE_TMA and BLOCK % BK == 0:
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[T, K], strides=[stride_cm, 1], block_shape=[BM, BK])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, N], strides=[stride_wn, 1], block_shape=[BK, BN])
+    else:  # unused
+        c_desc, w_desc = c_ptr, w_ptr
     if PERSISTENT:
         # flatten: the tile loop and the K loop are pipelined as one, so the next tile's first loads are in
         # flight while this tile's epilogue stores (Triton's persistent-matmul schedule)
         for tile in tl.range(tl.program_id(0), tl.cdiv(T, BM) * tl.cdiv(N, BN), tl.num_programs(0), flatten=True):
-            _dsd_tile(tile, k_end, c_ptr, w_ptr, bias_ptr, o_ptr, ids_ptr, T, N, K, W_ROWS, stride_cm, stride_cc,
-                      stride_wn, stride_wk, stride_om, stride_on, stride_bias, BLOCK, HAS_BIAS, UPCAST, PRECISION,
-                      USE_TMA, BM, BN, BK, GROUP_M)
+            _dsd_tile(tile, k_end, c_ptr, w_ptr, c_desc, w_desc, bias_ptr, o_ptr, ids_ptr, T, N, K, stride_cm,
+                      stride_cc, stride_wn, stride_wk, stride_om, stride_on, stride_bias, BLOCK, HAS_BIAS, UPCAST,
+                      PRECISION, USE_TMA, BM, BN, BK, GROUP_M)
     else:
-        _dsd_tile(tl.program_id(0), k_end, c_ptr, w_ptr, bias_ptr, o_ptr, ids_ptr, T, N, K, W_ROWS, stride_cm,
-                  stride_cc, stride_wn, stride_wk, stride_om, stride_on, stride_bias, BLOCK, HAS_BIAS, UPCAST,
-                  PRECISION, USE_TMA, BM, BN, BK, GROUP_M)
+        _dsd_tile(tl.program_id(0), k_end, c_ptr, w_ptr, c_desc, w_desc, bias_ptr, o_ptr, ids_ptr, T, N, K,
+                  stride_cm, stride_cc, stride_wn, stride_wk, stride_om, stride_on, stride_bias, BLOCK, HAS_BIAS,
+                  UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M)
 
 
 @triton.autotune(configs=_autotune_configs(large_tiles=False), key=[*_KEY, "USE_TMA"])
