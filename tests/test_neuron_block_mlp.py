@@ -225,6 +225,20 @@ def test_persistent_kernels_match_reference(seed, tokens, d_units, block, dtype,
     assert all(decided) and (decided or p.ids.numel() == 0), "the persistent kernels must have run"
 
 
+@pytest.mark.parametrize("switch, programs", [("0", 12), ("1", 3)])
+def test_persistent_grid_is_one_program_per_sm(monkeypatch, switch, programs):
+    """A persistent launch has min(tiles, SMs) programs (3 "SMs" in the interpreter); 12 tiles otherwise."""
+    monkeypatch.setenv("LONGEXPOSURE_PERSISTENT", switch)
+    monkeypatch.setattr(K, "_programs", lambda _: 3)
+    grids = []
+    monkeypatch.setattr(K, "_launch", lambda wrap, kernel, grid, *a, **kw: grids.append(grid({"BM": 32, "BN": 32})))
+    c, w = torch.zeros(100, 64), torch.zeros(128, 96)
+    ids, count = torch.arange(2, dtype=torch.int32), torch.tensor([2], dtype=torch.int32)
+    K._launch_dsd(c, w, ids, count, 32, out=torch.zeros(100, 96))  # 4 x 3 output tiles
+    K._launch_sdd(torch.zeros(100, 96), w, ids, count, 32, out=c)  # 4 x 2 compact tiles
+    assert grids == [(programs,), (min(programs, 8),)]
+
+
 def test_persistent_switch_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("LONGEXPOSURE_PERSISTENT", "yes")
     with pytest.raises(ValueError, match="LONGEXPOSURE_PERSISTENT='yes'"):

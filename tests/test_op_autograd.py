@@ -84,6 +84,7 @@ def compiled_kernels() -> dict[str, dict[str, int]]:
     """Per op: how often each Triton kernel appears in AOTAutograd's joint forward+backward graph; with the
     descriptor switches on (a Hopper GPU assumed), counted by the kernels' USE_TMA constant."""
     from longexposure.kernels import descriptors
+    from longexposure.kernels import neuron_block_mlp as mlp_kernels
     from torch._functorch.aot_autograd import aot_function
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -139,9 +140,14 @@ def compiled_kernels() -> dict[str, dict[str, int]]:
         mlp_tma = joint_graph(mlp, mlp_inputs, tma)
     with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_TMA": "1"}), hopper:
         attention_tma = joint_graph(attention, attention_inputs, tma)
+    persistent = lambda args: " persistent" if args.get("PERSISTENT") else ""
+    with mock.patch.dict(os.environ, {"LONGEXPOSURE_PERSISTENT": "1"}), \
+            mock.patch.object(mlp_kernels, "_programs", lambda _: 132):
+        mlp_persistent = joint_graph(mlp, mlp_inputs, persistent)
     return {
         "mlp": joint_graph(mlp, mlp_inputs),
         "mlp, LONGEXPOSURE_TMA=1": mlp_tma,
+        "mlp, LONGEXPOSURE_PERSISTENT=1": mlp_persistent,
         "attention": joint_graph(attention, attention_inputs),
         "attention, atomic dQ": atomic,
         "attention, LONGEXPOSURE_BSA_TMA=1": attention_tma,
@@ -157,6 +163,9 @@ def test_compiled_graph_holds_every_kernel_of_both_directions():
         "mlp": {"_sdd_kernel": 2, "_dsd_kernel": 2, "_wgrad_kernel": 4, "_colsum_kernel": 1},
         # traced launches read through descriptors too, where the operands allow: not dA2's, whose right operand
         # (tokens, rank 5) fp32 has 20-byte rows
+        # LONGEXPOSURE_PERSISTENT=1 reaches traced launches: sdd and dsd persistent, wgrad and colsum as they were
+        "mlp, LONGEXPOSURE_PERSISTENT=1": {"_sdd_kernel persistent": 2, "_dsd_kernel persistent": 2,
+                                           "_wgrad_kernel": 4, "_colsum_kernel": 1},
         "mlp, LONGEXPOSURE_TMA=1": {"_sdd_kernel tma=1": 2, "_dsd_kernel tma=1": 2, "_wgrad_kernel tma=1": 3,
                                     "_wgrad_kernel tma=0": 1, "_colsum_kernel": 1},
         "attention": {"_bsa_fwd_kernel": 1, "_bsa_bwd_delta_kernel": 1, "_bsa_bwd_dkdv_kernel": 1,
