@@ -31,7 +31,8 @@
 #   bash benchmarks/device_session.sh real-control  # issue 17: theta 0.5 refreshed every 100 steps (recall 0.97 and 0.9)
 #                                                # beside random blocks at the 0.9 row's density, both dense baselines
 #   bash benchmarks/device_session.sh real-corpus   # issue 17's control where the model's MLP knows the domain: the same
-#                                                # rows fine-tuned on the pretraining corpus (held out: its tail)
+#                                                # rows fine-tuned on the pretraining corpus (held out: its tail);
+#                                                # CORPUS_VARIANTS=a,b picks the rows beside the dense baselines
 #   bash benchmarks/device_session.sh real-profile  # step profiles of e2e_real's dense and Long Exposure compiled +
 #                                                # graph steps on relu-base, and of a predictor refresh on its own
 #   bash benchmarks/device_session.sh strongest  # fig7 LoRA at 1024 against the compiled + graph baseline, profiles
@@ -207,8 +208,8 @@ case $stage in
     ;;
   real-control|real-corpus)  # one call each (~330 / ~400 s with pretraining): the headline rows beside their controls
     # at the same density, on E2E (real-control) or on the pretraining corpus (real-corpus)
-    if [ "$stage" = real-corpus ]; then
-      REAL_ONLY="--only dataset=corpus --only variant=dense-lora-sdpa-graph,dense-lora-compile-graph,long-exposure-mlp-compile-graph-theta0.5-refresh100-recall0.9,random-mlp-theta0.5-as-predicted-recall0.9,random-mlp-theta0.5"
+    if [ "$stage" = real-corpus ]; then  # CORPUS_VARIANTS: the rows beside the two dense baselines
+      REAL_ONLY="--only dataset=corpus --only variant=dense-lora-sdpa-graph,dense-lora-compile-graph,${CORPUS_VARIANTS:-long-exposure-mlp-compile-graph-theta0.5-refresh100-recall0.9,random-mlp-theta0.5-as-predicted-recall0.9,random-mlp-theta0.5}"
     else
       REAL_ONLY="--only dataset=e2e --only variant=dense-lora-sdpa-graph,dense-lora-compile-graph,long-exposure-mlp-compile-graph-theta0.5-refresh100,long-exposure-mlp-compile-graph-theta0.5-refresh100-recall0.9,random-mlp-theta0.5-as-predicted-recall0.9"
     fi
