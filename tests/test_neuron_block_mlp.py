@@ -212,9 +212,9 @@ def test_tensor_descriptor_path_matches_reference(monkeypatch, block, dtype, pat
 @example(seed=6, tokens=100, d_units=6, block=32, dtype=torch.float16, pattern="random", capacity="padded", tma=True)
 @example(seed=7, tokens=5, d_units=1, block=64, dtype=torch.float32, pattern="empty", capacity="padded", tma=False)
 def test_persistent_kernels_match_reference(seed, tokens, d_units, block, dtype, pattern, capacity, tma):
-    """LONGEXPOSURE_PERSISTENT=1: sdd and dsd (every product of a frozen-weight step) as one program per SM walking
-    the output tiles (3 programs in the interpreter, so most cases give a program several tiles, the last a partial
-    turn; sdd's tiles end at the device-side count)."""
+    """LONGEXPOSURE_PERSISTENT=1: sdd and dsd (every product of a frozen-weight step; dsd with descriptors only) as one
+    program per SM walking the output tiles (3 programs in the interpreter, so most cases give a program several
+    tiles, the last a partial turn; sdd's tiles end at the device-side count)."""
     decided = []
     persistent = K._persistent
     with mock.patch.dict(os.environ, {"LONGEXPOSURE_PERSISTENT": "1", "LONGEXPOSURE_TMA": "1" if tma else "0"}), \
@@ -225,18 +225,25 @@ def test_persistent_kernels_match_reference(seed, tokens, d_units, block, dtype,
     assert all(decided) and (decided or p.ids.numel() == 0), "the persistent kernels must have run"
 
 
-@pytest.mark.parametrize("switch, programs", [("0", 12), ("1", 3)])
-def test_persistent_grid_is_one_program_per_sm(monkeypatch, switch, programs):
-    """A persistent launch has min(tiles, SMs) programs (3 "SMs" in the interpreter); 12 tiles otherwise."""
+@pytest.mark.parametrize("switch, tma, dsd_programs, sdd_programs",
+                         [("0", "1", 12, 8), ("1", "1", 3, 3), ("1", "0", 12, 3)])
+def test_persistent_grid_is_one_program_per_sm(monkeypatch, switch, tma, dsd_programs, sdd_programs):
+    """A persistent launch has min(tiles, SMs) programs (3 "SMs" in the interpreter); one per tile otherwise (dsd
+    4 x 3, sdd 4 x 2). dsd runs persistent only through descriptors: its pointer loop measured 11x slower."""
     monkeypatch.setenv("LONGEXPOSURE_PERSISTENT", switch)
+    monkeypatch.setenv("LONGEXPOSURE_TMA", tma)
     monkeypatch.setattr(K, "_programs", lambda _: 3)
-    grids = []
-    monkeypatch.setattr(K, "_launch", lambda wrap, kernel, grid, *a, **kw: grids.append(grid({"BM": 32, "BN": 32})))
+    launches = []
+    monkeypatch.setattr(K, "_launch", lambda wrap, kernel, grid, args, meta, **kw: launches.append(
+        (grid({"BM": 32, "BN": 32}), meta["PERSISTENT"], meta["USE_TMA"])))
     c, w = torch.zeros(100, 64), torch.zeros(128, 96)
     ids, count = torch.arange(2, dtype=torch.int32), torch.tensor([2], dtype=torch.int32)
     K._launch_dsd(c, w, ids, count, 32, out=torch.zeros(100, 96))  # 4 x 3 output tiles
     K._launch_sdd(torch.zeros(100, 96), w, ids, count, 32, out=c)  # 4 x 2 compact tiles
-    assert grids == [(programs,), (min(programs, 8),)]
+    (dsd_grid, dsd_persistent, dsd_tma), (sdd_grid, sdd_persistent, _) = launches
+    assert dsd_tma == (tma == "1")
+    assert (dsd_grid, sdd_grid) == ((dsd_programs,), (sdd_programs,))
+    assert (dsd_persistent, sdd_persistent) == (dsd_programs == 3, sdd_programs == 3)
 
 
 def test_persistent_switch_rejects_unknown_values(monkeypatch):
