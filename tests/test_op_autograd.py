@@ -144,10 +144,13 @@ def compiled_kernels() -> dict[str, dict[str, int]]:
     with mock.patch.dict(os.environ, {"LONGEXPOSURE_PERSISTENT": "1"}), \
             mock.patch.object(mlp_kernels, "_programs", lambda _: 132):
         mlp_persistent = joint_graph(mlp, mlp_inputs, persistent)
+        with mock.patch.dict(os.environ, {"LONGEXPOSURE_TMA": "1"}), hopper:
+            mlp_persistent_tma = joint_graph(mlp, mlp_inputs, persistent)
     return {
         "mlp": joint_graph(mlp, mlp_inputs),
         "mlp, LONGEXPOSURE_TMA=1": mlp_tma,
         "mlp, LONGEXPOSURE_PERSISTENT=1": mlp_persistent,
+        "mlp, LONGEXPOSURE_PERSISTENT=1 LONGEXPOSURE_TMA=1": mlp_persistent_tma,
         "attention": joint_graph(attention, attention_inputs),
         "attention, atomic dQ": atomic,
         "attention, LONGEXPOSURE_BSA_TMA=1": attention_tma,
@@ -163,9 +166,12 @@ def test_compiled_graph_holds_every_kernel_of_both_directions():
         "mlp": {"_sdd_kernel": 2, "_dsd_kernel": 2, "_wgrad_kernel": 4, "_colsum_kernel": 1},
         # traced launches read through descriptors too, where the operands allow: not dA2's, whose right operand
         # (tokens, rank 5) fp32 has 20-byte rows
-        # LONGEXPOSURE_PERSISTENT=1 reaches traced launches: sdd and dsd persistent, wgrad and colsum as they were
-        "mlp, LONGEXPOSURE_PERSISTENT=1": {"_sdd_kernel persistent": 2, "_dsd_kernel persistent": 2,
+        # LONGEXPOSURE_PERSISTENT=1 reaches traced launches: sdd persistent, dsd too where it reads through
+        # descriptors (its pointer loop ran 11.6x slower persistent on the H100), wgrad and colsum as they were
+        "mlp, LONGEXPOSURE_PERSISTENT=1": {"_sdd_kernel persistent": 2, "_dsd_kernel": 2,
                                            "_wgrad_kernel": 4, "_colsum_kernel": 1},
+        "mlp, LONGEXPOSURE_PERSISTENT=1 LONGEXPOSURE_TMA=1": {"_sdd_kernel persistent": 2, "_dsd_kernel persistent": 2,
+                                                              "_wgrad_kernel": 4, "_colsum_kernel": 1},
         "mlp, LONGEXPOSURE_TMA=1": {"_sdd_kernel tma=1": 2, "_dsd_kernel tma=1": 2, "_wgrad_kernel tma=1": 3,
                                     "_wgrad_kernel tma=0": 1, "_colsum_kernel": 1},
         "attention": {"_bsa_fwd_kernel": 1, "_bsa_bwd_delta_kernel": 1, "_bsa_bwd_dkdv_kernel": 1,
