@@ -104,10 +104,11 @@ case $stage in
       tests/test_neuron_block_mlp.py -k "descriptor or compile_traces or persistent"
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
-    # opt-in kernel switches in E2E_SWITCHES (default LONGEXPOSURE_TMA=1, the MLP's descriptors; e.g.
-    # E2E_SWITCHES="LONGEXPOSURE_BSA_DQ=atomic LONGEXPOSURE_BSA_TMA=1" for attention's), each run beside the
-    # strongest dense baseline of its own process; the switches are written to switches.txt
-    switches=${E2E_SWITCHES:-LONGEXPOSURE_TMA=1}
+    # opt-in kernel switches in E2E_SWITCHES (default: the MLP kernels' per-kernel winners of fig12_mlp run 7,
+    # descriptors for sdd and dsd, persistent sdd and dsd; e.g. E2E_SWITCHES="LONGEXPOSURE_BSA_DQ=atomic
+    # LONGEXPOSURE_BSA_TMA=1" for attention's), each run beside the strongest dense baseline of its own process; the
+    # switches are written to switches.txt
+    switches=${E2E_SWITCHES:-LONGEXPOSURE_TMA=sdd,dsd LONGEXPOSURE_PERSISTENT=1}
     echo "$switches" > "$work/switches.txt"
     for side in off on; do
       ( [ "$side" = on ] && export $switches

@@ -4,7 +4,8 @@ A kernel built with `tl.make_tensor_descriptor` copies whole boxes with one bulk
 every thread compute addresses; out-of-range rows and columns read as zeros. It is opt-in per operator family,
 each with its own environment switch read per launch (or per trace), so each is measured against pointer loads
 on its own before it becomes a default: `LONGEXPOSURE_TMA=1` for the neuron-block MLP kernels,
-`LONGEXPOSURE_BSA_TMA=1` for block-sparse attention.
+`LONGEXPOSURE_BSA_TMA=1` for block-sparse attention. A family whose kernels win or lose separately names them:
+`LONGEXPOSURE_TMA=sdd,dsd` (on the H100 descriptors sped up sdd and dsd but slowed the weight gradient).
 
 An operand is descriptor-legal when its innermost stride is 1 and every other stride and its start address are
 multiples of 16 bytes. A traced call (torch.compile) has no address yet: its storage is taken as aligned
@@ -41,10 +42,25 @@ def legal(t: torch.Tensor, traced: bool = False) -> bool:
     return t.stride(-1) == 1 and start % 16 == 0 and all(s > 0 and (s * size) % 16 == 0 for s in outer)
 
 
-def use(switch: str, *operands: torch.Tensor, traced: bool = False) -> bool:
-    """Whether a launch reads `operands` through descriptors: environment `switch` is "1", the device has TMA and
-    every operand is legal. Installs the scratch allocator the descriptors need when none is set."""
-    if os.environ.get(switch, "0") != "1" or not has_tma(operands[0].device):
+def switched_on(switch: str, kernel: str | None = None, kernels: tuple[str, ...] = ()) -> bool:
+    """Environment `switch` asks for descriptors in `kernel`: "1" (every kernel), "0" (none), or a comma-separated
+    list of names from `kernels`; anything else is an error naming the valid values."""
+    value = os.environ.get(switch, "0")
+    if value in ("0", "1"):
+        return value == "1"
+    names = {name.strip() for name in value.split(",")}
+    if not kernels or not names <= set(kernels):
+        valid = "'0' or '1'" + (f" or a comma-separated list of {', '.join(kernels)}" if kernels else "")
+        raise ValueError(f"{switch}={value!r}: expected {valid}")
+    return kernel in names
+
+
+def use(switch: str, *operands: torch.Tensor, traced: bool = False, kernel: str | None = None,
+        kernels: tuple[str, ...] = ()) -> bool:
+    """Whether a launch of `kernel` (one of the family's `kernels`) reads `operands` through descriptors: the
+    environment `switch` asks for it (`switched_on`), the device has TMA and every operand is legal. Installs the
+    scratch allocator the descriptors need when none is set."""
+    if not switched_on(switch, kernel, kernels) or not has_tma(operands[0].device):
         return False
     if not all(legal(t, traced) for t in operands):
         return False

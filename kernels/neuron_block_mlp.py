@@ -666,16 +666,19 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, h=None, 
     ), dict(
         BLOCK=block, HAS_LOW_RANK=e is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
         HAS_SKINNY=skinny is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
-        USE_TMA=_use_tma(a, w, traced=wrap is not _no_wrap), PERSISTENT=persistent,
+        USE_TMA=_use_tma("sdd", a, w, traced=wrap is not _no_wrap), PERSISTENT=persistent,
     ), key=(a.dtype, _bucket(tokens), k, r, r2), even=("EVEN_K", k))
     return out
 
 
-def _use_tma(*operands: torch.Tensor, traced: bool = False) -> bool:
-    """LONGEXPOSURE_TMA=1 (read per launch, or per trace), a Hopper GPU (or the interpreter), descriptor-legal
-    operands: the rule of `kernels/descriptors.py`. Traced calls (torch.compile) take descriptors too since
-    2026-12-05 (before, only eager calls did)."""
-    return descriptors.use("LONGEXPOSURE_TMA", *operands, traced=traced)
+TMA_KERNELS = ("sdd", "dsd", "wgrad")  # the names LONGEXPOSURE_TMA may list
+
+
+def _use_tma(kernel: str, *operands: torch.Tensor, traced: bool = False) -> bool:
+    """LONGEXPOSURE_TMA=1, or a list naming `kernel` (e.g. `sdd,dsd`; read per launch, or per trace), a Hopper GPU
+    (or the interpreter), descriptor-legal operands: the rule of `kernels/descriptors.py`. Traced calls
+    (torch.compile) take descriptors too since 2026-12-05 (before, only eager calls did)."""
+    return descriptors.use("LONGEXPOSURE_TMA", *operands, traced=traced, kernel=kernel, kernels=TMA_KERNELS)
 
 
 def _persistent() -> bool:
@@ -703,7 +706,7 @@ def _launch_dsd(c, w, ids, count, block, *, bias=None, out, wrap=_no_wrap):
         return out
     if c.shape[1] == 0:  # no capacity: the product is empty
         return out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
-    use_tma = _use_tma(c, w, traced=wrap is not _no_wrap)
+    use_tma = _use_tma("dsd", c, w, traced=wrap is not _no_wrap)
     persistent = _persistent() and use_tma  # the pointer path's persistent loop ran 11x slower (`_persistent`)
     tiles = lambda meta: triton.cdiv(tokens, meta["BM"]) * triton.cdiv(n, meta["BN"])  # noqa: E731
     grid = lambda meta: (min(tiles(meta), _programs(c.device)) if persistent else tiles(meta),)  # noqa: E731
@@ -729,7 +732,7 @@ def _launch_wgrad(c, d, ids, count, block, *, out, wrap=_no_wrap):
         tokens, n, cap_cols, _bucket(tokens),
         c.stride(0), c.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
     ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=False, EPILOGUE=3, **_flags(c.dtype),
-            USE_TMA=_use_tma(c, d, traced=wrap is not _no_wrap)),
+            USE_TMA=_use_tma("wgrad", c, d, traced=wrap is not _no_wrap)),
         key=(c.dtype, _bucket(tokens), cap_cols, n), even=("EVEN_T", tokens))
     return out
 

@@ -246,6 +246,29 @@ def test_persistent_grid_is_one_program_per_sm(monkeypatch, switch, tma, dsd_pro
     assert (dsd_persistent, sdd_persistent) == (dsd_programs == 3, sdd_programs == 3)
 
 
+@pytest.mark.parametrize("switch, wanted", [("1", {"sdd", "dsd", "wgrad"}), ("0", set()), ("sdd,dsd", {"sdd", "dsd"}),
+                                            ("wgrad", {"wgrad"}), (" dsd , sdd", {"sdd", "dsd"})])
+def test_descriptor_switch_names_kernels(monkeypatch, switch, wanted):
+    """LONGEXPOSURE_TMA lists the kernels that read through descriptors (each measured on its own); the others keep
+    pointer loads, and every listed kernel still matches the reference."""
+    monkeypatch.setenv("LONGEXPOSURE_TMA", switch)
+    asked = set()
+    use_tma = K._use_tma
+    monkeypatch.setattr(K, "_use_tma", lambda kernel, *ops, **kw: use_tma(kernel, *ops, **kw) and not asked.add(kernel))
+    p = make_problem(9, 37, 48, 4, 64, torch.float32, "all", "padded", lora=False, bias=True)  # every gradient
+    check_against_reference(p)
+    assert asked == wanted
+
+
+@pytest.mark.parametrize("switch", ["sdd,attention", "yes", "", "sdd,"])
+def test_descriptor_switch_rejects_unknown_kernels(monkeypatch, switch):
+    monkeypatch.setenv("LONGEXPOSURE_TMA", switch)
+    p = make_problem(9, 8, 16, 2, 16, torch.float32, "all", "padded", lora=False, bias=False)
+    with pytest.raises(ValueError, match=r"LONGEXPOSURE_TMA=.*expected '0' or '1' or a comma-separated list of sdd, "
+                                         r"dsd, wgrad"):
+        neuron_block_mlp(p.x, p.ids, p.w1, p.b1, p.w2, p.b2, block_size=p.block)
+
+
 def test_persistent_switch_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("LONGEXPOSURE_PERSISTENT", "yes")
     with pytest.raises(ValueError, match="LONGEXPOSURE_PERSISTENT='yes'"):
