@@ -12,8 +12,9 @@
 
 Random weights (fc1 with a negative bias, so blocks go quiet), random inputs, random-init mlp-lowrank
 predictors; each variant first runs `buffer` refreshes, so its training pool is at its full size. With
-`--phases`, the grouped refresh is split into its parts (each synchronized). On CUDA, `host syncs` counts
-synchronizing calls with `torch.cuda.set_sync_debug_mode`.
+`--phases`, the grouped refresh is split into its parts (each synchronized); with `--profile`, one grouped-kept
+refresh per step count runs under the profiler (GPU busy vs wall, the top device kernels and host calls: where a
+refresh's time goes). On CUDA, `host syncs` counts synchronizing calls with `torch.cuda.set_sync_debug_mode`.
 
     python benchmarks/bench_refresh.py   # CUDA if present, bf16: 8 layers, d 2048, ffn 8192, 4096 tokens
     python benchmarks/bench_refresh.py --layers 4 --d 256 --ffn 1024 --tokens 512   # CPU-sized
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -186,6 +188,38 @@ def phases(args, device, dtype, steps: int) -> dict[str, Stats]:
     return out
 
 
+def profiled(args, device, dtype, steps: int, top: int = 15) -> dict[str, Any]:
+    """One grouped-kept refresh (after `buffer` of them: full pool, graph captured) under the profiler: wall ms,
+    GPU busy ms (the sum of kernel times), launches, and the top kernels and host calls by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    refreshers, kept = build(args, device, dtype, steps), {}
+    feeds = [inputs(args, device, dtype, seed) for seed in range(2)]
+    for i in range(RefreshConfig().buffer + 1):
+        refresh_layers(refreshers, feeds[i % 2], keep=kept)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda *_: None
+    sync(device)
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        refresh_layers(refreshers, feeds[0], keep=kept)
+        sync(device)
+        wall = (time.perf_counter() - started) * 1e3
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    by = lambda rows, key: sorted(rows, key=key, reverse=True)[:top]  # noqa: E731
+    return {
+        "steps": steps,
+        "wall_ms": round(wall, 2),
+        "gpu_busy_ms": round(sum(e.self_device_time_total for e in kernels) / 1e3, 3),
+        "launches": sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch")),
+        "top_gpu": [(e.key[:100], e.count, round(e.self_device_time_total / 1e3, 3))
+                    for e in by(kernels, lambda e: e.self_device_time_total)],  # fmt: skip
+        "top_cpu": [(e.key[:100], e.count, round(e.self_cpu_time_total / 1e3, 3))
+                    for e in by(events, lambda e: e.self_cpu_time_total)],  # fmt: skip
+    }
+
+
 def _ms(stats: Stats) -> dict[str, float]:
     return {"ms_p50": round(stats.p50, 2), "ms_p20": round(stats.p20, 2), "ms_p80": round(stats.p80, 2)}
 
@@ -206,6 +240,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1: steadier on a shared CPU)")
     parser.add_argument("--phases", action="store_true", help="also time the grouped refresh's parts")
+    parser.add_argument("--profile", action="store_true", help="also profile one grouped-kept refresh per step count")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -226,6 +261,14 @@ def main() -> None:
             extra[f"phases_steps_{s}"] = {k: v.to_dict() for k, v in parts.items()}
             print(f"\ngrouped, {s} steps, by part (each synchronized):")
             print(tabulate([{"part": k, **_ms(v)} for k, v in parts.items()], headers="keys", tablefmt="github"))
+    if args.profile:
+        for s in args.steps:
+            prof = extra[f"profile_steps_{s}"] = profiled(args, device, dtype, s)
+            print(f"\ngrouped-kept, {s} steps, profiled: wall {prof['wall_ms']} ms, GPU busy {prof['gpu_busy_ms']} ms, "
+                  f"{prof['launches']} launches")  # fmt: skip
+            for side in ("top_gpu", "top_cpu"):
+                for key, count, ms in prof[side]:
+                    print(f"   {side[4:]} {ms:8.3f} ms x{count:5d} {key}")
     if args.out:
         meta = {"device": where, "torch": torch.__version__, "args": vars(args)}
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=2) + "\n")
