@@ -79,7 +79,9 @@ def mlp_block_stats(act: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     if ffn % block_size:
         raise PredictorError(f"ffn dim {ffn} is not divisible by block_size {block_size}")
     blocks = act.view(*act.shape[:-1], ffn // block_size, block_size)
-    return (blocks > 0).float().mean(-1), blocks.sum(-1, dtype=torch.float32)
+    # a count of the firing neurons over the block size: the mean of (blocks > 0) as floats, without that float
+    # copy of the activations (on a refresh's GPU, 128 MB per layer of 4096 x 8192)
+    return (blocks > 0).sum(-1, dtype=torch.float32) / block_size, blocks.sum(-1, dtype=torch.float32)
 
 
 def collect(
@@ -168,11 +170,11 @@ def train_mlp(
     return losses
 
 
-def _stacked_mlp_params(preds: Sequence[MlpLowRank]) -> list[tuple[Tensor, list[Tensor]]]:
-    """Each parameter of the predictors, stacked over them: [(trainable (L, ...) copy, [per-predictor tensor])]."""
+def _stacked_mlp_params(preds: Sequence[MlpLowRank], trainable: bool = True) -> list[tuple[Tensor, list[Tensor]]]:
+    """Each parameter of the predictors, stacked over them: [((L, ...) copy, [per-predictor tensor])]."""
     names = [n for n, _ in preds[0].named_parameters()]  # inp.weight, inp.bias (rank > 0), out.weight, out.bias
     own = [dict(p.named_parameters()) for p in preds]
-    return [(torch.stack([o[n].detach() for o in own]).requires_grad_(True), [o[n] for o in own]) for n in names]
+    return [(torch.stack([o[n].detach() for o in own]).requires_grad_(trainable), [o[n] for o in own]) for n in names]
 
 
 def train_mlp_group(
@@ -241,7 +243,14 @@ def train_mlp_group(
         x = torch.stack([d.mlp_x.flatten(0, 2) for d in data], 1 - tdim)  # as stored
         frac = torch.stack([d.mlp_frac.flatten(0, 2).float() for d in data], 1 - tdim)  # (..., n_blocks)
         mass = torch.stack([d.mlp_mass.flatten(0, 2).float() for d in data], 1 - tdim)
-        in_scale = torch.stack([x.select(1 - tdim, i).float().std() for i in range(n_pred)])  # as in train_mlp
+        # per token and predictor, sum and sum of squares of x, accumulated in fp32 from x as stored: the batches'
+        # std from n gathered values each, and (low-precision matmuls) each predictor's input scale from all
+        sums = _token_moments(x) if matmul_dtype else None
+        if sums is None:
+            in_scale = torch.stack([x.select(1 - tdim, i).float().std() for i in range(n_pred)])  # as in train_mlp
+        else:
+            s1, s2 = sums.sum(tdim).unbind(-1)  # (L,) float64
+            in_scale = _std_from_moments(s1, s2, sums.shape[tdim] * x.shape[-1])
         mass_scale = torch.stack([mass.select(1 - tdim, i).mean().clamp_min(1e-6) for i in range(n_pred)])
         for p, s, m in zip(preds, in_scale, mass_scale, strict=True):
             p.in_scale.copy_(s)
@@ -249,8 +258,6 @@ def train_mlp_group(
         per_pred = mass_scale.view(-1, 1) if tdim == 0 else mass_scale.view(-1, 1, 1)
         target = torch.cat([frac, mass / per_pred], -1)  # count fraction and scaled mass: the outputs' targets
         del frac, mass
-        # per token and predictor, sum and sum of squares of x: a batch's std from n gathered values each
-        sums = torch.stack([x.float().sum(-1), x.float().square().sum(-1)], -1).double() if matmul_dtype else None
     graph = device.type == "cuda" and steps > _GRAPH_WARMUP if graph is None else graph
     slots = list(dict.fromkeys(seeds))  # one generator per distinct seed, in first-use order
     key = (
@@ -302,8 +309,7 @@ def train_mlp_group(
             o = _group_forward(xb, eps, noise, weights, in_div, ref.config.rank, matmul_dtype)
         else:
             s1, s2 = pick(sums).sum(1).unbind(-1)  # (L,) over the batch's n tokens
-            count = n * width
-            std = ((s2 - s1 * s1 / count) / (count - 1)).clamp_min(0).sqrt().float()
+            std = _std_from_moments(s1, s2, n * width)
             o = _group_forward(xb, eps, noise, weights, in_div, ref.config.rank, matmul_dtype, std=std)
         # train_mlp's loss, count and mass halves side by side: mean_f + mean_m = 2 * mean over both
         out = torch.cat([torch.sigmoid(o[..., :n_blocks].float()), F.softplus(o[..., n_blocks:].float())], -1)
@@ -327,6 +333,19 @@ def train_mlp_group(
     for p in preds:
         p.eval()
     return torch.stack(losses) if losses else torch.empty(0, n_pred, device=device)
+
+
+def _token_moments(x: Tensor) -> Tensor:
+    """(..., d) -> (..., 2) float64: each row's sum and sum of squares, accumulated in fp32 from x as stored (no fp32
+    copy of x: a refresh's pool is 8 layers x 8192 tokens x 2048, 268 MB in bf16)."""
+    s1 = x.sum(-1, dtype=torch.float32)
+    s2 = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()
+    return torch.stack([s1, s2], -1).double()
+
+
+def _std_from_moments(s1: Tensor, s2: Tensor, count: int) -> Tensor:
+    """The sample std (float32) of `count` values from their float64 sum and sum of squares."""
+    return ((s2 - s1 * s1 / count) / (count - 1)).clamp_min(0).sqrt().float()
 
 
 def _copy_back(stacked: list[tuple[Tensor, list[Tensor]]]) -> None:
@@ -571,13 +590,20 @@ def mlp_slack_metrics(pred: MlpPredictor, data: LayerData, slacks: Tensor) -> Te
 
 
 @torch.no_grad()
-def stacked_slack_metrics(preds: Sequence[MlpPredictor], data: Sequence[LayerData], scales: Tensor) -> Tensor:
+def stacked_slack_metrics(
+    preds: Sequence[MlpPredictor], data: Sequence[LayerData], scales: Tensor, *, matmul_dtype: torch.dtype | None = None
+) -> Tensor:
     """`mlp_slack_metrics` of L predictors (layers) at once, predictor l on `data[l]` at its own `scales[l]`.
 
     Args:
         preds: predictors with one threshold policy (theta, alpha, min_blocks, block size) and n_blocks.
         data: as many units each.
         scales: (L, K) float32 theta multipliers.
+        matmul_dtype: None: each predictor's own forward per unit (its arithmetic off autocast). bf16 / fp16 (a
+            refresh's on a GPU, for MLP inputs in that dtype): mlp-lowrank predictors of one shape run as one
+            batched forward with matmuls in this dtype (fp32 accumulation, as the fine-tuning step's autocast
+            runs them), and the true stats of all layers reduce together: some 20 kernels for all layers where
+            the loop launches ~25 per layer and unit (host-bound on a GPU: 6.9 ms of an H100 refresh, 6d36208).
 
     Returns:
         (L, K, len(MLP_METRICS)) float64 on the device; per predictor one forward per unit, then one batched
@@ -587,6 +613,14 @@ def stacked_slack_metrics(preds: Sequence[MlpPredictor], data: Sequence[LayerDat
     if any(k != keys[0] for k in keys):
         raise PredictorError(f"stacked_slack_metrics needs one threshold policy, n_blocks and unit count: {keys}")
     policy = keys[0][0]
+    if matmul_dtype is not None:
+        count, pmass = group_block_sums(preds, [d.mlp_x for d in data], matmul_dtype)  # (L, U, n_blocks)
+        frac = torch.stack([d.mlp_frac.flatten(1, 2) for d in data])  # (L, U, tokens, n_blocks)
+        mass = torch.stack([d.mlp_mass.flatten(1, 2) for d in data]).sum(2, dtype=torch.float32)
+        ones = torch.ones(1, device=frac.device)
+        truth = threshold_masks(frac.sum(2, dtype=torch.float32) * policy.block_size, mass, policy, ones)[..., 0, :]
+        got = threshold_masks(count.to(mass.device), pmass.to(mass.device), policy, scales.to(mass.device)[:, None, :])
+        return mask_metrics(got.transpose(1, 2), truth[:, None], mass[:, None])
     truth, mass, count, pmass = [], [], [], []
     for pred, d in zip(preds, data, strict=True):
         for u in range(d.units()):
@@ -599,6 +633,29 @@ def stacked_slack_metrics(preds: Sequence[MlpPredictor], data: Sequence[LayerDat
     rows = lambda ts: torch.stack(ts).view(len(preds), data[0].units(), -1)  # noqa: E731  (L, U, n_blocks)
     got = threshold_masks(rows(count), rows(pmass), policy, scales.to(mass[0].device)[:, None, :])  # (L, U, K, nb)
     return mask_metrics(got.transpose(1, 2), rows(truth)[:, None], rows(mass)[:, None])
+
+
+def group_block_sums(
+    preds: Sequence[MlpPredictor], xs: Sequence[Tensor], matmul_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """`block_sums` of L mlp-lowrank predictors of one shape, predictor l on each unit of xs[l] (U, B, S, d), as one
+    batched forward with `matmul_dtype` operands (`_group_forward`'s arithmetic): (L, U, n_blocks) count and mass."""
+    ref = preds[0]
+    shape = lambda p: (type(p), p.config.rank, p.d_model, p.n_blocks, p.config.block_size)  # noqa: E731
+    if not isinstance(ref, MlpLowRank) or any(shape(p) != shape(ref) for p in preds):
+        got = [shape(p) for p in preds]
+        raise PredictorError(f"group_block_sums needs mlp-lowrank predictors of one shape, got {got}")
+    units = xs[0].shape[0]
+    x = torch.stack([t.flatten(1, 2) for t in xs]).flatten(0, 1)  # (L * U, tokens, d)
+    per_unit = lambda t: t.repeat_interleave(units, 0)  # noqa: E731  (L, ...) -> (L * U, ...)
+    weights = [per_unit(w) for w, _ in _stacked_mlp_params(preds, trainable=False)]
+    in_div = per_unit(torch.stack([p.in_scale for p in preds]))[:, None, None]
+    o = _group_forward(x, None, 0.0, weights, in_div, ref.config.rank, matmul_dtype)  # (L * U, tokens, 2 * nb)
+    nb = ref.n_blocks
+    mass_scale = per_unit(torch.stack([p.mass_scale for p in preds]))[:, None, None]
+    count = torch.sigmoid(o[..., :nb]).sum(1) * ref.config.block_size
+    mass = (F.softplus(o[..., nb:]) * mass_scale).sum(1)
+    return count.view(len(preds), units, nb), mass.view(len(preds), units, nb)
 
 
 def first_reaching(scores: Tensor, target: float) -> Tensor:

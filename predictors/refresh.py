@@ -136,7 +136,9 @@ def _calibrate_group(refreshers: list[MlpRefresher], data: list[LayerData]) -> T
     slacks = slack_tensor(REFRESH_SLACKS, preds[0].theta_scale.device)
     current = torch.stack([p.theta_scale for p in preds])[:, None]
     scales = torch.cat([current, slacks.expand(len(preds), -1)], 1)  # (L, 1 + K): now, then the grid
-    metrics = stacked_slack_metrics(preds, data, scales)  # (L, 1 + K, metrics)
+    stored = data[0].mlp_x  # bf16 / fp16 on a GPU: scored as the fine-tuning step's autocast runs the predictors
+    low = stored.dtype if stored.is_cuda and stored.dtype in (torch.bfloat16, torch.float16) else None
+    metrics = stacked_slack_metrics(preds, data, scales, matmul_dtype=low)  # (L, 1 + K, metrics)
     recall, density, exposer = (MLP_METRICS.index(k) for k in ("recall", "density", "exposer_density"))
     pick = first_reaching(metrics[:, 1:, recall], refreshers[0].config.recall_target)  # (L,)
     chosen = slacks.index_select(0, pick)

@@ -15,7 +15,9 @@ from longexposure.predictors.offline import (
     _calibrate,
     calibrate_mlp,
     evaluate_mlp,
+    group_block_sums,
     mlp_truth,
+    stacked_slack_metrics,
     threshold_masks,
     train_mlp,
     train_mlp_group,
@@ -137,6 +139,49 @@ def test_device_evaluation_matches_the_per_unit_loop():
         assert got["recall"] == want["recall"]  # the one calibration compares: the same float64 rounding
 
 
+def _layers(n: int, units: int, seed: int) -> tuple[list[MlpLowRank], list[LayerData]]:
+    """n layers' predictors (own input and mass scales) and batches (`units` each), 8 blocks of 8."""
+    gen = torch.Generator().manual_seed(seed)
+    datas = [_data(_fc1(8, 8, gen), 8, units, 20, gen) for _ in range(n)]
+    preds = [_pred(8, 8, seed + i, theta=0.2) for i in range(n)]
+    for i, p in enumerate(preds):
+        p.in_scale.fill_(0.5 + i)
+        p.mass_scale.fill_(2.0 + i)
+    return preds, datas
+
+
+@pytest.mark.parametrize("units", [1, 2])
+def test_grouped_block_sums_equal_each_predictors_own(units):
+    """One batched forward for every layer (a refresh's calibration on a GPU) gives each predictor's `block_sums`:
+    to fp32 rounding with fp32 matmuls, to bf16's with bf16 ones (against the predictor under bf16 autocast, as
+    the fine-tuning step runs it)."""
+    preds, datas = _layers(3, units, seed=0)
+    xs = [d.mlp_x for d in datas]
+    for low, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        count, mass = group_block_sums(preds, xs, low)
+        assert count.shape == mass.shape == (3, units, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low == torch.bfloat16):
+            own = [[p.block_sums(x[u]) for u in range(units)] for p, x in zip(preds, xs, strict=True)]
+        for i, rows in enumerate(own):
+            for u, (c, m) in enumerate(rows):
+                torch.testing.assert_close(count[i, u], c.float(), rtol=tol, atol=tol, msg=f"{low} layer {i} count")
+                torch.testing.assert_close(mass[i, u], m.float(), rtol=tol, atol=tol, msg=f"{low} layer {i} mass")
+    with pytest.raises(PredictorError, match="mlp-lowrank predictors of one shape"):
+        group_block_sums([preds[0], _pred(4, 16, 0)], xs[:2], torch.float32)
+
+
+@pytest.mark.parametrize("units", [1, 3])
+def test_grouped_calibration_scores_like_the_per_layer_loop(units):
+    """`stacked_slack_metrics` with `matmul_dtype` (the batched forward and the stacked true stats) scores every
+    slack of every layer as the per-layer loop does (fp32 matmuls: the same masks, metrics to float64 rounding)."""
+    preds, datas = _layers(3, units, seed=1)
+    scales = torch.tensor([[5.0, 3.0, 2.0, 1.0, 0.3]] * 3)  # theta 0.2: 5 keeps the peak block only
+    loop = stacked_slack_metrics(preds, datas, scales)
+    grouped = stacked_slack_metrics(preds, datas, scales, matmul_dtype=torch.float32)
+    assert loop[..., 0].min() < 1 and loop[..., 2].max() > loop[..., 2].min(), "slacks that change nothing"
+    torch.testing.assert_close(grouped, loop, rtol=0, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("seeds", [[7, 7, 7], [0, 1, 2]], ids=["one-seed", "per-layer-seeds"])
 @pytest.mark.parametrize("rank", [4, 0])
@@ -181,6 +226,8 @@ def test_low_precision_input_layer_trains_like_fp32():
     rounded = train_mlp_group(low, datas, steps=120, lr=3e-3, tokens_per_step=256, matmul_dtype=torch.bfloat16)
     assert (exact[-1] < 0.7 * exact[0]).all(), exact  # it trained
     torch.testing.assert_close(rounded, exact, rtol=1e-2, atol=0)
+    for p, q in zip(preds, low, strict=True):  # the input scale from fp32-accumulated moments of the stored x
+        torch.testing.assert_close(q.in_scale, p.in_scale, rtol=1e-6, atol=0)
     for p, q, h in zip(preds, low, held, strict=True):
         assert torch.equal(p.block_mask(h.mlp_x[0]), q.block_mask(h.mlp_x[0]))
 
