@@ -50,6 +50,8 @@
 # data/opt-tokenizer), $OUT (the device tool's output folder); `relu` also LONGEXPOSURE_CORPUS, the
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
+# The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
+# overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
 stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|table4}
 out=${OUT:?set OUT}
