@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from longexposure.predictors.lowrank import PredictorError
 from longexposure.predictors.offline import (
     MLP_METRICS,
     LayerData,
@@ -77,19 +78,38 @@ class RefreshConfig:
             raise ValueError(f"refresh needs steps, lr > 0, 0 < recall_target <= 1, buffer, keep_tokens >= 1: {self}")
 
 
+def preact_block_stats(z: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """`mlp_block_stats(relu(z))` from fc1's pre-activation `z` (..., ffn): per token and neuron block, the fraction
+    of neurons that fire and the ReLU mass, float32; written so that a compiler fuses it into one pass over z."""
+    blocks = z.view(*z.shape[:-1], z.shape[-1] // block_size, block_size)
+    return (blocks > 0).sum(-1, dtype=torch.float32) / block_size, blocks.clamp_min(0).sum(-1, dtype=torch.float32)
+
+
+# On a GPU one Inductor kernel reads the pre-activation once; eagerly the comparison, ReLU and two reductions over
+# 64-wide blocks took ~2.4 ms of an 8-layer refresh on the H100 (4096 x 8192 per layer; profile at 63db4a5)
+_fused_preact_block_stats = torch.compile(preact_block_stats, fullgraph=True, dynamic=False)
+
+
 def layer_data(x: Tensor, fc1: nn.Linear, block_size: int) -> LayerData:
     """One batch unit of training pairs from the MLP input `x` (..., d): the frozen fc1's ReLU outputs
     reduced per token to each neuron block's active fraction and mass (float32).
 
     On a GPU a bf16 / fp16 `x` is multiplied in its own dtype (cuBLAS accumulates in fp32; the products are
-    rounded as the model's own forward rounds them), elsewhere in fp32. `mlp_x` keeps x's dtype (a
-    predictor reads its input through `.to(weight dtype)`, so this loses nothing). No host sync."""
+    rounded as the model's own forward rounds them) and the block stats are one compiled pass over the product,
+    elsewhere in fp32, eagerly. `mlp_x` keeps x's dtype (a predictor reads its input through `.to(weight dtype)`,
+    so this loses nothing). No host sync."""
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         x2 = x.detach().reshape(-1, x.shape[-1])
         low = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
         dtype = x.dtype if low else torch.float32
         bias = None if fc1.bias is None else fc1.bias.to(dtype)
-        frac, mass = mlp_block_stats(F.relu(F.linear(x2.to(dtype), fc1.weight.to(dtype), bias)), block_size)
+        z = F.linear(x2.to(dtype), fc1.weight.to(dtype), bias)
+        if z.shape[-1] % block_size:
+            raise PredictorError(f"ffn dim {z.shape[-1]} is not divisible by block_size {block_size}")
+        if low:
+            frac, mass = _fused_preact_block_stats(z, block_size)
+        else:
+            frac, mass = mlp_block_stats(F.relu(z), block_size)
         unit = lambda t: t[None, None]  # noqa: E731  (U=1, B=1, S=tokens, ...)
         return LayerData(mlp_x=unit(x2 if low else x2.float()), mlp_frac=unit(frac), mlp_mass=unit(mass))
 

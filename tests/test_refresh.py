@@ -16,13 +16,22 @@ from longexposure.predictors.offline import (
     calibrate_mlp,
     evaluate_mlp,
     group_block_sums,
+    mlp_block_stats,
     mlp_truth,
     stacked_slack_metrics,
     threshold_masks,
     train_mlp,
     train_mlp_group,
 )
-from longexposure.predictors.refresh import ROW_KEYS, MlpRefresher, RefreshConfig, layer_data, refresh_layers
+from longexposure.predictors.refresh import (
+    ROW_KEYS,
+    MlpRefresher,
+    RefreshConfig,
+    _fused_preact_block_stats,
+    layer_data,
+    preact_block_stats,
+    refresh_layers,
+)
 from test_no_host_sync import HostValueProbe
 
 D = 16
@@ -347,6 +356,25 @@ def test_layer_data_multiplies_in_fp32_off_the_gpu():
     assert low.mlp_x.dtype == torch.float32 and low.mlp_x.shape == (1, 1, 30, D)
     for k in ("mlp_x", "mlp_frac", "mlp_mass"):
         assert torch.equal(getattr(low, k), getattr(ref, k)), k
+
+
+@pytest.mark.parametrize("dtype, tokens, ffn, block", [(torch.bfloat16, 37, 256, 64), (torch.float32, 8, 96, 32)])
+def test_fused_block_stats_equal_the_eager_ones(dtype, tokens, ffn, block):
+    """The compiled pass over fc1's pre-activation (what a GPU refresh runs; here Inductor's CPU code) gives
+    `mlp_block_stats` of its ReLU: the same firing fractions, the masses to float32 rounding; exact zeros and
+    whole quiet or whole firing blocks included."""
+    gen = torch.Generator().manual_seed(tokens)
+    z = torch.randn(tokens, ffn, generator=gen).to(dtype)
+    z[0] = 0.0  # no neuron fires (0 is not > 0)
+    z[1, :block] = z[1, :block].abs() + 0.5  # a block that fires whole
+    z[2, block : 2 * block] = -1.0  # a quiet block
+    want = mlp_block_stats(torch.relu(z), block)
+    for got in (preact_block_stats(z, block), _fused_preact_block_stats(z, block)):
+        assert got[0].dtype == got[1].dtype == torch.float32
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+    with pytest.raises(PredictorError, match="not divisible by block_size"):
+        layer_data(torch.randn(4, D), torch.nn.Linear(D, 40), 16)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
