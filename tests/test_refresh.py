@@ -27,9 +27,8 @@ from longexposure.predictors.refresh import (
     ROW_KEYS,
     MlpRefresher,
     RefreshConfig,
-    _fused_preact_block_stats,
+    _fused_relu_block_stats,
     layer_data,
-    preact_block_stats,
     refresh_layers,
 )
 from test_no_host_sync import HostValueProbe
@@ -368,11 +367,10 @@ def test_fused_block_stats_equal_the_eager_ones(dtype, tokens, ffn, block):
     z[0] = 0.0  # no neuron fires (0 is not > 0)
     z[1, :block] = z[1, :block].abs() + 0.5  # a block that fires whole
     z[2, block : 2 * block] = -1.0  # a quiet block
-    want = mlp_block_stats(torch.relu(z), block)
-    for got in (preact_block_stats(z, block), _fused_preact_block_stats(z, block)):
-        assert got[0].dtype == got[1].dtype == torch.float32
-        assert torch.equal(got[0], want[0])
-        torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+    want, got = mlp_block_stats(torch.relu(z), block), _fused_relu_block_stats(z, block)
+    assert got[0].dtype == got[1].dtype == torch.float32
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
     with pytest.raises(PredictorError, match="not divisible by block_size"):
         layer_data(torch.randn(4, D), torch.nn.Linear(D, 40), 16)
 
