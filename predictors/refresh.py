@@ -103,7 +103,7 @@ def layer_data(x: Tensor, fc1: nn.Linear, block_size: int) -> LayerData:
         dtype = x.dtype if low else torch.float32
         bias = None if fc1.bias is None else fc1.bias.to(dtype)
         z = F.linear(x2.to(dtype), fc1.weight.to(dtype), bias)
-        if z.shape[-1] % block_size:
+        if z.shape[-1] % block_size:  # here, not inside the compiled call: a clear error, not a tracing one
             raise PredictorError(f"ffn dim {z.shape[-1]} is not divisible by block_size {block_size}")
         frac, mass = (_fused_relu_block_stats if low else _relu_block_stats)(z, block_size)
         unit = lambda t: t[None, None]  # noqa: E731  (U=1, B=1, S=tokens, ...)
