@@ -78,6 +78,12 @@ class RefreshConfig:
             raise ValueError(f"refresh needs steps, lr > 0, 0 < recall_target <= 1, buffer, keep_tokens >= 1: {self}")
 
 
+def _gpu_low_dtype(t: Tensor) -> torch.dtype | None:
+    """bf16 / fp16 for such a tensor on a GPU (a refresh then multiplies in that dtype, as the model's autocast
+    does), None elsewhere (fp32)."""
+    return t.dtype if t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) else None
+
+
 def _relu_block_stats(z: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     """`mlp_block_stats` of relu(z), for fc1's pre-activation `z`: compiled below into one pass over z."""
     return mlp_block_stats(F.relu(z), block_size)
@@ -99,15 +105,15 @@ def layer_data(x: Tensor, fc1: nn.Linear, block_size: int) -> LayerData:
     so this loses nothing). No host sync."""
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         x2 = x.detach().reshape(-1, x.shape[-1])
-        low = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-        dtype = x.dtype if low else torch.float32
+        low = _gpu_low_dtype(x)
+        dtype = low or torch.float32
         bias = None if fc1.bias is None else fc1.bias.to(dtype)
         z = F.linear(x2.to(dtype), fc1.weight.to(dtype), bias)
         if z.shape[-1] % block_size:  # here, not inside the compiled call: a clear error, not a tracing one
             raise PredictorError(f"ffn dim {z.shape[-1]} is not divisible by block_size {block_size}")
-        frac, mass = (_fused_relu_block_stats if low else _relu_block_stats)(z, block_size)
+        frac, mass = (_relu_block_stats if low is None else _fused_relu_block_stats)(z, block_size)
         unit = lambda t: t[None, None]  # noqa: E731  (U=1, B=1, S=tokens, ...)
-        return LayerData(mlp_x=unit(x2 if low else x2.float()), mlp_frac=unit(frac), mlp_mass=unit(mass))
+        return LayerData(mlp_x=unit(x2 if low is not None else x2.float()), mlp_frac=unit(frac), mlp_mass=unit(mass))
 
 
 class MlpRefresher:
@@ -154,8 +160,7 @@ def _calibrate_group(refreshers: list[MlpRefresher], data: list[LayerData]) -> T
     slacks = slack_tensor(REFRESH_SLACKS, preds[0].theta_scale.device)
     current = torch.stack([p.theta_scale for p in preds])[:, None]
     scales = torch.cat([current, slacks.expand(len(preds), -1)], 1)  # (L, 1 + K): now, then the grid
-    stored = data[0].mlp_x  # bf16 / fp16 on a GPU: scored as the fine-tuning step's autocast runs the predictors
-    low = stored.dtype if stored.is_cuda and stored.dtype in (torch.bfloat16, torch.float16) else None
+    low = _gpu_low_dtype(data[0].mlp_x)  # scored as the fine-tuning step's autocast runs the predictors
     metrics = stacked_slack_metrics(preds, data, scales, matmul_dtype=low)  # (L, 1 + K, metrics)
     recall, density, exposer = (MLP_METRICS.index(k) for k in ("recall", "density", "exposer_density"))
     pick = first_reaching(metrics[:, 1:, recall], refreshers[0].config.recall_target)  # (L,)
@@ -209,8 +214,7 @@ def refresh_layers(
         r.recent.append(r._subsample(data[layer]))
         if r.config.steps:
             pool_tokens = sum(d.mlp_x.shape[:3].numel() for d in r.recent)
-            w, stored = r.pred.out.weight, data[layer].mlp_x
-            low = stored.dtype if stored.is_cuda and stored.dtype in (torch.bfloat16, torch.float16) else None
+            w, low = r.pred.out.weight, _gpu_low_dtype(data[layer].mlp_x)
             key = (type(r.pred), r.pred.config.rank, w.shape, w.dtype, w.device, pool_tokens, low, r.config)
             groups[key].append(layer)
     for (*_, low, config), members in groups.items():
