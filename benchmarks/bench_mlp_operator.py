@@ -242,8 +242,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def diagnose() -> dict:
     """Per-kernel CUDA-graph times (and TFLOP/s) against the matching torch matmul, with pointer loads and with
-    tensor descriptors (LONGEXPOSURE_TMA=1), sdd and dsd also persistent (LONGEXPOSURE_PERSISTENT=1), at densities
-    1.0 / 0.25 / 0.1 (the first blocks: consecutive ids, as a reordered layer's), and where the host time goes."""
+    tensor descriptors (LONGEXPOSURE_TMA=1), at densities 1.0 / 0.62 / 0.1 (the first blocks: consecutive ids, as a
+    reordered layer's), and where the host time goes. (The persistent switch, LONGEXPOSURE_PERSISTENT=1, was timed
+    here until run 8: within 1% of one program per tile at density 1.0.)
+
+    Each density has its own capacity (ids of exactly its blocks), so each is tuned at its own count, once with the
+    library's tile space and once with the space before 256-wide sdd / wgrad tiles (`large_tiles=False`); the
+    config each kernel chose is printed beside its time."""
     import cProfile
     import io
     import pstats
@@ -259,49 +264,59 @@ def diagnose() -> dict:
     w1 = torch.randn(ffn, d, device=dev, dtype=dt) * d**-0.5
     w2n = torch.randn(ffn, d, device=dev, dtype=dt) * ffn**-0.5  # fc2.weight^T, neuron-major
     b1, b2 = torch.zeros(ffn, device=dev, dtype=dt), torch.zeros(d, device=dev, dtype=dt)
-
-    def persistent(launch, *args, **kwargs):  # LONGEXPOSURE_PERSISTENT=1 for this launch (read per launch)
-        os.environ["LONGEXPOSURE_PERSISTENT"] = "1"
-        try:
-            return launch(*args, **kwargs)
-        finally:
-            os.environ.pop("LONGEXPOSURE_PERSISTENT")
+    tuned = (k._sdd_kernel, k._dsd_kernel, k._wgrad_kernel)
+    library_space = {kern: kern.configs for kern in tuned}
 
     def kernel_times(density: float) -> dict[str, float]:  # one density; every lambda is timed at once
         n = int(ffn // blk * density)
-        ids = torch.arange(ffn // blk, device=dev, dtype=torch.int32)
+        ids = torch.arange(n, device=dev, dtype=torch.int32)
         cnt = torch.tensor([n], device=dev, dtype=torch.int32)
-        h = torch.empty(t_, ffn, device=dev, dtype=dt)
-        k._launch_sdd(x, w1, ids, cnt, blk, bias=b1, out=h)
+        h = torch.empty(t_, n * blk, device=dev, dtype=dt)
+        bits = k.relu_bits(t_, n * blk, dev)
+        k._launch_sdd(x, w1, ids, cnt, blk, bias=b1, mask=bits, out=h)
         o = torch.empty(t_, d, device=dev, dtype=dt)
         gw = torch.zeros(ffn, d, device=dev, dtype=dt)
-        hc, w1c, w2c = h[:, : n * blk].contiguous(), w1[: n * blk].contiguous(), w2n[: n * blk].contiguous()
+        hc, w1c, w2c = h.contiguous(), w1[: n * blk].contiguous(), w2n[: n * blk].contiguous()
         return {
-            "sdd fc1 (bias+relu)": g(lambda: k._launch_sdd(x, w1, ids, cnt, blk, bias=b1, out=h)),
-            "sdd fc1 (bias+relu) persistent": g(lambda: persistent(k._launch_sdd, x, w1, ids, cnt, blk, bias=b1,
-                                                                   out=h)),
+            "sdd fc1 (bias+relu+bits)": g(lambda: k._launch_sdd(x, w1, ids, cnt, blk, bias=b1, mask=bits, out=h)),
             "mm x@W1c^T": g(lambda: torch.mm(x, w1c.t())),
             "dsd fc2 (bias)": g(lambda: k._launch_dsd(h, w2n, ids, cnt, blk, bias=b2, out=o)),
-            "dsd fc2 (bias) persistent": g(lambda: persistent(k._launch_dsd, h, w2n, ids, cnt, blk, bias=b2, out=o)),
             "mm hc@W2c": g(lambda: torch.mm(hc, w2c)),
-            "sdd dZ (mask)": g(lambda: k._launch_sdd(o, w2n, ids, cnt, blk, h=h, epilogue=2, out=h)),
+            "sdd dZ (bits)": g(lambda: k._launch_sdd(o, w2n, ids, cnt, blk, mask=bits, epilogue=2, out=h)),
             "wgrad dW1 = dZ^T x": g(lambda: k._launch_wgrad(h, x, ids, cnt, blk, out=gw)),
             "mm hc^T@x": g(lambda: torch.mm(hc.t(), x)),
             "zeros_like(W1)": g(lambda: torch.zeros_like(w1)),
         }
 
+    def chosen() -> dict[str, str]:  # the config each kernel's autotuner settled on last
+        return {name: str(kern.best_config) for name, kern in zip(("sdd", "dsd", "wgrad"), tuned, strict=True)
+                if getattr(kern, "best_config", None) is not None}
+
     before = os.environ.get("LONGEXPOSURE_TMA")
-    for density in (1.0, 0.25, 0.1):
-        flop = 2.0 * t_ * d * int(ffn // blk * density) * blk  # every product here has this many
-        for tma in ("0", "1"):  # pointer loads, then tensor descriptors (LONGEXPOSURE_TMA, read per launch)
-            os.environ["LONGEXPOSURE_TMA"] = tma
-            label = f"density {density}" + (" tma" if tma == "1" else "")
-            out[label] = kernel_times(density)
-            out[label + " TFLOP/s"] = {
-                name: round(flop / ms / 1e9, 1) for name, ms in out[label].items() if not name.startswith("zeros")
-            }
-            print(label, json.dumps(out[label]))
-            print(label, "TFLOP/s", json.dumps(out[label + " TFLOP/s"]))
+    for space in ("library", "small"):  # the library's tile space, then the one without 256-wide sdd / wgrad tiles
+        for kern in tuned:
+            kern.configs = library_space[kern] if space == "library" or kern is k._dsd_kernel else \
+                k._autotune_configs(large_tiles=False)
+            kern.cache.clear()
+        k._CHOSEN.clear()
+        for density in (1.0, 0.62, 0.1):
+            n_cols = int(ffn // blk * density) * blk
+            flop = 2.0 * t_ * d * n_cols  # every product here has this many
+            for tma in ("0", "1"):  # pointer loads, then tensor descriptors (LONGEXPOSURE_TMA, read per launch)
+                os.environ["LONGEXPOSURE_TMA"] = tma
+                label = f"{space} tiles, density {density}" + (" tma" if tma == "1" else "")
+                out[label] = kernel_times(density)
+                out[label + " TFLOP/s"] = {
+                    name: round(flop / ms / 1e9, 1) for name, ms in out[label].items() if not name.startswith("zeros")
+                }
+                out[label + " configs"] = chosen()
+                print(label, json.dumps(out[label]))
+                print(label, "TFLOP/s", json.dumps(out[label + " TFLOP/s"]))
+                print(label, "configs", json.dumps(out[label + " configs"]))
+    for kern in tuned:
+        kern.configs = library_space[kern]
+        kern.cache.clear()
+    k._CHOSEN.clear()
     if before is None:
         os.environ.pop("LONGEXPOSURE_TMA")
     else:

@@ -37,6 +37,8 @@
 #                                                # graph steps on relu-base, and of a predictor refresh on its own
 #   bash benchmarks/device_session.sh strongest  # fig7 LoRA at 1024 against the compiled + graph baseline, profiles
 #   bash benchmarks/device_session.sh strongest-methods  # fig7's Adapter and BitFit rows at 1024, graph and compiled
+#   bash benchmarks/device_session.sh bits-tiles # fig7 compile + graph (dense, paper order, reordered), the MLP kernels'
+#                                                # tile spaces A/B per density, the ReLU bits' GPU tests
 #   bash benchmarks/device_session.sh table4     # Table IV: LoRA per variant on relu-base, lm-eval on held-out E2E
 #                                                # (needs the eval wheels: carry .whl, docs/notes/device_wheels.md)
 #
@@ -53,7 +55,7 @@
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -239,6 +241,15 @@ case $stage in
       --variants "${PROFILE_VARIANTS:-sdpa-compile-graph,le-compile-graph,le-reordered-compile-graph}" \
       --out "$work/profile_strongest_s1024.json"
     # (the compiled / refresh / fused-loss GPU tests run in real-prep)
+    ;;
+  bits-tiles)  # issues 18 / 21: fig7's compile + graph steps with the ReLU bits and 256-wide sdd tiles, the per-kernel
+    # A/B of the tile spaces (each density tuned at its own capacity), then the GPU tests of the bits
+    run "${E2E_LIMIT:-190}" longexposure run suites/fig7.yaml --preset paper --keep-going --out "$work" \
+      --only method=lora --only seq_len=1024 \
+      --only variant=peft-sdpa-compile-graph,long-exposure-compile-graph,long-exposure-reordered-compile-graph
+    run "${AB_LIMIT:-230}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels_tiles.json"
+    LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-110}" python3 -m pytest -q -p no:cacheprovider \
+      tests/test_neuron_block_mlp.py -k "relu_bits or keeps_activations or relu_boundary or only_for_what or compile_traces"
     ;;
   strongest-methods)  # issue 18: Adapter and BitFit at 1024 beside their own compiled + graph dense baselines
     run "${FIG7_LIMIT:-540}" longexposure run suites/fig7.yaml --preset paper --keep-going --out "$work" \

@@ -61,9 +61,12 @@ def _autotune_configs(large_tiles: bool = True) -> list[triton.Config]:
 
     Under the interpreter one small tile (so CPU tests stay fast and still cross tile boundaries);
     with LONGEXPOSURE_AUTOTUNE=0 one good Hopper tile; otherwise a small space for the autotuner.
-    Kernels whose number of tiles shrinks with the active count (sdd, wgrad) leave out the 256-wide
-    tiles: the autotuner runs once, at whatever count the first call has, and a 128x256 tile that
-    wins at density 1.0 leaves most SMs idle at density 0.1 (measured on H100: 2.4x slower there).
+    The autotuner runs once per key, at whatever count that call has, so every kernel whose number of
+    tiles shrinks with the count (sdd, wgrad) keys on the buffer's capacity: a capacity near the count
+    (replayed ids, exact or padded to the widest layer) tunes at its density. Before the capacity was a
+    key, sdd and wgrad left out the 256-wide tiles, since one that won at density 1.0 left most SMs idle at
+    density 0.1 (measured on the H100: 2.4x slower there); `large_tiles=False` is that space. A capacity
+    far above the count (predicted ids: every block) tunes at the first call's density.
     """
     def cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
         return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
@@ -154,10 +157,11 @@ def _sdd_boxes(acc, a_desc, w_desc, K, w_row, pid_m, BM: tl.constexpr, BK: tl.co
 
 @triton.jit
 def _sdd_tile(
-    tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, h_ptr, c_ptr, s_ptr, o2_ptr,
+    tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr,
     ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr,
-    stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK: tl.constexpr,
-    HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SKINNY: tl.constexpr,
+    stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, MASK_OUT: tl.constexpr,
+    HAS_SKINNY: tl.constexpr,
     BR: tl.constexpr, BR2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -210,11 +214,18 @@ def _sdd_tile(
     # maximum returns the non-NaN operand, which turned a NaN token's row into fc2's bias.
     if EPILOGUE == 1:
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    if EPILOGUE == 2:
-        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_c[None, :] * stride_hc, mask=mask_mc, other=0.0)
-        acc = tl.where(h <= 0, 0.0, acc)
+    if EPILOGUE == 2:  # ReLU's backward: keep where the forward's bit is set
+        bits = tl.load(m_ptr + offs_m[:, None] * stride_mm + (offs_c // 8)[None, :], mask=mask_mc, other=0)
+        acc = tl.where(((bits >> (offs_c % 8).to(tl.uint8)[None, :]) & 1) == 0, 0.0, acc)
     out = acc.to(c_ptr.dtype.element_ty)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_c[None, :] * stride_cc, out, mask=mask_mc)
+    if MASK_OUT:  # ReLU's backward state, 8 columns a byte (bit j of byte c // 8 is column c with c % 8 == j):
+        # not (h <= 0) of the stored value, so NaN keeps its gradient as in torch's ReLU
+        keep = ((out > 0) | (out != out)).to(tl.int32)
+        packed = tl.sum(tl.reshape(keep, (BM, BN // 8, 8)) << tl.arange(0, 8)[None, None, :], axis=2)
+        offs_b = pid_n.to(tl.int64) * (BN // 8) + tl.arange(0, BN // 8)
+        tl.store(m_ptr + offs_m[:, None] * stride_mm + offs_b[None, :], packed.to(tl.uint8),
+                 mask=mask_m[:, None] & (offs_b < n_cols // 8)[None, :])
     if HAS_SKINNY:  # the LoRA product of this compact tile, summed over column tiles by fp32 atomics
         offs_r2 = tl.arange(0, BR2)
         mask_r2 = offs_r2 < R2
@@ -230,8 +241,7 @@ def _sdd_tile(
 
 # reset_to_zero: the skinny output is accumulated by atomics, so every autotuning run must start from
 # zeros (without it the first, tuning call returned the sum of all benchmark runs: seen on the H100).
-@triton.autotune(configs=_autotune_configs(large_tiles=False), key=[*_KEY, "USE_TMA", "PERSISTENT"],
-                 reset_to_zero=["o2_ptr"])
+@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "CAP", "USE_TMA", "PERSISTENT"], reset_to_zero=["o2_ptr"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
 def _sdd_kernel(
@@ -240,20 +250,22 @@ def _sdd_kernel(
     e_ptr,  # (tokens, R) low-rank left operand (HAS_LOW_RANK): scaled x A1^T, or dv
     l_ptr,  # (ffn, R) neuron-major low-rank weight (HAS_LOW_RANK): B1, or A2^T
     bias_ptr,  # (ffn,) (HAS_BIAS)
-    h_ptr,  # (tokens, capacity*BLOCK) forward activations, read when EPILOGUE == 2
+    m_ptr,  # (tokens, capacity*BLOCK/8) uint8 ReLU bits: written when MASK_OUT, read when EPILOGUE == 2
     c_ptr,  # (tokens, capacity*BLOCK) compact output
     s_ptr,  # (ffn, R2) neuron-major skinny weight (HAS_SKINNY): A2^T (forward) or B1 (backward)
     o2_ptr,  # (tokens, R2) fp32, zeroed: += c_tile @ s[rows] (HAS_SKINNY), by atomics across column tiles
     ids_ptr,  # (capacity,) int32 active block ids; the first count are valid
     count_ptr,  # (1,) int32
     T, K, R, R2, T_BUCKET,
+    CAP,  # capacity*BLOCK: the compact width (grid and autotuner key; the count bounds the work)
     W_ROWS,  # ffn: rows of w (the descriptor's bound)
     stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr,
-    stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias,
+    stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias,
     BLOCK: tl.constexpr,
     HAS_LOW_RANK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    EPILOGUE: tl.constexpr,  # 0: none, 1: ReLU, 2: ReLU's backward mask (zero where h <= 0)
+    EPILOGUE: tl.constexpr,  # 0: none, 1: ReLU, 2: ReLU's backward (zero where the forward's bit is clear)
+    MASK_OUT: tl.constexpr,  # write the ReLU bits (with EPILOGUE 1)
     HAS_SKINNY: tl.constexpr,
     BR: tl.constexpr,
     BR2: tl.constexpr,
@@ -280,19 +292,19 @@ def _sdd_kernel(
     if PERSISTENT:  # the tiles up to the device-side count, as in dsd
         for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
             _sdd_tile(
-                tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, h_ptr, c_ptr, s_ptr,
+                tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr,
                 o2_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er,
-                stride_ln, stride_lr, stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr, stride_om,
-                stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, HAS_SKINNY, BR, BR2, UPCAST, PRECISION, USE_TMA,
-                BM, BN, BK, GROUP_M, EVEN_K,
+                stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om,
+                stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, BR, BR2, UPCAST, PRECISION,
+                USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
             )
     else:
         _sdd_tile(
-            tl.program_id(0), num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, h_ptr,
+            tl.program_id(0), num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, m_ptr,
             c_ptr, s_ptr, o2_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em,
-            stride_er, stride_ln, stride_lr, stride_hm, stride_hc, stride_cm, stride_cc, stride_sn, stride_sr,
-            stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, HAS_SKINNY, BR, BR2, UPCAST, PRECISION,
-            USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
+            stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr,
+            stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, BR, BR2, UPCAST,
+            PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
         )
 
 
@@ -396,7 +408,7 @@ def _dsd_kernel(
                   UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M)
 
 
-@triton.autotune(configs=_autotune_configs(large_tiles=False), key=[*_KEY, "USE_TMA"])
+@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "USE_TMA"])  # K, the compact width, is the capacity
 @triton.heuristics({"EVEN_T": lambda args: args["T"] % args["BK"] == 0})
 @triton.jit
 def _wgrad_kernel(
@@ -636,11 +648,16 @@ def _launch(wrap: Wrap, kernel, grid, args: tuple, consts: dict[str, Any], key: 
     jit[grid(meta)](*args, **meta)
 
 
-def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, h=None, epilogue=1, out, skinny=None,
+def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=None, epilogue=1, out, skinny=None,
                 skinny_out=None, wrap=_no_wrap):
-    """out (compact) = epilogue(a @ w[rows]^T + e @ lw[rows]^T + bias[rows]); skinny_out += out @ skinny[rows]."""
+    """out (compact) = epilogue(a @ w[rows]^T + e @ lw[rows]^T + bias[rows]); skinny_out += out @ skinny[rows].
+
+    `mask` (tokens, capacity*block/8) uint8, the ReLU bits (`relu_bits`): written by the ReLU epilogue (1) when
+    given, read by the ReLU-backward epilogue (2), which needs it."""
     tokens, k = a.shape
     cap_cols = out.shape[1]
+    if epilogue == 2 and mask is None:
+        raise ValueError("mask: the ReLU-backward epilogue reads the forward's ReLU bits")
     if tokens == 0 or cap_cols == 0:
         return out
     r = 0 if e is None else e.shape[1]
@@ -653,21 +670,22 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, h=None, 
     grid = lambda meta: (min(tiles(meta), _programs(a.device)) if persistent else tiles(meta),)  # noqa: E731
     _launch(wrap, _sdd_kernel, grid, (
         a, w, dummy if e is None else e, dummy if lw is None else lw, dummy if bias is None else bias,
-        dummy if h is None else h, out, dummy if skinny is None else skinny,
+        dummy if mask is None else mask, out, dummy if skinny is None else skinny,
         skinny_out, ids, count,
-        tokens, k, r, r2, _bucket(tokens), w.shape[0],
+        tokens, k, r, r2, _bucket(tokens), cap_cols, w.shape[0],
         a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         0 if e is None else e.stride(0), 0 if e is None else e.stride(1),
         0 if lw is None else lw.stride(0), 0 if lw is None else lw.stride(1),
-        0 if h is None else h.stride(0), 0 if h is None else h.stride(1),
+        0 if mask is None else mask.stride(0),
         out.stride(0), out.stride(1),
         0 if skinny is None else skinny.stride(0), 0 if skinny is None else skinny.stride(1),
         skinny_out.stride(0), 0 if bias is None else bias.stride(0),
     ), dict(
         BLOCK=block, HAS_LOW_RANK=e is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
-        HAS_SKINNY=skinny is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
+        MASK_OUT=epilogue == 1 and mask is not None, HAS_SKINNY=skinny is not None, BR=_low_rank_block(r),
+        BR2=_low_rank_block(r2), **_flags(a.dtype),
         USE_TMA=_use_tma("sdd", a, w, traced=wrap is not _no_wrap), PERSISTENT=persistent,
-    ), key=(a.dtype, _bucket(tokens), k, r, r2), even=("EVEN_K", k))
+    ), key=(a.dtype, _bucket(tokens), k, r, r2, cap_cols), even=("EVEN_K", k))
     return out
 
 
@@ -776,7 +794,7 @@ def neuron_block_mlp_forward(
     *,
     check_indices: bool | None = False,
     wrap: Wrap = _no_wrap,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward of the neuron-block MLP (validation is the caller's: `check_inputs`).
 
     Args:
@@ -791,25 +809,36 @@ def neuron_block_mlp_forward(
 
     Returns:
         y (tokens, d_model); h (tokens, capacity*block_size), the compact ReLU output (columns past
-        n_active*block_size unwritten); v (tokens, r2), or (tokens, 0) without fc2_lr_weight.
+        n_active*block_size unwritten); v (tokens, r2), or (tokens, 0) without fc2_lr_weight; bits
+        (tokens, capacity*block_size/8) uint8, h's ReLU bits (`relu_bits`), all the backward needs of h
+        unless fc2's weight or LoRA A is trained.
     """
     ids, count, capacity = _ids_and_count(active_block_ids, n_active)
     tokens, d_model = x.shape
     h = x.new_empty(tokens, capacity * block_size)
+    bits = relu_bits(tokens, capacity * block_size, x.device)
     v32 = None if fc2_lr_weight is None else x.new_zeros(tokens, fc2_lr_weight.shape[0], dtype=torch.float32)
     _launch_sdd(x, fc1_weight, ids, count, block_size, bias=fc1_bias, e=fc1_lr_x, lw=fc1_lr_weight, epilogue=1,
-                out=h, skinny=None if v32 is None else fc2_lr_weight.t(), skinny_out=v32, wrap=wrap)
+                mask=bits, out=h, skinny=None if v32 is None else fc2_lr_weight.t(), skinny_out=v32, wrap=wrap)
     y = _launch_dsd(h, fc2_weight.t(), ids, count, block_size, bias=fc2_bias, out=x.new_empty(tokens, d_model),
                     wrap=wrap)
     v = x.new_empty(tokens, 0) if v32 is None else v32.to(x.dtype)
-    return y, h, v
+    return y, h, v, bits
+
+
+def relu_bits(tokens: int, cap_cols: int, device: torch.device) -> torch.Tensor:
+    """An uninitialised (tokens, cap_cols/8) uint8 buffer for the ReLU bits of a compact activation: bit j of byte
+    c // 8 in a row is set where column 8 * (c // 8) + j kept its value (h > 0, or NaN). A sixteenth of an fp16 h,
+    so a frozen fc2 saves 1/16 of the activation for the backward, not all of it (fig7 memory, issue 18)."""
+    return torch.empty(tokens, cap_cols // 8, dtype=torch.uint8, device=device)
 
 
 def neuron_block_mlp_backward(
     dy: torch.Tensor,
     dv: torch.Tensor | None,
-    x: torch.Tensor,
-    h: torch.Tensor,
+    x: torch.Tensor | None,
+    h: torch.Tensor | None,
+    bits: torch.Tensor,
     active_block_ids: torch.Tensor,
     n_active: torch.Tensor | None,
     fc1_weight: torch.Tensor,
@@ -824,30 +853,37 @@ def neuron_block_mlp_backward(
 ) -> list[torch.Tensor | None]:
     """Gradients of `neuron_block_mlp_forward`, only those asked for.
 
-    `needs` flags, in order: x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_lr_x, fc1_lr_weight,
-    fc2_lr_weight. Returns the gradients in that order (None where not needed). Weight and bias
-    gradients are full-shaped with zeros outside the active blocks; fc2_weight's and fc2_lr_weight's
-    come back with their parameter's strides (neuron-major storage stays neuron-major).
+    x is read only for fc1's weight gradient and h only for fc2's weight and LoRA A gradients (None otherwise:
+    the ReLU's backward reads `bits`); dy gives the shapes. `needs` flags, in order: x, fc1_weight, fc1_bias,
+    fc2_weight, fc2_bias, fc1_lr_x, fc1_lr_weight, fc2_lr_weight. Returns the gradients in that order (None where
+    not needed). Weight and bias gradients are full-shaped with zeros outside the active blocks; fc2_weight's and
+    fc2_lr_weight's come back with their parameter's strides (neuron-major storage stays neuron-major).
     """
     need_x, need_w1, need_b1, need_w2, need_b2, need_u, need_b1lr, need_a2 = needs
     ids, count, _ = _ids_and_count(active_block_ids, n_active)
     has_dv = fc2_lr_weight is not None and dv is not None and dv.numel() > 0
     out: list[torch.Tensor | None] = [None] * 8
+    if (need_w2 or need_a2) and h is None:
+        raise ValueError("h: fc2's weight and LoRA A gradients read the forward's activations")
+    if need_w1 and x is None:
+        raise ValueError("x: fc1's weight gradient reads the forward's input")
     if need_x or need_w1 or need_b1 or need_u or need_b1lr:
-        dz = torch.empty_like(h)
-        du32 = x.new_zeros(fc1_lr_x.shape, dtype=torch.float32) if need_u else None
+        dz = dy.new_empty(dy.shape[0], bits.shape[1] * 8)
+        du32 = dy.new_zeros(fc1_lr_x.shape, dtype=torch.float32) if need_u else None
         _launch_sdd(dy, fc2_weight.t(), ids, count, block_size,
                     e=dv if has_dv else None, lw=fc2_lr_weight.t() if has_dv else None,
-                    h=h, epilogue=2, out=dz, skinny=fc1_lr_weight if need_u else None, skinny_out=du32, wrap=wrap)
+                    mask=bits, epilogue=2, out=dz, skinny=fc1_lr_weight if need_u else None, skinny_out=du32,
+                    wrap=wrap)
         if need_u:
-            out[5] = du32.to(x.dtype)
+            out[5] = du32.to(dy.dtype)
         if need_x:
-            out[0] = _launch_dsd(dz, fc1_weight, ids, count, block_size, out=torch.empty_like(x), wrap=wrap)
+            out[0] = _launch_dsd(dz, fc1_weight, ids, count, block_size, out=torch.empty_like(dy), wrap=wrap)
         if need_w1:
             out[1] = _launch_wgrad(dz, x, ids, count, block_size, out=torch.zeros_like(fc1_weight), wrap=wrap)
         if need_b1:
             out[2] = _launch_colsum(dz, ids, count, block_size,
-                                    out=torch.zeros(fc1_weight.shape[0], dtype=x.dtype, device=x.device), wrap=wrap)
+                                    out=torch.zeros(fc1_weight.shape[0], dtype=dy.dtype, device=dy.device),
+                                    wrap=wrap)
         if need_b1lr:
             out[6] = _launch_wgrad(dz, fc1_lr_x, ids, count, block_size, out=torch.zeros_like(fc1_lr_weight), wrap=wrap)
     if need_w2:

@@ -33,7 +33,7 @@ ATTENTION = {"D": 64, "BLOCK": 64, "BLOCK_D": 64, "CAUSAL": True, "HAS_LENS": Tr
 MLP = {"BLOCK": 64, "HAS_LOW_RANK": True, "HAS_BIAS": True, "UPCAST": False, "PRECISION": "tf32", "BM": 128,
        "BN": 128, "BK": 64, "GROUP_M": 8}
 # strides that are 1 in every launch (row-major operands, neuron-major weights); the JIT makes them constants
-UNIT_STRIDES = {"stride_ak", "stride_wk", "stride_er", "stride_lr", "stride_hc", "stride_cc", "stride_sr",
+UNIT_STRIDES = {"stride_ak", "stride_wk", "stride_er", "stride_lr", "stride_cc", "stride_sr",
                 "stride_on", "stride_dn", "stride_gk", "stride_bias"}
 # module, kernel, constexprs (beyond the shared ones above), num_warps, num_stages
 CASES = {
@@ -59,14 +59,22 @@ for _tma in (False, True):  # sdd with 128-wide column tiles over 64-neuron bloc
     for _persistent in (False, True):  # LONGEXPOSURE_PERSISTENT=1: one program per SM walks the tiles
         _name = f"tma={_tma}" + " persistent" * _persistent
         CASES[f"mlp sdd {_name}"] = ("neuron_block_mlp", "_sdd_kernel", {
-            **MLP, "EPILOGUE": 1, "HAS_SKINNY": True, "BR": 16, "BR2": 16, "USE_TMA": _tma, "EVEN_K": True,
-            "PERSISTENT": _persistent}, 8, 4)
+            **MLP, "EPILOGUE": 1, "MASK_OUT": True, "HAS_SKINNY": True, "BR": 16, "BR2": 16, "USE_TMA": _tma,
+            "EVEN_K": True, "PERSISTENT": _persistent}, 8, 4)
         CASES[f"mlp dsd {_name}"] = (
             "neuron_block_mlp", "_dsd_kernel", {**MLP, "EPILOGUE": 0, "USE_TMA": _tma, "PERSISTENT": _persistent}, 8, 4)
     CASES[f"mlp wgrad tma={_tma}"] = ("neuron_block_mlp", "_wgrad_kernel",
                                       {**MLP, "EPILOGUE": 3, "USE_TMA": _tma, "EVEN_T": True}, 8, 4)
 
-POINTERS = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_acc_ptr": "*fp32", "o2_ptr": "*fp32"}
+# the 256-wide tiles sdd and wgrad tune over since they key on the capacity: fc1 forward (ReLU, bits out), dZ (bits in)
+for _epilogue in (1, 2):
+    CASES[f"mlp sdd 128x256 epilogue={_epilogue}"] = ("neuron_block_mlp", "_sdd_kernel", {
+        **MLP, "BN": 256, "EPILOGUE": _epilogue, "MASK_OUT": _epilogue == 1, "HAS_SKINNY": True, "BR": 16, "BR2": 16,
+        "USE_TMA": False, "EVEN_K": True, "PERSISTENT": False}, 8, 3)
+CASES["mlp wgrad 128x256"] = ("neuron_block_mlp", "_wgrad_kernel",
+                              {**MLP, "BN": 256, "EPILOGUE": 3, "USE_TMA": False, "EVEN_T": True}, 8, 3)
+
+POINTERS = {"m_ptr": "*u8", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_acc_ptr": "*fp32", "o2_ptr": "*fp32"}
 
 
 def _signature(fn, constexprs: dict) -> dict[str, str]:

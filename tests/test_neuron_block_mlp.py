@@ -329,6 +329,49 @@ def test_gradients_only_for_what_requires_grad(trainable):
             assert t.grad is None, f"{name} is frozen but got a gradient"
 
 
+def test_relu_bits_are_the_kept_columns_packed_eight_a_byte():
+    """The forward's bits: bit j of byte c // 8 is column 8 * (c // 8) + j of h kept (h > 0, or NaN), past the count
+    never written; exact zeros (the ReLU's kink) and a NaN token are in the problem."""
+    p = make_problem(11, 37, 32, 6, 16, torch.float32, capacity="padded", pattern="random", lora=False)
+    x = p.x.detach().clone()
+    x[3] = float("nan")
+    w1 = p.w1.detach().clone()
+    w1[: p.ids.numel() * p.block: 5] = 0.0  # pre-activation = bias; bias 0 below: exactly 0
+    b1 = p.b1.detach().clone()
+    b1[::5] = 0.0
+    _, h, _, bits = K.neuron_block_mlp_forward(x, p.ids, p.n_active, w1, b1, p.w2.detach(), p.b2.detach(), p.block)
+    cols = int(p.n_active) * p.block
+    kept = ((bits[:, :, None].long() >> torch.arange(8, device=DEVICE)) & 1).reshape(h.shape[0], -1).bool()
+    assert bits.dtype == torch.uint8 and bits.shape == (h.shape[0], h.shape[1] // 8)
+    assert int((h[:, :cols] == 0).sum()) > 0 and bool(h[3, :cols].isnan().all())
+    torch.testing.assert_close(kept[:, :cols], (h[:, :cols] > 0) | h[:, :cols].isnan(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("trainable, saves_x, saves_h", [("frozen", False, False), ("bitfit", False, False),
+                                                          ("lora", True, True), ("full", True, True)])
+def test_backward_keeps_activations_only_for_the_gradients_that_read_them(trainable, saves_x, saves_h):
+    """What the op saves for its backward: the ReLU bits always; h only for fc2's weight / LoRA A gradients, x only
+    for fc1's weight gradient (a frozen MLP keeps 1/16 of an fp16 h, fig7's memory at the paper order). With LoRA
+    on fc1, x is saved by torch's own product x A1^T, not by the op."""
+    p = make_problem(12, 33, 32, 4, 16, torch.float16, requires_grad=False, lora=trainable == "lora")
+    wanted = {"frozen": ["x"], "bitfit": ["x", "fc1_bias", "fc2_bias"],
+              "lora": ["x", "fc1_lora_a", "fc1_lora_b", "fc2_lora_a", "fc2_lora_b"],
+              "full": ["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"]}[trainable]
+    for name, t in zip(NAMES, p.leaves(), strict=True):
+        if t is not None and name in wanted:
+            t.requires_grad_(True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = neuron_block_mlp(p.x, p.ids, p.w1, p.b1, p.w2, p.b2, block_size=p.block, fc1_lora=_loras(p)[0],
+                             fc2_lora=_loras(p)[1])
+    h_shape = (p.x.shape[0], p.ids.numel() * p.block)
+    assert any(t.dtype == torch.uint8 and t.shape == (h_shape[0], h_shape[1] // 8) for t in saved)
+    assert any(t.data_ptr() == p.x.data_ptr() and t.shape == p.x.shape for t in saved) == saves_x
+    assert any(t.dtype == p.x.dtype and tuple(t.shape) == h_shape for t in saved) == saves_h
+    y.backward(p.dy)  # the backward runs on what was kept
+    assert p.x.grad is not None and bool(p.x.grad.isfinite().all())
+
+
 def test_count_changes_reuse_one_capacity():
     """One fixed-capacity id tensor, the count changed on the device: every count matches the reference."""
     p = make_problem(7, 21, 32, 6, 16, torch.float32, capacity="padded", pattern="all")

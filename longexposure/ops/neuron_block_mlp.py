@@ -212,7 +212,7 @@ def neuron_block_mlp(
                           u, b1lr, a2, check_indices=check_indices)
     if n_active is None:
         n_active = torch.full((1,), active_block_ids.numel(), dtype=torch.int32, device=x.device)
-    y, _, v = torch.ops.longexposure.neuron_block_mlp(x2, active_block_ids, n_active, fc1_weight, fc1_bias,
+    y, _, v, _ = torch.ops.longexposure.neuron_block_mlp(x2, active_block_ids, n_active, fc1_weight, fc1_bias,
                                                       fc2_weight, fc2_bias, block_size, u, b1lr, a2)
     if fc2_lora is not None:
         y = y + F.linear(v, fc2_lora.b) * fc2_lora.scaling
@@ -275,8 +275,8 @@ if _kernels is not None:
         fc1_lr_x: torch.Tensor | None,
         fc1_lr_weight: torch.Tensor | None,
         fc2_lr_weight: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(y, h, v): see kernels.neuron_block_mlp.neuron_block_mlp_forward."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y, h, v, bits): see kernels.neuron_block_mlp.neuron_block_mlp_forward."""
         return _kernels.neuron_block_mlp_forward(
             x, active_block_ids, n_active, fc1_weight, fc1_bias, fc2_weight, fc2_bias, block_size,
             fc1_lr_x, fc1_lr_weight, fc2_lr_weight, wrap=_wrap(x),
@@ -284,19 +284,24 @@ if _kernels is not None:
 
     def _setup_context(ctx, inputs, output):
         x, ids, n_active, w1, _b1, w2, _b2, block_size, u, b1lr, a2 = inputs
-        ctx.save_for_backward(x, output[1], ids, n_active, w1, w2, u, b1lr, a2)
+        n = ctx.needs_input_grad
+        # Saved only for the gradients that read them: x for fc1's weight, h for fc2's weight and LoRA A. The
+        # ReLU's backward reads the bits, so a frozen MLP keeps 1/16 of h (and not x) per layer for the backward.
+        ctx.save_for_backward(x if n[3] else None, output[1] if n[5] or n[10] else None, output[3], ids, n_active,
+                              w1, w2, u, b1lr, a2)
         ctx.block_size = block_size
+        ctx.x_shape = x.shape
         ctx.set_materialize_grads(False)  # an unused v (or y) costs no zero-filled gradient
 
-    def _backward(ctx, dy, _dh, dv):
+    def _backward(ctx, dy, _dh, dv, _dbits):
         # The launchers directly, not a second custom op: AOTAutograd would decompose that op into the same
         # kernel calls, and in eager its dispatch was pure host overhead (~15 us per backward on a CPU).
-        x, h, ids, n_active, w1, w2, u, b1lr, a2 = ctx.saved_tensors
+        x, h, bits, ids, n_active, w1, w2, u, b1lr, a2 = ctx.saved_tensors
         n = ctx.needs_input_grad
         if dy is None:
-            dy = torch.zeros_like(x)
-        g = _kernels.neuron_block_mlp_backward(dy, dv, x, h, ids, n_active, w1, w2, ctx.block_size, u, b1lr, a2,
-                                               (n[0], n[3], n[4], n[5], n[6], n[8], n[9], n[10]), wrap=_wrap(x))
+            dy = w1.new_zeros(ctx.x_shape)
+        g = _kernels.neuron_block_mlp_backward(dy, dv, x, h, bits, ids, n_active, w1, w2, ctx.block_size, u, b1lr,
+                                               a2, (n[0], n[3], n[4], n[5], n[6], n[8], n[9], n[10]), wrap=_wrap(dy))
         return g[0], None, None, g[1], g[2], g[3], g[4], None, g[5], g[6], g[7]
 
     torch.library.register_autograd("longexposure::neuron_block_mlp", _backward, setup_context=_setup_context)
