@@ -17,14 +17,16 @@ compact dimension run to `count*BLOCK`. Changing the count recompiles nothing an
 
 Four kernels (named by which operand is compact, stk-style):
   - `_sdd_kernel`: compact = dense @ W[act]^T (+ low-rank, bias, ReLU or ReLU-mask epilogue); fc1
-    forward and, in backward, dZ = (dy @ W2[:, act] + dv @ A2[:, act]) * (h > 0). Its optional
+    forward (also writing the ReLU bits, `relu_bits`) and, in backward, dZ = (dy @ W2[:, act] + dv @ A2[:, act])
+    * (h > 0), the mask read from those bits, with db1 = dZ.sum(0) added by fp32 atomics. Its optional
     "skinny" epilogue also adds compact_tile @ S[act rows] into a (tokens, r) fp32 buffer by atomics:
     the fc2 LoRA input v = h A2[:, act]^T in forward, du = dZ B1[act] in backward (so a rank-r output
     never needs its own, badly parallel, pass over the compact buffer; atomics make it order-dependent
     in the last fp32 bits).
   - `_dsd_kernel`: dense = compact @ W[act] (+ bias); fc2 forward and, in backward, dx = dZ @ W1[act].
   - `_wgrad_kernel`: G[act rows] = compact^T @ dense; dW1, dB1 (LoRA), dW2^T, dA2^T.
-  - `_colsum_kernel`: g[act] = sum over tokens of compact; db1.
+  - `_colsum_kernel`: g[act] = sum over tokens of compact; db1 in a fixed order, where deterministic algorithms
+    are asked for (`torch.use_deterministic_algorithms`).
 With LONGEXPOSURE_TMA=1 (opt-in; timed per kernel on the H100, fig12_mlp run 6) sdd, dsd and wgrad read their
 main product's operands through tensor descriptors (Hopper's bulk tensor copies) instead of per-element
 pointers: in dsd a K step inside one neuron block is BK contiguous weight rows (one box at
@@ -158,10 +160,10 @@ def _sdd_boxes(acc, a_desc, w_desc, K, w_row, pid_m, BM: tl.constexpr, BK: tl.co
 @triton.jit
 def _sdd_tile(
     tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr,
-    ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr,
-    stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK: tl.constexpr,
+    cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln,
+    stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK: tl.constexpr,
     HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, MASK_OUT: tl.constexpr,
-    HAS_SKINNY: tl.constexpr,
+    HAS_SKINNY: tl.constexpr, HAS_COLSUM: tl.constexpr,
     BR: tl.constexpr, BR2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -237,11 +239,15 @@ def _sdd_tile(
         part = tl.dot(part.to(sw.dtype), sw, input_precision=PRECISION)
         tl.atomic_add(o2_ptr + offs_m[:, None] * stride_om + offs_r2[None, :], part,
                       mask=mask_m[:, None] & mask_r2[None, :], sem="relaxed")
+    if HAS_COLSUM:  # the tile's column sums of what was stored (fc1's bias gradient), summed over row tiles
+        part = tl.sum(tl.where(mask_mc, out.to(tl.float32), 0.0), axis=0)
+        tl.atomic_add(cs_ptr + rows, part, mask=mask_c, sem="relaxed")
 
 
 # reset_to_zero: the skinny output is accumulated by atomics, so every autotuning run must start from
 # zeros (without it the first, tuning call returned the sum of all benchmark runs: seen on the H100).
-@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "CAP", "USE_TMA", "PERSISTENT"], reset_to_zero=["o2_ptr"])
+@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "CAP", "USE_TMA", "PERSISTENT"],
+                 reset_to_zero=["o2_ptr", "cs_ptr"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
 def _sdd_kernel(
@@ -254,6 +260,7 @@ def _sdd_kernel(
     c_ptr,  # (tokens, capacity*BLOCK) compact output
     s_ptr,  # (ffn, R2) neuron-major skinny weight (HAS_SKINNY): A2^T (forward) or B1 (backward)
     o2_ptr,  # (tokens, R2) fp32, zeroed: += c_tile @ s[rows] (HAS_SKINNY), by atomics across column tiles
+    cs_ptr,  # (ffn,) fp32, zeroed: [rows] += column sums of the stored tile (HAS_COLSUM), by atomics across row tiles
     ids_ptr,  # (capacity,) int32 active block ids; the first count are valid
     count_ptr,  # (1,) int32
     T, K, R, R2, T_BUCKET,
@@ -267,6 +274,7 @@ def _sdd_kernel(
     EPILOGUE: tl.constexpr,  # 0: none, 1: ReLU, 2: ReLU's backward (zero where the forward's bit is clear)
     MASK_OUT: tl.constexpr,  # write the ReLU bits (with EPILOGUE 1)
     HAS_SKINNY: tl.constexpr,
+    HAS_COLSUM: tl.constexpr,
     BR: tl.constexpr,
     BR2: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -293,18 +301,18 @@ def _sdd_kernel(
         for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
             _sdd_tile(
                 tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr,
-                o2_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er,
+                o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er,
                 stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om,
-                stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, BR, BR2, UPCAST, PRECISION,
-                USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
+                stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2,
+                UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
             )
     else:
         _sdd_tile(
             tl.program_id(0), num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, m_ptr,
-            c_ptr, s_ptr, o2_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em,
+            c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em,
             stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr,
-            stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, BR, BR2, UPCAST,
-            PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
+            stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2,
+            UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
         )
 
 
@@ -649,8 +657,9 @@ def _launch(wrap: Wrap, kernel, grid, args: tuple, consts: dict[str, Any], key: 
 
 
 def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=None, epilogue=1, out, skinny=None,
-                skinny_out=None, wrap=_no_wrap):
-    """out (compact) = epilogue(a @ w[rows]^T + e @ lw[rows]^T + bias[rows]); skinny_out += out @ skinny[rows].
+                skinny_out=None, colsum_out=None, wrap=_no_wrap):
+    """out (compact) = epilogue(a @ w[rows]^T + e @ lw[rows]^T + bias[rows]); skinny_out += out @ skinny[rows];
+    colsum_out[rows] += out.sum(0) (an (ffn,) fp32 buffer, zeroed by the caller).
 
     `mask` (tokens, capacity*block/8) uint8, the ReLU bits (`relu_bits`): written by the ReLU epilogue (1) when
     given, read by the ReLU-backward epilogue (2), which needs it."""
@@ -671,7 +680,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
     _launch(wrap, _sdd_kernel, grid, (
         a, w, dummy if e is None else e, dummy if lw is None else lw, dummy if bias is None else bias,
         dummy if mask is None else mask, out, dummy if skinny is None else skinny,
-        skinny_out, ids, count,
+        skinny_out, skinny_out if colsum_out is None else colsum_out, ids, count,
         tokens, k, r, r2, _bucket(tokens), cap_cols, w.shape[0],
         a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         0 if e is None else e.stride(0), 0 if e is None else e.stride(1),
@@ -682,7 +691,8 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
         skinny_out.stride(0), 0 if bias is None else bias.stride(0),
     ), dict(
         BLOCK=block, HAS_LOW_RANK=e is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
-        MASK_OUT=epilogue == 1 and mask is not None, HAS_SKINNY=skinny is not None, BR=_low_rank_block(r),
+        MASK_OUT=epilogue == 1 and mask is not None, HAS_SKINNY=skinny is not None,
+        HAS_COLSUM=colsum_out is not None, BR=_low_rank_block(r),
         BR2=_low_rank_block(r2), **_flags(a.dtype),
         USE_TMA=_use_tma("sdd", a, w, traced=wrap is not _no_wrap), PERSISTENT=persistent,
     ), key=(a.dtype, _bucket(tokens), k, r, r2, cap_cols), even=("EVEN_K", k))
@@ -870,17 +880,23 @@ def neuron_block_mlp_backward(
     if need_x or need_w1 or need_b1 or need_u or need_b1lr:
         dz = dy.new_empty(dy.shape[0], bits.shape[1] * 8)
         du32 = dy.new_zeros(fc1_lr_x.shape, dtype=torch.float32) if need_u else None
+        # fc1's bias gradient: summed in dZ's epilogue by fp32 atomics (no second pass over dZ), or, where
+        # deterministic algorithms are asked for, by the column-sum kernel in a fixed order
+        fused_db1 = need_b1 and not torch.are_deterministic_algorithms_enabled()
+        db1_32 = dy.new_zeros(fc1_weight.shape[0], dtype=torch.float32) if fused_db1 else None
         _launch_sdd(dy, fc2_weight.t(), ids, count, block_size,
                     e=dv if has_dv else None, lw=fc2_lr_weight.t() if has_dv else None,
                     mask=bits, epilogue=2, out=dz, skinny=fc1_lr_weight if need_u else None, skinny_out=du32,
-                    wrap=wrap)
+                    colsum_out=db1_32, wrap=wrap)
         if need_u:
             out[5] = du32.to(dy.dtype)
+        if fused_db1:
+            out[2] = db1_32.to(dy.dtype)
         if need_x:
             out[0] = _launch_dsd(dz, fc1_weight, ids, count, block_size, out=torch.empty_like(dy), wrap=wrap)
         if need_w1:
             out[1] = _launch_wgrad(dz, x, ids, count, block_size, out=torch.zeros_like(fc1_weight), wrap=wrap)
-        if need_b1:
+        if need_b1 and not fused_db1:
             out[2] = _launch_colsum(dz, ids, count, block_size,
                                     out=torch.zeros(fc1_weight.shape[0], dtype=dy.dtype, device=dy.device),
                                     wrap=wrap)

@@ -59,22 +59,24 @@ for _tma in (False, True):  # sdd with 128-wide column tiles over 64-neuron bloc
     for _persistent in (False, True):  # LONGEXPOSURE_PERSISTENT=1: one program per SM walks the tiles
         _name = f"tma={_tma}" + " persistent" * _persistent
         CASES[f"mlp sdd {_name}"] = ("neuron_block_mlp", "_sdd_kernel", {
-            **MLP, "EPILOGUE": 1, "MASK_OUT": True, "HAS_SKINNY": True, "BR": 16, "BR2": 16, "USE_TMA": _tma,
-            "EVEN_K": True, "PERSISTENT": _persistent}, 8, 4)
+            **MLP, "EPILOGUE": 1, "MASK_OUT": True, "HAS_SKINNY": True, "HAS_COLSUM": False, "BR": 16, "BR2": 16,
+            "USE_TMA": _tma, "EVEN_K": True, "PERSISTENT": _persistent}, 8, 4)
         CASES[f"mlp dsd {_name}"] = (
             "neuron_block_mlp", "_dsd_kernel", {**MLP, "EPILOGUE": 0, "USE_TMA": _tma, "PERSISTENT": _persistent}, 8, 4)
     CASES[f"mlp wgrad tma={_tma}"] = ("neuron_block_mlp", "_wgrad_kernel",
                                       {**MLP, "EPILOGUE": 3, "USE_TMA": _tma, "EVEN_T": True}, 8, 4)
 
-# the 256-wide tiles sdd and wgrad tune over since they key on the capacity: fc1 forward (ReLU, bits out), dZ (bits in)
+# the 256-wide tiles sdd and wgrad tune over since they key on the capacity: fc1 forward (ReLU, bits out), dZ (bits
+# in, fc1's bias gradient summed in the epilogue)
 for _epilogue in (1, 2):
     CASES[f"mlp sdd 128x256 epilogue={_epilogue}"] = ("neuron_block_mlp", "_sdd_kernel", {
-        **MLP, "BN": 256, "EPILOGUE": _epilogue, "MASK_OUT": _epilogue == 1, "HAS_SKINNY": True, "BR": 16, "BR2": 16,
-        "USE_TMA": False, "EVEN_K": True, "PERSISTENT": False}, 8, 3)
+        **MLP, "BN": 256, "EPILOGUE": _epilogue, "MASK_OUT": _epilogue == 1, "HAS_SKINNY": True,
+        "HAS_COLSUM": _epilogue == 2, "BR": 16, "BR2": 16, "USE_TMA": False, "EVEN_K": True, "PERSISTENT": False}, 8, 3)
 CASES["mlp wgrad 128x256"] = ("neuron_block_mlp", "_wgrad_kernel",
                               {**MLP, "BN": 256, "EPILOGUE": 3, "USE_TMA": False, "EVEN_T": True}, 8, 3)
 
-POINTERS = {"m_ptr": "*u8", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_acc_ptr": "*fp32", "o2_ptr": "*fp32"}
+POINTERS = {"m_ptr": "*u8", "cs_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_acc_ptr": "*fp32",
+            "o2_ptr": "*fp32"}
 
 
 def _signature(fn, constexprs: dict) -> dict[str, str]:

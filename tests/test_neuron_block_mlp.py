@@ -423,9 +423,32 @@ def test_opcheck():
 
 
 def test_atomically_accumulated_output_is_reset_while_autotuning():
-    """The skinny (LoRA) output of the sdd kernel is summed with atomics: every autotuning run must start
-    from zeros, or the tuning call returns the sum of all benchmark runs (seen on the H100)."""
-    assert K._sdd_kernel.reset_to_zero == ["o2_ptr"]
+    """The skinny (LoRA) output and the column sums (fc1's bias gradient) of the sdd kernel are summed with atomics:
+    every autotuning run must start from zeros, or the tuning call returns the sum of all benchmark runs (seen on the
+    H100)."""
+    assert K._sdd_kernel.reset_to_zero == ["o2_ptr", "cs_ptr"]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fc1_bias_gradient_summed_in_the_epilogue_or_in_a_fixed_order(monkeypatch, deterministic):
+    """db1 comes from dZ's epilogue (fp32 atomics, no pass over dZ), or from the column-sum kernel when deterministic
+    algorithms are asked for; both match the reference."""
+    p = make_problem(13, 45, 32, 6, 16, torch.float32, capacity="padded", requires_grad=False, lora=False)
+    p.b1.requires_grad_(True)
+    colsum_calls = []
+    real = K._launch_colsum
+    monkeypatch.setattr(K, "_launch_colsum", lambda *a, **kw: colsum_calls.append(1) or real(*a, **kw))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        (db1,) = torch.autograd.grad(neuron_block_mlp(p.x, p.ids, p.w1, p.b1, p.w2, p.b2, block_size=p.block,
+                                                      n_active=p.n_active), [p.b1], p.dy)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    (ref,) = torch.autograd.grad(neuron_block_mlp_reference(p.x, p.ids, p.w1, p.b1, p.w2, p.b2, block_size=p.block,
+                                                            n_active=p.n_active), [p.b1], p.dy)
+    assert len(colsum_calls) == int(deterministic)
+    assert_close(db1, ref, "db1")
 
 
 def test_neuron_major_keeps_parameter_identity_and_shape():
