@@ -243,13 +243,15 @@ case $stage in
     # (the compiled / refresh / fused-loss GPU tests run in real-prep)
     ;;
   bits-tiles)  # issues 18 / 21: fig7's compile + graph steps with the ReLU bits and 256-wide sdd tiles, the per-kernel
-    # A/B of the tile spaces (each density tuned at its own capacity), then the GPU tests of the bits
+    # A/B of the tile spaces (each density tuned at its own capacity), then the GPU tests of the bits.
+    # FIG7_METHODS=lora,adapter,bitfit adds fig7's other methods (about 70 s each; raise E2E_LIMIT)
     run "${E2E_LIMIT:-190}" longexposure run suites/fig7.yaml --preset paper --keep-going --out "$work" \
-      --only method=lora --only seq_len=1024 \
+      --only method="${FIG7_METHODS:-lora}" --only seq_len=1024 \
       --only variant=peft-sdpa-compile-graph,long-exposure-compile-graph,long-exposure-reordered-compile-graph
     run "${AB_LIMIT:-230}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels_tiles.json"
     LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-110}" python3 -m pytest -q -p no:cacheprovider \
-      tests/test_neuron_block_mlp.py -k "relu_bits or keeps_activations or relu_boundary or only_for_what or compile_traces"
+      tests/test_neuron_block_mlp.py \
+      -k "relu_bits or keeps_activations or relu_boundary or only_for_what or compile_traces or bias_gradient"
     ;;
   strongest-methods)  # issue 18: Adapter and BitFit at 1024 beside their own compiled + graph dense baselines
     run "${FIG7_LIMIT:-540}" longexposure run suites/fig7.yaml --preset paper --keep-going --out "$work" \
