@@ -142,11 +142,12 @@ case $stage in
     run 170 python3 benchmarks/bench_attention_operator.py --skip compile --quick-check --sparsities 0 0.5 0.8 \
       --blocks 64 --triton-variants default --out "$work/attention.json"
     ;;
-  attn-ab)  # issue 21: the attention kernels' opt-in switches (dQ by atomics, descriptor loads) beside the default,
+  attn-ab)  # issue 21: the attention kernels' opt-in switches (dQ by atomics, descriptor loads, query pairs; ATTN_VARIANTS
+    # picks them) beside the default,
     # one process, each against the same sdpa rows, correctness per variant first (about 8 minutes: each variant
     # autotunes its own kernels; the compile check and the combined variant wait until one of them wins)
     run "${AB_LIMIT:-570}" python3 benchmarks/bench_attention_operator.py --quick-check --skip layout compile \
-      --backends sdpa triton --blocks 64 --sparsities 0 0.5 0.8 0.9 --triton-variants default dq-atomic tma \
+      --backends sdpa triton --blocks 64 --sparsities 0 0.5 0.8 0.9 --triton-variants ${ATTN_VARIANTS:-default dq-atomic tma pair} \
       --out "$work/attention_ab.json"
     # MLP_QUICK_LIMIT=0 leaves out the MLP quick table (when tma-ab's per-kernel table ran in the same lease)
     [ "${MLP_QUICK_LIMIT:-140}" -gt 0 ] && run "${MLP_QUICK_LIMIT:-140}" python3 benchmarks/bench_mlp_operator.py --quick \

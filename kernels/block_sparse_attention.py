@@ -34,6 +34,10 @@ Layout values (ranges, order, no repeats) are checked where a layout is built (`
 here: reading them is a host sync. The kernels clamp counts and block indices into the grid, so a
 layout that skipped the check can give wrong numbers but never reads outside q, k, v or the tables.
 
+With LONGEXPOSURE_BSA_PAIR=1 (opt-in, read per launch or per trace; `query_pair`) a forward program takes two query
+blocks as one 2 * BLOCK-row tile: the prefix both rows list alike runs unmasked, the rest of the union of their lists
+is merged in order with each block masked out of the half whose row does not list it.
+
 With LONGEXPOSURE_BSA_TMA=1 (opt-in, read per launch or per trace) the inner loops read the blocks they stream
 (K and V in the forward and dQ, Q and dO in dK/dV) through (B, H, S, D) tensor descriptors, strided heads
 included, where `kernels/descriptors.py` allows; pointer loads otherwise.
@@ -201,21 +205,65 @@ def _fwd_inner(
                 if CAUSAL:
                     ok = ok & (offs_n[None, :] <= offs_m[:, None])
                 qk = tl.where(ok, qk, float("-inf"))
-            # raw-score row max, scaled once per row, so the exponent below is one FMA per element
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-            alpha = tl.math.exp2(m_i - m_use)
-            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
-            m_i = m_new
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC: tl.constexpr):
+    """The online softmax over one tile of raw scores qk (masked entries -inf), and P V added into acc."""
+    # raw-score row max, scaled once per row, so the exponent below is one FMA per element
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_pair_inner(
+    acc, m_i, l_i, q, row0_ptr, row1_ptr, cnt0, cnt1, start, n, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S,
+    D, qk_scale, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr,
+    EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """A pair of query blocks (2 * BLOCK rows): `n` key blocks of the union of both rows' lists, merged in
+    increasing order from entry `start` of each list on. A block one row does not list is masked out of that
+    row's half of the tile, as are the element masks (causal diagonal, padding)."""
+    SUB: tl.constexpr = BLOCK // SPLIT
+    first_half = tl.arange(0, 2 * BLOCK) < BLOCK
+    i0 = start
+    i1 = start
+    for _ in range(0, n):
+        k0 = tl.load(row0_ptr + i0, mask=i0 < cnt0, other=2147483647)
+        k1 = tl.load(row1_ptr + i1, mask=i1 < cnt1, other=2147483647)
+        listed = tl.minimum(k0, k1)
+        in0 = k0 == listed
+        in1 = k1 == listed
+        i0 += in0.to(tl.int32)
+        i1 += in1.to(tl.int32)
+        kb = tl.minimum(tl.maximum(listed.to(tl.int64), 0), (S - 1) // BLOCK)  # clamped as in `_block_at`
+        row_ok = tl.where(first_half, in0, in1)
+        for t in tl.static_range(SPLIT):
+            n0 = kb * BLOCK + t * SUB
+            k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+            v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+            qk = _dot(q, tl.trans(k), DOT_PREC)
+            offs_n = n0 + tl.arange(0, SUB)
+            ok = (offs_n[None, :] < L) & row_ok[:, None]
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None])
+            qk = tl.where(ok, qk, float("-inf"))
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC)
     return acc, m_i, l_i
 
 
 # ---------------------------------------------------------------------------------------- forward
 
 
-@triton.autotune(configs=autotune_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=autotune_configs("fwd"), key=[*_KEY, "PAIR"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bsa_fwd_kernel(
     q_ptr,  # (B, H, S, D)
@@ -232,10 +280,13 @@ def _bsa_fwd_kernel(
     D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NKP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
     SPLIT: tl.constexpr,
+    PAIR: tl.constexpr,  # query blocks per program: 1, or 2 (a 2 * BLOCK-row tile over the union of two rows)
+    EVEN_Q: tl.constexpr,  # S is a multiple of PAIR * BLOCK: the query tile needs no row mask
 ):
     pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass Python floats as fp64
-    qb = NQ - 1 - pid // BH  # heaviest (last) query blocks first
+    ROWS: tl.constexpr = PAIR * BLOCK
+    qb = (tl.cdiv(NQ, PAIR) - 1 - pid // BH) * PAIR  # the tile's first query block; heaviest (last) tiles first
     bh = pid % BH
     b = bh // H
     h = bh % H
@@ -244,9 +295,9 @@ def _bsa_fwd_kernel(
         L = tl.load(lens_ptr + b).to(tl.int64)
     else:
         L = S
-    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_m = qb * BLOCK + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(q_ptr + b * sqb + h * sqh, qb * BLOCK, sqs, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, qb * BLOCK, sqs, offs_d, S, D, ROWS, EVEN_Q, EVEN_D)
 
     cnt = _row_count(kv_cnt_ptr + b * scb + h * sch + qb * scr, NQ)
     cnt = tl.where(qb * BLOCK < L, cnt, 0)  # a fully padded query block does nothing
@@ -255,21 +306,44 @@ def _bsa_fwd_kernel(
     lim = L // BLOCK
     if CAUSAL:
         lim = tl.minimum(lim, qb)
-    n_full = tl.sum((_row_entries(row_ptr, cnt, NKP) < lim).to(tl.int32), 0)
+    entries = _row_entries(row_ptr, cnt, NKP)
 
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
     k_src = _heads(k_ptr, b, h, skb, skh, sks, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
     v_src = _heads(v_ptr, b, h, svb, svh, svs, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
-    acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, row_ptr, 0, n_full, k_src, v_src, b, h, sks, svs, offs_m, offs_d, qb, L, S, D, qk_scale,
-        BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
-    )
-    acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, row_ptr, n_full, cnt, k_src, v_src, b, h, sks, svs, offs_m, offs_d, qb, L, S, D, qk_scale,
-        BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
-    )
+    if PAIR == 1:
+        n_full = tl.sum((entries < lim).to(tl.int32), 0)
+        acc, m_i, l_i = _fwd_inner(
+            acc, m_i, l_i, q, row_ptr, 0, n_full, k_src, v_src, b, h, sks, svs, offs_m, offs_d, qb, L, S, D,
+            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
+        )
+        acc, m_i, l_i = _fwd_inner(
+            acc, m_i, l_i, q, row_ptr, n_full, cnt, k_src, v_src, b, h, sks, svs, offs_m, offs_d, qb, L, S, D,
+            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
+        )
+    else:
+        # the second row (none past the grid: its count is 0 and its table row is the first one's)
+        has1 = (qb + 1 < NQ) & ((qb + 1) * BLOCK < L)
+        qb1 = tl.minimum(qb + 1, NQ - 1)
+        cnt1 = tl.where(has1, _row_count(kv_cnt_ptr + b * scb + h * sch + qb1 * scr, NQ), 0)
+        row1_ptr = kv_idx_ptr + b * sib + h * sih + qb1 * sir
+        entries1 = _row_entries(row1_ptr, cnt1, NKP)
+        pos = tl.arange(0, NKP)
+        # the longest prefix both rows list alike, below the first row's diagonal and the padding: full tiles, no
+        # mask (all of a causal dense pair but its last two blocks); the rest of the union merged, masked per half
+        both = tl.min(tl.where((entries != entries1) | (entries >= lim), pos, NKP), 0)
+        common = tl.sum(tl.sum(((entries[:, None] == entries1[None, :]) & (pos[:, None] < cnt)).to(tl.int32), 1), 0)
+        acc, m_i, l_i = _fwd_inner(
+            acc, m_i, l_i, q, row_ptr, 0, both, k_src, v_src, b, h, sks, svs, offs_m, offs_d, qb, L, S, D,
+            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
+        )
+        acc, m_i, l_i = _fwd_pair_inner(
+            acc, m_i, l_i, q, row_ptr, row1_ptr, cnt, cnt1, both, cnt + cnt1 - common - both, k_src, v_src, b, h,
+            sks, svs, offs_m, offs_d, L, S, D, qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, DOT_PREC,
+            USE_TMA,
+        )
     # a row that saw a NaN score has l_i = NaN: it stays live, so O is NaN as in dense attention (only a
     # row with no visible key, l_i = 0, or a padded row gets O = 0)
     live = ((l_i > 0.0) | (l_i != l_i)) & (offs_m < L)
@@ -277,8 +351,8 @@ def _bsa_fwd_kernel(
     o = tl.where(live[:, None], o, 0.0)
     lse = tl.where(live, m_i + tl.math.log2(tl.where(live, l_i, 1.0)), float("inf"))
     o_base = o_ptr + b * sob + h * soh
-    _store_tile(o_base, o.to(o_ptr.dtype.element_ty), qb * BLOCK, sos, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
-    if EVEN_S:
+    _store_tile(o_base, o.to(o_ptr.dtype.element_ty), qb * BLOCK, sos, offs_d, S, D, ROWS, EVEN_Q, EVEN_D)
+    if EVEN_Q:
         tl.store(lse_ptr + bh * S + offs_m, lse)
     else:
         tl.store(lse_ptr + bh * S + offs_m, lse, mask=offs_m < S)
@@ -658,6 +732,18 @@ def dq_mode() -> str:
     return "pass" if torch.are_deterministic_algorithms_enabled() else mode
 
 
+def query_pair() -> int:
+    """Query blocks per forward program: LONGEXPOSURE_BSA_PAIR=1 (opt-in, read per launch or per trace) gives 2, a
+    2 * block-row tile (128 rows at block 64: K and V loaded once for both rows) over the union of the two rows'
+    lists, each block masked out of the half whose row does not list it; 1 (default) otherwise. The pair costs
+    compute where adjacent rows list different blocks (random layouts) and saves loads where they agree (causal
+    dense, local windows)."""
+    value = os.environ.get("LONGEXPOSURE_BSA_PAIR", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"LONGEXPOSURE_BSA_PAIR={value!r}: expected '0' or '1'")
+    return 2 if value == "1" else 1
+
+
 def _check_block(block: int) -> None:
     if not isinstance(block, int) or block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
@@ -707,14 +793,15 @@ def block_sparse_attention_fwd(
     _check_lens(seq_lens, bsz, q.device)
     o = torch.empty_like(q)
     lse = torch.empty((bsz, heads, seq), device=q.device, dtype=torch.float32)
-    grid = (nq * bsz * heads,)
+    pair = query_pair()
+    grid = (triton.cdiv(nq, pair) * bsz * heads,)
     _launch(_bsa_fwd_kernel)[grid](
         q, k, v, o, lse, kv_counts, kv_indices, seq_lens if seq_lens is not None else kv_counts,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         *_layout_strides(kv_counts), *_layout_strides(kv_indices),
         heads, bsz * heads, seq, nq, scale * math.log2(math.e),
         NKP=max(16, triton.next_power_of_2(nq)), CAUSAL=causal, HAS_LENS=seq_lens is not None,
-        USE_TMA=_use_tma(k, v), **_meta(q, block, scale),
+        USE_TMA=_use_tma(k, v), PAIR=pair, EVEN_Q=seq % (pair * block) == 0, **_meta(q, block, scale),
     )
     return o, lse
 

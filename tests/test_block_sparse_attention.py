@@ -168,6 +168,42 @@ def test_atomic_dq_equals_the_dq_pass_and_leaves_dk_dv_alone():
         assert torch.all(dq_a[b, h, r * 16 : (r + 1) * 16] == 0)
 
 
+@given(**CASES)
+@example(  # causal, every block listed, an odd number of query blocks: the last pair has one row
+    block=16, n=3, trim=0, batch=1, heads=2, head_dim=32, dtype="float32", causal=True, pattern="all",
+    density=1.0, ragged=False, broadcast="none", seed=4,
+)
+@example(  # a pair whose rows list different blocks, one row empty, padding inside the second row of a pair
+    block=16, n=4, trim=9, batch=2, heads=1, head_dim=24, dtype="float32", causal=True, pattern="empty-row",
+    density=0.5, ragged=True, broadcast="heads", seed=5,
+)
+def test_query_pairs_match_reference(
+    block, n, trim, batch, heads, head_dim, dtype, causal, pattern, density, ragged, broadcast, seed
+):
+    """LONGEXPOSURE_BSA_PAIR=1: each forward program takes two query blocks (a 2 * block-row tile) over the union of
+    their lists, masking a block out of the half whose row does not list it; the backward is unchanged."""
+    seq = max(1, n * block - min(trim, block - 1))
+    launched = []
+
+    class Spy(K._Launch):  # records (kernel, grid, PAIR) of every launch
+        def __getitem__(self, grid):
+            run = super().__getitem__(grid)
+            return lambda *a, **kw: launched.append((self.kernel, grid, kw.get("PAIR"))) or run(*a, **kw)
+
+    with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_PAIR": "1"}), mock.patch.object(K, "_launch", Spy):
+        run_case(batch, heads, seq, head_dim, block, dtype, causal, pattern, density, ragged, broadcast, seed)
+    ((grid, pair),) = [(g, p) for kernel, g, p in launched if kernel is K._bsa_fwd_kernel]
+    query_blocks = -(-seq // block)
+    assert pair == 2 and grid == ((query_blocks + 1) // 2 * batch * heads,)
+
+
+def test_query_pair_switch_is_checked():
+    with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_PAIR": "2"}), pytest.raises(
+        ValueError, match="LONGEXPOSURE_BSA_PAIR='2': expected '0' or '1'"
+    ):
+        K.query_pair()
+
+
 @contextlib.contextmanager
 def descriptor_loads():
     """LONGEXPOSURE_BSA_TMA=1 inside; yields the decisions the launches made (True: descriptors)."""

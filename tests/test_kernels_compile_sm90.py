@@ -40,13 +40,16 @@ CASES = {
     f"attention {name} tma={tma}": ("block_sparse_attention", kernel, {**ATTENTION, **extra, "USE_TMA": tma}, 4, 3)
     for tma in (False, True)
     for name, kernel, extra in (
-        ("fwd", "_bsa_fwd_kernel", {"NKP": 16}),
+        ("fwd", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 1, "EVEN_Q": False}),
+        # LONGEXPOSURE_BSA_PAIR=1: two query blocks per program (128-row tiles at block 64)
+        ("fwd pair", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 2, "EVEN_Q": False}),
         ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16}),
         ("dkdv", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": False}),
         ("dkdv dq-atomic", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": True}),
     )
 }
-for _name, _kernel, _extra in (("fwd", "_bsa_fwd_kernel", {"NKP": 16}), ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16}),
+for _name, _kernel, _extra in (("fwd", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 1, "EVEN_Q": False}),
+                               ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16}),
                                ("dkdv dq-atomic", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": True})):
     # half-height tiles at block 64 (64 x 32), autotune candidates since 2026-12-05, with 8 warps
     CASES[f"attention {_name} split=2 tma=True"] = (
