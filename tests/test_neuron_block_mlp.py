@@ -304,16 +304,25 @@ def test_relu_boundary_pre_activation_exactly_zero():
             torch.testing.assert_close(g, r, rtol=0, atol=0, msg=f"grad {name}")
 
 
-@pytest.mark.parametrize("trainable", ["frozen", "bitfit", "lora", "full"])
-def test_gradients_only_for_what_requires_grad(trainable):
-    """Frozen weights get no gradient (None, no buffer); the trainable ones match the reference."""
-    p = make_problem(5, 29, 32, 4, 32, torch.float32, requires_grad=False, lora=trainable == "lora")
-    wanted = {"frozen": ["x"], "bitfit": ["x", "fc1_bias", "fc2_bias"],
-              "lora": ["x", "fc1_lora_a", "fc1_lora_b", "fc2_lora_a", "fc2_lora_b"],
-              "full": ["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"]}[trainable]
+TRAINABLE = {"frozen": ["x"], "bitfit": ["x", "fc1_bias", "fc2_bias"],
+             "lora": ["x", "fc1_lora_a", "fc1_lora_b", "fc2_lora_a", "fc2_lora_b"],
+             "full": ["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"]}
+
+
+def train(p: Problem, trainable: str) -> list[str]:
+    """Make the leaves of a fine-tuning method require grad (the others stay frozen); returns their names."""
+    wanted = TRAINABLE[trainable]
     for name, t in zip(NAMES, p.leaves(), strict=True):
         if t is not None and name in wanted:
             t.requires_grad_(True)
+    return wanted
+
+
+@pytest.mark.parametrize("trainable", list(TRAINABLE))
+def test_gradients_only_for_what_requires_grad(trainable):
+    """Frozen weights get no gradient (None, no buffer); the trainable ones match the reference."""
+    p = make_problem(5, 29, 32, 4, 32, torch.float32, requires_grad=False, lora=trainable == "lora")
+    wanted = train(p, trainable)
     l1, l2 = _loras(p)
     y = neuron_block_mlp(p.x, p.ids, p.w1, p.b1, p.w2, p.b2, block_size=p.block, fc1_lora=l1, fc2_lora=l2)
     y.backward(p.dy)
@@ -354,12 +363,7 @@ def test_backward_keeps_activations_only_for_the_gradients_that_read_them(traina
     for fc1's weight gradient (a frozen MLP keeps 1/16 of an fp16 h, fig7's memory at the paper order). With LoRA
     on fc1, x is saved by torch's own product x A1^T, not by the op."""
     p = make_problem(12, 33, 32, 4, 16, torch.float16, requires_grad=False, lora=trainable == "lora")
-    wanted = {"frozen": ["x"], "bitfit": ["x", "fc1_bias", "fc2_bias"],
-              "lora": ["x", "fc1_lora_a", "fc1_lora_b", "fc2_lora_a", "fc2_lora_b"],
-              "full": ["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"]}[trainable]
-    for name, t in zip(NAMES, p.leaves(), strict=True):
-        if t is not None and name in wanted:
-            t.requires_grad_(True)
+    train(p, trainable)
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = neuron_block_mlp(p.x, p.ids, p.w1, p.b1, p.w2, p.b2, block_size=p.block, fc1_lora=_loras(p)[0],
