@@ -34,9 +34,9 @@ Layout values (ranges, order, no repeats) are checked where a layout is built (`
 here: reading them is a host sync. The kernels clamp counts and block indices into the grid, so a
 layout that skipped the check can give wrong numbers but never reads outside q, k, v or the tables.
 
-With LONGEXPOSURE_BSA_PAIR=1 (opt-in, read per launch or per trace; `query_pair`) a forward program takes two query
-blocks as one 2 * BLOCK-row tile: the prefix both rows list alike runs unmasked, the rest of the union of their lists
-is merged in order with each block masked out of the half whose row does not list it.
+With LONGEXPOSURE_BSA_PAIR=1 (opt-in, read per launch or per trace; `query_pair`) a forward or dQ program takes two
+query blocks as one 2 * BLOCK-row tile: the prefix both rows list alike runs unmasked, the rest of the union of their
+lists is merged in order with each block masked out of the half whose row does not list it.
 
 With LONGEXPOSURE_BSA_TMA=1 (opt-in, read per launch or per trace) the inner loops read the blocks they stream
 (K and V in the forward and dQ, Q and dO in dK/dV) through (B, H, S, D) tensor descriptors, strided heads
@@ -232,31 +232,59 @@ def _fwd_pair_inner(
     increasing order from entry `start` of each list on. A block one row does not list is masked out of that
     row's half of the tile, as are the element masks (causal diagonal, padding)."""
     SUB: tl.constexpr = BLOCK // SPLIT
-    first_half = tl.arange(0, 2 * BLOCK) < BLOCK
     i0 = start
     i1 = start
     for _ in range(0, n):
-        k0 = tl.load(row0_ptr + i0, mask=i0 < cnt0, other=2147483647)
-        k1 = tl.load(row1_ptr + i1, mask=i1 < cnt1, other=2147483647)
-        listed = tl.minimum(k0, k1)
-        in0 = k0 == listed
-        in1 = k1 == listed
-        i0 += in0.to(tl.int32)
-        i1 += in1.to(tl.int32)
-        kb = tl.minimum(tl.maximum(listed.to(tl.int64), 0), (S - 1) // BLOCK)  # clamped as in `_block_at`
-        row_ok = tl.where(first_half, in0, in1)
+        kb, row_ok, i0, i1 = _merge_next(row0_ptr, row1_ptr, i0, i1, cnt0, cnt1, S, BLOCK)
         for t in tl.static_range(SPLIT):
             n0 = kb * BLOCK + t * SUB
             k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
             v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
             qk = _dot(q, tl.trans(k), DOT_PREC)
-            offs_n = n0 + tl.arange(0, SUB)
-            ok = (offs_n[None, :] < L) & row_ok[:, None]
-            if CAUSAL:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None])
-            qk = tl.where(ok, qk, float("-inf"))
+            qk = tl.where(_pair_mask(row_ok, offs_m, n0 + tl.arange(0, SUB), L, CAUSAL), qk, float("-inf"))
             acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _pair_rows(kv_cnt_ptr, kv_idx_ptr, b, h, scb, sch, scr, sib, sih, sir, qb, NQ, L, lim, cnt, entries,
+               BLOCK: tl.constexpr, NKP: tl.constexpr):
+    """The second row of a query-block pair (qb, qb + 1) and how to walk the union of their lists: (its list
+    pointer, its count, the length of the prefix both rows list alike below `lim` (no mask needed there), how many
+    union entries follow it). Past the grid the second row is empty and points at the first row's table."""
+    has1 = (qb + 1 < NQ) & ((qb + 1) * BLOCK < L)
+    qb1 = tl.minimum(qb + 1, NQ - 1)
+    cnt1 = tl.where(has1, _row_count(kv_cnt_ptr + b * scb + h * sch + qb1 * scr, NQ), 0)
+    row1_ptr = kv_idx_ptr + b * sib + h * sih + qb1 * sir
+    entries1 = _row_entries(row1_ptr, cnt1, NKP)
+    pos = tl.arange(0, NKP)
+    both = tl.min(tl.where((entries != entries1) | (entries >= lim), pos, NKP), 0)
+    common = tl.sum(tl.sum(((entries[:, None] == entries1[None, :]) & (pos[:, None] < cnt)).to(tl.int32), 1), 0)
+    return row1_ptr, cnt1, both, cnt + cnt1 - common - both
+
+
+@triton.jit
+def _merge_next(row0_ptr, row1_ptr, i0, i1, cnt0, cnt1, S, BLOCK: tl.constexpr):
+    """The next block of the union of two sorted lists (clamped into the grid as `_block_at` does), which half of a
+    2 * BLOCK-row tile may see it (a (2 * BLOCK,) mask), and both lists' positions after it."""
+    k0 = tl.load(row0_ptr + i0, mask=i0 < cnt0, other=2147483647)
+    k1 = tl.load(row1_ptr + i1, mask=i1 < cnt1, other=2147483647)
+    listed = tl.minimum(k0, k1)
+    in0 = k0 == listed
+    in1 = k1 == listed
+    kb = tl.minimum(tl.maximum(listed.to(tl.int64), 0), (S - 1) // BLOCK)
+    row_ok = tl.where(tl.arange(0, 2 * BLOCK) < BLOCK, in0, in1)
+    return kb, row_ok, i0 + in0.to(tl.int32), i1 + in1.to(tl.int32)
+
+
+@triton.jit
+def _pair_mask(row_ok, offs_m, offs_n, L, CAUSAL: tl.constexpr):
+    """Which (query, key) entries of a pair's tile count: the key inside the length, the row's half listing the
+    block, and (causal) the key not after the query."""
+    ok = (offs_n[None, :] < L) & row_ok[:, None]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None])
+    return ok
 
 
 # ---------------------------------------------------------------------------------------- forward
@@ -324,25 +352,17 @@ def _bsa_fwd_kernel(
             qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
         )
     else:
-        # the second row (none past the grid: its count is 0 and its table row is the first one's)
-        has1 = (qb + 1 < NQ) & ((qb + 1) * BLOCK < L)
-        qb1 = tl.minimum(qb + 1, NQ - 1)
-        cnt1 = tl.where(has1, _row_count(kv_cnt_ptr + b * scb + h * sch + qb1 * scr, NQ), 0)
-        row1_ptr = kv_idx_ptr + b * sib + h * sih + qb1 * sir
-        entries1 = _row_entries(row1_ptr, cnt1, NKP)
-        pos = tl.arange(0, NKP)
-        # the longest prefix both rows list alike, below the first row's diagonal and the padding: full tiles, no
-        # mask (all of a causal dense pair but its last two blocks); the rest of the union merged, masked per half
-        both = tl.min(tl.where((entries != entries1) | (entries >= lim), pos, NKP), 0)
-        common = tl.sum(tl.sum(((entries[:, None] == entries1[None, :]) & (pos[:, None] < cnt)).to(tl.int32), 1), 0)
+        # the prefix both rows list alike, below the first row's diagonal and the padding: full tiles, no mask (all
+        # of a causal dense pair but its last two blocks); then the rest of the union, merged, masked per half
+        row1_ptr, cnt1, both, rest = _pair_rows(kv_cnt_ptr, kv_idx_ptr, b, h, scb, sch, scr, sib, sih, sir, qb, NQ,
+                                                L, lim, cnt, entries, BLOCK, NKP)
         acc, m_i, l_i = _fwd_inner(
             acc, m_i, l_i, q, row_ptr, 0, both, k_src, v_src, b, h, sks, svs, offs_m, offs_d, qb, L, S, D,
             qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
         )
         acc, m_i, l_i = _fwd_pair_inner(
-            acc, m_i, l_i, q, row_ptr, row1_ptr, cnt, cnt1, both, cnt + cnt1 - common - both, k_src, v_src, b, h,
-            sks, svs, offs_m, offs_d, L, S, D, qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, DOT_PREC,
-            USE_TMA,
+            acc, m_i, l_i, q, row_ptr, row1_ptr, cnt, cnt1, both, rest, k_src, v_src, b, h, sks, svs, offs_m, offs_d,
+            L, S, D, qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, DOT_PREC, USE_TMA,
         )
     # a row that saw a NaN score has l_i = NaN: it stays live, so O is NaN as in dense attention (only a
     # row with no visible key, l_i = 0, or a padded row gets O = 0)
@@ -530,7 +550,33 @@ def _dq_inner(
     return dq
 
 
-@triton.autotune(configs=autotune_configs("bwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _dq_pair_inner(
+    dq, q, do, lse, delta, row0_ptr, row1_ptr, cnt0, cnt1, start, n, k_src, v_src, b, h, sks, svs, offs_m, offs_d,
+    L, S, D, qk_scale, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr,
+    EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """dQ of a pair of query blocks over the union of their lists, as `_fwd_pair_inner` walks it."""
+    SUB: tl.constexpr = BLOCK // SPLIT
+    i0 = start
+    i1 = start
+    for _ in range(0, n):
+        kb, row_ok, i0, i1 = _merge_next(row0_ptr, row1_ptr, i0, i1, cnt0, cnt1, S, BLOCK)
+        for t in tl.static_range(SPLIT):
+            n0 = kb * BLOCK + t * SUB
+            k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+            v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+            qk = _dot(q, tl.trans(k), DOT_PREC)
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+            p = tl.where(_pair_mask(row_ok, offs_m, n0 + tl.arange(0, SUB), L, CAUSAL), p, 0.0)
+            dp = _dot(do, tl.trans(v), DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, DOT_PREC)
+    return dq
+
+
+@triton.autotune(configs=autotune_configs("bwd"), key=[*_KEY, "PAIR"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bsa_bwd_dq_kernel(
     q_ptr,  # (B, H, S, D)
@@ -549,11 +595,14 @@ def _bsa_bwd_dq_kernel(
     D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NKP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
     SPLIT: tl.constexpr,
+    PAIR: tl.constexpr,  # query blocks per program, as in the forward (LONGEXPOSURE_BSA_PAIR)
+    EVEN_Q: tl.constexpr,  # S is a multiple of PAIR * BLOCK
 ):
     pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)
     sm_scale = tl.cast(sm_scale, tl.float32)
-    qb = NQ - 1 - pid // BH
+    ROWS: tl.constexpr = PAIR * BLOCK
+    qb = (tl.cdiv(NQ, PAIR) - 1 - pid // BH) * PAIR
     bh = pid % BH
     b = bh // H
     h = bh % H
@@ -562,11 +611,11 @@ def _bsa_bwd_dq_kernel(
         L = tl.load(lens_ptr + b).to(tl.int64)
     else:
         L = S
-    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_m = qb * BLOCK + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(q_ptr + b * sqb + h * sqh, qb * BLOCK, sqs, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
-    do = _load_tile(do_ptr + b * sdb + h * sdh, qb * BLOCK, sds, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
-    if EVEN_S:
+    q = _load_tile(q_ptr + b * sqb + h * sqh, qb * BLOCK, sqs, offs_d, S, D, ROWS, EVEN_Q, EVEN_D)
+    do = _load_tile(do_ptr + b * sdb + h * sdh, qb * BLOCK, sds, offs_d, S, D, ROWS, EVEN_Q, EVEN_D)
+    if EVEN_Q:
         lse = tl.load(lse_ptr + bh * S + offs_m)
         delta = tl.load(delta_ptr + bh * S + offs_m)
     else:
@@ -579,22 +628,35 @@ def _bsa_bwd_dq_kernel(
     lim = L // BLOCK
     if CAUSAL:
         lim = tl.minimum(lim, qb)
-    n_full = tl.sum((_row_entries(row_ptr, cnt, NKP) < lim).to(tl.int32), 0)
+    entries = _row_entries(row_ptr, cnt, NKP)
 
-    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
     k_src = _heads(k_ptr, b, h, skb, skh, sks, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
     v_src = _heads(v_ptr, b, h, svb, svh, svs, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
-    dq = _dq_inner(
-        dq, q, do, lse, delta, row_ptr, 0, n_full, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
-        BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
-    )
-    dq = _dq_inner(
-        dq, q, do, lse, delta, row_ptr, n_full, cnt, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
-        BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
-    )
+    if PAIR == 1:
+        n_full = tl.sum((entries < lim).to(tl.int32), 0)
+        dq = _dq_inner(
+            dq, q, do, lse, delta, row_ptr, 0, n_full, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
+            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
+        )
+        dq = _dq_inner(
+            dq, q, do, lse, delta, row_ptr, n_full, cnt, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
+            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
+        )
+    else:  # as the forward walks a pair
+        row1_ptr, cnt1, both, rest = _pair_rows(kv_cnt_ptr, kv_idx_ptr, b, h, scb, sch, scr, sib, sih, sir, qb, NQ,
+                                                L, lim, cnt, entries, BLOCK, NKP)
+        dq = _dq_inner(
+            dq, q, do, lse, delta, row_ptr, 0, both, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
+            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
+        )
+        dq = _dq_pair_inner(
+            dq, q, do, lse, delta, row_ptr, row1_ptr, cnt, cnt1, both, rest, k_src, v_src, b, h, sks, svs, offs_m,
+            offs_d, L, S, D, qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, DOT_PREC, USE_TMA,
+        )
     dq = dq * sm_scale
     dq_base = dq_ptr + b * sdqb + h * sdqh
-    _store_tile(dq_base, dq.to(dq_ptr.dtype.element_ty), qb * BLOCK, sdqs, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+    _store_tile(dq_base, dq.to(dq_ptr.dtype.element_ty), qb * BLOCK, sdqs, offs_d, S, D, ROWS, EVEN_Q, EVEN_D)
 
 
 # ----------------------------------------------------------------------------------- layout union
@@ -733,8 +795,8 @@ def dq_mode() -> str:
 
 
 def query_pair() -> int:
-    """Query blocks per forward program: LONGEXPOSURE_BSA_PAIR=1 (opt-in, read per launch or per trace) gives 2, a
-    2 * block-row tile (128 rows at block 64: K and V loaded once for both rows) over the union of the two rows'
+    """Query blocks per forward and dQ program: LONGEXPOSURE_BSA_PAIR=1 (opt-in, read per launch or per trace) gives
+    2, a 2 * block-row tile (128 rows at block 64: K and V loaded once for both rows) over the union of the two rows'
     lists, each block masked out of the half whose row does not list it; 1 (default) otherwise. The pair costs
     compute where adjacent rows list different blocks (random layouts) and saves loads where they agree (causal
     dense, local windows)."""
@@ -862,12 +924,14 @@ def block_sparse_attention_bwd(
     if atomic:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty_like(q)
-    _launch(_bsa_bwd_dq_kernel)[grid](
+    pair = query_pair()
+    _launch(_bsa_bwd_dq_kernel)[(triton.cdiv(nq, pair) * bsz * heads,)](
         q, k, v, do, lse, delta, dq, kv_counts, kv_indices, lens,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
         *_layout_strides(kv_counts), *_layout_strides(kv_indices),
         heads, bsz * heads, seq, nq, scale, scale * math.log2(math.e),
-        NKP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, USE_TMA=_use_tma(k, v), **meta,
+        NKP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, USE_TMA=_use_tma(k, v), PAIR=pair,
+        EVEN_Q=seq % (pair * block) == 0, **meta,
     )
     return dq, dk, dv
 

@@ -180,8 +180,8 @@ def test_atomic_dq_equals_the_dq_pass_and_leaves_dk_dv_alone():
 def test_query_pairs_match_reference(
     block, n, trim, batch, heads, head_dim, dtype, causal, pattern, density, ragged, broadcast, seed
 ):
-    """LONGEXPOSURE_BSA_PAIR=1: each forward program takes two query blocks (a 2 * block-row tile) over the union of
-    their lists, masking a block out of the half whose row does not list it; the backward is unchanged."""
+    """LONGEXPOSURE_BSA_PAIR=1: each forward and dQ program takes two query blocks (a 2 * block-row tile) over the
+    union of their lists, masking a block out of the half whose row does not list it; dK/dV is unchanged."""
     seq = max(1, n * block - min(trim, block - 1))
     launched = []
 
@@ -192,9 +192,10 @@ def test_query_pairs_match_reference(
 
     with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_PAIR": "1"}), mock.patch.object(K, "_launch", Spy):
         run_case(batch, heads, seq, head_dim, block, dtype, causal, pattern, density, ragged, broadcast, seed)
-    ((grid, pair),) = [(g, p) for kernel, g, p in launched if kernel is K._bsa_fwd_kernel]
     query_blocks = -(-seq // block)
-    assert pair == 2 and grid == ((query_blocks + 1) // 2 * batch * heads,)
+    for kernel in (K._bsa_fwd_kernel, K._bsa_bwd_dq_kernel):
+        ((grid, pair),) = [(g, p) for k, g, p in launched if k is kernel]
+        assert pair == 2 and grid == ((query_blocks + 1) // 2 * batch * heads,)
 
 
 def test_query_pair_switch_is_checked():

@@ -43,13 +43,14 @@ CASES = {
         ("fwd", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 1, "EVEN_Q": False}),
         # LONGEXPOSURE_BSA_PAIR=1: two query blocks per program (128-row tiles at block 64)
         ("fwd pair", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 2, "EVEN_Q": False}),
-        ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16}),
+        ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16, "PAIR": 1, "EVEN_Q": False}),
+        ("dq pair", "_bsa_bwd_dq_kernel", {"NKP": 16, "PAIR": 2, "EVEN_Q": False}),
         ("dkdv", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": False}),
         ("dkdv dq-atomic", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": True}),
     )
 }
 for _name, _kernel, _extra in (("fwd", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 1, "EVEN_Q": False}),
-                               ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16}),
+                               ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16, "PAIR": 1, "EVEN_Q": False}),
                                ("dkdv dq-atomic", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": True})):
     # half-height tiles at block 64 (64 x 32), autotune candidates since 2026-12-05, with 8 warps
     CASES[f"attention {_name} split=2 tma=True"] = (

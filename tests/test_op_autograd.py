@@ -140,6 +140,8 @@ def compiled_kernels() -> dict[str, dict[str, int]]:
         mlp_tma = joint_graph(mlp, mlp_inputs, tma)
     with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_TMA": "1"}), hopper:
         attention_tma = joint_graph(attention, attention_inputs, tma)
+    with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_PAIR": "1"}):
+        attention_pair = joint_graph(attention, attention_inputs, lambda args: f" pair={args.get('PAIR', '-')}")
     persistent = lambda args: " persistent" if args.get("PERSISTENT") else ""
     with mock.patch.dict(os.environ, {"LONGEXPOSURE_PERSISTENT": "1"}), \
             mock.patch.object(mlp_kernels, "_programs", lambda _: 132):
@@ -154,6 +156,7 @@ def compiled_kernels() -> dict[str, dict[str, int]]:
         "attention": joint_graph(attention, attention_inputs),
         "attention, atomic dQ": atomic,
         "attention, LONGEXPOSURE_BSA_TMA=1": attention_tma,
+        "attention, LONGEXPOSURE_BSA_PAIR=1": attention_pair,
     }
 
 
@@ -181,6 +184,9 @@ def test_compiled_graph_holds_every_kernel_of_both_directions():
         # the three kernels that stream blocks read them through descriptors when traced too
         "attention, LONGEXPOSURE_BSA_TMA=1": {"_bsa_fwd_kernel tma=1": 1, "_bsa_bwd_delta_kernel": 1,
                                               "_bsa_bwd_dkdv_kernel tma=1": 1, "_bsa_bwd_dq_kernel tma=1": 1},
+        # query pairs reach traced launches: the forward and the dQ pass take two query blocks per program
+        "attention, LONGEXPOSURE_BSA_PAIR=1": {"_bsa_fwd_kernel pair=2": 1, "_bsa_bwd_delta_kernel pair=-": 1,
+                                               "_bsa_bwd_dkdv_kernel pair=-": 1, "_bsa_bwd_dq_kernel pair=2": 1},
     }
 
 
