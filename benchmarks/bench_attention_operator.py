@@ -26,7 +26,7 @@ diagonal blocks is not subtracted.
 Triton variants (`--triton-variants`, issue 21's opt-in switches, read per launch): `default`; `dq-atomic`
 (LONGEXPOSURE_BSA_DQ=atomic: dQ added by the dK/dV kernel, FlashAttention-2's structure, no dQ pass); `tma`
 (LONGEXPOSURE_BSA_TMA=1: the inner loops read their blocks through tensor descriptors); `dq-atomic+tma`; `pair`
-(LONGEXPOSURE_BSA_PAIR=1: two query blocks per forward and dQ program, a 128-row tile at block 64). Each
+(LONGEXPOSURE_BSA_PAIR=1: two layout blocks per program, 128-row query / key tiles at block 64). Each
 runs in correctness, compile and timing alike, its rows labelled `triton (<variant>)`, all timed against the
 same sdpa row; the summary gives each variant's backward and forward time over the default's.
 

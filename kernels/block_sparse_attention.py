@@ -36,7 +36,8 @@ layout that skipped the check can give wrong numbers but never reads outside q, 
 
 With LONGEXPOSURE_BSA_PAIR=1 (opt-in, read per launch or per trace; `query_pair`) a forward or dQ program takes two
 query blocks as one 2 * BLOCK-row tile: the prefix both rows list alike runs unmasked, the rest of the union of their
-lists is merged in order with each block masked out of the half whose row does not list it.
+lists is merged in order with each block masked out of the half whose row does not list it. A dK/dV program likewise
+takes two key blocks over the union of their columns (the suffix both list alike, past the diagonals, unmasked).
 
 With LONGEXPOSURE_BSA_TMA=1 (opt-in, read per launch or per trace) the inner loops read the blocks they stream
 (K and V in the forward and dQ, Q and dO in dK/dV) through (B, H, S, D) tensor descriptors, strided heads
@@ -309,7 +310,7 @@ def _bsa_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
     SPLIT: tl.constexpr,
     PAIR: tl.constexpr,  # query blocks per program: 1, or 2 (a 2 * BLOCK-row tile over the union of two rows)
-    EVEN_Q: tl.constexpr,  # S is a multiple of PAIR * BLOCK: the query tile needs no row mask
+    EVEN_TILE: tl.constexpr,  # S is a multiple of PAIR * BLOCK: the resident query tile needs no row mask
 ):
     pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass Python floats as fp64
@@ -325,7 +326,7 @@ def _bsa_fwd_kernel(
         L = S
     offs_m = qb * BLOCK + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(q_ptr + b * sqb + h * sqh, qb * BLOCK, sqs, offs_d, S, D, ROWS, EVEN_Q, EVEN_D)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, qb * BLOCK, sqs, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
 
     cnt = _row_count(kv_cnt_ptr + b * scb + h * sch + qb * scr, NQ)
     cnt = tl.where(qb * BLOCK < L, cnt, 0)  # a fully padded query block does nothing
@@ -371,8 +372,8 @@ def _bsa_fwd_kernel(
     o = tl.where(live[:, None], o, 0.0)
     lse = tl.where(live, m_i + tl.math.log2(tl.where(live, l_i, 1.0)), float("inf"))
     o_base = o_ptr + b * sob + h * soh
-    _store_tile(o_base, o.to(o_ptr.dtype.element_ty), qb * BLOCK, sos, offs_d, S, D, ROWS, EVEN_Q, EVEN_D)
-    if EVEN_Q:
+    _store_tile(o_base, o.to(o_ptr.dtype.element_ty), qb * BLOCK, sos, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
+    if EVEN_TILE:
         tl.store(lse_ptr + bh * S + offs_m, lse)
     else:
         tl.store(lse_ptr + bh * S + offs_m, lse, mask=offs_m < S)
@@ -418,40 +419,79 @@ def _dkdv_inner(
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    SUB: tl.constexpr = BLOCK // SPLIT  # query rows per tile
+    every_key = offs_n >= 0
     for j in range(lo, hi):
         qb = _block_at(col_ptr, j, S, BLOCK)
-        for t in tl.static_range(SPLIT):
-            m0 = qb * BLOCK + t * SUB
-            offs_m = m0 + tl.arange(0, SUB)
-            q = _load_rows(q_src, b, h, m0, sqs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-            do = _load_rows(do_src, b, h, m0, sds, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-            if EVEN_S:
-                lse = tl.load(lse_base + offs_m)
-                delta = tl.load(delta_base + offs_m)
-            else:
-                lse = tl.load(lse_base + offs_m, mask=offs_m < S, other=float("inf"))
-                delta = tl.load(delta_base + offs_m, mask=offs_m < S, other=0.0)
-            qk_t = _dot(k, tl.trans(q), DOT_PREC)  # (keys, queries)
-            p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # padded query rows have lse = +inf -> 0
-            if MASKED:
-                ok = offs_n[:, None] < L
-                if CAUSAL:
-                    ok = ok & (offs_n[:, None] <= offs_m[None, :])
-                p_t = tl.where(ok, p_t, 0.0)
-            dv += _dot(p_t.to(do.dtype), do, DOT_PREC)
-            dp_t = _dot(v, tl.trans(do), DOT_PREC)
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-            dk += _dot(ds_t, q, DOT_PREC)
-            if DQ_ATOMIC:  # this tile's share of dQ = s dS K, added into the fp32 accumulator
-                dq = _dot(tl.trans(ds_t), k, DOT_PREC) * sm_scale
-                ptrs = dq_base + offs_m[:, None] * sdqs + offs_d[None, :]
-                tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < S) & (offs_d[None, :] < D), sem="relaxed")
+        dk, dv = _dkdv_block(
+            dk, dv, k, v, qb, every_key, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n,
+            offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC,
+            DQ_ATOMIC, USE_TMA,
+        )
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_pair_inner(
+    dk, dv, k, v, col0_ptr, col1_ptr, cnt0, cnt1, n, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds,
+    sdqs, offs_n, offs_d, L, S, D, qk_scale, sm_scale,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """dK/dV of a pair of key blocks over the first `n` blocks of the union of their query lists (the first cnt0 and
+    cnt1 entries), merged in order; a query block one column does not list is masked out of that column's keys."""
+    i0 = cnt0 * 0
+    i1 = cnt1 * 0
+    for _ in range(0, n):
+        qb, keep, i0, i1 = _merge_next(col0_ptr, col1_ptr, i0, i1, cnt0, cnt1, S, BLOCK)
+        dk, dv = _dkdv_block(
+            dk, dv, k, v, qb, keep, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n,
+            offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC,
+            DQ_ATOMIC, USE_TMA,
+        )
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_block(
+    dk, dv, k, v, qb, keep, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n, offs_d, L, S,
+    D, qk_scale, sm_scale,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Query block qb (in SPLIT tiles) against the resident keys: dK, dV (and, DQ_ATOMIC, dQ) shares. MASKED: only
+    the `keep` keys (a (keys,) mask) inside the length, and (causal) not after the query, count."""
+    SUB: tl.constexpr = BLOCK // SPLIT  # query rows per tile
+    for t in tl.static_range(SPLIT):
+        m0 = qb * BLOCK + t * SUB
+        offs_m = m0 + tl.arange(0, SUB)
+        q = _load_rows(q_src, b, h, m0, sqs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+        do = _load_rows(do_src, b, h, m0, sds, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+        if EVEN_S:
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        else:
+            lse = tl.load(lse_base + offs_m, mask=offs_m < S, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=offs_m < S, other=0.0)
+        qk_t = _dot(k, tl.trans(q), DOT_PREC)  # (keys, queries)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # padded query rows have lse = +inf -> 0
+        if MASKED:
+            ok = (offs_n[:, None] < L) & keep[:, None]
+            if CAUSAL:
+                ok = ok & (offs_n[:, None] <= offs_m[None, :])
+            p_t = tl.where(ok, p_t, 0.0)
+        dv += _dot(p_t.to(do.dtype), do, DOT_PREC)
+        dp_t = _dot(v, tl.trans(do), DOT_PREC)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += _dot(ds_t, q, DOT_PREC)
+        if DQ_ATOMIC:  # this tile's share of dQ = s dS K, added into the fp32 accumulator
+            dq = _dot(tl.trans(ds_t), k, DOT_PREC) * sm_scale
+            ptrs = dq_base + offs_m[:, None] * sdqs + offs_d[None, :]
+            tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < S) & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
 # the atomic dQ accumulates: autotune trials start it from zero (and so does the chosen config's run)
-@triton.autotune(configs=autotune_configs("bwd"), key=[*_KEY, "DQ_ATOMIC"], reset_to_zero=["dq_acc_ptr"],
+@triton.autotune(configs=autotune_configs("bwd"), key=[*_KEY, "DQ_ATOMIC", "PAIR"], reset_to_zero=["dq_acc_ptr"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
@@ -473,11 +513,15 @@ def _bsa_bwd_dkdv_kernel(
     D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NQP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
     SPLIT: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    PAIR: tl.constexpr,  # key blocks per program (LONGEXPOSURE_BSA_PAIR): 2, a 2 * BLOCK-key tile over both columns
+    EVEN_TILE: tl.constexpr,  # S is a multiple of PAIR * BLOCK: the resident key tile needs no row mask
 ):
     pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)
     sm_scale = tl.cast(sm_scale, tl.float32)
-    kb = pid // BH  # causal: the first key blocks have the most query blocks
+    ROWS: tl.constexpr = PAIR * BLOCK
+    NK = tl.cdiv(S, BLOCK)
+    kb = pid // BH * PAIR  # the tile's first key block; causal: the first key blocks have the most query blocks
     bh = pid % BH
     b = bh // H
     h = bh % H
@@ -486,41 +530,71 @@ def _bsa_bwd_dkdv_kernel(
         L = tl.load(lens_ptr + b).to(tl.int64)
     else:
         L = S
-    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+    offs_n = kb * BLOCK + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(k_ptr + b * skb + h * skh, kb * BLOCK, sks, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
-    v = _load_tile(v_ptr + b * svb + h * svh, kb * BLOCK, svs, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+    k = _load_tile(k_ptr + b * skb + h * skh, kb * BLOCK, sks, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
+    v = _load_tile(v_ptr + b * svb + h * svh, kb * BLOCK, svs, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
 
-    cnt = _row_count(q_cnt_ptr + b * scb + h * sch + kb * scr, tl.cdiv(S, BLOCK))
+    cnt = _row_count(q_cnt_ptr + b * scb + h * sch + kb * scr, NK)
     cnt = tl.where(kb * BLOCK < L, cnt, 0)
     col_ptr = q_idx_ptr + b * sib + h * sih + kb * sir
-    # masked blocks form a prefix: the causal diagonal (and anything above it), or the whole column
-    # when this key block crosses the valid length
-    if CAUSAL:  # noqa: SIM108
-        n_masked = tl.sum((_row_entries(col_ptr, cnt, NQP) <= kb).to(tl.int32), 0)
-    else:
-        n_masked = 0
-    n_masked = tl.where((kb + 1) * BLOCK > L, cnt, n_masked)
 
-    dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dk = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    dv = tl.zeros([ROWS, BLOCK_D], tl.float32)
     q_src = _heads(q_ptr, b, h, sqb, sqh, sqs, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
     do_src = _heads(do_ptr, b, h, sdb, sdh, sds, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
     dq_base = dq_acc_ptr + b * sab + h * sah
-    dk, dv = _dkdv_inner(
-        dk, dv, k, v, col_ptr, 0, n_masked, q_src, do_src, b, h, lse_ptr + bh * S, delta_ptr + bh * S, dq_base, sqs,
-        sds, sas, offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True,
-        DOT_PREC, DQ_ATOMIC, USE_TMA,
-    )
-    dk, dv = _dkdv_inner(
-        dk, dv, k, v, col_ptr, n_masked, cnt, q_src, do_src, b, h, lse_ptr + bh * S, delta_ptr + bh * S, dq_base,
-        sqs, sds, sas, offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL,
-        False, DOT_PREC, DQ_ATOMIC, USE_TMA,
-    )
+    lse_base, delta_base = lse_ptr + bh * S, delta_ptr + bh * S
+    if PAIR == 1:
+        # masked blocks form a prefix: the causal diagonal (and anything above it), or the whole column
+        # when this key block crosses the valid length
+        if CAUSAL:  # noqa: SIM108
+            n_masked = tl.sum((_row_entries(col_ptr, cnt, NQP) <= kb).to(tl.int32), 0)
+        else:
+            n_masked = 0
+        n_masked = tl.where((kb + 1) * BLOCK > L, cnt, n_masked)
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, col_ptr, 0, n_masked, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sas,
+            offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True,
+            DOT_PREC, DQ_ATOMIC, USE_TMA,
+        )
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, col_ptr, n_masked, cnt, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sas,
+            offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False,
+            DOT_PREC, DQ_ATOMIC, USE_TMA,
+        )
+    else:
+        # the second column (empty past the grid or the length, pointing at the first column's table)
+        has1 = (kb + 1 < NK) & ((kb + 1) * BLOCK < L)
+        kb1 = tl.minimum(kb + 1, NK - 1)
+        cnt1 = tl.where(has1, _row_count(q_cnt_ptr + b * scb + h * sch + kb1 * scr, NK), 0)
+        col1_ptr = q_idx_ptr + b * sib + h * sih + kb1 * sir
+        pos = tl.arange(0, NQP)
+        # unmasked: the suffix both columns list alike, past both diagonals (causal), with both key blocks inside
+        # the length; everything before it is the union of the two columns' other entries, merged and masked
+        last0 = tl.load(col_ptr + cnt - 1 - pos, mask=pos < cnt, other=-1)
+        last1 = tl.load(col1_ptr + cnt1 - 1 - pos, mask=pos < cnt1, other=-2)
+        differ = (last0 != last1) | (pos >= cnt) | (pos >= cnt1)
+        if CAUSAL:
+            differ = differ | (last0 <= kb + 1)
+        suffix = tl.min(tl.where(differ, pos, NQP), 0)
+        suffix = tl.where((kb + 2) * BLOCK > L, 0, suffix)
+        entries, entries1 = _row_entries(col_ptr, cnt, NQP), _row_entries(col1_ptr, cnt1, NQP)
+        common = tl.sum(tl.sum(((entries[:, None] == entries1[None, :]) & (pos[:, None] < cnt)).to(tl.int32), 1), 0)
+        dk, dv = _dkdv_pair_inner(
+            dk, dv, k, v, col_ptr, col1_ptr, cnt - suffix, cnt1 - suffix, cnt + cnt1 - common - suffix, q_src,
+            do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sas, offs_n, offs_d, L, S, D, qk_scale, sm_scale,
+            BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, DOT_PREC, DQ_ATOMIC, USE_TMA,
+        )
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, col_ptr, cnt - suffix, cnt, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds,
+            sas, offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False,
+            DOT_PREC, DQ_ATOMIC, USE_TMA,
+        )
     dk = dk * sm_scale
     dk_base, dv_base = dk_ptr + b * sdkb + h * sdkh, dv_ptr + b * sdvb + h * sdvh
-    _store_tile(dk_base, dk.to(dk_ptr.dtype.element_ty), kb * BLOCK, sdks, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
-    _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), kb * BLOCK, sdvs, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+    _store_tile(dk_base, dk.to(dk_ptr.dtype.element_ty), kb * BLOCK, sdks, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
+    _store_tile(dv_base, dv.to(dv_ptr.dtype.element_ty), kb * BLOCK, sdvs, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
 
 
 @triton.jit
@@ -596,7 +670,7 @@ def _bsa_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
     SPLIT: tl.constexpr,
     PAIR: tl.constexpr,  # query blocks per program, as in the forward (LONGEXPOSURE_BSA_PAIR)
-    EVEN_Q: tl.constexpr,  # S is a multiple of PAIR * BLOCK
+    EVEN_TILE: tl.constexpr,  # S is a multiple of PAIR * BLOCK
 ):
     pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -613,9 +687,9 @@ def _bsa_bwd_dq_kernel(
         L = S
     offs_m = qb * BLOCK + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(q_ptr + b * sqb + h * sqh, qb * BLOCK, sqs, offs_d, S, D, ROWS, EVEN_Q, EVEN_D)
-    do = _load_tile(do_ptr + b * sdb + h * sdh, qb * BLOCK, sds, offs_d, S, D, ROWS, EVEN_Q, EVEN_D)
-    if EVEN_Q:
+    q = _load_tile(q_ptr + b * sqb + h * sqh, qb * BLOCK, sqs, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
+    do = _load_tile(do_ptr + b * sdb + h * sdh, qb * BLOCK, sds, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
+    if EVEN_TILE:
         lse = tl.load(lse_ptr + bh * S + offs_m)
         delta = tl.load(delta_ptr + bh * S + offs_m)
     else:
@@ -656,7 +730,7 @@ def _bsa_bwd_dq_kernel(
         )
     dq = dq * sm_scale
     dq_base = dq_ptr + b * sdqb + h * sdqh
-    _store_tile(dq_base, dq.to(dq_ptr.dtype.element_ty), qb * BLOCK, sdqs, offs_d, S, D, ROWS, EVEN_Q, EVEN_D)
+    _store_tile(dq_base, dq.to(dq_ptr.dtype.element_ty), qb * BLOCK, sdqs, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
 
 
 # ----------------------------------------------------------------------------------- layout union
@@ -795,9 +869,10 @@ def dq_mode() -> str:
 
 
 def query_pair() -> int:
-    """Query blocks per forward and dQ program: LONGEXPOSURE_BSA_PAIR=1 (opt-in, read per launch or per trace) gives
-    2, a 2 * block-row tile (128 rows at block 64: K and V loaded once for both rows) over the union of the two rows'
-    lists, each block masked out of the half whose row does not list it; 1 (default) otherwise. The pair costs
+    """Layout blocks per program (query blocks in the forward and dQ, key blocks in dK/dV): LONGEXPOSURE_BSA_PAIR=1
+    (opt-in, read per launch or per trace) gives 2, a 2 * block-row tile (128 rows at block 64: each streamed block
+    loaded once for both) over the union of the two rows' (columns') lists, each block masked out of the half that
+    does not list it; 1 (default) otherwise. The pair costs
     compute where adjacent rows list different blocks (random layouts) and saves loads where they agree (causal
     dense, local windows)."""
     value = os.environ.get("LONGEXPOSURE_BSA_PAIR", "0")
@@ -863,7 +938,7 @@ def block_sparse_attention_fwd(
         *_layout_strides(kv_counts), *_layout_strides(kv_indices),
         heads, bsz * heads, seq, nq, scale * math.log2(math.e),
         NKP=max(16, triton.next_power_of_2(nq)), CAUSAL=causal, HAS_LENS=seq_lens is not None,
-        USE_TMA=_use_tma(k, v), PAIR=pair, EVEN_Q=seq % (pair * block) == 0, **_meta(q, block, scale),
+        USE_TMA=_use_tma(k, v), PAIR=pair, EVEN_TILE=seq % (pair * block) == 0, **_meta(q, block, scale),
     )
     return o, lse
 
@@ -913,25 +988,26 @@ def block_sparse_attention_bwd(
         D=meta["D"], BLOCK=block, BLOCK_D=meta["BLOCK_D"], EVEN_S=meta["EVEN_S"], ZERO_DQ=atomic,
     )
     pow2 = max(16, triton.next_power_of_2(nq))
-    _launch(_bsa_bwd_dkdv_kernel)[grid](
+    pair = query_pair()
+    _launch(_bsa_bwd_dkdv_kernel)[(triton.cdiv(nq, pair) * bsz * heads,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, q_counts, q_indices, lens,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         *dq_acc.stride()[:3], *_layout_strides(q_counts), *_layout_strides(q_indices),
         heads, bsz * heads, seq, scale, scale * math.log2(math.e),
         NQP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, DQ_ATOMIC=atomic,
-        USE_TMA=_use_tma(q, do), **meta,  # Q and dO stream past each key block
+        USE_TMA=_use_tma(q, do), PAIR=pair, EVEN_TILE=seq % (pair * block) == 0,
+        **meta,  # Q and dO stream past each key block
     )
     if atomic:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty_like(q)
-    pair = query_pair()
     _launch(_bsa_bwd_dq_kernel)[(triton.cdiv(nq, pair) * bsz * heads,)](
         q, k, v, do, lse, delta, dq, kv_counts, kv_indices, lens,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
         *_layout_strides(kv_counts), *_layout_strides(kv_indices),
         heads, bsz * heads, seq, nq, scale, scale * math.log2(math.e),
         NKP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, USE_TMA=_use_tma(k, v), PAIR=pair,
-        EVEN_Q=seq % (pair * block) == 0, **meta,
+        EVEN_TILE=seq % (pair * block) == 0, **meta,
     )
     return dq, dk, dv
 

@@ -181,7 +181,8 @@ def test_query_pairs_match_reference(
     block, n, trim, batch, heads, head_dim, dtype, causal, pattern, density, ragged, broadcast, seed
 ):
     """LONGEXPOSURE_BSA_PAIR=1: each forward and dQ program takes two query blocks (a 2 * block-row tile) over the
-    union of their lists, masking a block out of the half whose row does not list it; dK/dV is unchanged."""
+    union of their lists, masking a block out of the half whose row does not list it; each dK/dV program two key
+    blocks over the union of their columns."""
     seq = max(1, n * block - min(trim, block - 1))
     launched = []
 
@@ -193,9 +194,17 @@ def test_query_pairs_match_reference(
     with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_PAIR": "1"}), mock.patch.object(K, "_launch", Spy):
         run_case(batch, heads, seq, head_dim, block, dtype, causal, pattern, density, ragged, broadcast, seed)
     query_blocks = -(-seq // block)
-    for kernel in (K._bsa_fwd_kernel, K._bsa_bwd_dq_kernel):
+    for kernel in (K._bsa_fwd_kernel, K._bsa_bwd_dq_kernel, K._bsa_bwd_dkdv_kernel):
         ((grid, pair),) = [(g, p) for k, g, p in launched if k is kernel]
         assert pair == 2 and grid == ((query_blocks + 1) // 2 * batch * heads,)
+
+
+@pytest.mark.parametrize("causal, pattern, n, trim", [(True, "all", 5, 3), (False, "random", 4, 0),
+                                                     (True, "empty-row", 3, 7)])
+def test_pairs_with_dq_by_atomics_match_reference(causal, pattern, n, trim):
+    """LONGEXPOSURE_BSA_PAIR=1 with LONGEXPOSURE_BSA_DQ=atomic: the paired dK/dV kernel adds dQ for both key blocks."""
+    with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_PAIR": "1"}), dq_mode("atomic"):
+        run_case(2, 2, n * 16 - trim, 32, 16, "float32", causal, pattern, 0.5, True, "none", n)
 
 
 def test_query_pair_switch_is_checked():

@@ -40,18 +40,21 @@ CASES = {
     f"attention {name} tma={tma}": ("block_sparse_attention", kernel, {**ATTENTION, **extra, "USE_TMA": tma}, 4, 3)
     for tma in (False, True)
     for name, kernel, extra in (
-        ("fwd", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 1, "EVEN_Q": False}),
+        ("fwd", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 1, "EVEN_TILE": False}),
         # LONGEXPOSURE_BSA_PAIR=1: two query blocks per program (128-row tiles at block 64)
-        ("fwd pair", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 2, "EVEN_Q": False}),
-        ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16, "PAIR": 1, "EVEN_Q": False}),
-        ("dq pair", "_bsa_bwd_dq_kernel", {"NKP": 16, "PAIR": 2, "EVEN_Q": False}),
-        ("dkdv", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": False}),
-        ("dkdv dq-atomic", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": True}),
+        ("fwd pair", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 2, "EVEN_TILE": False}),
+        ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16, "PAIR": 1, "EVEN_TILE": False}),
+        ("dq pair", "_bsa_bwd_dq_kernel", {"NKP": 16, "PAIR": 2, "EVEN_TILE": False}),
+        ("dkdv", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": False, "PAIR": 1, "EVEN_TILE": False}),
+        ("dkdv dq-atomic", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": True, "PAIR": 1, "EVEN_TILE": False}),
+        ("dkdv pair", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": False, "PAIR": 2, "EVEN_TILE": False}),
+        ("dkdv dq-atomic pair", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": True, "PAIR": 2, "EVEN_TILE": False}),
     )
 }
-for _name, _kernel, _extra in (("fwd", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 1, "EVEN_Q": False}),
-                               ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16, "PAIR": 1, "EVEN_Q": False}),
-                               ("dkdv dq-atomic", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": True})):
+for _name, _kernel, _extra in (("fwd", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 1, "EVEN_TILE": False}),
+                               ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16, "PAIR": 1, "EVEN_TILE": False}),
+                               ("dkdv dq-atomic", "_bsa_bwd_dkdv_kernel",
+                                {"NQP": 16, "DQ_ATOMIC": True, "PAIR": 1, "EVEN_TILE": False})):
     # half-height tiles at block 64 (64 x 32), autotune candidates since 2026-12-05, with 8 warps
     CASES[f"attention {_name} split=2 tma=True"] = (
         "block_sparse_attention", _kernel, {**ATTENTION, **_extra, "SPLIT": 2, "USE_TMA": True}, 8, 2)
