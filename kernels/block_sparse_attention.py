@@ -188,26 +188,48 @@ def _row_entries(row_ptr, cnt, NKP: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(
-    acc, m_i, l_i, q, row_ptr, lo, hi, k_src, v_src, b, h, sks, svs, offs_m, offs_d, qb, L, S, D, qk_scale,
+    acc, m_i, l_i, q, row_ptr, lo, hi, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile: a listed block is visited in SPLIT tiles
+    every_row = offs_m >= 0
     for j in range(lo, hi):
         kb = _block_at(row_ptr, j, S, BLOCK)
-        for t in tl.static_range(SPLIT):
-            n0 = kb * BLOCK + t * SUB
-            k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-            v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-            qk = _dot(q, tl.trans(k), DOT_PREC)
-            if MASKED:
-                offs_n = n0 + tl.arange(0, SUB)
-                ok = offs_n[None, :] < L
-                if CAUSAL:
-                    ok = ok & (offs_n[None, :] <= offs_m[:, None])
-                qk = tl.where(ok, qk, float("-inf"))
-            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC)
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, q, kb, every_row, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale, BLOCK,
+            BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, USE_TMA,
+        )
     return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_block(
+    acc, m_i, l_i, q, kb, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Key block kb (in SPLIT tiles) against the resident queries: the online softmax and P V. MASKED: only the
+    `keep` queries (a (queries,) mask), keys inside the length and (causal) not after the query count."""
+    SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile: a listed block is visited in SPLIT tiles
+    for t in tl.static_range(SPLIT):
+        n0 = kb * BLOCK + t * SUB
+        k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+        v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+        qk = _dot(q, tl.trans(k), DOT_PREC)
+        if MASKED:
+            qk = tl.where(_tile_mask(keep, offs_m, n0 + tl.arange(0, SUB), L, CAUSAL), qk, float("-inf"))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _tile_mask(keep, offs_m, offs_n, L, CAUSAL: tl.constexpr):
+    """Which (query, key) entries of a tile count: the `keep` queries, keys inside the length and (causal) not after
+    the query."""
+    ok = (offs_n[None, :] < L) & keep[:, None]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None])
+    return ok
 
 
 @triton.jit
@@ -232,18 +254,14 @@ def _fwd_pair_inner(
     """A pair of query blocks (2 * BLOCK rows): `n` key blocks of the union of both rows' lists, merged in
     increasing order from entry `start` of each list on. A block one row does not list is masked out of that
     row's half of the tile, as are the element masks (causal diagonal, padding)."""
-    SUB: tl.constexpr = BLOCK // SPLIT
     i0 = start
     i1 = start
     for _ in range(0, n):
-        kb, row_ok, i0, i1 = _merge_next(row0_ptr, row1_ptr, i0, i1, cnt0, cnt1, S, BLOCK)
-        for t in tl.static_range(SPLIT):
-            n0 = kb * BLOCK + t * SUB
-            k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-            v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-            qk = _dot(q, tl.trans(k), DOT_PREC)
-            qk = tl.where(_pair_mask(row_ok, offs_m, n0 + tl.arange(0, SUB), L, CAUSAL), qk, float("-inf"))
-            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC)
+        kb, keep, i0, i1 = _merge_next(row0_ptr, row1_ptr, i0, i1, cnt0, cnt1, S, BLOCK)
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, q, kb, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale, BLOCK,
+            BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
+        )
     return acc, m_i, l_i
 
 
@@ -276,16 +294,6 @@ def _merge_next(row0_ptr, row1_ptr, i0, i1, cnt0, cnt1, S, BLOCK: tl.constexpr):
     kb = tl.minimum(tl.maximum(listed.to(tl.int64), 0), (S - 1) // BLOCK)
     row_ok = tl.where(tl.arange(0, 2 * BLOCK) < BLOCK, in0, in1)
     return kb, row_ok, i0 + in0.to(tl.int32), i1 + in1.to(tl.int32)
-
-
-@triton.jit
-def _pair_mask(row_ok, offs_m, offs_n, L, CAUSAL: tl.constexpr):
-    """Which (query, key) entries of a pair's tile count: the key inside the length, the row's half listing the
-    block, and (causal) the key not after the query."""
-    ok = (offs_n[None, :] < L) & row_ok[:, None]
-    if CAUSAL:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None])
-    return ok
 
 
 # ---------------------------------------------------------------------------------------- forward
@@ -345,11 +353,11 @@ def _bsa_fwd_kernel(
     if PAIR == 1:
         n_full = tl.sum((entries < lim).to(tl.int32), 0)
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, q, row_ptr, 0, n_full, k_src, v_src, b, h, sks, svs, offs_m, offs_d, qb, L, S, D,
+            acc, m_i, l_i, q, row_ptr, 0, n_full, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
             qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
         )
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, q, row_ptr, n_full, cnt, k_src, v_src, b, h, sks, svs, offs_m, offs_d, qb, L, S, D,
+            acc, m_i, l_i, q, row_ptr, n_full, cnt, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
             qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
         )
     else:
@@ -358,7 +366,7 @@ def _bsa_fwd_kernel(
         row1_ptr, cnt1, both, rest = _pair_rows(kv_cnt_ptr, kv_idx_ptr, b, h, scb, sch, scr, sib, sih, sir, qb, NQ,
                                                 L, lim, cnt, entries, BLOCK, NKP)
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, q, row_ptr, 0, both, k_src, v_src, b, h, sks, svs, offs_m, offs_d, qb, L, S, D,
+            acc, m_i, l_i, q, row_ptr, 0, both, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
             qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
         )
         acc, m_i, l_i = _fwd_pair_inner(
@@ -603,24 +611,11 @@ def _dq_inner(
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile
+    every_row = offs_m >= 0
     for j in range(lo, hi):
         kb = _block_at(row_ptr, j, S, BLOCK)
-        for t in tl.static_range(SPLIT):
-            n0 = kb * BLOCK + t * SUB
-            k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-            v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-            qk = _dot(q, tl.trans(k), DOT_PREC)
-            p = tl.math.exp2(qk * qk_scale - lse[:, None])
-            if MASKED:
-                offs_n = n0 + tl.arange(0, SUB)
-                ok = offs_n[None, :] < L
-                if CAUSAL:
-                    ok = ok & (offs_n[None, :] <= offs_m[:, None])
-                p = tl.where(ok, p, 0.0)
-            dp = _dot(do, tl.trans(v), DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, DOT_PREC)
+        dq = _dq_block(dq, q, do, lse, delta, kb, every_row, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
+                       qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, USE_TMA)
     return dq
 
 
@@ -631,21 +626,34 @@ def _dq_pair_inner(
     EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dQ of a pair of query blocks over the union of their lists, as `_fwd_pair_inner` walks it."""
-    SUB: tl.constexpr = BLOCK // SPLIT
     i0 = start
     i1 = start
     for _ in range(0, n):
-        kb, row_ok, i0, i1 = _merge_next(row0_ptr, row1_ptr, i0, i1, cnt0, cnt1, S, BLOCK)
-        for t in tl.static_range(SPLIT):
-            n0 = kb * BLOCK + t * SUB
-            k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-            v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-            qk = _dot(q, tl.trans(k), DOT_PREC)
-            p = tl.math.exp2(qk * qk_scale - lse[:, None])
-            p = tl.where(_pair_mask(row_ok, offs_m, n0 + tl.arange(0, SUB), L, CAUSAL), p, 0.0)
-            dp = _dot(do, tl.trans(v), DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, DOT_PREC)
+        kb, keep, i0, i1 = _merge_next(row0_ptr, row1_ptr, i0, i1, cnt0, cnt1, S, BLOCK)
+        dq = _dq_block(dq, q, do, lse, delta, kb, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
+                       qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA)
+    return dq
+
+
+@triton.jit
+def _dq_block(
+    dq, q, do, lse, delta, kb, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Key block kb (in SPLIT tiles) against the resident queries: their dQ share (masks as in `_fwd_block`)."""
+    SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile
+    for t in tl.static_range(SPLIT):
+        n0 = kb * BLOCK + t * SUB
+        k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+        v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+        qk = _dot(q, tl.trans(k), DOT_PREC)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MASKED:
+            p = tl.where(_tile_mask(keep, offs_m, n0 + tl.arange(0, SUB), L, CAUSAL), p, 0.0)
+        dp = _dot(do, tl.trans(v), DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT_PREC)
     return dq
 
 
