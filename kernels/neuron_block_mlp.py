@@ -680,7 +680,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
     _launch(wrap, _sdd_kernel, grid, (
         a, w, dummy if e is None else e, dummy if lw is None else lw, dummy if bias is None else bias,
         dummy if mask is None else mask, out, dummy if skinny is None else skinny,
-        skinny_out, skinny_out if colsum_out is None else colsum_out, ids, count,
+        skinny_out, skinny_out if colsum_out is None else colsum_out, ids, count,  # no column sum: never written
         tokens, k, r, r2, _bucket(tokens), cap_cols, w.shape[0],
         a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         0 if e is None else e.stride(0), 0 if e is None else e.stride(1),
@@ -692,8 +692,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
     ), dict(
         BLOCK=block, HAS_LOW_RANK=e is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
         MASK_OUT=epilogue == 1 and mask is not None, HAS_SKINNY=skinny is not None,
-        HAS_COLSUM=colsum_out is not None, BR=_low_rank_block(r),
-        BR2=_low_rank_block(r2), **_flags(a.dtype),
+        HAS_COLSUM=colsum_out is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
         USE_TMA=_use_tma("sdd", a, w, traced=wrap is not _no_wrap), PERSISTENT=persistent,
     ), key=(a.dtype, _bucket(tokens), k, r, r2, cap_cols), even=("EVEN_K", k))
     return out

@@ -213,7 +213,7 @@ def neuron_block_mlp(
     if n_active is None:
         n_active = torch.full((1,), active_block_ids.numel(), dtype=torch.int32, device=x.device)
     y, _, v, _ = torch.ops.longexposure.neuron_block_mlp(x2, active_block_ids, n_active, fc1_weight, fc1_bias,
-                                                      fc2_weight, fc2_bias, block_size, u, b1lr, a2)
+                                                         fc2_weight, fc2_bias, block_size, u, b1lr, a2)
     if fc2_lora is not None:
         y = y + F.linear(v, fc2_lora.b) * fc2_lora.scaling
     return y.reshape(*lead, d_model)
