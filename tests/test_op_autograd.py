@@ -80,6 +80,32 @@ def test_block_sparse_attention_backward_is_the_registered_ops():
         assert_close(got, want, f"d{name}")
 
 
+def test_block_sparse_attention_takes_the_transposed_views_transformers_hands_it():
+    """transformers passes q, k, v as (B, H, S, D) views of (B, S, H, D) projections and takes the output back
+    to (B, S, H, D), so dO arrives as a transposed view too: the backward hands the kernels that view (they take
+    strides), with the gradients of the reference, and copies nothing."""
+    from longexposure.kernels import block_sparse_attention as kernels
+
+    gen = torch.Generator().manual_seed(4)
+    leaves = [torch.randn(2, 40, 3, 16, generator=gen).requires_grad_() for _ in range(3)]  # (B, S, H, D)
+    q, k, v = (t.transpose(1, 2) for t in leaves)
+    layout = BlockLayout.from_dense(torch.tril(torch.ones(3, 3, dtype=torch.bool)).expand(2, 3, 3, 3), 16)
+    seen, launch = [], kernels.block_sparse_attention_bwd
+
+    def record(do, *args, **kwargs):
+        seen.append((do.is_contiguous(), do.stride()))
+        return launch(do, *args, **kwargs)
+
+    with mock.patch.object(kernels, "block_sparse_attention_bwd", record):
+        out = block_sparse_attention(q, k, v, layout).transpose(1, 2).contiguous()
+        got = grads(out, leaves, 5)
+    ref = reference_attention(q, k, v, layout).transpose(1, 2).contiguous()
+    assert_close(out, ref, "o")
+    for name, g, w in zip("qkv", got, grads(ref, leaves, 5), strict=True):
+        assert_close(g, w, f"d{name}")
+    assert seen and not seen[0][0], f"dO was copied to (B, H, S, D) before the kernels: {seen}"
+
+
 def compiled_kernels() -> dict[str, dict[str, int]]:
     """Per op: how often each Triton kernel appears in AOTAutograd's joint forward+backward graph; with the
     descriptor switches on (a Hopper GPU assumed), counted by the kernels' USE_TMA constant."""
