@@ -876,17 +876,19 @@ def dq_mode() -> str:
     return "pass" if torch.are_deterministic_algorithms_enabled() else mode
 
 
-def query_pair() -> int:
+def query_pair(block: int) -> int:
     """Layout blocks per program (query blocks in the forward and dQ, key blocks in dK/dV): LONGEXPOSURE_BSA_PAIR=1
-    (opt-in, read per launch or per trace) gives 2, a 2 * block-row tile (128 rows at block 64: each streamed block
-    loaded once for both) over the union of the two rows' (columns') lists, each block masked out of the half that
-    does not list it; 1 (default) otherwise. The pair costs
-    compute where adjacent rows list different blocks (random layouts) and saves loads where they agree (causal
-    dense, local windows)."""
+    (opt-in, read per launch or per trace) gives 2 for blocks up to 64, a 2 * block-row tile (128 rows at block 64:
+    each streamed block loaded once for both) over the union of the two rows' (columns') lists, each block masked
+    out of the half that does not list it; 1 (default, and blocks of 128, whose 256-row pair tiles overflow shared
+    memory at head_dim 80-128) otherwise. The pair costs compute where adjacent rows list different blocks (random
+    layouts) and saves loads where they agree (causal dense, local windows). Timed on the H100 (ea9c963,
+    `artifacts/fig12_attention/h100_attn_ab_pair_ea9c963.md`, S 2048): 0.77x sdpa at 0% (default 0.72x fwd, both
+    0.77x bwd), but 0.86x / 1.54x at 50% / 80% (default 1.18x / 2.11x): opt-in."""
     value = os.environ.get("LONGEXPOSURE_BSA_PAIR", "0")
     if value not in ("0", "1"):
         raise ValueError(f"LONGEXPOSURE_BSA_PAIR={value!r}: expected '0' or '1'")
-    return 2 if value == "1" else 1
+    return 2 if value == "1" and block <= 64 else 1
 
 
 def _check_block(block: int) -> None:
@@ -938,7 +940,7 @@ def block_sparse_attention_fwd(
     _check_lens(seq_lens, bsz, q.device)
     o = torch.empty_like(q)
     lse = torch.empty((bsz, heads, seq), device=q.device, dtype=torch.float32)
-    pair = query_pair()
+    pair = query_pair(block)
     grid = (triton.cdiv(nq, pair) * bsz * heads,)
     _launch(_bsa_fwd_kernel)[grid](
         q, k, v, o, lse, kv_counts, kv_indices, seq_lens if seq_lens is not None else kv_counts,
@@ -996,7 +998,7 @@ def block_sparse_attention_bwd(
         D=meta["D"], BLOCK=block, BLOCK_D=meta["BLOCK_D"], EVEN_S=meta["EVEN_S"], ZERO_DQ=atomic,
     )
     pow2 = max(16, triton.next_power_of_2(nq))
-    pair = query_pair()
+    pair = query_pair(block)
     _launch(_bsa_bwd_dkdv_kernel)[(triton.cdiv(nq, pair) * bsz * heads,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, q_counts, q_indices, lens,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
