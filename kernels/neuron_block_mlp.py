@@ -158,6 +158,15 @@ def _sdd_boxes(acc, a_desc, w_desc, K, w_row, pid_m, BM: tl.constexpr, BK: tl.co
 
 
 @triton.jit
+def _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN: tl.constexpr):
+    """Pointers to a compact tile's BM x BN/8 bytes of ReLU bits (bit j of byte b is column 8b + j) and their mask,
+    for writing or reading them whole: a byte load per column took 8 one-byte loads per byte and made dZ 1.5x fc1's
+    time (206 vs 134 us, H100, ea9c963)."""
+    offs_b = pid_n.to(tl.int64) * (BN // 8) + tl.arange(0, BN // 8)
+    return m_ptr + offs_m[:, None] * stride_mm + offs_b[None, :], mask_m[:, None] & (offs_b < n_cols // 8)[None, :]
+
+
+@triton.jit
 def _sdd_tile(
     tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr,
     cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln,
@@ -217,11 +226,8 @@ def _sdd_tile(
     if EPILOGUE == 1:
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if EPILOGUE == 2:  # ReLU's backward: keep where the forward's bit is set
-        # the tile's BM x BN/8 bytes, each loaded once, then unpacked (bit j of byte b is column 8b + j): loading a
-        # byte per column took 8 one-byte loads per byte and made dZ 1.5x fc1's time (206 vs 134 us, H100, ea9c963)
-        offs_b = pid_n.to(tl.int64) * (BN // 8) + tl.arange(0, BN // 8)
-        packed = tl.load(m_ptr + offs_m[:, None] * stride_mm + offs_b[None, :],
-                         mask=mask_m[:, None] & (offs_b < n_cols // 8)[None, :], other=0)
+        bit_ptrs, bit_mask = _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN)
+        packed = tl.load(bit_ptrs, mask=bit_mask, other=0)
         unpacked = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
         acc = tl.where(tl.reshape(unpacked, (BM, BN)) == 0, 0.0, acc)
     out = acc.to(c_ptr.dtype.element_ty)
@@ -230,9 +236,8 @@ def _sdd_tile(
         # not (h <= 0) of the stored value, so NaN keeps its gradient as in torch's ReLU
         keep = ((out > 0) | (out != out)).to(tl.int32)
         packed = tl.sum(tl.reshape(keep, (BM, BN // 8, 8)) << tl.arange(0, 8)[None, None, :], axis=2)
-        offs_b = pid_n.to(tl.int64) * (BN // 8) + tl.arange(0, BN // 8)
-        tl.store(m_ptr + offs_m[:, None] * stride_mm + offs_b[None, :], packed.to(tl.uint8),
-                 mask=mask_m[:, None] & (offs_b < n_cols // 8)[None, :])
+        bit_ptrs, bit_mask = _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN)
+        tl.store(bit_ptrs, packed.to(tl.uint8), mask=bit_mask)
     if HAS_SKINNY:  # the LoRA product of this compact tile, summed over column tiles by fp32 atomics
         offs_r2 = tl.arange(0, BR2)
         mask_r2 = offs_r2 < R2
