@@ -1,7 +1,7 @@
 """GPU benchmark of the block-sparse attention operator (paper Fig. 12 left): sdpa vs flex vs triton.
 
-Goal: forward and backward time against block sparsity at B=4, H=32, D=64, S in {1024, 2048} (fp16), the
-layout-build time of the pattern pool, and the issue-4 targets. Hardware: one CUDA GPU (reported: H100).
+Goal: forward and backward time against block sparsity at B=4, H=32, D=64 (`--head-dims`: more), S in {1024, 2048}
+(fp16), the layout-build time of the pattern pool, and the issue-4 targets. Hardware: one CUDA GPU (reported: H100).
 Launch:
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_attention_operator.py --out artifacts/fig12_attention/<device>.json
@@ -226,17 +226,18 @@ def _time(fn, graph: bool) -> tuple[float, str]:
 
 def timings(device: torch.device, seqs: list[int], sparsities: list[float], backends: list[str], blocks: list[int],
             dtype: str, rows: list[dict], on_row=lambda: None,  # noqa: ANN001
-            names: tuple[str, ...] = ("default",)) -> list[dict]:
+            names: tuple[str, ...] = ("default",), head_dims: tuple[int, ...] = (64,)) -> list[dict]:
     """Appends one row per case to `rows` and calls `on_row()` after each (a cut-off run keeps its rows). Rows
     are labelled by `variants` (the triton backend once per variant)."""
     from longexposure.tasks.attention_operator import AttentionOperatorCase
 
-    cells = [(s, backend, label, env, block, sp)
-             for s in seqs for backend in backends for label, env in variants(backend, list(names))
+    cells = [(d, s, backend, label, env, block, sp)
+             for d in head_dims for s in seqs for backend in backends for label, env in variants(backend, list(names))
              for block in (blocks if backend == "triton" else blocks[:1])
              for sp in (sparsities if backend != "sdpa" else [0.0])]
-    for s, backend, label, env, block, sp in cells:
-        case = AttentionOperatorCase(backend=backend, seq_len=s, block=block, block_sparsity=sp, dtype=dtype)
+    for d, s, backend, label, env, block, sp in cells:
+        case = AttentionOperatorCase(backend=backend, seq_len=s, block=block, block_sparsity=sp, dtype=dtype,
+                                     head_dim=d)
         row = {"backend": label, "seq_len": s, "block": block, "block_sparsity": sp, "dtype": dtype,
                "batch": case.batch, "heads": case.heads, "head_dim": case.head_dim, "switches": env}
         with switches(env or {}):  # read per launch: graph captures record the variant's kernels
@@ -325,14 +326,20 @@ def _fit(xs: list[float], ys: list[float]) -> dict:
     return {"slope_ms_per_density": slope, "intercept_ms": icept, "r2": 1 - ss_res / ss_tot if ss_tot else math.nan}
 
 
+def _shape(r: dict) -> str:
+    """A row's sequence length (and head dim where it is not the paper's 64): the summary's key prefix."""
+    d = r.get("head_dim", 64)
+    return f"S={r['seq_len']}" + (f" D={d}" if d != 64 else "")
+
+
 def summarize(rows: list[dict], layout_rows: list[dict]) -> dict:
     out: dict = {}
-    for s in sorted({r["seq_len"] for r in rows}):
-        sdpa = next((r for r in rows if r["backend"] == "sdpa" and r["seq_len"] == s and "error" not in r), None)
+    for shape in sorted({_shape(r) for r in rows}):
+        sdpa = next((r for r in rows if r["backend"] == "sdpa" and _shape(r) == shape and "error" not in r), None)
         if sdpa is None:
             continue
         for r in rows:
-            if r["seq_len"] != s or r["backend"] == "sdpa" or "error" in r:
+            if _shape(r) != shape or r["backend"] == "sdpa" or "error" in r:
                 continue
             for phase in ("fwd", "bwd"):
                 for mode in ("graph", "eager"):
@@ -341,27 +348,27 @@ def summarize(rows: list[dict], layout_rows: list[dict]) -> dict:
                         r[f"{phase}_speedup_vs_sdpa_{mode}"] = sdpa[key] / r[key]
         for backend in sorted({r["backend"] for r in rows} - {"sdpa"}):
             for block in sorted({r["block"] for r in rows if r["backend"] == backend}):
-                sel = [r for r in rows if r["backend"] == backend and r["block"] == block and r["seq_len"] == s
+                sel = [r for r in rows if r["backend"] == backend and r["block"] == block and _shape(r) == shape
                        and "error" not in r]
                 for phase in ("fwd", "bwd"):
                     pts = [(r["density"], r[f"{phase}_ms_graph"]) for r in sel
                            if not math.isnan(r.get(f"{phase}_ms_graph", math.nan))]
                     fit = _fit([p[0] for p in pts], [p[1] for p in pts])
                     at = {r["block_sparsity"]: r.get(f"{phase}_speedup_vs_sdpa_graph") for r in sel}
-                    out[f"S={s} {backend} block={block} {phase}"] = {
+                    out[f"{shape} {backend} block={block} {phase}"] = {
                         "speedup_vs_sdpa_at_0": at.get(0.0), "at_0.5": at.get(0.5), "at_0.8": at.get(0.8),
                         "at_0.9": at.get(0.9),
                         **{f"linear_{k}": v for k, v in fit.items()},
                     }
     # the A/B of the switches: the default variant's time / the variant's, same cell (> 1: the variant is faster)
-    by_cell = {(r["seq_len"], r["block"], r["block_sparsity"], r["backend"]): r for r in rows
+    by_cell = {(_shape(r), r["block"], r["block_sparsity"], r["backend"]): r for r in rows
                if r["backend"].startswith("triton (") and "error" not in r}
-    for (s, block, sp, label), r in sorted(by_cell.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        default = by_cell.get((s, block, sp, "triton (default)"))
+    for (shape, block, sp, label), r in sorted(by_cell.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        default = by_cell.get((shape, block, sp, "triton (default)"))
         if default is None or r is default:
             continue
         for phase in ("fwd", "bwd"):
-            ab = out.setdefault(f"S={s} block={block} {phase}, default / {label} (graph)", {})
+            ab = out.setdefault(f"{shape} block={block} {phase}, default / {label} (graph)", {})
             ab[sp] = default[f"{phase}_ms_graph"] / r[f"{phase}_ms_graph"]
     if layout_rows:
         out["layout_build_us"] = {f"B={r['batch']} H={r['heads']}": {k: r[k] for k in r if k.endswith("us")}
@@ -371,16 +378,17 @@ def summarize(rows: list[dict], layout_rows: list[dict]) -> dict:
 
 def table(rows: list[dict]) -> str:
     times = [(p, m) for m in ("graph", "eager") for p in ("fwd", "bwd")]
-    head = ["S", "backend", "block", "sparsity", "density"]
+    head = ["S", "D", "backend", "block", "sparsity", "density"]
     head += [h for p, m in times for h in (f"{p} ms ({m})", "TFLOP/s")] + ["fwd x sdpa", "bwd x sdpa"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     f = lambda v, p=3: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['seq_len']} | {r['backend']} | {r['block']} | {r['block_sparsity']} | error: "
-                         f"{r['error'][:80]} " + "|" * (len(head) - 4))
+            lines.append(f"| {r['seq_len']} | {r.get('head_dim', 64)} | {r['backend']} | {r['block']} | "
+                         f"{r['block_sparsity']} | error: {r['error'][:80]} " + "|" * (len(head) - 5))
             continue
-        cells = [r["seq_len"], r["backend"], r["block"], r["block_sparsity"], f(r.get("density"), 2)]
+        cells = [r["seq_len"], r.get("head_dim", 64), r["backend"], r["block"], r["block_sparsity"],
+                 f(r.get("density"), 2)]
         for p, m in times:
             cells += [f(r.get(f"{p}_ms_{m}")), f(r.get(f"{p}_tflops_{m}"), 1)]
         cells += [f(r.get("fwd_speedup_vs_sdpa_graph"), 2), f(r.get("bwd_speedup_vs_sdpa_graph"), 2)]
@@ -396,6 +404,7 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["sdpa", "flex", "triton"])
     ap.add_argument("--blocks", type=int, nargs="+", default=[64, 128], help="layout blocks (flex uses the first)")
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64], help="timed head dims (each against its sdpa)")
     ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: correctness compile timing layout")
     ap.add_argument("--quick-check", action="store_true", help="4 correctness cases instead of 9")
     ap.add_argument("--triton-variants", nargs="+", default=list(TRITON_VARIANTS), choices=list(TRITON_VARIANTS),
@@ -426,7 +435,7 @@ def main() -> None:
     if "timing" not in args.skip:
         res["timings"] = []
         timings(device, args.seq, args.sparsities, args.backends, args.blocks, args.dtype, res["timings"], save,
-                names=tuple(args.triton_variants))
+                names=tuple(args.triton_variants), head_dims=tuple(args.head_dims))
     res["summary"] = summarize(res.get("timings", []), res.get("layout_build", []))
     save()
     md = table(res.get("timings", []))
