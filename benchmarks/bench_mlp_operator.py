@@ -240,11 +240,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def diagnose() -> dict:
+def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[float, ...] = (1.0, 0.62, 0.1),
+             persistent: bool = False) -> dict:
     """Per-kernel CUDA-graph times (and TFLOP/s) against the matching torch matmul, with pointer loads and with
     tensor descriptors (LONGEXPOSURE_TMA=1), at densities 1.0 / 0.62 / 0.1 (the first blocks: consecutive ids, as a
-    reordered layer's), and where the host time goes. (The persistent switch, LONGEXPOSURE_PERSISTENT=1, was timed
-    here until run 8: within 1% of one program per tile at density 1.0.)
+    reordered layer's), and where the host time goes. `persistent` adds descriptors with LONGEXPOSURE_PERSISTENT=1
+    (timed here until run 8, within 1% of one program per tile at density 1.0; again since sdd stores its tiles
+    through a descriptor, which lets a persistent program start its next tile while the store drains).
 
     Each density has its own capacity (ids of exactly its blocks), so each is tuned at its own count, once with the
     library's tile space and once with the space before 256-wide sdd / wgrad tiles (`large_tiles=False`); the
@@ -292,19 +294,20 @@ def diagnose() -> dict:
         return {name: str(kern.best_config) for name, kern in zip(("sdd", "dsd", "wgrad"), tuned, strict=True)
                 if getattr(kern, "best_config", None) is not None}
 
-    before = os.environ.get("LONGEXPOSURE_TMA")
-    for space in ("library", "small"):  # the library's tile space, then the one without 256-wide sdd / wgrad tiles
+    before = {name: os.environ.get(name) for name in ("LONGEXPOSURE_TMA", "LONGEXPOSURE_PERSISTENT")}
+    modes = {"": ("0", "0"), " tma": ("1", "0")} | ({" tma persistent": ("1", "1")} if persistent else {})
+    for space in spaces:  # the library's tile space, then the one without 256-wide sdd / wgrad tiles
         for kern in tuned:
             kern.configs = library_space[kern] if space == "library" or kern is k._dsd_kernel else \
                 k._autotune_configs(large_tiles=False)
             kern.cache.clear()
         k._CHOSEN.clear()
-        for density in (1.0, 0.62, 0.1):
+        for density in densities:
             n_cols = int(ffn // blk * density) * blk
             flop = 2.0 * t_ * d * n_cols  # every product here has this many
-            for tma in ("0", "1"):  # pointer loads, then tensor descriptors (LONGEXPOSURE_TMA, read per launch)
-                os.environ["LONGEXPOSURE_TMA"] = tma
-                label = f"{space} tiles, density {density}" + (" tma" if tma == "1" else "")
+            for suffix, (tma, persist) in modes.items():  # pointer loads, then descriptors (switches read per launch)
+                os.environ["LONGEXPOSURE_TMA"], os.environ["LONGEXPOSURE_PERSISTENT"] = tma, persist
+                label = f"{space} tiles, density {density}{suffix}"
                 out[label] = kernel_times(density)
                 out[label + " TFLOP/s"] = {
                     name: round(flop / ms / 1e9, 1) for name, ms in out[label].items() if not name.startswith("zeros")
@@ -317,10 +320,11 @@ def diagnose() -> dict:
         kern.configs = library_space[kern]
         kern.cache.clear()
     k._CHOSEN.clear()
-    if before is None:
-        os.environ.pop("LONGEXPOSURE_TMA")
-    else:
-        os.environ["LONGEXPOSURE_TMA"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = value
     built = build_case(MlpOperatorCase(backend="triton", density=0.1), "cuda")
     for _ in range(5):
         built.fwd()
@@ -344,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-queued", action="store_true", help="skip the GPU-only (queued) timings")
     ap.add_argument("--report", type=Path, help="re-print tables and draw the plot from an existing JSON")
     ap.add_argument("--diagnose", type=Path, help="per-kernel times and a host profile, written to this JSON")
+    ap.add_argument("--diagnose-spaces", nargs="+", default=["library", "small"], choices=["library", "small"],
+                    help="--diagnose: tile spaces (library: with 256-wide sdd / wgrad tiles; small: without)")
+    ap.add_argument("--diagnose-densities", type=float, nargs="+", default=[1.0, 0.62, 0.1])
+    ap.add_argument("--diagnose-persistent", action="store_true",
+                    help="--diagnose: also descriptors with LONGEXPOSURE_PERSISTENT=1")
     args = ap.parse_args(argv)
 
     if args.report:
@@ -362,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     if args.diagnose:
-        args.diagnose.write_text(json.dumps(diagnose(), indent=1))
+        args.diagnose.write_text(json.dumps(diagnose(tuple(args.diagnose_spaces), tuple(args.diagnose_densities),
+                                                     args.diagnose_persistent), indent=1))
         if not args.out:
             return 0
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

@@ -168,8 +168,8 @@ def _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN: tl.constexpr
 
 @triton.jit
 def _sdd_tile(
-    tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr,
-    cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln,
+    tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr,
+    o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln,
     stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK: tl.constexpr,
     HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, MASK_OUT: tl.constexpr,
     HAS_SKINNY: tl.constexpr, HAS_COLSUM: tl.constexpr,
@@ -231,7 +231,10 @@ def _sdd_tile(
         unpacked = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
         acc = tl.where(tl.reshape(unpacked, (BM, BN)) == 0, 0.0, acc)
     out = acc.to(c_ptr.dtype.element_ty)
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_c[None, :] * stride_cc, out, mask=mask_mc)
+    if USE_TMA:  # one bulk store of the tile, clipped to the tokens and the count by the descriptor's shape
+        c_desc.store([pid_m * BM, pid_n * BN], out)
+    else:
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_c[None, :] * stride_cc, out, mask=mask_mc)
     if MASK_OUT:  # ReLU's backward state, 8 columns a byte (bit j of byte c // 8 is column c with c % 8 == j):
         # not (h <= 0) of the stored value, so NaN keeps its gradient as in torch's ReLU
         keep = ((out > 0) | (out != out)).to(tl.int32)
@@ -289,7 +292,8 @@ def _sdd_kernel(
     BR2: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,  # main product through tensor descriptors when a column tile is inside one block
+    USE_TMA: tl.constexpr,  # main product through tensor descriptors where a tile's weight rows are consecutive; the
+    # compact output stored through one
     PERSISTENT: tl.constexpr,  # one program per SM walks the tiles (LONGEXPOSURE_PERSISTENT=1); else one per tile
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -307,20 +311,25 @@ def _sdd_kernel(
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1], block_shape=[BN, BK])
     else:  # unused
         a_desc, w_desc = a_ptr, w_ptr
+    if USE_TMA:  # bounded by the count (at least 1 wide: with a count of 0 no tile stores)
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[T, tl.maximum(n_cols, 1)], strides=[stride_cm, 1],
+                                           block_shape=[BM, BN])
+    else:
+        c_desc = c_ptr
     if PERSISTENT:  # the tiles up to the device-side count, as in dsd
         for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
             _sdd_tile(
-                tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr,
-                o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er,
-                stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om,
+                tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr,
+                s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em,
+                stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om,
                 stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2,
                 UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
             )
     else:
         _sdd_tile(
-            tl.program_id(0), num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, e_ptr, l_ptr, bias_ptr, m_ptr,
-            c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em,
-            stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr,
+            tl.program_id(0), num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, e_ptr, l_ptr, bias_ptr,
+            m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk,
+            stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr,
             stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2,
             UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
         )
@@ -703,7 +712,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
         BLOCK=block, HAS_LOW_RANK=e is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
         MASK_OUT=epilogue == 1 and mask is not None, HAS_SKINNY=skinny is not None,
         HAS_COLSUM=colsum_out is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
-        USE_TMA=_use_tma("sdd", a, w, traced=wrap is not _no_wrap), PERSISTENT=persistent,
+        USE_TMA=_use_tma("sdd", a, w, out, traced=wrap is not _no_wrap), PERSISTENT=persistent,
     ), key=(a.dtype, _bucket(tokens), k, r, r2, cap_cols), even=("EVEN_K", k))
     return out
 

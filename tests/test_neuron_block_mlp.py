@@ -200,6 +200,29 @@ def test_tensor_descriptor_path_matches_reference(monkeypatch, block, dtype, pat
     assert any(decided) or pattern == "empty", "the descriptor path must have run"
 
 
+@pytest.mark.parametrize("persistent", ["0", "1"])
+def test_descriptor_store_stops_at_the_count(monkeypatch, persistent):
+    """LONGEXPOSURE_TMA=1 stores sdd's compact tiles through a descriptor bounded by the device-side count: a tile
+    that runs past the count (3 blocks of 16 in 32-wide tiles) leaves the columns after it as they were (NaN here)."""
+    if not descriptors.has_tma(DEVICE):
+        pytest.skip(f"{DEVICE} has no TMA")
+    monkeypatch.setenv("LONGEXPOSURE_TMA", "1")
+    monkeypatch.setenv("LONGEXPOSURE_PERSISTENT", persistent)
+    decided = []
+    use_tma = K._use_tma
+    monkeypatch.setattr(K, "_use_tma", lambda *ops, **kw: decided.append(use_tma(*ops, **kw)) or decided[-1])
+    block, tokens, k = 16, 37, 48
+    gen = torch.Generator().manual_seed(3)
+    a, w = torch.randn(tokens, k, generator=gen).to(DEVICE), torch.randn(8 * block, k, generator=gen).to(DEVICE)
+    ids = torch.tensor([5, 1, 2, 0, 0, 0], dtype=torch.int32, device=DEVICE)  # 3 valid of a capacity of 6
+    out = torch.full((tokens, 6 * block), float("nan"), device=DEVICE)
+    K._launch_sdd(a, w, ids, torch.tensor([3], dtype=torch.int32, device=DEVICE), block, out=out)
+    rows = (ids[:3, None].long() * block + torch.arange(block, device=DEVICE)).flatten()
+    assert decided == [True]
+    assert_close(out[:, : 3 * block], torch.relu(a.double() @ w[rows].double().T).float(), "kept columns")
+    assert bool(out[:, 3 * block:].isnan().all()), "columns past the count were written"
+
+
 @settings(max_examples=12)
 @given(
     seed=st.integers(0, 2**16),
