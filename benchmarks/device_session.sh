@@ -6,6 +6,8 @@
 #   bash benchmarks/device_session.sh predictors # graph-step test with compiled predictors; predictor cost --compile
 #   bash benchmarks/device_session.sh tma        # MLP kernels with tensor descriptors: GPU test, per-kernel A/B
 #   bash benchmarks/device_session.sh tma-ab     # per-kernel pointer vs descriptor A/B first, then the GPU tests
+#   bash benchmarks/device_session.sh store-ab   # sdd's descriptor store: pointer / descriptors / + persistent per
+#                                                # kernel at densities 1.0 and 0.62, the GPU tests, attention at D 128
 #   bash benchmarks/device_session.sh switches-e2e  # fig7 compile + graph steps without / with E2E_SWITCHES (default
 #                                                # LONGEXPOSURE_TMA=1: the MLP's descriptors), two runs
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
@@ -55,7 +57,7 @@
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -106,6 +108,16 @@ case $stage in
     # check numbers, and autotuning every shape hypothesis draws ran past 180 s with no test done (H100, 1be31af)
     LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider \
       tests/test_neuron_block_mlp.py -k "descriptor or compile_traces or persistent"
+    ;;
+  store-ab)  # issue 21: sdd stores its tile through a descriptor since ec66ef2 (opt-in with LONGEXPOSURE_TMA); then
+    # fig7's step with it: E2E_SWITCHES="LONGEXPOSURE_TMA=sdd,dsd LONGEXPOSURE_PERSISTENT=1" ... switches-e2e
+    run "${AB_LIMIT:-150}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels_store.json" \
+      --diagnose-spaces library --diagnose-densities 1.0 0.62 --diagnose-persistent
+    LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-80}" python3 -m pytest -q -p no:cacheprovider \
+      tests/test_neuron_block_mlp.py -k "descriptor or persistent"
+    run "${ATTN_LIMIT:-150}" python3 benchmarks/bench_attention_operator.py --quick-check --skip compile layout \
+      correctness --backends sdpa triton --blocks 64 --sparsities 0 0.5 0.8 0.9 --triton-variants default \
+      --head-dims 128 --out "$work/attention_d128.json"
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
     # opt-in kernel switches in E2E_SWITCHES (default: the MLP kernels' per-kernel winners of fig12_mlp run 7,
