@@ -214,7 +214,7 @@ def test_descriptor_store_stops_at_the_count(monkeypatch, persistent):
     block, tokens, k = 16, 37, 48
     gen = torch.Generator().manual_seed(3)
     a, w = torch.randn(tokens, k, generator=gen).to(DEVICE), torch.randn(8 * block, k, generator=gen).to(DEVICE)
-    ids = torch.tensor([5, 1, 2, 0, 0, 0], dtype=torch.int32, device=DEVICE)  # 3 valid of a capacity of 6
+    ids = torch.tensor([1, 2, 5, 0, 0, 0], dtype=torch.int32, device=DEVICE)  # 3 valid of a capacity of 6
     out = torch.full((tokens, 6 * block), float("nan"), device=DEVICE)
     K._launch_sdd(a, w, ids, torch.tensor([3], dtype=torch.int32, device=DEVICE), block, out=out)
     rows = (ids[:3, None].long() * block + torch.arange(block, device=DEVICE)).flatten()
