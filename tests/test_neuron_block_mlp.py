@@ -174,6 +174,14 @@ def test_forward_and_every_gradient_match_reference(seed, tokens, d_units, block
     check_against_reference(p)
 
 
+def recorded_tma_decisions(monkeypatch) -> list[bool]:  # noqa: ANN001 - pytest's fixture
+    """Records each launch's descriptor decision (`_use_tma`), so a test can assert the descriptor path really ran."""
+    decided: list[bool] = []
+    use_tma = K._use_tma
+    monkeypatch.setattr(K, "_use_tma", lambda *ops, **kw: decided.append(use_tma(*ops, **kw)) or decided[-1])
+    return decided
+
+
 @pytest.mark.parametrize(
     "block, dtype, pattern, capacity",
     [
@@ -192,9 +200,7 @@ def test_tensor_descriptor_path_matches_reference(monkeypatch, block, dtype, pat
     """LONGEXPOSURE_TMA=1: the compact x neuron-major products read their operands through tensor
     descriptors (rows past the tokens load as zeros, and a past-count tail is never read)."""
     monkeypatch.setenv("LONGEXPOSURE_TMA", "1")
-    decided = []
-    use_tma = K._use_tma
-    monkeypatch.setattr(K, "_use_tma", lambda *ops, **kw: decided.append(use_tma(*ops, **kw)) or decided[-1])
+    decided = recorded_tma_decisions(monkeypatch)
     p = make_problem(5, 37, 48, 256 // block, block, dtype, pattern, capacity, lora=True, bias=True)
     check_against_reference(p)
     assert any(decided) or pattern == "empty", "the descriptor path must have run"
@@ -208,9 +214,7 @@ def test_descriptor_store_stops_at_the_count(monkeypatch, persistent):
         pytest.skip(f"{DEVICE} has no TMA")
     monkeypatch.setenv("LONGEXPOSURE_TMA", "1")
     monkeypatch.setenv("LONGEXPOSURE_PERSISTENT", persistent)
-    decided = []
-    use_tma = K._use_tma
-    monkeypatch.setattr(K, "_use_tma", lambda *ops, **kw: decided.append(use_tma(*ops, **kw)) or decided[-1])
+    decided = recorded_tma_decisions(monkeypatch)
     block, tokens, k = 16, 37, 48
     gen = torch.Generator().manual_seed(3)
     a, w = torch.randn(tokens, k, generator=gen).to(DEVICE), torch.randn(8 * block, k, generator=gen).to(DEVICE)
