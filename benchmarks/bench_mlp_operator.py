@@ -241,7 +241,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[float, ...] = (1.0, 0.62, 0.1),
-             persistent: bool = False) -> dict:
+             persistent: bool = False, scattered: bool = False, tokens: int = 2048) -> dict:
     """Per-kernel CUDA-graph times (and TFLOP/s) against the matching torch matmul, with pointer loads and with
     tensor descriptors (LONGEXPOSURE_TMA=1), at densities 1.0 / 0.62 / 0.1 (the first blocks: consecutive ids, as a
     reordered layer's), and where the host time goes. `persistent` adds descriptors with LONGEXPOSURE_PERSISTENT=1
@@ -250,7 +250,9 @@ def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[fl
 
     Each density has its own capacity (ids of exactly its blocks), so each is tuned at its own count, once with the
     library's tile space and once with the space before 256-wide sdd / wgrad tiles (`large_tiles=False`); the
-    config each kernel chose is printed beside its time."""
+    config each kernel chose is printed beside its time. `scattered` takes each density's blocks at random (sorted,
+    seed 0), as a layer in the paper's neuron order has them: sdd's tiles then gather their weight rows through
+    pointers, and the cuBLAS rows multiply the same blocks gathered beforehand. `tokens`: fig7's step has 4096."""
     import cProfile
     import io
     import pstats
@@ -258,9 +260,10 @@ def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[fl
     import triton.testing
     from longexposure.kernels import neuron_block_mlp as k
 
-    out = {}
     dev, dt = "cuda", torch.float16
-    t_, d, ffn, blk = 2048, 2048, 8192, 64
+    t_, d, ffn, blk = tokens, 2048, 8192, 64
+    out: dict = {"setup": {"tokens": t_, "d": d, "ffn": ffn, "block": blk,
+                           "ids": "sorted random blocks (seed 0)" if scattered else "the first blocks"}}
     g = lambda f: triton.testing.do_bench_cudagraph(f, rep=40, return_mode="median")
     x = torch.randn(t_, d, device=dev, dtype=dt)
     w1 = torch.randn(ffn, d, device=dev, dtype=dt) * d**-0.5
@@ -271,14 +274,19 @@ def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[fl
 
     def kernel_times(density: float) -> dict[str, float]:  # one density; every lambda is timed at once
         n = int(ffn // blk * density)
-        ids = torch.arange(n, device=dev, dtype=torch.int32)
+        if scattered:
+            pick = torch.randperm(ffn // blk, generator=torch.Generator().manual_seed(0))[:n].sort().values
+            ids = pick.to(device=dev, dtype=torch.int32)
+        else:
+            ids = torch.arange(n, device=dev, dtype=torch.int32)
         cnt = torch.tensor([n], device=dev, dtype=torch.int32)
         h = torch.empty(t_, n * blk, device=dev, dtype=dt)
         bits = k.relu_bits(t_, n * blk, dev)
         k._launch_sdd(x, w1, ids, cnt, blk, bias=b1, mask=bits, out=h)
         o = torch.empty(t_, d, device=dev, dtype=dt)
         gw = torch.zeros(ffn, d, device=dev, dtype=dt)
-        hc, w1c, w2c = h.contiguous(), w1[: n * blk].contiguous(), w2n[: n * blk].contiguous()
+        rows = (ids.long()[:, None] * blk + torch.arange(blk, device=dev)).flatten()
+        hc, w1c, w2c = h.contiguous(), w1[rows].contiguous(), w2n[rows].contiguous()
         return {
             "sdd fc1 (bias+relu+bits)": g(lambda: k._launch_sdd(x, w1, ids, cnt, blk, bias=b1, mask=bits, out=h)),
             "mm x@W1c^T": g(lambda: torch.mm(x, w1c.t())),
@@ -307,7 +315,7 @@ def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[fl
             flop = 2.0 * t_ * d * n_cols  # every product here has this many
             for suffix, (tma, persist) in modes.items():  # pointer loads, then descriptors (switches read per launch)
                 os.environ["LONGEXPOSURE_TMA"], os.environ["LONGEXPOSURE_PERSISTENT"] = tma, persist
-                label = f"{space} tiles, density {density}{suffix}"
+                label = f"{space} tiles, density {density}{' scattered' if scattered else ''}{suffix}"
                 out[label] = kernel_times(density)
                 out[label + " TFLOP/s"] = {
                     name: round(flop / ms / 1e9, 1) for name, ms in out[label].items() if not name.startswith("zeros")
@@ -353,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--diagnose-densities", type=float, nargs="+", default=[1.0, 0.62, 0.1])
     ap.add_argument("--diagnose-persistent", action="store_true",
                     help="--diagnose: also descriptors with LONGEXPOSURE_PERSISTENT=1")
+    ap.add_argument("--diagnose-scattered", action="store_true",
+                    help="--diagnose: each density's blocks at random (the paper's neuron order), not the first ones")
+    ap.add_argument("--diagnose-tokens", type=int, default=2048, help="--diagnose: tokens (fig7's step: 4096)")
     args = ap.parse_args(argv)
 
     if args.report:
@@ -372,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.diagnose:
         args.diagnose.write_text(json.dumps(diagnose(tuple(args.diagnose_spaces), tuple(args.diagnose_densities),
-                                                     args.diagnose_persistent), indent=1))
+                                                     args.diagnose_persistent, args.diagnose_scattered,
+                                                     args.diagnose_tokens), indent=1))
         if not args.out:
             return 0
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

@@ -7,7 +7,8 @@
 #   bash benchmarks/device_session.sh tma        # MLP kernels with tensor descriptors: GPU test, per-kernel A/B
 #   bash benchmarks/device_session.sh tma-ab     # per-kernel pointer vs descriptor A/B first, then the GPU tests
 #   bash benchmarks/device_session.sh store-ab   # sdd's descriptor store: pointer / descriptors / + persistent per
-#                                                # kernel at densities 1.0 and 0.62, the GPU tests, attention at D 128
+#                                                # kernel at densities 1.0 and 0.62 (and 0.62 scattered over 4096
+#                                                # tokens, fig7's step), the GPU tests, attention at D 128
 #   bash benchmarks/device_session.sh switches-e2e  # fig7 compile + graph steps without / with E2E_SWITCHES (default
 #                                                # LONGEXPOSURE_TMA=1: the MLP's descriptors), two runs
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
@@ -113,6 +114,10 @@ case $stage in
     # fig7's step with it: E2E_SWITCHES="LONGEXPOSURE_TMA=sdd,dsd LONGEXPOSURE_PERSISTENT=1" ... switches-e2e
     run "${AB_LIMIT:-150}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels_store.json" \
       --diagnose-spaces library --diagnose-densities 1.0 0.62 --diagnose-persistent
+    # fig7's paper-order step: 4096 tokens, the blocks scattered (sdd's tiles gather their weight rows)
+    run "${AB_LIMIT:-150}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels_scattered.json" \
+      --diagnose-spaces library --diagnose-densities 0.62 --diagnose-persistent --diagnose-scattered \
+      --diagnose-tokens 4096
     LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-80}" python3 -m pytest -q -p no:cacheprovider \
       tests/test_neuron_block_mlp.py -k "descriptor or persistent"
     run "${ATTN_LIMIT:-150}" python3 benchmarks/bench_attention_operator.py --quick-check --skip compile layout \
