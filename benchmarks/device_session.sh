@@ -131,7 +131,7 @@ case $stage in
     # switches are written to switches.txt
     switches=${E2E_SWITCHES:-LONGEXPOSURE_TMA=sdd,dsd LONGEXPOSURE_PERSISTENT=1}
     echo "$switches" > "$work/switches.txt"
-    for side in off on; do
+    for side in ${E2E_SIDES:-off on}; do  # E2E_SIDES=on: only the switched run (its dense baseline still beside it)
       ( [ "$side" = on ] && export $switches
         run "${E2E_LIMIT:-280}" longexposure run suites/fig7.yaml --preset paper --keep-going \
           --out "$work/switches-$side" --only method=lora --only seq_len=1024 \
