@@ -9,6 +9,8 @@
 #   bash benchmarks/device_session.sh store-ab   # sdd's descriptor store: pointer / descriptors / + persistent per
 #                                                # kernel at densities 1.0 and 0.62 (and 0.62 scattered over 4096
 #                                                # tokens, fig7's step), the GPU tests, attention at D 128
+#   bash benchmarks/device_session.sh store-e2e  # store-ab's MLP half (tests, density 1.0, scattered 0.62) and fig7's
+#                                                # step with E2E_SWITCHES (on side only), in one call
 #   bash benchmarks/device_session.sh switches-e2e  # fig7 compile + graph steps without / with E2E_SWITCHES (default
 #                                                # LONGEXPOSURE_TMA=1: the MLP's descriptors), two runs
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
@@ -58,7 +60,7 @@
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -123,6 +125,22 @@ case $stage in
     run "${ATTN_LIMIT:-150}" python3 benchmarks/bench_attention_operator.py --quick-check --skip compile layout \
       correctness --backends sdpa triton --blocks 64 --sparsities 0 0.5 0.8 0.9 --triton-variants default \
       --head-dims 128 --out "$work/attention_d128.json"
+    ;;
+  store-e2e)  # one call: the descriptor-store GPU tests, sdd / dsd per kernel at density 1.0 and scattered 0.62 over
+    # 4096 tokens (pointer / descriptors / + persistent), then fig7's step with the switches (the on side only)
+    LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-60}" python3 -m pytest -q -p no:cacheprovider \
+      tests/test_neuron_block_mlp.py -k "store_stops or persistent_kernels"
+    run "${AB_LIMIT:-95}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels_store.json" \
+      --diagnose-spaces library --diagnose-densities 1.0 --diagnose-persistent
+    run "${AB_LIMIT:-95}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels_scattered.json" \
+      --diagnose-spaces library --diagnose-densities 0.62 --diagnose-persistent --diagnose-scattered \
+      --diagnose-tokens 4096
+    switches=${E2E_SWITCHES:-LONGEXPOSURE_TMA=sdd,dsd LONGEXPOSURE_PERSISTENT=1}
+    echo "$switches" > "$work/switches.txt"
+    ( export $switches
+      run "${E2E_LIMIT:-250}" longexposure run suites/fig7.yaml --preset paper --keep-going \
+        --out "$work/switches-on" --only method=lora --only seq_len=1024 \
+        --only variant=peft-sdpa-compile-graph,long-exposure-compile-graph,long-exposure-reordered-compile-graph )
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
     # opt-in kernel switches in E2E_SWITCHES (default: the MLP kernels' per-kernel winners of fig12_mlp run 7,

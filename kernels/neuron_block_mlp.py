@@ -231,8 +231,11 @@ def _sdd_tile(
         unpacked = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
         acc = tl.where(tl.reshape(unpacked, (BM, BN)) == 0, 0.0, acc)
     out = acc.to(c_ptr.dtype.element_ty)
-    if USE_TMA:  # one bulk store of the tile, clipped to the tokens and the count by the descriptor's shape
-        c_desc.store([pid_m * BM, pid_n * BN], out)
+    if USE_TMA:  # two bulk stores of half tiles, clipped to the tokens and the count by the descriptor's shape: the
+        # staging buffer is half a tile (32 KB at 128 x 256), which leaves room for a fourth pipeline stage
+        halves = tl.split(tl.permute(tl.reshape(out, (BM, 2, BN // 2)), (0, 2, 1)))
+        c_desc.store([pid_m * BM, pid_n * BN], halves[0])
+        c_desc.store([pid_m * BM, pid_n * BN + BN // 2], halves[1])
     else:
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_c[None, :] * stride_cc, out, mask=mask_mc)
     if MASK_OUT:  # ReLU's backward state, 8 columns a byte (bit j of byte c // 8 is column c with c % 8 == j):
@@ -313,7 +316,7 @@ def _sdd_kernel(
         a_desc, w_desc = a_ptr, w_ptr
     if USE_TMA:  # bounded by the count (at least 1 wide: with a count of 0 no tile stores)
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[T, tl.maximum(n_cols, 1)], strides=[stride_cm, 1],
-                                           block_shape=[BM, BN])
+                                           block_shape=[BM, BN // 2])
     else:
         c_desc = c_ptr
     if PERSISTENT:  # the tiles up to the device-side count, as in dsd
