@@ -58,6 +58,12 @@ BLOCK_SIZES = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# (BM, BN, BK, warps, stages) with LONGEXPOSURE_AUTOTUNE=0: with no autotuner to skip a config that does not fit, it
+# must fit every kernel and dtype. Four stages did not: a persistent fp32 sdd with descriptors needs 262,168 bytes of
+# shared memory, over the H100's 232,448 (seen on the H100, 2026-12-06); three need 196,624.
+FALLBACK_TILE = (128, 128, 64, 8, 3)
+
+
 def _autotune_configs(large_tiles: bool = True) -> list[triton.Config]:
     """Tile shapes (BM, BN, BK = output rows, output columns, reduction) for the matmul kernels.
 
@@ -76,7 +82,7 @@ def _autotune_configs(large_tiles: bool = True) -> list[triton.Config]:
     if INTERPRET:
         return [cfg(32, 32, 32, 4, 1)]
     if os.environ.get("LONGEXPOSURE_AUTOTUNE", "1") == "0":
-        return [cfg(128, 128, 64, 8, 4)]
+        return [cfg(*FALLBACK_TILE)]
     large = [cfg(128, 256, 64, 8, 3), cfg(128, 256, 64, 8, 4), cfg(256, 128, 64, 8, 3)] if large_tiles else []
     return large + [
         cfg(128, 128, 64, 8, 4),
