@@ -87,6 +87,22 @@ run() {  # run LIMIT_SECONDS CMD...: time-limited, output appended to the stage 
   timeout "$limit" "$@" >>"$log" 2>&1
   echo "== rc $?" | tee -a "$log"
 }
+mlp_kernels() {  # mlp_kernels NAME LIMIT ARGS...: per-kernel times, pointer / descriptors / + persistent, library tiles
+  local name=$1 limit=$2; shift 2
+  run "$limit" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/$name.json" --diagnose-spaces library \
+    --diagnose-persistent "$@"
+}
+fig7_switches() {  # fig7_switches SIDES LIMIT: fig7's three compile + graph LoRA rows without (off) / with (on) the
+  # switches in E2E_SWITCHES, one process a side, each beside the strongest dense baseline; written to switches.txt
+  local switches=${E2E_SWITCHES:-LONGEXPOSURE_TMA=sdd,dsd LONGEXPOSURE_PERSISTENT=1} side
+  echo "$switches" > "$work/switches.txt"
+  for side in $1; do
+    ( [ "$side" = on ] && export $switches
+      run "$2" longexposure run suites/fig7.yaml --preset paper --keep-going \
+        --out "$work/switches-$side" --only method=lora --only seq_len=1024 \
+        --only variant=peft-sdpa-compile-graph,long-exposure-compile-graph,long-exposure-reordered-compile-graph )
+  done
+}
 case $stage in
   e2e)
     run 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph_step.py
@@ -114,11 +130,9 @@ case $stage in
     ;;
   store-ab)  # issue 21: sdd stores its tile through a descriptor since ec66ef2 (opt-in with LONGEXPOSURE_TMA); then
     # fig7's step with it: E2E_SWITCHES="LONGEXPOSURE_TMA=sdd,dsd LONGEXPOSURE_PERSISTENT=1" ... switches-e2e
-    run "${AB_LIMIT:-150}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels_store.json" \
-      --diagnose-spaces library --diagnose-densities 1.0 0.62 --diagnose-persistent
+    mlp_kernels mlp_kernels_store "${AB_LIMIT:-150}" --diagnose-densities 1.0 0.62
     # fig7's paper-order step: 4096 tokens, the blocks scattered (sdd's tiles gather their weight rows)
-    run "${AB_LIMIT:-150}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels_scattered.json" \
-      --diagnose-spaces library --diagnose-densities 0.62 --diagnose-persistent --diagnose-scattered \
+    mlp_kernels mlp_kernels_scattered "${AB_LIMIT:-150}" --diagnose-densities 0.62 --diagnose-scattered \
       --diagnose-tokens 4096
     LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-80}" python3 -m pytest -q -p no:cacheprovider \
       tests/test_neuron_block_mlp.py -k "descriptor or persistent"
@@ -130,31 +144,17 @@ case $stage in
     # 4096 tokens (pointer / descriptors / + persistent), then fig7's step with the switches (the on side only)
     LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-60}" python3 -m pytest -q -p no:cacheprovider \
       tests/test_neuron_block_mlp.py -k "store_stops or persistent_kernels"
-    run "${AB_LIMIT:-95}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels_store.json" \
-      --diagnose-spaces library --diagnose-densities 1.0 --diagnose-persistent
-    run "${AB_LIMIT:-95}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels_scattered.json" \
-      --diagnose-spaces library --diagnose-densities 0.62 --diagnose-persistent --diagnose-scattered \
+    mlp_kernels mlp_kernels_store "${AB_LIMIT:-95}" --diagnose-densities 1.0
+    mlp_kernels mlp_kernels_scattered "${AB_LIMIT:-95}" --diagnose-densities 0.62 --diagnose-scattered \
       --diagnose-tokens 4096
-    switches=${E2E_SWITCHES:-LONGEXPOSURE_TMA=sdd,dsd LONGEXPOSURE_PERSISTENT=1}
-    echo "$switches" > "$work/switches.txt"
-    ( export $switches
-      run "${E2E_LIMIT:-250}" longexposure run suites/fig7.yaml --preset paper --keep-going \
-        --out "$work/switches-on" --only method=lora --only seq_len=1024 \
-        --only variant=peft-sdpa-compile-graph,long-exposure-compile-graph,long-exposure-reordered-compile-graph )
+    fig7_switches on "${E2E_LIMIT:-250}"
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
     # opt-in kernel switches in E2E_SWITCHES (default: the MLP kernels' per-kernel winners of fig12_mlp run 7,
     # descriptors for sdd and dsd, persistent sdd and dsd; e.g. E2E_SWITCHES="LONGEXPOSURE_BSA_DQ=atomic
     # LONGEXPOSURE_BSA_TMA=1" for attention's), each run beside the strongest dense baseline of its own process; the
     # switches are written to switches.txt
-    switches=${E2E_SWITCHES:-LONGEXPOSURE_TMA=sdd,dsd LONGEXPOSURE_PERSISTENT=1}
-    echo "$switches" > "$work/switches.txt"
-    for side in ${E2E_SIDES:-off on}; do  # E2E_SIDES=on: only the switched run (its dense baseline still beside it)
-      ( [ "$side" = on ] && export $switches
-        run "${E2E_LIMIT:-280}" longexposure run suites/fig7.yaml --preset paper --keep-going \
-          --out "$work/switches-$side" --only method=lora --only seq_len=1024 \
-          --only variant=peft-sdpa-compile-graph,long-exposure-compile-graph,long-exposure-reordered-compile-graph )
-    done
+    fig7_switches "${E2E_SIDES:-off on}" "${E2E_LIMIT:-280}"  # E2E_SIDES=on: the switched side only
     ;;
   tma)  # LONGEXPOSURE_TMA=1 correctness on the real kernels, then pointer vs descriptor kernel times
     LONGEXPOSURE_AUTOTUNE=0 run 240 python3 -m pytest -q -p no:cacheprovider tests/test_neuron_block_mlp.py -k descriptor
