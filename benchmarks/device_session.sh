@@ -11,8 +11,6 @@
 #                                                # tokens, fig7's step), the GPU tests, attention at D 128
 #   bash benchmarks/device_session.sh store-e2e  # store-ab's MLP half (tests, density 1.0, scattered 0.62) and fig7's
 #                                                # step with E2E_SWITCHES (on side only), in one call
-#   bash benchmarks/device_session.sh boxes-ab   # sdd's box per block where block ids are apart: GPU tests, the
-#                                                # scattered per-kernel table, attention's query pairs at D 128
 #   bash benchmarks/device_session.sh switches-e2e  # fig7 compile + graph steps without / with E2E_SWITCHES (default
 #                                                # LONGEXPOSURE_TMA=1: the MLP's descriptors), two runs
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
@@ -62,7 +60,7 @@
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|boxes-ab|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -150,17 +148,6 @@ case $stage in
     mlp_kernels mlp_kernels_scattered "${AB_LIMIT:-95}" --diagnose-densities 0.62 --diagnose-scattered \
       --diagnose-tokens 4096
     fig7_switches on "${E2E_LIMIT:-250}"
-    ;;
-  boxes-ab)  # issue 21: sdd's box per block (tiles of whole blocks whose ids are apart: most of the paper order's)
-    # beside pointer gathers: its GPU tests, the scattered 0.62 per-kernel table over 4096 tokens (fig7's step), then
-    # attention's query pairs (LONGEXPOSURE_BSA_PAIR) at head_dim 128 beside the default
-    LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-220}" python3 -m pytest -q -p no:cacheprovider \
-      tests/test_neuron_block_mlp.py -k "boxes_per_block or descriptor or persistent"
-    mlp_kernels mlp_kernels_scattered "${AB_LIMIT:-140}" --diagnose-densities 0.62 --diagnose-scattered \
-      --diagnose-tokens 4096
-    run "${ATTN_LIMIT:-170}" python3 benchmarks/bench_attention_operator.py --quick-check --skip compile layout \
-      correctness --backends sdpa triton --blocks 64 --sparsities 0 0.9 --triton-variants default pair \
-      --head-dims 128 --out "$work/attention_d128_pair.json"
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
     # opt-in kernel switches in E2E_SWITCHES (default: the MLP kernels' per-kernel winners of fig12_mlp run 7,

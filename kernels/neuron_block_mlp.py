@@ -164,52 +164,6 @@ def _sdd_boxes(acc, a_desc, w_desc, K, w_row, pid_m, BM: tl.constexpr, BK: tl.co
 
 
 @triton.jit
-def _side_by_side(x, y):
-    """Two (rows, W) tiles as one (rows, 2W): x's columns, then y's."""
-    return tl.reshape(tl.permute(tl.join(x, y), (0, 2, 1)), (x.shape[0], 2 * x.shape[1]))
-
-
-@triton.jit
-def _sdd_block_boxes(a_desc, wb_desc, ids_ptr, c0, n_blocks, K, pid_m, BM: tl.constexpr, BK: tl.constexpr,
-                     BLOCK: tl.constexpr, NB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """sdd's main product for a tile of NB (2 or 4) whole blocks whose ids are not consecutive (most tiles of a
-    layer in the paper's neuron order): one (BLOCK, BK) weight box per block and K step, one accumulator per
-    block, joined into the (BM, NB * BLOCK) tile at the end. Before, these tiles gathered their weight rows
-    through pointers (fig7's scattered 0.62 density: fc1 0.79x cuBLAS's rate, H100, 65b266b).
-
-    Blocks past the count (a tile's tail) read block 0 and are never stored."""
-    first = c0 // BLOCK
-    r0 = tl.load(ids_ptr + first) * BLOCK
-    r1 = tl.load(ids_ptr + first + 1, mask=first + 1 < n_blocks, other=0) * BLOCK
-    acc0 = tl.zeros((BM, BLOCK), dtype=tl.float32)
-    acc1 = tl.zeros((BM, BLOCK), dtype=tl.float32)
-    if NB == 4:
-        r2 = tl.load(ids_ptr + first + 2, mask=first + 2 < n_blocks, other=0) * BLOCK
-        r3 = tl.load(ids_ptr + first + 3, mask=first + 3 < n_blocks, other=0) * BLOCK
-        acc2 = tl.zeros((BM, BLOCK), dtype=tl.float32)
-        acc3 = tl.zeros((BM, BLOCK), dtype=tl.float32)
-    for k in range(0, K, BK):
-        a = a_desc.load([pid_m * BM, k])
-        w0 = wb_desc.load([r0, k])
-        w1 = wb_desc.load([r1, k])
-        if UPCAST:
-            a, w0, w1 = a.to(tl.float32), w0.to(tl.float32), w1.to(tl.float32)
-        acc0 = tl.dot(a, w0.T, acc0, input_precision=PRECISION)
-        acc1 = tl.dot(a, w1.T, acc1, input_precision=PRECISION)
-        if NB == 4:
-            w2 = wb_desc.load([r2, k])
-            w3 = wb_desc.load([r3, k])
-            if UPCAST:
-                w2, w3 = w2.to(tl.float32), w3.to(tl.float32)
-            acc2 = tl.dot(a, w2.T, acc2, input_precision=PRECISION)
-            acc3 = tl.dot(a, w3.T, acc3, input_precision=PRECISION)
-    acc = _side_by_side(acc0, acc1)
-    if NB == 4:
-        acc = _side_by_side(acc, _side_by_side(acc2, acc3))
-    return acc
-
-
-@triton.jit
 def _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN: tl.constexpr):
     """Pointers to a compact tile's BM x BN/8 bytes of ReLU bits (bit j of byte b is column 8b + j) and their mask,
     for writing or reading them whole: a byte load per column took 8 one-byte loads per byte and made dZ 1.5x fc1's
@@ -220,11 +174,11 @@ def _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN: tl.constexpr
 
 @triton.jit
 def _sdd_tile(
-    tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, wb_desc, c_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr,
-    s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er,
-    stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias,
-    BLOCK: tl.constexpr, HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
-    MASK_OUT: tl.constexpr, HAS_SKINNY: tl.constexpr, HAS_COLSUM: tl.constexpr,
+    tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr,
+    o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln,
+    stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, MASK_OUT: tl.constexpr,
+    HAS_SKINNY: tl.constexpr, HAS_COLSUM: tl.constexpr,
     BR: tl.constexpr, BR2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -254,9 +208,6 @@ def _sdd_tile(
         if last_block - first_block == blocks_in_tile - 1:
             acc = _sdd_boxes(acc, a_desc, w_desc, K, first_block * BLOCK + c0 % BLOCK, pid_m, BM, BK, UPCAST,
                              PRECISION)
-        elif BN == 2 * BLOCK or BN == 4 * BLOCK:  # whole blocks, ids apart: a box per block
-            acc = _sdd_block_boxes(a_desc, wb_desc, ids_ptr, c0, n_cols // BLOCK, K, pid_m, BM, BK, BLOCK,
-                                   BN // BLOCK, UPCAST, PRECISION)
         else:
             acc = _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST,
                                    PRECISION)
@@ -369,11 +320,6 @@ def _sdd_kernel(
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1], block_shape=[BN, BK])
     else:  # unused
         a_desc, w_desc = a_ptr, w_ptr
-    if USE_TMA and (BN == 2 * BLOCK or BN == 4 * BLOCK):  # one block's rows: tiles of blocks with ids apart
-        wb_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1],
-                                            block_shape=[BLOCK, BK])
-    else:  # unused
-        wb_desc = w_ptr
     if USE_TMA:  # bounded by the count (at least 1 wide: with a count of 0 no tile stores)
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[T, tl.maximum(n_cols, 1)], strides=[stride_cm, 1],
                                            block_shape=[BM, BN // 2])
@@ -382,19 +328,19 @@ def _sdd_kernel(
     if PERSISTENT:  # the tiles up to the device-side count, as in dsd
         for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
             _sdd_tile(
-                tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, wb_desc, c_desc, e_ptr, l_ptr, bias_ptr,
-                m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk,
-                stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr,
-                stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR,
-                BR2, UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
+                tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr,
+                s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em,
+                stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om,
+                stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2,
+                UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
             )
     else:
         _sdd_tile(
-            tl.program_id(0), num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, wb_desc, c_desc, e_ptr, l_ptr,
-            bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn,
-            stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn,
-            stride_sr, stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY,
-            HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
+            tl.program_id(0), num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, e_ptr, l_ptr, bias_ptr,
+            m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk,
+            stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr,
+            stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2,
+            UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
         )
 
 

@@ -20,7 +20,6 @@ from unittest import mock
 
 import pytest
 import torch
-import triton
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from longexposure.kernels import descriptors
@@ -226,32 +225,6 @@ def test_descriptor_store_stops_at_the_count(monkeypatch, persistent):
     assert decided == [True]
     assert_close(out[:, : 3 * block], torch.relu(a.double() @ w[rows].double().T).float(), "kept columns")
     assert bool(out[:, 3 * block:].isnan().all()), "columns past the count were written"
-
-
-@pytest.mark.parametrize("block, tile_cols, dtype",
-                         [(16, 32, torch.float32), (16, 64, torch.float16), (32, 64, torch.bfloat16),
-                          (16, 64, torch.float32)])
-def test_descriptor_boxes_per_block_where_ids_are_apart(monkeypatch, block, tile_cols, dtype):
-    """LONGEXPOSURE_TMA=1: an sdd tile of 2 or 4 whole blocks whose ids are not consecutive (every tile here: the
-    valid ids are even) reads one weight box per block; the tile cut by the count (7 of 9) reads block 0 past it
-    and stores nothing there, and padding ids past the count (garbage, 99) are never read."""
-    monkeypatch.setenv("LONGEXPOSURE_TMA", "1")
-    tile = triton.Config({"BM": 32, "BN": tile_cols, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=2)
-    monkeypatch.setattr(K._sdd_kernel, "configs", [tile])
-    monkeypatch.setattr(K._sdd_kernel, "cache", {})
-    monkeypatch.setattr(K, "_CHOSEN", {})
-    decided = recorded_tma_decisions(monkeypatch)
-    tokens, k, count = 45, 80, 7  # a ragged K tail (80 = 2.5 x 32) reads as zeros
-    gen = torch.Generator().manual_seed(5)
-    a = torch.randn(tokens, k, generator=gen).to(DEVICE, dtype)
-    w = torch.randn(16 * block, k, generator=gen).to(DEVICE, dtype)
-    ids = torch.tensor([0, 2, 4, 6, 8, 10, 14, 99, 99], dtype=torch.int32, device=DEVICE)
-    out = torch.full((tokens, ids.numel() * block), float("nan"), device=DEVICE, dtype=dtype)
-    K._launch_sdd(a, w, ids, torch.tensor([count], dtype=torch.int32, device=DEVICE), block, out=out)
-    rows = (ids[:count, None].long() * block + torch.arange(block, device=DEVICE)).flatten()
-    assert decided == [True]
-    assert_close(out[:, : count * block], torch.relu(a.double() @ w[rows].double().T).to(dtype), "kept columns")
-    assert bool(out[:, count * block:].isnan().all()), "columns past the count were written"
 
 
 @settings(max_examples=12)
