@@ -11,6 +11,8 @@
 #                                                # tokens, fig7's step), the GPU tests, attention at D 128
 #   bash benchmarks/device_session.sh store-e2e  # store-ab's MLP half (tests, density 1.0, scattered 0.62) and fig7's
 #                                                # step with E2E_SWITCHES (on side only), in one call
+#   bash benchmarks/device_session.sh bits-order # the ReLU bits in MMA thread order: GPU tests, per-kernel tables at
+#                                                # density 1.0 and fig7's scattered shape
 #   bash benchmarks/device_session.sh switches-e2e  # fig7 compile + graph steps without / with E2E_SWITCHES (default
 #                                                # LONGEXPOSURE_TMA=1: the MLP's descriptors), two runs
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
@@ -60,7 +62,7 @@
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -148,6 +150,14 @@ case $stage in
     mlp_kernels mlp_kernels_scattered "${AB_LIMIT:-95}" --diagnose-densities 0.62 --diagnose-scattered \
       --diagnose-tokens 4096
     fig7_switches on "${E2E_LIMIT:-250}"
+    ;;
+  bits-order)  # issue 21: the ReLU bits in the order a Hopper MMA thread holds them (fc1's epilogue packs without
+    # warp shuffles): the GPU tests that read them, then per kernel at density 1.0 and at fig7's scattered shape
+    LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider \
+      tests/test_neuron_block_mlp.py -k "relu_bits_are or every_gradient or store_stops"
+    mlp_kernels mlp_kernels_bits "${AB_LIMIT:-150}" --diagnose-densities 1.0
+    mlp_kernels mlp_kernels_bits_scattered "${AB_LIMIT:-140}" --diagnose-densities 0.62 --diagnose-scattered \
+      --diagnose-tokens 4096
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
     # opt-in kernel switches in E2E_SWITCHES (default: the MLP kernels' per-kernel winners of fig12_mlp run 7,

@@ -165,11 +165,39 @@ def _sdd_boxes(acc, a_desc, w_desc, K, w_row, pid_m, BM: tl.constexpr, BK: tl.co
 
 @triton.jit
 def _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN: tl.constexpr):
-    """Pointers to a compact tile's BM x BN/8 bytes of ReLU bits (bit j of byte b is column 8b + j) and their mask,
-    for writing or reading them whole: a byte load per column took 8 one-byte loads per byte and made dZ 1.5x fc1's
-    time (206 vs 134 us, H100, ea9c963)."""
+    """Pointers to a compact tile's BM x BN/8 bytes of ReLU bits (`relu_bits` has their order) and their mask, for
+    writing or reading them whole: a byte load per column took 8 one-byte loads per byte and made dZ 1.5x fc1's
+    time (206 vs 134 us, H100, ea9c963). Whole 32-column groups: the last one past the count too."""
+    tl.static_assert(BN % 32 == 0, "the ReLU bits come in 32-column groups")
     offs_b = pid_n.to(tl.int64) * (BN // 8) + tl.arange(0, BN // 8)
-    return m_ptr + offs_m[:, None] * stride_mm + offs_b[None, :], mask_m[:, None] & (offs_b < n_cols // 8)[None, :]
+    return (m_ptr + offs_m[:, None] * stride_mm + offs_b[None, :],
+            mask_m[:, None] & (offs_b < tl.cdiv(n_cols, 32) * 4)[None, :])
+
+
+@triton.jit
+def _bit_shifts():
+    """Bit 2q + e of a (q, b, e) position in a 32-column group (column 8q + 2b + e), shaped to broadcast."""
+    q = tl.arange(0, 4)[None, None, :, None, None]
+    e = tl.arange(0, 2)[None, None, None, None, :]
+    return 2 * q + e
+
+
+@triton.jit
+def _pack_bits(keep, BM: tl.constexpr, BN: tl.constexpr):
+    """(BM, BN) 0/1 int32 -> (BM, BN / 8) bytes in `relu_bits`' order. Each byte holds columns that one thread
+    of Hopper's MMA accumulator owns (two adjacent columns in each of four 8-column groups), so packing needs no
+    exchange between threads: packing 8 adjacent columns a byte took 129 warp shuffles a 128 x 256 tile (sm_90
+    compile, Triton 3.6), this takes none."""
+    groups = tl.reshape(keep, (BM, BN // 32, 4, 4, 2))  # (row, group, q, b, e)
+    packed = tl.sum(tl.sum(groups << _bit_shifts(), axis=4), axis=2)  # (row, group, b)
+    return tl.reshape(packed, (BM, BN // 8))
+
+
+@triton.jit
+def _unpack_bits(packed, BM: tl.constexpr, BN: tl.constexpr):
+    """`_pack_bits`' inverse: (BM, BN / 8) bytes -> (BM, BN) 0/1 int32."""
+    groups = tl.reshape(packed.to(tl.int32), (BM, BN // 32, 1, 4, 1))
+    return tl.reshape((groups >> _bit_shifts()) & 1, (BM, BN))
 
 
 @triton.jit
@@ -234,8 +262,7 @@ def _sdd_tile(
     if EPILOGUE == 2:  # ReLU's backward: keep where the forward's bit is set
         bit_ptrs, bit_mask = _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN)
         packed = tl.load(bit_ptrs, mask=bit_mask, other=0)
-        unpacked = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
-        acc = tl.where(tl.reshape(unpacked, (BM, BN)) == 0, 0.0, acc)
+        acc = tl.where(_unpack_bits(packed, BM, BN) == 0, 0.0, acc)
     out = acc.to(c_ptr.dtype.element_ty)
     if USE_TMA:  # two bulk stores of half tiles, clipped to the tokens and the count by the descriptor's shape: the
         # staging buffer is half a tile (32 KB at 128 x 256), which leaves room for a fourth pipeline stage
@@ -244,10 +271,10 @@ def _sdd_tile(
         c_desc.store([pid_m * BM, pid_n * BN + BN // 2], halves[1])
     else:
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_c[None, :] * stride_cc, out, mask=mask_mc)
-    if MASK_OUT:  # ReLU's backward state, 8 columns a byte (bit j of byte c // 8 is column c with c % 8 == j):
-        # not (h <= 0) of the stored value, so NaN keeps its gradient as in torch's ReLU
+    if MASK_OUT:  # ReLU's backward state, 8 columns a byte (`relu_bits`): not (h <= 0) of the stored value, so NaN
+        # keeps its gradient as in torch's ReLU
         keep = ((out > 0) | (out != out)).to(tl.int32)
-        packed = tl.sum(tl.reshape(keep, (BM, BN // 8, 8)) << tl.arange(0, 8)[None, None, :], axis=2)
+        packed = _pack_bits(keep, BM, BN)
         bit_ptrs, bit_mask = _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN)
         tl.store(bit_ptrs, packed.to(tl.uint8), mask=bit_mask)
     if HAS_SKINNY:  # the LoRA product of this compact tile, summed over column tiles by fp32 atomics
@@ -864,10 +891,11 @@ def neuron_block_mlp_forward(
 
 
 def relu_bits(tokens: int, cap_cols: int, device: torch.device) -> torch.Tensor:
-    """An uninitialised (tokens, cap_cols/8) uint8 buffer for the ReLU bits of a compact activation: bit j of byte
-    c // 8 in a row is set where column 8 * (c // 8) + j kept its value (h > 0, or NaN). A sixteenth of an fp16 h,
-    so a frozen fc2 saves 1/16 of the activation for the backward, not all of it (fig7 memory, issue 18)."""
-    return torch.empty(tokens, cap_cols // 8, dtype=torch.uint8, device=device)
+    """An uninitialised uint8 buffer for the ReLU bits of a compact activation, 4 bytes for each 32 columns (the
+    last group whole): column 32g + 8q + 2b + e of a row is bit 2q + e of byte 4g + b, set where that column kept
+    its value (h > 0, or NaN). That order is what a Hopper MMA thread holds (`_pack_bits`). A sixteenth of an fp16
+    h, so a frozen fc2 saves 1/16 of the activation for the backward, not all of it (fig7 memory, issue 18)."""
+    return torch.empty(tokens, triton.cdiv(cap_cols, 32) * 4, dtype=torch.uint8, device=device)
 
 
 def neuron_block_mlp_backward(
@@ -897,7 +925,7 @@ def neuron_block_mlp_backward(
     fc2_lr_weight's come back with their parameter's strides (neuron-major storage stays neuron-major).
     """
     need_x, need_w1, need_b1, need_w2, need_b2, need_u, need_b1lr, need_a2 = needs
-    ids, count, _ = _ids_and_count(active_block_ids, n_active)
+    ids, count, capacity = _ids_and_count(active_block_ids, n_active)
     has_dv = fc2_lr_weight is not None and dv is not None and dv.numel() > 0
     out: list[torch.Tensor | None] = [None] * 8
     if (need_w2 or need_a2) and h is None:
@@ -905,7 +933,7 @@ def neuron_block_mlp_backward(
     if need_w1 and x is None:
         raise ValueError("x: fc1's weight gradient reads the forward's input")
     if need_x or need_w1 or need_b1 or need_u or need_b1lr:
-        dz = dy.new_empty(dy.shape[0], bits.shape[1] * 8)
+        dz = dy.new_empty(dy.shape[0], capacity * block_size)
         du32 = dy.new_zeros(fc1_lr_x.shape, dtype=torch.float32) if need_u else None
         # fc1's bias gradient: summed in dZ's epilogue by fp32 atomics (no second pass over dZ), or, where
         # deterministic algorithms are asked for, by the column-sum kernel in a fixed order

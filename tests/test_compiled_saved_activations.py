@@ -77,7 +77,7 @@ def test_compiled_forward_saves_relu_bits_not_activations(trainable):
     assert child.returncode == 0, child.stderr[-4000:]
     saved = [(tuple(shape), dtype) for shape, dtype in json.loads(child.stdout.splitlines()[-1])]
     cols = CAPACITY * BLOCK
-    bits, h, x = ((TOKENS, cols // 8), "torch.uint8"), ((TOKENS, cols), "torch.float32"), ((TOKENS, D_MODEL),
+    bits, h, x = ((TOKENS, -(-cols // 32) * 4), "torch.uint8"), ((TOKENS, cols), "torch.float32"), ((TOKENS, D_MODEL),
                                                                                            "torch.float32")
     assert bits in saved, saved
     if trainable == "frozen":  # x gets a gradient, no weight does

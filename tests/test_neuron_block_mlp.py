@@ -365,10 +365,20 @@ def test_gradients_only_for_what_requires_grad(trainable):
             assert t.grad is None, f"{name} is frozen but got a gradient"
 
 
-def test_relu_bits_are_the_kept_columns_packed_eight_a_byte():
-    """The forward's bits: bit j of byte c // 8 is column 8 * (c // 8) + j of h kept (h > 0, or NaN), past the count
-    never written; exact zeros (the ReLU's kink) and a NaN token are in the problem."""
-    p = make_problem(11, 37, 32, 6, 16, torch.float32, capacity="padded", pattern="random", lora=False)
+def kept_columns(bits: torch.Tensor, cols: int) -> torch.Tensor:
+    """The bits' reference decoder, from `relu_bits`' definition: column 32g + 8q + 2b + e is bit 2q + e of byte
+    4g + b."""
+    c = torch.arange(cols, device=bits.device)
+    byte, bit = 4 * (c // 32) + (c % 8) // 2, 2 * ((c % 32) // 8) + c % 2
+    return ((bits[:, byte].long() >> bit) & 1).bool()
+
+
+# 6 blocks of 16 padded: the count (random) may end inside a 32-column group; 5 exact: the buffer ends in one
+@pytest.mark.parametrize("blocks, capacity", [(6, "padded"), (5, "exact")])
+def test_relu_bits_are_the_kept_columns_packed_eight_a_byte(blocks, capacity):
+    """The forward's bits are h's kept columns (h > 0, or NaN) in `relu_bits`' order, 4 bytes for each 32 columns
+    (the last group whole); exact zeros (the ReLU's kink) and a NaN token are in the problem."""
+    p = make_problem(11, 37, 32, blocks, 16, torch.float32, capacity=capacity, pattern="random", lora=False)
     x = p.x.detach().clone()
     x[3] = float("nan")
     w1 = p.w1.detach().clone()
@@ -376,11 +386,10 @@ def test_relu_bits_are_the_kept_columns_packed_eight_a_byte():
     b1 = p.b1.detach().clone()
     b1[::5] = 0.0
     _, h, _, bits = K.neuron_block_mlp_forward(x, p.ids, p.n_active, w1, b1, p.w2.detach(), p.b2.detach(), p.block)
-    cols = int(p.n_active) * p.block
-    kept = ((bits[:, :, None].long() >> torch.arange(8, device=DEVICE)) & 1).reshape(h.shape[0], -1).bool()
-    assert bits.dtype == torch.uint8 and bits.shape == (h.shape[0], h.shape[1] // 8)
+    cols = (p.ids.numel() if p.n_active is None else int(p.n_active)) * p.block
+    assert bits.dtype == torch.uint8 and bits.shape == (h.shape[0], -(-h.shape[1] // 32) * 4)
     assert int((h[:, :cols] == 0).sum()) > 0 and bool(h[3, :cols].isnan().all())
-    torch.testing.assert_close(kept[:, :cols], (h[:, :cols] > 0) | h[:, :cols].isnan(), rtol=0, atol=0)
+    torch.testing.assert_close(kept_columns(bits, cols), (h[:, :cols] > 0) | h[:, :cols].isnan(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("trainable, saves_x, saves_h", [("frozen", False, False), ("bitfit", False, False),
@@ -396,7 +405,7 @@ def test_backward_keeps_activations_only_for_the_gradients_that_read_them(traina
         y = neuron_block_mlp(p.x, p.ids, p.w1, p.b1, p.w2, p.b2, block_size=p.block, fc1_lora=_loras(p)[0],
                              fc2_lora=_loras(p)[1])
     h_shape = (p.x.shape[0], p.ids.numel() * p.block)
-    assert any(t.dtype == torch.uint8 and t.shape == (h_shape[0], h_shape[1] // 8) for t in saved)
+    assert any(t.dtype == torch.uint8 and t.shape == (h_shape[0], -(-h_shape[1] // 32) * 4) for t in saved)
     assert any(t.data_ptr() == p.x.data_ptr() and t.shape == p.x.shape for t in saved) == saves_x
     assert any(t.dtype == p.x.dtype and tuple(t.shape) == h_shape for t in saved) == saves_h
     y.backward(p.dy)  # the backward runs on what was kept
