@@ -187,7 +187,8 @@ def _pack_bits(keep, BM: tl.constexpr, BN: tl.constexpr):
     """(BM, BN) 0/1 int32 -> (BM, BN / 8) bytes in `relu_bits`' order. Each byte holds columns that one thread
     of Hopper's MMA accumulator owns (two adjacent columns in each of four 8-column groups), so packing needs no
     exchange between threads: packing 8 adjacent columns a byte took 129 warp shuffles a 128 x 256 tile (sm_90
-    compile, Triton 3.6), this takes none."""
+    compile, Triton 3.6), this takes none. Timed on the H100 (fig12_mlp run 14): fc1 the same, dZ (which unpacks)
+    10-11% faster with pointer loads."""
     groups = tl.reshape(keep, (BM, BN // 32, 4, 4, 2))  # (row, group, q, b, e)
     packed = tl.sum(tl.sum(groups << _bit_shifts(), axis=4), axis=2)  # (row, group, b)
     return tl.reshape(packed, (BM, BN // 8))

@@ -69,6 +69,9 @@ def saved_by_compiled_forward(trainable: str) -> list[list]:
 
 @pytest.mark.parametrize("trainable", ["frozen", "full"])
 def test_compiled_forward_saves_relu_bits_not_activations(trainable):
+    import torch  # here, not at the top: the child imports the kernels only once it has set up its target
+    from longexposure.kernels.neuron_block_mlp import relu_bits
+
     pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
@@ -77,8 +80,8 @@ def test_compiled_forward_saves_relu_bits_not_activations(trainable):
     assert child.returncode == 0, child.stderr[-4000:]
     saved = [(tuple(shape), dtype) for shape, dtype in json.loads(child.stdout.splitlines()[-1])]
     cols = CAPACITY * BLOCK
-    bits, h, x = ((TOKENS, -(-cols // 32) * 4), "torch.uint8"), ((TOKENS, cols), "torch.float32"), ((TOKENS, D_MODEL),
-                                                                                           "torch.float32")
+    bits = (tuple(relu_bits(TOKENS, cols, torch.device("meta")).shape), "torch.uint8")
+    h, x = ((TOKENS, cols), "torch.float32"), ((TOKENS, D_MODEL), "torch.float32")
     assert bits in saved, saved
     if trainable == "frozen":  # x gets a gradient, no weight does
         assert h not in saved and x not in saved, f"a frozen MLP saved activations: {saved}"
