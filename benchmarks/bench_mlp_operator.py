@@ -241,7 +241,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[float, ...] = (1.0, 0.62, 0.1),
-             persistent: bool = False, scattered: bool = False, tokens: int = 2048) -> dict:
+             persistent: bool = False, scattered: bool = False, tokens: int = 2048, epilogues: bool = False) -> dict:
     """Per-kernel CUDA-graph times (and TFLOP/s) against the matching torch matmul, with pointer loads and with
     tensor descriptors (LONGEXPOSURE_TMA=1), at densities 1.0 / 0.62 / 0.1 (the first blocks: consecutive ids, as a
     reordered layer's), and where the host time goes. `persistent` adds descriptors with LONGEXPOSURE_PERSISTENT=1
@@ -252,7 +252,8 @@ def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[fl
     library's tile space and once with the space before 256-wide sdd / wgrad tiles (`large_tiles=False`); the
     config each kernel chose is printed beside its time. `scattered` takes each density's blocks at random (sorted,
     seed 0), as a layer in the paper's neuron order has them: sdd's tiles then gather their weight rows through
-    pointers, and the cuBLAS rows multiply the same blocks gathered beforehand. `tokens`: fig7's step has 4096."""
+    pointers, and the cuBLAS rows multiply the same blocks gathered beforehand. `tokens`: fig7's step has 4096.
+    `epilogues` adds fc1 with less of its epilogue (no ReLU bits; no bias or ReLU either): what each part costs."""
     import cProfile
     import io
     import pstats
@@ -287,7 +288,11 @@ def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[fl
         gw = torch.zeros(ffn, d, device=dev, dtype=dt)
         rows = (ids.long()[:, None] * blk + torch.arange(blk, device=dev)).flatten()
         hc, w1c, w2c = h.contiguous(), w1[rows].contiguous(), w2n[rows].contiguous()
-        return {
+        parts = {
+            "sdd fc1 (bias+relu)": g(lambda: k._launch_sdd(x, w1, ids, cnt, blk, bias=b1, out=h)),
+            "sdd fc1 (no epilogue)": g(lambda: k._launch_sdd(x, w1, ids, cnt, blk, epilogue=0, out=h)),
+        } if epilogues else {}
+        return parts | {
             "sdd fc1 (bias+relu+bits)": g(lambda: k._launch_sdd(x, w1, ids, cnt, blk, bias=b1, mask=bits, out=h)),
             "mm x@W1c^T": g(lambda: torch.mm(x, w1c.t())),
             "dsd fc2 (bias)": g(lambda: k._launch_dsd(h, w2n, ids, cnt, blk, bias=b2, out=o)),
@@ -364,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--diagnose-scattered", action="store_true",
                     help="--diagnose: each density's blocks at random (the paper's neuron order), not the first ones")
     ap.add_argument("--diagnose-tokens", type=int, default=2048, help="--diagnose: tokens (fig7's step: 4096)")
+    ap.add_argument("--diagnose-epilogues", action="store_true",
+                    help="--diagnose: also fc1 without its ReLU bits, and without any epilogue")
     args = ap.parse_args(argv)
 
     if args.report:
@@ -384,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.diagnose:
         args.diagnose.write_text(json.dumps(diagnose(tuple(args.diagnose_spaces), tuple(args.diagnose_densities),
                                                      args.diagnose_persistent, args.diagnose_scattered,
-                                                     args.diagnose_tokens), indent=1))
+                                                     args.diagnose_tokens, args.diagnose_epilogues), indent=1))
         if not args.out:
             return 0
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

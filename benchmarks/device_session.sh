@@ -152,10 +152,11 @@ case $stage in
     fig7_switches on "${E2E_LIMIT:-250}"
     ;;
   bits-order)  # issue 21: the ReLU bits in the order a Hopper MMA thread holds them (fc1's epilogue packs without
-    # warp shuffles): the GPU tests that read them, then per kernel at density 1.0 and at fig7's scattered shape
+    # warp shuffles): the GPU tests that read them, then per kernel at density 1.0 (BITS_EPILOGUES=1: with fc1's
+    # epilogue taken apart) and at fig7's scattered shape
     LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider \
       tests/test_neuron_block_mlp.py -k "relu_bits_are or every_gradient or store_stops"
-    mlp_kernels mlp_kernels_bits "${AB_LIMIT:-150}" --diagnose-densities 1.0
+    mlp_kernels mlp_kernels_bits "${AB_LIMIT:-150}" --diagnose-densities 1.0 ${BITS_EPILOGUES:+--diagnose-epilogues}
     mlp_kernels mlp_kernels_bits_scattered "${AB_LIMIT:-140}" --diagnose-densities 0.62 --diagnose-scattered \
       --diagnose-tokens 4096
     ;;
