@@ -896,7 +896,11 @@ def relu_bits(tokens: int, cap_cols: int, device: torch.device) -> torch.Tensor:
     last group whole): column 32g + 8q + 2b + e of a row is bit 2q + e of byte 4g + b, set where that column kept
     its value (h > 0, or NaN). That order is what a Hopper MMA thread holds (`_pack_bits`). A sixteenth of an fp16
     h, so a frozen fc2 saves 1/16 of the activation for the backward, not all of it (fig7 memory, issue 18)."""
-    return torch.empty(tokens, triton.cdiv(cap_cols, 32) * 4, dtype=torch.uint8, device=device)
+    return torch.empty(_relu_bits_shape(tokens, cap_cols), dtype=torch.uint8, device=device)
+
+
+def _relu_bits_shape(tokens: int, cap_cols: int) -> tuple[int, int]:
+    return tokens, triton.cdiv(cap_cols, 32) * 4
 
 
 def neuron_block_mlp_backward(
@@ -933,6 +937,10 @@ def neuron_block_mlp_backward(
         raise ValueError("h: fc2's weight and LoRA A gradients read the forward's activations")
     if need_w1 and x is None:
         raise ValueError("x: fc1's weight gradient reads the forward's input")
+    if tuple(bits.shape) != _relu_bits_shape(dy.shape[0], capacity * block_size) or bits.dtype != torch.uint8:
+        raise ValueError(f"bits: expected the forward's ReLU bits, uint8 "
+                         f"{_relu_bits_shape(dy.shape[0], capacity * block_size)} (`relu_bits`), got "
+                         f"{bits.dtype} {tuple(bits.shape)}")
     if need_x or need_w1 or need_b1 or need_u or need_b1lr:
         dz = dy.new_empty(dy.shape[0], capacity * block_size)
         du32 = dy.new_zeros(fc1_lr_x.shape, dtype=torch.float32) if need_u else None

@@ -392,6 +392,22 @@ def test_relu_bits_are_the_kept_columns_packed_eight_a_byte(blocks, capacity):
     torch.testing.assert_close(kept_columns(bits, cols), (h[:, :cols] > 0) | h[:, :cols].isnan(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cut", ["a byte short", "int8"])
+def test_backward_rejects_bits_not_shaped_as_relu_bits(cut):
+    """dZ's epilogue reads whole 32-column groups of the bits, and dZ's width comes from the ids: bits of another
+    shape or dtype (not `relu_bits`') are an error naming them, not a read past their end."""
+    p = make_problem(13, 9, 32, 4, 16, torch.float32, pattern="all", lora=False)
+    _, h, _, bits = K.neuron_block_mlp_forward(p.x.detach(), p.ids, p.n_active, p.w1.detach(), p.b1.detach(),
+                                               p.w2.detach(), p.b2.detach(), p.block)
+    bad = bits[:, :-1] if cut == "a byte short" else bits.to(torch.int8)
+    needs = (True,) + (False,) * 7
+    K.neuron_block_mlp_backward(p.dy, None, None, h, bits, p.ids, p.n_active, p.w1.detach(), p.w2.detach(), p.block,
+                                None, None, None, needs)
+    with pytest.raises(ValueError, match=r"bits: expected the forward's ReLU bits"):
+        K.neuron_block_mlp_backward(p.dy, None, None, h, bad, p.ids, p.n_active, p.w1.detach(), p.w2.detach(),
+                                    p.block, None, None, None, needs)
+
+
 @pytest.mark.parametrize("trainable, saves_x, saves_h", [("frozen", False, False), ("bitfit", False, False),
                                                           ("lora", True, True), ("full", True, True)])
 def test_backward_keeps_activations_only_for_the_gradients_that_read_them(trainable, saves_x, saves_h):
