@@ -203,13 +203,13 @@ def _unpack_bits(packed, BM: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def _sdd_tile(
-    tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr,
-    o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln,
-    stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK: tl.constexpr,
-    HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, MASK_OUT: tl.constexpr,
-    HAS_SKINNY: tl.constexpr, HAS_COLSUM: tl.constexpr,
-    BR: tl.constexpr, BR2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, m_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr,
+    s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er,
+    stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias,
+    BLOCK: tl.constexpr, HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+    MASK_OUT: tl.constexpr, HAS_SKINNY: tl.constexpr, HAS_COLSUM: tl.constexpr, BR: tl.constexpr, BR2: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BITS_TMA: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """One (BM, BN) compact tile of sdd: a program's whole work, or one turn of a persistent program's loop (the
     kernel makes the descriptors, once per program)."""
@@ -275,9 +275,14 @@ def _sdd_tile(
     if MASK_OUT:  # ReLU's backward state, 8 columns a byte (`relu_bits`): not (h <= 0) of the stored value, so NaN
         # keeps its gradient as in torch's ReLU
         keep = ((out > 0) | (out != out)).to(tl.int32)
-        packed = _pack_bits(keep, BM, BN)
-        bit_ptrs, bit_mask = _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN)
-        tl.store(bit_ptrs, packed.to(tl.uint8), mask=bit_mask)
+        packed = _pack_bits(keep, BM, BN).to(tl.uint8)
+        if BITS_TMA and BN >= 128:  # one bulk store (a box's rows are 16 bytes or more), clipped like the pointer
+            # mask: the pointer store converted the packed bytes' layout through shared memory, with two barriers,
+            # and cost fc1 8-10% (fig12_mlp run 15)
+            m_desc.store([pid_m * BM, pid_n * (BN // 8)], packed)
+        else:
+            bit_ptrs, bit_mask = _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN)
+            tl.store(bit_ptrs, packed, mask=bit_mask)
     if HAS_SKINNY:  # the LoRA product of this compact tile, summed over column tiles by fp32 atomics
         offs_r2 = tl.arange(0, BR2)
         mask_r2 = offs_r2 < R2
@@ -331,6 +336,7 @@ def _sdd_kernel(
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,  # main product through tensor descriptors where a tile's weight rows are consecutive; the
     # compact output stored through one
+    BITS_TMA: tl.constexpr,  # the ReLU bits stored through a descriptor (with USE_TMA, legal bits and BN >= 128)
     PERSISTENT: tl.constexpr,  # one program per SM walks the tiles (LONGEXPOSURE_PERSISTENT=1); else one per tile
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -353,22 +359,27 @@ def _sdd_kernel(
                                            block_shape=[BM, BN // 2])
     else:
         c_desc = c_ptr
+    if MASK_OUT and BITS_TMA and BN >= 128:  # whole 32-column groups up to the count, as `_bit_bytes`' mask
+        m_desc = tl.make_tensor_descriptor(m_ptr, shape=[T, tl.maximum(tl.cdiv(n_cols, 32) * 4, 1)],
+                                           strides=[stride_mm, 1], block_shape=[BM, BN // 8])
+    else:
+        m_desc = m_ptr
     if PERSISTENT:  # the tiles up to the device-side count, as in dsd
         for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
             _sdd_tile(
-                tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr,
-                s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk, stride_em,
-                stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om,
-                stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2,
-                UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
+                tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, m_desc, e_ptr, l_ptr, bias_ptr, m_ptr,
+                c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk,
+                stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr,
+                stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR,
+                BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, BM, BN, BK, GROUP_M, EVEN_K,
             )
     else:
         _sdd_tile(
-            tl.program_id(0), num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, e_ptr, l_ptr, bias_ptr,
-            m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk,
-            stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr,
-            stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2,
-            UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_K,
+            tl.program_id(0), num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, m_desc, e_ptr, l_ptr,
+            bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn,
+            stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn,
+            stride_sr, stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY,
+            HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, BM, BN, BK, GROUP_M, EVEN_K,
         )
 
 
@@ -731,6 +742,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
     if skinny_out is None:  # never a real input: the autotuner zeroes this argument while tuning
         skinny_out = _scratch_f32(a.device) if wrap is _no_wrap else a.new_empty(1, dtype=torch.float32)
     persistent = _persistent()
+    use_tma = _use_tma("sdd", a, w, out, traced=wrap is not _no_wrap)
     tiles = lambda meta: triton.cdiv(tokens, meta["BM"]) * triton.cdiv(cap_cols, meta["BN"])  # noqa: E731
     grid = lambda meta: (min(tiles(meta), _programs(a.device)) if persistent else tiles(meta),)  # noqa: E731
     _launch(wrap, _sdd_kernel, grid, (
@@ -749,7 +761,8 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
         BLOCK=block, HAS_LOW_RANK=e is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
         MASK_OUT=epilogue == 1 and mask is not None, HAS_SKINNY=skinny is not None,
         HAS_COLSUM=colsum_out is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
-        USE_TMA=_use_tma("sdd", a, w, out, traced=wrap is not _no_wrap), PERSISTENT=persistent,
+        USE_TMA=use_tma, BITS_TMA=use_tma and mask is not None and descriptors.legal(mask, wrap is not _no_wrap),
+        PERSISTENT=persistent,
     ), key=(a.dtype, _bucket(tokens), k, r, r2, cap_cols), even=("EVEN_K", k))
     return out
 
@@ -892,15 +905,16 @@ def neuron_block_mlp_forward(
 
 
 def relu_bits(tokens: int, cap_cols: int, device: torch.device) -> torch.Tensor:
-    """An uninitialised uint8 buffer for the ReLU bits of a compact activation, 4 bytes for each 32 columns (the
-    last group whole): column 32g + 8q + 2b + e of a row is bit 2q + e of byte 4g + b, set where that column kept
-    its value (h > 0, or NaN). That order is what a Hopper MMA thread holds (`_pack_bits`). A sixteenth of an fp16
-    h, so a frozen fc2 saves 1/16 of the activation for the backward, not all of it (fig7 memory, issue 18)."""
+    """An uninitialised uint8 buffer for the ReLU bits of a compact activation, 4 bytes for each 32 columns, rows
+    rounded up to 16 bytes (so fc1 can store them through a tensor descriptor): column 32g + 8q + 2b + e of a row is bit
+    2q + e of byte 4g + b, set where that column kept its value (h > 0, or NaN). That order is what a Hopper MMA thread
+    holds (`_pack_bits`). A sixteenth of an fp16 h, so a frozen fc2 saves 1/16 of the activation for the backward, not
+    all of it (fig7 memory, issue 18)."""
     return torch.empty(_relu_bits_shape(tokens, cap_cols), dtype=torch.uint8, device=device)
 
 
 def _relu_bits_shape(tokens: int, cap_cols: int) -> tuple[int, int]:
-    return tokens, triton.cdiv(cap_cols, 32) * 4
+    return tokens, triton.cdiv(cap_cols, 128) * 16
 
 
 def neuron_block_mlp_backward(

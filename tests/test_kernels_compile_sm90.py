@@ -68,7 +68,7 @@ for _tma in (False, True):  # sdd with 128-wide column tiles over 64-neuron bloc
         _name = f"tma={_tma}" + " persistent" * _persistent
         CASES[f"mlp sdd {_name}"] = ("neuron_block_mlp", "_sdd_kernel", {
             **MLP, "EPILOGUE": 1, "MASK_OUT": True, "HAS_SKINNY": True, "HAS_COLSUM": False, "BR": 16, "BR2": 16,
-            "USE_TMA": _tma, "EVEN_K": True, "PERSISTENT": _persistent}, 8, 4)
+            "USE_TMA": _tma, "BITS_TMA": _tma, "EVEN_K": True, "PERSISTENT": _persistent}, 8, 4)
         CASES[f"mlp dsd {_name}"] = (
             "neuron_block_mlp", "_dsd_kernel", {**MLP, "EPILOGUE": 0, "USE_TMA": _tma, "PERSISTENT": _persistent}, 8, 4)
     CASES[f"mlp wgrad tma={_tma}"] = ("neuron_block_mlp", "_wgrad_kernel",
@@ -79,7 +79,8 @@ for _tma in (False, True):  # sdd with 128-wide column tiles over 64-neuron bloc
 for _epilogue in (1, 2):
     CASES[f"mlp sdd 128x256 epilogue={_epilogue}"] = ("neuron_block_mlp", "_sdd_kernel", {
         **MLP, "BN": 256, "EPILOGUE": _epilogue, "MASK_OUT": _epilogue == 1, "HAS_SKINNY": True,
-        "HAS_COLSUM": _epilogue == 2, "BR": 16, "BR2": 16, "USE_TMA": False, "EVEN_K": True, "PERSISTENT": False}, 8, 3)
+        "HAS_COLSUM": _epilogue == 2, "BR": 16, "BR2": 16, "USE_TMA": False, "BITS_TMA": False, "EVEN_K": True,
+        "PERSISTENT": False}, 8, 3)
 CASES["mlp wgrad 128x256"] = ("neuron_block_mlp", "_wgrad_kernel",
                               {**MLP, "BN": 256, "EPILOGUE": 3, "USE_TMA": False, "EVEN_T": True}, 8, 3)
 
@@ -90,7 +91,7 @@ for _dtype in ("fp16", "fp32"):
     _tile = {**MLP, "BM": _bm, "BN": _bn, "BK": _bk, "PRECISION": "ieee" if _dtype == "fp32" else "tf32"}
     CASES[f"mlp sdd fallback {_dtype}"] = ("neuron_block_mlp", "_sdd_kernel", {
         **_tile, "EPILOGUE": 1, "MASK_OUT": True, "HAS_SKINNY": True, "HAS_COLSUM": False, "BR": 16, "BR2": 16,
-        "USE_TMA": True, "EVEN_K": False, "PERSISTENT": True}, _warps, _stages, _dtype)
+        "USE_TMA": True, "BITS_TMA": True, "EVEN_K": False, "PERSISTENT": True}, _warps, _stages, _dtype)
     CASES[f"mlp dsd fallback {_dtype}"] = ("neuron_block_mlp", "_dsd_kernel", {
         **_tile, "EPILOGUE": 0, "USE_TMA": True, "PERSISTENT": True}, _warps, _stages, _dtype)
     CASES[f"mlp wgrad fallback {_dtype}"] = ("neuron_block_mlp", "_wgrad_kernel", {

@@ -20,6 +20,7 @@ from unittest import mock
 
 import pytest
 import torch
+import triton
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from longexposure.kernels import descriptors
@@ -387,9 +388,37 @@ def test_relu_bits_are_the_kept_columns_packed_eight_a_byte(blocks, capacity):
     b1[::5] = 0.0
     _, h, _, bits = K.neuron_block_mlp_forward(x, p.ids, p.n_active, w1, b1, p.w2.detach(), p.b2.detach(), p.block)
     cols = (p.ids.numel() if p.n_active is None else int(p.n_active)) * p.block
-    assert bits.dtype == torch.uint8 and bits.shape == (h.shape[0], -(-h.shape[1] // 32) * 4)
+    assert bits.dtype == torch.uint8 and bits.shape == (h.shape[0], -(-h.shape[1] // 128) * 16)
     assert int((h[:, :cols] == 0).sum()) > 0 and bool(h[3, :cols].isnan().all())
     torch.testing.assert_close(kept_columns(bits, cols), (h[:, :cols] > 0) | h[:, :cols].isnan(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("persistent", ["0", "1"])
+def test_bits_stored_through_a_descriptor_stop_at_the_count(monkeypatch, persistent):
+    """With descriptors and tiles 128 columns wide or more (a box row of 16 bytes), fc1 stores the ReLU bits by one
+    bulk copy a tile (the interpreter's usual tile is 32 wide, so this one is 128): its bytes decode to h's kept
+    columns, and the bytes past the count's last 32-column group (9 blocks of 16: 20 of a row's 32) stay as they
+    were, in a row tile cut short by the tokens too."""
+    if not descriptors.has_tma(DEVICE):
+        pytest.skip(f"{DEVICE} has no TMA")
+    monkeypatch.setenv("LONGEXPOSURE_TMA", "1")
+    monkeypatch.setenv("LONGEXPOSURE_PERSISTENT", persistent)
+    monkeypatch.setattr(K._sdd_kernel, "configs", [triton.Config({"BM": 32, "BN": 128, "BK": 32, "GROUP_M": 8})])
+    launched = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda *a, **kw: launched.append(a[4]["BITS_TMA"]) or launch(*a, **kw))
+    block, tokens, k = 16, 37, 48
+    gen = torch.Generator().manual_seed(5)
+    a, w = torch.randn(tokens, k, generator=gen).to(DEVICE), torch.randn(16 * block, k, generator=gen).to(DEVICE)
+    ids = torch.tensor([0, 2, 3, 5, 7, 8, 11, 12, 15, 0, 0, 0], dtype=torch.int32, device=DEVICE)  # 9 of 12
+    out = torch.zeros(tokens, 12 * block, device=DEVICE)
+    bits = K.relu_bits(tokens, 12 * block, DEVICE).fill_(0xA5)
+    assert bits.shape == (tokens, 32)
+    K._launch_sdd(a, w, ids, torch.tensor([9], dtype=torch.int32, device=DEVICE), block, mask=bits, out=out)
+    assert launched == [True], "the bits must have gone through a descriptor"
+    cols = 9 * block
+    torch.testing.assert_close(kept_columns(bits, cols), out[:, :cols] > 0, rtol=0, atol=0)
+    assert bool((bits[:, 20:] == 0xA5).all()), "bytes past the count's last group were written"
 
 
 @pytest.mark.parametrize("cut", ["a byte short", "int8"])
