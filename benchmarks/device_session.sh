@@ -160,6 +160,14 @@ case $stage in
     mlp_kernels mlp_kernels_bits_scattered "${AB_LIMIT:-140}" --diagnose-densities 0.62 --diagnose-scattered \
       --diagnose-tokens 4096
     ;;
+  bits-tma)  # issue 21: fc1 stores the ReLU bits through a descriptor (LONGEXPOSURE_TMA's sdd, tiles 128+ wide): the
+    # GPU tests that read the bits with descriptors on, then per kernel as in bits-order (fc1's epilogue taken apart)
+    LONGEXPOSURE_AUTOTUNE=0 LONGEXPOSURE_TMA=sdd run "${TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider \
+      tests/test_neuron_block_mlp.py -k "relu_bits_are or stored_through or every_gradient or store_stops"
+    mlp_kernels mlp_kernels_bits "${AB_LIMIT:-150}" --diagnose-densities 1.0 --diagnose-epilogues
+    mlp_kernels mlp_kernels_bits_scattered "${AB_LIMIT:-140}" --diagnose-densities 0.62 --diagnose-scattered \
+      --diagnose-tokens 4096
+    ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
     # opt-in kernel switches in E2E_SWITCHES (default: the MLP kernels' per-kernel winners of fig12_mlp run 7,
     # descriptors for sdd and dsd, persistent sdd and dsd; e.g. E2E_SWITCHES="LONGEXPOSURE_BSA_DQ=atomic
