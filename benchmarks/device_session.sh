@@ -163,8 +163,8 @@ case $stage in
   bits-tma)  # issue 21: fc1 stores the ReLU bits through a descriptor (LONGEXPOSURE_TMA's sdd, tiles 128+ wide): the
     # GPU tests that read the bits with descriptors on, then per kernel as in bits-order (fc1's epilogue taken apart)
     LONGEXPOSURE_AUTOTUNE=0 LONGEXPOSURE_TMA=sdd run "${TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider \
-      tests/test_neuron_block_mlp.py -k "relu_bits_are or stored_through or every_gradient or store_stops"
-    mlp_kernels mlp_kernels_bits "${AB_LIMIT:-150}" --diagnose-densities 1.0 --diagnose-epilogues
+      tests/test_neuron_block_mlp.py -k "relu_bits_are or stored_through or store_stops or relu_boundary"
+    mlp_kernels mlp_kernels_bits "${AB_LIMIT:-210}" --diagnose-densities 1.0 --diagnose-epilogues
     mlp_kernels mlp_kernels_bits_scattered "${AB_LIMIT:-140}" --diagnose-densities 0.62 --diagnose-scattered \
       --diagnose-tokens 4096
     ;;
