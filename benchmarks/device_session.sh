@@ -62,7 +62,7 @@
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -163,10 +163,12 @@ case $stage in
   bits-tma)  # issue 21: fc1 stores the ReLU bits through a descriptor (LONGEXPOSURE_TMA's sdd, tiles 128+ wide): the
     # GPU tests that read the bits with descriptors on, then per kernel as in bits-order (fc1's epilogue taken apart)
     LONGEXPOSURE_AUTOTUNE=0 LONGEXPOSURE_TMA=sdd run "${TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider \
-      tests/test_neuron_block_mlp.py -k "relu_bits_are or stored_through or store_stops or relu_boundary"
-    mlp_kernels mlp_kernels_bits "${AB_LIMIT:-210}" --diagnose-densities 1.0 --diagnose-epilogues
-    mlp_kernels mlp_kernels_bits_scattered "${AB_LIMIT:-140}" --diagnose-densities 0.62 --diagnose-scattered \
-      --diagnose-tokens 4096
+      tests/test_neuron_block_mlp.py -k "relu_bits_are or stored_through or store_stops or relu_boundary or rejects_bits"
+    if [ -z "${BITS_TESTS_ONLY:-}" ]; then  # BITS_TESTS_ONLY=1: the tests alone
+      mlp_kernels mlp_kernels_bits "${AB_LIMIT:-210}" --diagnose-densities 1.0 --diagnose-epilogues
+      mlp_kernels mlp_kernels_bits_scattered "${AB_LIMIT:-140}" --diagnose-densities 0.62 --diagnose-scattered \
+        --diagnose-tokens 4096
+    fi
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
     # opt-in kernel switches in E2E_SWITCHES (default: the MLP kernels' per-kernel winners of fig12_mlp run 7,

@@ -278,9 +278,9 @@ def _sdd_tile(
         # comparison a column instead of two
         tl.static_assert(EPILOGUE == 1, "the ReLU bits are the ReLU epilogue's")
         packed = _pack_bits(out != 0, BM, BN).to(tl.uint8)
-        if BITS_TMA and BN >= 128:  # one bulk store (a box's rows are 16 bytes or more), clipped like the pointer
-            # mask: the pointer store converted the packed bytes' layout through shared memory, with two barriers,
-            # and cost fc1 8-10% (fig12_mlp run 15)
+        if BITS_TMA and BN >= 128:  # one bulk store (a box's rows are 16 bytes or more), clipped by the
+            # descriptor at the count's last 16-byte chunk (bytes past the count in it are never read): no layout
+            # conversion through shared memory before the stores
             m_desc.store([pid_m * BM, pid_n * (BN // 8)], packed)
         else:
             bit_ptrs, bit_mask = _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN)
@@ -361,8 +361,9 @@ def _sdd_kernel(
                                            block_shape=[BM, BN // 2])
     else:
         c_desc = c_ptr
-    if MASK_OUT and BITS_TMA and BN >= 128:  # whole 32-column groups up to the count, as `_bit_bytes`' mask
-        m_desc = tl.make_tensor_descriptor(m_ptr, shape=[T, tl.maximum(tl.cdiv(n_cols, 32) * 4, 1)],
+    if MASK_OUT and BITS_TMA and BN >= 128:  # bounded by the count's last 16-byte chunk (128 columns), not its last
+        # 4-byte group: an H100 wrote a box's whole 16 bytes past a bound of 20 (so the bound says what is written)
+        m_desc = tl.make_tensor_descriptor(m_ptr, shape=[T, tl.maximum(tl.cdiv(n_cols, 128) * 16, 16)],
                                            strides=[stride_mm, 1], block_shape=[BM, BN // 8])
     else:
         m_desc = m_ptr
@@ -908,7 +909,8 @@ def neuron_block_mlp_forward(
 
 def relu_bits(tokens: int, cap_cols: int, device: torch.device) -> torch.Tensor:
     """An uninitialised uint8 buffer for the ReLU bits of a compact activation, 4 bytes for each 32 columns, rows
-    rounded up to 16 bytes (so fc1 can store them through a tensor descriptor): column 32g + 8q + 2b + e of a row is bit
+    rounded up to 16 bytes (so fc1 can store them through a tensor descriptor, which may also write the bytes past
+    the count up to the next 16-byte boundary; nothing reads them): column 32g + 8q + 2b + e of a row is bit
     2q + e of byte 4g + b, set where that column kept its value (h > 0, or NaN). That order is what a Hopper MMA thread
     holds (`_pack_bits`). A sixteenth of an fp16 h, so a frozen fc2 saves 1/16 of the activation for the backward, not
     all of it (fig7 memory, issue 18)."""

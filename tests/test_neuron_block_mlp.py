@@ -396,29 +396,32 @@ def test_relu_bits_are_the_kept_columns_packed_eight_a_byte(blocks, capacity):
 @pytest.mark.parametrize("persistent", ["0", "1"])
 def test_bits_stored_through_a_descriptor_stop_at_the_count(monkeypatch, persistent):
     """With descriptors and tiles 128 columns wide or more (a box row of 16 bytes), fc1 stores the ReLU bits by one
-    bulk copy a tile (the interpreter's usual tile is 32 wide, so this one is 128): its bytes decode to h's kept
-    columns, and the bytes past the count's last 32-column group (9 blocks of 16: 20 of a row's 32) stay as they
-    were, in a row tile cut short by the tokens too."""
+    bulk copy a tile (the interpreter's usual tile is 32 wide, so this one is 256): its bytes decode to h's kept
+    columns, and a row's bytes past the count's last 16-byte chunk stay as they were (19 blocks of 16: 40 bytes of
+    bits, written up to 48 of the buffer's 64; the second column tile's box, bytes 32-63, is cut at 48), in a row
+    tile cut short by the tokens too. (An H100 wrote a box's 16 bytes whole past a bound of 20: the bound is
+    rounded to 16 bytes.)"""
     if not descriptors.has_tma(DEVICE):
         pytest.skip(f"{DEVICE} has no TMA")
     monkeypatch.setenv("LONGEXPOSURE_TMA", "1")
     monkeypatch.setenv("LONGEXPOSURE_PERSISTENT", persistent)
-    monkeypatch.setattr(K._sdd_kernel, "configs", [triton.Config({"BM": 32, "BN": 128, "BK": 32, "GROUP_M": 8})])
+    monkeypatch.setattr(K._sdd_kernel, "configs", [triton.Config({"BM": 32, "BN": 256, "BK": 32, "GROUP_M": 8})])
     launched = []
     launch = K._launch
     monkeypatch.setattr(K, "_launch", lambda *a, **kw: launched.append(a[4]["BITS_TMA"]) or launch(*a, **kw))
-    block, tokens, k = 16, 37, 48
+    block, tokens, k, capacity, count = 16, 37, 48, 32, 19
     gen = torch.Generator().manual_seed(5)
-    a, w = torch.randn(tokens, k, generator=gen).to(DEVICE), torch.randn(16 * block, k, generator=gen).to(DEVICE)
-    ids = torch.tensor([0, 2, 3, 5, 7, 8, 11, 12, 15, 0, 0, 0], dtype=torch.int32, device=DEVICE)  # 9 of 12
-    out = torch.zeros(tokens, 12 * block, device=DEVICE)
-    bits = K.relu_bits(tokens, 12 * block, DEVICE).fill_(0xA5)
-    assert bits.shape == (tokens, 32)
-    K._launch_sdd(a, w, ids, torch.tensor([9], dtype=torch.int32, device=DEVICE), block, mask=bits, out=out)
+    a, w = torch.randn(tokens, k, generator=gen).to(DEVICE), torch.randn(capacity * block, k, generator=gen).to(DEVICE)
+    ids = torch.cat([torch.randperm(capacity, generator=gen)[:count].sort().values,
+                     torch.zeros(capacity - count, dtype=torch.long)]).to(torch.int32).to(DEVICE)
+    out = torch.zeros(tokens, capacity * block, device=DEVICE)
+    bits = K.relu_bits(tokens, capacity * block, DEVICE).fill_(0xA5)
+    assert bits.shape == (tokens, 64)
+    K._launch_sdd(a, w, ids, torch.tensor([count], dtype=torch.int32, device=DEVICE), block, mask=bits, out=out)
     assert launched == [True], "the bits must have gone through a descriptor"
-    cols = 9 * block
+    cols = count * block
     torch.testing.assert_close(kept_columns(bits, cols), out[:, :cols] > 0, rtol=0, atol=0)
-    assert bool((bits[:, 20:] == 0xA5).all()), "bytes past the count's last group were written"
+    assert bool((bits[:, 48:] == 0xA5).all()), "bytes past the count's last 16-byte chunk were written"
 
 
 @pytest.mark.parametrize("cut", ["a byte short", "int8"])
