@@ -62,7 +62,7 @@
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|defaults|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -169,6 +169,17 @@ case $stage in
       mlp_kernels mlp_kernels_bits_scattered "${AB_LIMIT:-140}" --diagnose-densities 0.62 --diagnose-scattered \
         --diagnose-tokens 4096
     fi
+    ;;
+  defaults)  # issue 21: descriptors + the persistent schedule for sdd and dsd by default (TMA_DEFAULT): the GPU tests
+    # with no switch set; fig7's compiled + graph step with the defaults (side "off") beside the old defaults (side
+    # "on": LONGEXPOSURE_TMA=0 LONGEXPOSURE_PERSISTENT=0, pointer loads one program per tile); the operator's quick table
+    ( unset LONGEXPOSURE_TMA LONGEXPOSURE_PERSISTENT
+      LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-120}" python3 -m pytest -q -p no:cacheprovider \
+        tests/test_neuron_block_mlp.py -k "relu_bits_are or stored_through or store_stops or relu_boundary or \
+        rejects_bits or persistent_grid or switch_names or compile_traces" )
+    E2E_SWITCHES="LONGEXPOSURE_TMA=0 LONGEXPOSURE_PERSISTENT=0" fig7_switches "off on" "${E2E_LIMIT:-230}"
+    [ -z "${SKIP_QUICK:-}" ] && run "${QUICK_LIMIT:-170}" python3 benchmarks/bench_mlp_operator.py --quick \
+      --out "$work/mlp_quick.json"
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
     # opt-in kernel switches in E2E_SWITCHES (default: the MLP kernels' per-kernel winners of fig12_mlp run 7,

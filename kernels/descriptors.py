@@ -1,11 +1,11 @@
 """When the Triton operators may read through Hopper tensor descriptors (TMA), one rule for all of them.
 
 A kernel built with `tl.make_tensor_descriptor` copies whole boxes with one bulk instruction instead of having
-every thread compute addresses; out-of-range rows and columns read as zeros. It is opt-in per operator family,
-each with its own environment switch read per launch (or per trace), so each is measured against pointer loads
-on its own before it becomes a default: `LONGEXPOSURE_TMA=1` for the neuron-block MLP kernels,
-`LONGEXPOSURE_BSA_TMA=1` for block-sparse attention. A family whose kernels win or lose separately names them:
-`LONGEXPOSURE_TMA=sdd,dsd` (on the H100 descriptors sped up sdd and dsd but slowed the weight gradient).
+every thread compute addresses; out-of-range rows and columns read as zeros. Each operator family has its own
+environment switch, read per launch (or per trace), so each kernel is measured against pointer loads on its own
+before it becomes a default: `LONGEXPOSURE_TMA` for the neuron-block MLP kernels (default `sdd,dsd` since
+2026-12-06: on the H100 descriptors sped up sdd and dsd but slowed the weight gradient), `LONGEXPOSURE_BSA_TMA=1`
+for block-sparse attention (opt-in). `0` turns a family's descriptors off, `1` on for every kernel.
 
 An operand is descriptor-legal when its innermost stride is 1 and every other stride and its start address are
 multiples of 16 bytes. A traced call (torch.compile) has no address yet: its storage is taken as aligned
@@ -42,10 +42,10 @@ def legal(t: torch.Tensor, traced: bool = False) -> bool:
     return t.stride(-1) == 1 and start % 16 == 0 and all(s > 0 and (s * size) % 16 == 0 for s in outer)
 
 
-def switched_on(switch: str, kernel: str | None = None, kernels: tuple[str, ...] = ()) -> bool:
-    """Environment `switch` asks for descriptors in `kernel`: "1" (every kernel), "0" (none), or a comma-separated
-    list of names from `kernels`; anything else is an error naming the valid values."""
-    value = os.environ.get(switch, "0")
+def switched_on(switch: str, kernel: str | None = None, kernels: tuple[str, ...] = (), default: str = "0") -> bool:
+    """Environment `switch` (`default` where unset) asks for descriptors in `kernel`: "1" (every kernel), "0" (none),
+    or a comma-separated list of names from `kernels`; anything else is an error naming the valid values."""
+    value = os.environ.get(switch, default)
     if value in ("0", "1"):
         return value == "1"
     names = {name.strip() for name in value.split(",")}
@@ -56,11 +56,11 @@ def switched_on(switch: str, kernel: str | None = None, kernels: tuple[str, ...]
 
 
 def use(switch: str, *operands: torch.Tensor, traced: bool = False, kernel: str | None = None,
-        kernels: tuple[str, ...] = ()) -> bool:
+        kernels: tuple[str, ...] = (), default: str = "0") -> bool:
     """Whether a launch of `kernel` (one of the family's `kernels`) reads `operands` through descriptors: the
-    environment `switch` asks for it (`switched_on`), the device has TMA and every operand is legal. Installs the
-    scratch allocator the descriptors need when none is set."""
-    if not switched_on(switch, kernel, kernels) or not has_tma(operands[0].device):
+    environment `switch` asks for it (`switched_on`, with the family's `default`), the device has TMA and every
+    operand is legal. Installs the scratch allocator the descriptors need when none is set."""
+    if not switched_on(switch, kernel, kernels, default) or not has_tma(operands[0].device):
         return False
     if not all(legal(t, traced) for t in operands):
         return False

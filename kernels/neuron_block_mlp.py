@@ -27,7 +27,7 @@ Four kernels (named by which operand is compact, stk-style):
   - `_wgrad_kernel`: G[act rows] = compact^T @ dense; dW1, dB1 (LoRA), dW2^T, dA2^T.
   - `_colsum_kernel`: g[act] = sum over tokens of compact; db1 in a fixed order, where deterministic algorithms
     are asked for (`torch.use_deterministic_algorithms`).
-With LONGEXPOSURE_TMA=1 (opt-in; timed per kernel on the H100, fig12_mlp run 6) sdd, dsd and wgrad read their
+On Hopper, sdd and dsd by default (`TMA_DEFAULT`; LONGEXPOSURE_TMA names the kernels, `1` adds wgrad) read their
 main product's operands through tensor descriptors (Hopper's bulk tensor copies) instead of per-element
 pointers: in dsd a K step inside one neuron block is BK contiguous weight rows (one box at
 `id * BLOCK + k % BLOCK`); in sdd a column tile inside one block, or over blocks with consecutive ids, is BN
@@ -339,7 +339,7 @@ def _sdd_kernel(
     USE_TMA: tl.constexpr,  # main product through tensor descriptors where a tile's weight rows are consecutive; the
     # compact output stored through one
     BITS_TMA: tl.constexpr,  # the ReLU bits stored through a descriptor (with USE_TMA, legal bits and BN >= 128)
-    PERSISTENT: tl.constexpr,  # one program per SM walks the tiles (LONGEXPOSURE_PERSISTENT=1); else one per tile
+    PERSISTENT: tl.constexpr,  # one program per SM walks the tiles (`_persistent`); else one per tile
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -461,7 +461,7 @@ def _dsd_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,  # operands through tensor descriptors (needs unit inner strides, 16-byte rows)
-    PERSISTENT: tl.constexpr,  # one program per SM walks the tiles (LONGEXPOSURE_PERSISTENT=1); else one per tile
+    PERSISTENT: tl.constexpr,  # one program per SM walks the tiles (`_persistent`); else one per tile
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -744,8 +744,8 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
     dummy = a
     if skinny_out is None:  # never a real input: the autotuner zeroes this argument while tuning
         skinny_out = _scratch_f32(a.device) if wrap is _no_wrap else a.new_empty(1, dtype=torch.float32)
-    persistent = _persistent()
     use_tma = _use_tma("sdd", a, w, out, traced=wrap is not _no_wrap)
+    persistent = _persistent(use_tma)
     tiles = lambda meta: triton.cdiv(tokens, meta["BM"]) * triton.cdiv(cap_cols, meta["BN"])  # noqa: E731
     grid = lambda meta: (min(tiles(meta), _programs(a.device)) if persistent else tiles(meta),)  # noqa: E731
     _launch(wrap, _sdd_kernel, grid, (
@@ -771,23 +771,31 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
 
 
 TMA_KERNELS = ("sdd", "dsd", "wgrad")  # the names LONGEXPOSURE_TMA may list
+# LONGEXPOSURE_TMA where unset: the kernels descriptors (with the persistent schedule) sped up on the H100 at density
+# 1.0 and at fig7's scattered 0.62 (fig12_mlp run 17: fc1 0.116 vs 0.131 ms, dZ 0.117 vs 0.130, dsd 0.095 vs 0.098);
+# the weight gradient is faster with pointer loads (run 7). fig7's compiled step was the same either way (1.23x).
+TMA_DEFAULT = "sdd,dsd"
 
 
 def _use_tma(kernel: str, *operands: torch.Tensor, traced: bool = False) -> bool:
-    """LONGEXPOSURE_TMA=1, or a list naming `kernel` (e.g. `sdd,dsd`; read per launch, or per trace), a Hopper GPU
-    (or the interpreter), descriptor-legal operands: the rule of `kernels/descriptors.py`. Traced calls
-    (torch.compile) take descriptors too since 2026-12-05 (before, only eager calls did)."""
-    return descriptors.use("LONGEXPOSURE_TMA", *operands, traced=traced, kernel=kernel, kernels=TMA_KERNELS)
+    """LONGEXPOSURE_TMA (`TMA_DEFAULT` where unset; `0` none, `1` all, or a list such as `sdd,dsd`; read per launch,
+    or per trace) names `kernel`, on a Hopper GPU (or the interpreter), with descriptor-legal operands: the rule of
+    `kernels/descriptors.py`. Traced calls (torch.compile) take descriptors too since 2026-12-05."""
+    return descriptors.use("LONGEXPOSURE_TMA", *operands, traced=traced, kernel=kernel, kernels=TMA_KERNELS,
+                           default=TMA_DEFAULT)
 
 
-def _persistent() -> bool:
-    """LONGEXPOSURE_PERSISTENT=1 (opt-in, read per launch or per trace): sdd and dsd run one program per SM, each
-    walking tiles in a loop that Triton pipelines across tile boundaries; dsd only with descriptor loads.
+def _persistent(with_descriptors: bool) -> bool:
+    """Whether sdd and dsd run one program per SM, each walking tiles in a loop that Triton pipelines across tile
+    boundaries: LONGEXPOSURE_PERSISTENT=1 / 0 (read per launch or per trace), and where unset, when the launch reads
+    through descriptors. dsd runs persistent only with descriptor loads.
 
     Timed on the H100 (1be31af, `artifacts/fig12_mlp`, run 7, d 2048 / ffn 8192 / 2048 tokens): persistent sdd
     0.129 ms at density 1.0 with descriptors (0.149 one program per tile); persistent dsd 0.098 ms with descriptors
     but 1.18 ms with pointer loads (0.102 one program per tile), so `_launch_dsd` keeps pointer loads one per tile."""
-    value = os.environ.get("LONGEXPOSURE_PERSISTENT", "0")
+    value = os.environ.get("LONGEXPOSURE_PERSISTENT")
+    if value is None:
+        return with_descriptors
     if value not in ("0", "1"):
         raise ValueError(f"LONGEXPOSURE_PERSISTENT={value!r}: expected '0' or '1'")
     return value == "1"
@@ -806,7 +814,7 @@ def _launch_dsd(c, w, ids, count, block, *, bias=None, out, wrap=_no_wrap):
     if c.shape[1] == 0:  # no capacity: the product is empty
         return out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
     use_tma = _use_tma("dsd", c, w, traced=wrap is not _no_wrap)
-    persistent = _persistent() and use_tma  # the pointer path's persistent loop ran 11x slower (`_persistent`)
+    persistent = _persistent(use_tma) and use_tma  # the pointer path's persistent loop ran 11x slower (`_persistent`)
     tiles = lambda meta: triton.cdiv(tokens, meta["BM"]) * triton.cdiv(n, meta["BN"])  # noqa: E731
     grid = lambda meta: (min(tiles(meta), _programs(c.device)) if persistent else tiles(meta),)  # noqa: E731
     _launch(wrap, _dsd_kernel, grid, (

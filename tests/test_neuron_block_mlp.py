@@ -158,21 +158,27 @@ def check_against_reference(p: Problem) -> None:
     lora=st.booleans(),
     bias=st.booleans(),
     neuron_major=st.booleans(),
+    switches=st.sampled_from(["defaults", "pointer"]),
 )
 @example(seed=1, tokens=33, d_units=3, block=16, blocks=8, dtype=torch.float32, pattern="random", capacity="padded",
-         lora=True, bias=True, neuron_major=True)
+         lora=True, bias=True, neuron_major=True, switches="defaults")
 @example(seed=2, tokens=1, d_units=1, block=128, blocks=2, dtype=torch.float32, pattern="all", capacity="exact",
-         lora=True, bias=False, neuron_major=False)
+         lora=True, bias=False, neuron_major=False, switches="pointer")
 @example(seed=3, tokens=17, d_units=2, block=32, blocks=3, dtype=torch.float16, pattern="empty", capacity="padded",
-         lora=True, bias=True, neuron_major=True)
+         lora=True, bias=True, neuron_major=True, switches="defaults")
 @example(seed=4, tokens=40, d_units=4, block=64, blocks=2, dtype=torch.bfloat16, pattern="one", capacity="exact",
-         lora=False, bias=True, neuron_major=True)
+         lora=False, bias=True, neuron_major=True, switches="pointer")
 def test_forward_and_every_gradient_match_reference(seed, tokens, d_units, block, blocks, dtype, pattern, capacity,
-                                                    lora, bias, neuron_major):
+                                                    lora, bias, neuron_major, switches):
+    """Every output and gradient against the float64 reference, with the default kernel paths (on Hopper and in the
+    interpreter: descriptors and the persistent schedule for sdd and dsd) or pointer loads one program per tile (what
+    other GPUs run)."""
     blocks = min(blocks, max(1, 256 // block))  # keep ffn <= 256 so the interpreter stays quick
     d_model = 16 * d_units  # a multiple of every block size up to 16; 48 and 80 leave partial K tiles
     p = make_problem(seed, tokens, d_model, blocks, block, dtype, pattern, capacity, lora, bias, neuron_major)
-    check_against_reference(p)
+    pointer = {"LONGEXPOSURE_TMA": "0", "LONGEXPOSURE_PERSISTENT": "0"} if switches == "pointer" else {}
+    with mock.patch.dict(os.environ, pointer):
+        check_against_reference(p)
 
 
 def recorded_tma_decisions(monkeypatch) -> list[bool]:  # noqa: ANN001 - pytest's fixture
@@ -248,7 +254,7 @@ def test_persistent_kernels_match_reference(seed, tokens, d_units, block, dtype,
     decided = []
     persistent = K._persistent
     with mock.patch.dict(os.environ, {"LONGEXPOSURE_PERSISTENT": "1", "LONGEXPOSURE_TMA": "1" if tma else "0"}), \
-            mock.patch.object(K, "_persistent", lambda: decided.append(persistent()) or decided[-1]):
+            mock.patch.object(K, "_persistent", lambda used: decided.append(persistent(used)) or decided[-1]):
         p = make_problem(seed, tokens, 16 * d_units, max(1, 256 // block), block, dtype, pattern, capacity,
                          lora=True, bias=True)
         check_against_reference(p)
@@ -256,14 +262,19 @@ def test_persistent_kernels_match_reference(seed, tokens, d_units, block, dtype,
 
 
 @pytest.mark.parametrize("switch, tma, dsd_programs, sdd_programs",
-                         [("0", "1", 12, 8), ("1", "1", 3, 3), ("1", "0", 12, 3)])
+                         [("0", "1", 12, 8), ("1", "1", 3, 3), ("1", "0", 12, 3), (None, None, 3, 3),
+                          (None, "0", 12, 8), (None, "wgrad", 12, 8)])
 def test_persistent_grid_is_one_program_per_sm(monkeypatch, switch, tma, dsd_programs, sdd_programs):
     """A persistent launch has min(tiles, SMs) programs (3 "SMs" in the interpreter); one per tile otherwise (dsd
-    4 x 3, sdd 4 x 2). dsd runs persistent only through descriptors: its pointer loop measured 11x slower."""
-    if tma == "1" and not descriptors.has_tma(DEVICE):
+    4 x 3, sdd 4 x 2). dsd runs persistent only through descriptors: its pointer loop measured 11x slower. Unset
+    (None), LONGEXPOSURE_PERSISTENT follows the descriptors, and LONGEXPOSURE_TMA gives them to sdd and dsd."""
+    if tma in ("1", None) and not descriptors.has_tma(DEVICE):
         pytest.skip(f"{DEVICE} has no TMA: dsd cannot take descriptors there")
-    monkeypatch.setenv("LONGEXPOSURE_PERSISTENT", switch)
-    monkeypatch.setenv("LONGEXPOSURE_TMA", tma)
+    for name, value in (("LONGEXPOSURE_PERSISTENT", switch), ("LONGEXPOSURE_TMA", tma)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     monkeypatch.setattr(K, "_programs", lambda _: 3)
     launches = []
     monkeypatch.setattr(K, "_launch", lambda wrap, kernel, grid, args, meta, **kw: launches.append(
@@ -274,17 +285,21 @@ def test_persistent_grid_is_one_program_per_sm(monkeypatch, switch, tma, dsd_pro
     K._launch_dsd(c, w, ids, count, 32, out=zeros(100, 96))  # 4 x 3 output tiles
     K._launch_sdd(zeros(100, 96), w, ids, count, 32, out=c)  # 4 x 2 compact tiles
     (dsd_grid, dsd_persistent, dsd_tma), (sdd_grid, sdd_persistent, _) = launches
-    assert dsd_tma == (tma == "1")
+    assert dsd_tma == (tma in ("1", None))
     assert (dsd_grid, sdd_grid) == ((dsd_programs,), (sdd_programs,))
     assert (dsd_persistent, sdd_persistent) == (dsd_programs == 3, sdd_programs == 3)
 
 
 @pytest.mark.parametrize("switch, wanted", [("1", {"sdd", "dsd", "wgrad"}), ("0", set()), ("sdd,dsd", {"sdd", "dsd"}),
-                                            ("wgrad", {"wgrad"}), (" dsd , sdd", {"sdd", "dsd"})])
+                                            ("wgrad", {"wgrad"}), (" dsd , sdd", {"sdd", "dsd"}),
+                                            (None, {"sdd", "dsd"})])
 def test_descriptor_switch_names_kernels(monkeypatch, switch, wanted):
-    """LONGEXPOSURE_TMA lists the kernels that read through descriptors (each measured on its own); the others keep
-    pointer loads, and every listed kernel still matches the reference."""
-    monkeypatch.setenv("LONGEXPOSURE_TMA", switch)
+    """LONGEXPOSURE_TMA lists the kernels that read through descriptors (each measured on its own; unset, the ones
+    that won: sdd and dsd); the others keep pointer loads, and every listed kernel still matches the reference."""
+    if switch is None:
+        monkeypatch.delenv("LONGEXPOSURE_TMA", raising=False)
+    else:
+        monkeypatch.setenv("LONGEXPOSURE_TMA", switch)
     asked = set()
     use_tma = K._use_tma
     monkeypatch.setattr(K, "_use_tma", lambda kernel, *ops, **kw: use_tma(kernel, *ops, **kw) and not asked.add(kernel))
@@ -305,7 +320,7 @@ def test_descriptor_switch_rejects_unknown_kernels(monkeypatch, switch):
 def test_persistent_switch_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("LONGEXPOSURE_PERSISTENT", "yes")
     with pytest.raises(ValueError, match="LONGEXPOSURE_PERSISTENT='yes'"):
-        K._persistent()
+        K._persistent(True)
 
 
 def test_relu_boundary_pre_activation_exactly_zero():

@@ -161,7 +161,10 @@ def compiled_kernels() -> dict[str, dict[str, int]]:
     mlp_inputs = [r(24, d), r(ffn, d), r(ffn), neuron_major(r(d, ffn)), r(d), r(4, d), r(ffn, 4), r(5, ffn), r(d, 5),
                   torch.arange(4, dtype=torch.int32), torch.tensor([3], dtype=torch.int32)]
     tma = lambda args: f" tma={int(args['USE_TMA'])}" if "USE_TMA" in args else ""
+    # a Hopper GPU with 132 SMs (a persistent launch's grid asks for the count; descriptors bring it by default)
     hopper = mock.patch.object(descriptors, "has_tma", lambda _: True)
+    sms = mock.patch.object(mlp_kernels, "_programs", lambda _: 132)
+    sms.start()
     with mock.patch.dict(os.environ, {"LONGEXPOSURE_TMA": "1"}), hopper:
         mlp_tma = joint_graph(mlp, mlp_inputs, tma)
     with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_TMA": "1"}), hopper:
@@ -169,12 +172,17 @@ def compiled_kernels() -> dict[str, dict[str, int]]:
     with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_PAIR": "1"}):
         attention_pair = joint_graph(attention, attention_inputs, lambda args: f" pair={args.get('PAIR', '-')}")
     persistent = lambda args: " persistent" if args.get("PERSISTENT") else ""
-    with mock.patch.dict(os.environ, {"LONGEXPOSURE_PERSISTENT": "1"}), \
-            mock.patch.object(mlp_kernels, "_programs", lambda _: 132):
+    with mock.patch.dict(os.environ, {"LONGEXPOSURE_PERSISTENT": "1"}):
         mlp_persistent = joint_graph(mlp, mlp_inputs, persistent)
         with mock.patch.dict(os.environ, {"LONGEXPOSURE_TMA": "1"}), hopper:
             mlp_persistent_tma = joint_graph(mlp, mlp_inputs, persistent)
+    with mock.patch.dict(os.environ), hopper:
+        for switch in ("LONGEXPOSURE_TMA", "LONGEXPOSURE_PERSISTENT"):  # unset: the defaults on a Hopper GPU
+            os.environ.pop(switch, None)
+        mlp_hopper = joint_graph(mlp, mlp_inputs, lambda args: tma(args) + persistent(args))
+    sms.stop()
     return {
+        "mlp, defaults on Hopper": mlp_hopper,
         "mlp": joint_graph(mlp, mlp_inputs),
         "mlp, LONGEXPOSURE_TMA=1": mlp_tma,
         "mlp, LONGEXPOSURE_PERSISTENT=1": mlp_persistent,
@@ -194,6 +202,9 @@ def test_compiled_graph_holds_every_kernel_of_both_directions():
         # forward: fc1 (sdd), fc2 (dsd); backward: dZ (sdd, db1 summed in its epilogue), dx (dsd), dW1, dB1, dW2, dA2
         # (wgrad); the column-sum kernel only where deterministic algorithms are asked for
         "mlp": {"_sdd_kernel": 2, "_dsd_kernel": 2, "_wgrad_kernel": 4},
+        # on Hopper, with no switch set: sdd and dsd through descriptors and persistent, wgrad with pointer loads
+        "mlp, defaults on Hopper": {"_sdd_kernel tma=1 persistent": 2, "_dsd_kernel tma=1 persistent": 2,
+                                    "_wgrad_kernel tma=0": 4},
         # traced launches read through descriptors too, where the operands allow: not dA2's, whose right operand
         # (tokens, rank 5) fp32 has 20-byte rows
         # LONGEXPOSURE_PERSISTENT=1 reaches traced launches: sdd persistent, dsd too where it reads through
