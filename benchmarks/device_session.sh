@@ -96,7 +96,8 @@ mlp_kernels() {  # mlp_kernels NAME LIMIT ARGS...: per-kernel times, pointer / d
 }
 fig7_switches() {  # fig7_switches SIDES LIMIT: fig7's three compile + graph LoRA rows without (off) / with (on) the
   # switches in E2E_SWITCHES, one process a side, each beside the strongest dense baseline; written to switches.txt
-  local switches=${E2E_SWITCHES:-LONGEXPOSURE_TMA=sdd,dsd LONGEXPOSURE_PERSISTENT=1} side
+  # (default since 5ca8a49, where descriptors + persistent became Hopper's default: the pointer loads of before)
+  local switches=${E2E_SWITCHES:-LONGEXPOSURE_TMA=0 LONGEXPOSURE_PERSISTENT=0} side
   echo "$switches" > "$work/switches.txt"
   for side in $1; do
     ( [ "$side" = on ] && export $switches
@@ -177,15 +178,15 @@ case $stage in
       LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-120}" python3 -m pytest -q -p no:cacheprovider \
         tests/test_neuron_block_mlp.py -k "relu_bits_are or stored_through or store_stops or relu_boundary or \
         rejects_bits or persistent_grid or switch_names or compile_traces" )
-    E2E_SWITCHES="LONGEXPOSURE_TMA=0 LONGEXPOSURE_PERSISTENT=0" fig7_switches "off on" "${E2E_LIMIT:-230}"
+    fig7_switches "off on" "${E2E_LIMIT:-230}"
     [ -z "${SKIP_QUICK:-}" ] && run "${QUICK_LIMIT:-170}" python3 benchmarks/bench_mlp_operator.py --quick \
       --out "$work/mlp_quick.json"
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
-    # opt-in kernel switches in E2E_SWITCHES (default: the MLP kernels' per-kernel winners of fig12_mlp run 7,
-    # descriptors for sdd and dsd, persistent sdd and dsd; e.g. E2E_SWITCHES="LONGEXPOSURE_BSA_DQ=atomic
-    # LONGEXPOSURE_BSA_TMA=1" for attention's), each run beside the strongest dense baseline of its own process; the
-    # switches are written to switches.txt
+    # kernel switches in E2E_SWITCHES (default: the MLP's pointer loads one program per tile, the defaults before
+    # 5ca8a49; up to 8207219 it was the then opt-in descriptors + persistent for sdd and dsd; e.g.
+    # E2E_SWITCHES="LONGEXPOSURE_BSA_DQ=atomic LONGEXPOSURE_BSA_TMA=1" for attention's), each run beside the strongest
+    # dense baseline of its own process; the switches are written to switches.txt
     fig7_switches "${E2E_SIDES:-off on}" "${E2E_LIMIT:-280}"  # E2E_SIDES=on: the switched side only
     ;;
   tma)  # LONGEXPOSURE_TMA=1 correctness on the real kernels, then pointer vs descriptor kernel times
