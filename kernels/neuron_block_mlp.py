@@ -338,7 +338,7 @@ def _sdd_kernel(
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,  # main product through tensor descriptors where a tile's weight rows are consecutive; the
     # compact output stored through one
-    BITS_TMA: tl.constexpr,  # the ReLU bits stored through a descriptor (with USE_TMA, legal bits and BN >= 128)
+    BITS_TMA: tl.constexpr,  # MASK_OUT's bits stored through a descriptor (with USE_TMA, legal bits; BN >= 128)
     PERSISTENT: tl.constexpr,  # one program per SM walks the tiles (`_persistent`); else one per tile
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -361,7 +361,7 @@ def _sdd_kernel(
                                            block_shape=[BM, BN // 2])
     else:
         c_desc = c_ptr
-    if MASK_OUT and BITS_TMA and BN >= 128:  # bounded by the count's last 16-byte chunk (128 columns), not its last
+    if BITS_TMA and BN >= 128:  # bounded by the count's last 16-byte chunk (128 columns), not its last
         # 4-byte group: an H100 wrote a box's whole 16 bytes past a bound of 20 (so the bound says what is written)
         m_desc = tl.make_tensor_descriptor(m_ptr, shape=[T, tl.maximum(tl.cdiv(n_cols, 128) * 16, 16)],
                                            strides=[stride_mm, 1], block_shape=[BM, BN // 8])
@@ -746,6 +746,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
         skinny_out = _scratch_f32(a.device) if wrap is _no_wrap else a.new_empty(1, dtype=torch.float32)
     use_tma = _use_tma("sdd", a, w, out, traced=wrap is not _no_wrap)
     persistent = _persistent(use_tma)
+    mask_out = epilogue == 1 and mask is not None
     tiles = lambda meta: triton.cdiv(tokens, meta["BM"]) * triton.cdiv(cap_cols, meta["BN"])  # noqa: E731
     grid = lambda meta: (min(tiles(meta), _programs(a.device)) if persistent else tiles(meta),)  # noqa: E731
     _launch(wrap, _sdd_kernel, grid, (
@@ -762,9 +763,9 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
         skinny_out.stride(0), 0 if bias is None else bias.stride(0),
     ), dict(
         BLOCK=block, HAS_LOW_RANK=e is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
-        MASK_OUT=epilogue == 1 and mask is not None, HAS_SKINNY=skinny is not None,
+        MASK_OUT=mask_out, HAS_SKINNY=skinny is not None,
         HAS_COLSUM=colsum_out is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
-        USE_TMA=use_tma, BITS_TMA=use_tma and mask is not None and descriptors.legal(mask, wrap is not _no_wrap),
+        USE_TMA=use_tma, BITS_TMA=mask_out and use_tma and descriptors.legal(mask, wrap is not _no_wrap),
         PERSISTENT=persistent,
     ), key=(a.dtype, _bucket(tokens), k, r, r2, cap_cols), even=("EVEN_K", k))
     return out

@@ -421,6 +421,7 @@ def test_bits_stored_through_a_descriptor_stop_at_the_count(monkeypatch, persist
     monkeypatch.setenv("LONGEXPOSURE_TMA", "1")
     monkeypatch.setenv("LONGEXPOSURE_PERSISTENT", persistent)
     monkeypatch.setattr(K._sdd_kernel, "configs", [triton.Config({"BM": 32, "BN": 256, "BK": 32, "GROUP_M": 8})])
+    monkeypatch.setattr(K, "_CHOSEN", {})  # on a GPU, no config an earlier launch of the same key settled on
     launched = []
     launch = K._launch
     monkeypatch.setattr(K, "_launch", lambda *a, **kw: launched.append(a[4]["BITS_TMA"]) or launch(*a, **kw))
