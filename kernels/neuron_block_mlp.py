@@ -774,7 +774,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
 TMA_KERNELS = ("sdd", "dsd", "wgrad")  # the names LONGEXPOSURE_TMA may list
 # LONGEXPOSURE_TMA where unset: the kernels descriptors (with the persistent schedule) sped up on the H100 at density
 # 1.0 and at fig7's scattered 0.62 (fig12_mlp run 17: fc1 0.116 vs 0.131 ms, dZ 0.117 vs 0.130, dsd 0.095 vs 0.098);
-# the weight gradient is faster with pointer loads (run 7). fig7's compiled step was the same either way (1.23x).
+# the weight gradient is faster with pointer loads (run 7). fig7's compiled step ties either way (1.26x at 5ca8a49).
 TMA_DEFAULT = "sdd,dsd"
 
 
