@@ -964,9 +964,9 @@ def neuron_block_mlp_backward(
         raise ValueError("h: fc2's weight and LoRA A gradients read the forward's activations")
     if need_w1 and x is None:
         raise ValueError("x: fc1's weight gradient reads the forward's input")
-    if tuple(bits.shape) != _relu_bits_shape(dy.shape[0], capacity * block_size) or bits.dtype != torch.uint8:
-        raise ValueError(f"bits: expected the forward's ReLU bits, uint8 "
-                         f"{_relu_bits_shape(dy.shape[0], capacity * block_size)} (`relu_bits`), got "
+    expected = _relu_bits_shape(dy.shape[0], capacity * block_size)
+    if tuple(bits.shape) != expected or bits.dtype != torch.uint8:
+        raise ValueError(f"bits: expected the forward's ReLU bits, uint8 {expected} (`relu_bits`), got "
                          f"{bits.dtype} {tuple(bits.shape)}")
     if need_x or need_w1 or need_b1 or need_u or need_b1lr:
         dz = dy.new_empty(dy.shape[0], capacity * block_size)

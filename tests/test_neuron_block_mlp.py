@@ -181,6 +181,14 @@ def test_forward_and_every_gradient_match_reference(seed, tokens, d_units, block
         check_against_reference(p)
 
 
+def set_switch(monkeypatch, name: str, value: str | None) -> None:  # noqa: ANN001 - pytest's fixture
+    """Environment switch `name` set to `value`, or unset (its default) where `value` is None."""
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+
+
 def recorded_tma_decisions(monkeypatch) -> list[bool]:  # noqa: ANN001 - pytest's fixture
     """Records each launch's descriptor decision (`_use_tma`), so a test can assert the descriptor path really ran."""
     decided: list[bool] = []
@@ -270,11 +278,8 @@ def test_persistent_grid_is_one_program_per_sm(monkeypatch, switch, tma, dsd_pro
     (None), LONGEXPOSURE_PERSISTENT follows the descriptors, and LONGEXPOSURE_TMA gives them to sdd and dsd."""
     if tma in ("1", None) and not descriptors.has_tma(DEVICE):
         pytest.skip(f"{DEVICE} has no TMA: dsd cannot take descriptors there")
-    for name, value in (("LONGEXPOSURE_PERSISTENT", switch), ("LONGEXPOSURE_TMA", tma)):
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
+    set_switch(monkeypatch, "LONGEXPOSURE_PERSISTENT", switch)
+    set_switch(monkeypatch, "LONGEXPOSURE_TMA", tma)
     monkeypatch.setattr(K, "_programs", lambda _: 3)
     launches = []
     monkeypatch.setattr(K, "_launch", lambda wrap, kernel, grid, args, meta, **kw: launches.append(
@@ -296,10 +301,7 @@ def test_persistent_grid_is_one_program_per_sm(monkeypatch, switch, tma, dsd_pro
 def test_descriptor_switch_names_kernels(monkeypatch, switch, wanted):
     """LONGEXPOSURE_TMA lists the kernels that read through descriptors (each measured on its own; unset, the ones
     that won: sdd and dsd); the others keep pointer loads, and every listed kernel still matches the reference."""
-    if switch is None:
-        monkeypatch.delenv("LONGEXPOSURE_TMA", raising=False)
-    else:
-        monkeypatch.setenv("LONGEXPOSURE_TMA", switch)
+    set_switch(monkeypatch, "LONGEXPOSURE_TMA", switch)
     asked = set()
     use_tma = K._use_tma
     monkeypatch.setattr(K, "_use_tma", lambda kernel, *ops, **kw: use_tma(kernel, *ops, **kw) and not asked.add(kernel))
