@@ -354,6 +354,35 @@ def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[fl
     return out
 
 
+def profile_kernels(cases: list[MlpOperatorCase], calls: int = 5) -> dict:
+    """Where each case's forward and backward spend their GPU time: torch.profiler's kernel list (name, calls and
+    microseconds per call of `fwd` / `bwd`), after warm-up calls (autotuning included). What the queued timings do
+    not say: which kernels (fills, casts, copies) besides the matmuls a call launches, and how long each takes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for case in cases:
+        built = build_case(case, "cuda", seed=0)
+        label = f"{case.backend} grads={case.grads} density={case.density} capacity={case.capacity}"
+        for phase, fn in (("fwd", built.fwd), ("bwd", built.bwd)):
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    fn()
+                torch.cuda.synchronize()
+            kernels = sorted(((e.key, e.count / calls, e.device_time_total / calls) for e in prof.key_averages()
+                              if e.device_time_total > 0), key=lambda kv: -kv[2])
+            total = sum(us for _, _, us in kernels)
+            out[f"{label} {phase}"] = {"us_per_call": round(total, 1),
+                                        "kernels": [[name[:90], n, round(us, 2)] for name, n, us in kernels]}
+            print(f"{label} {phase}: {total:.1f} us of kernels a call")
+            for name, n, us in kernels:
+                print(f"    {us:8.2f} us  x{n:<4g} {name[:90]}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="JSON file to write (rows, target checks, meta)")
@@ -371,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--diagnose-tokens", type=int, default=2048, help="--diagnose: tokens (fig7's step: 4096)")
     ap.add_argument("--diagnose-epilogues", action="store_true",
                     help="--diagnose: also fc1 without its ReLU bits, and without any epilogue")
+    ap.add_argument("--profile", type=Path,
+                    help="per-kernel GPU time (torch.profiler) of the quick grid's triton and torch-gather cases at "
+                         "densities 1.0 and 0.1, written to this JSON")
     args = ap.parse_args(argv)
 
     if args.report:
@@ -388,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import triton
 
+    if args.profile:
+        cases = [c for c in matrix(quick=True) if c.density in (1.0, 0.1) and c.capacity == "all"]
+        args.profile.parent.mkdir(parents=True, exist_ok=True)
+        args.profile.write_text(json.dumps(profile_kernels(cases), indent=1))
+        if not (args.out or args.diagnose):
+            return 0
     if args.diagnose:
         args.diagnose.write_text(json.dumps(diagnose(tuple(args.diagnose_spaces), tuple(args.diagnose_densities),
                                                      args.diagnose_persistent, args.diagnose_scattered,
