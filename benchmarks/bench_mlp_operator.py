@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta["autotuned"] = {
         name: {str(k): str(v) for k, v in getattr(kernels, name).cache.items()}
-        for name in ("_sdd_kernel", "_dsd_kernel", "_wgrad_kernel")
+        for name in ("_sdd_kernel", "_dsd_kernel", "_wgrad_kernel", "_wgrad_skinny_kernel")
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@
 #                                                # step with E2E_SWITCHES (on side only), in one call
 #   bash benchmarks/device_session.sh bits-order # the ReLU bits in MMA thread order: GPU tests, per-kernel tables at
 #                                                # density 1.0 and fig7's scattered shape
+#   bash benchmarks/device_session.sh narrow     # half-width sdd / wgrad tiles at low counts: GPU tests, kernel profiles,
+#                                                # the MLP quick table with and without them
 #   bash benchmarks/device_session.sh switches-e2e  # fig7 compile + graph steps without / with E2E_SWITCHES (default
 #                                                # LONGEXPOSURE_TMA=1: the MLP's descriptors), two runs
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
@@ -62,7 +64,7 @@
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|defaults|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|defaults|narrow|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -181,6 +183,17 @@ case $stage in
     fig7_switches "off on" "${E2E_LIMIT:-230}"
     [ -z "${SKIP_QUICK:-}" ] && run "${QUICK_LIMIT:-170}" python3 benchmarks/bench_mlp_operator.py --quick \
       --out "$work/mlp_quick.json"
+    ;;
+  narrow)  # issue 21: sdd / wgrad's half-width tiles at low counts (LONGEXPOSURE_NARROW) and LoRA's narrow weight-
+    # gradient tiles: the GPU tests of both, each quick-grid case's kernels (torch.profiler), the quick table with the
+    # half-width tiles (default) and without (LONGEXPOSURE_NARROW=0), one process each
+    LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider \
+      tests/test_neuron_block_mlp.py -k "half_width or relu_bits_are or stored_through or store_stops or \
+      persistent_grid or only_for_what or bias_gradient"
+    run "${PROFILE_LIMIT:-120}" python3 benchmarks/bench_mlp_operator.py --profile "$work/mlp_profile.json"
+    run "${QUICK_LIMIT:-170}" python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
+    [ -z "${SKIP_OFF:-}" ] && LONGEXPOSURE_NARROW=0 run "${QUICK_LIMIT:-170}" python3 benchmarks/bench_mlp_operator.py \
+      --quick --out "$work/mlp_quick_narrow_off.json"
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
     # kernel switches in E2E_SWITCHES (default: the MLP's pointer loads one program per tile, the defaults before

@@ -24,7 +24,8 @@ Four kernels (named by which operand is compact, stk-style):
     never needs its own, badly parallel, pass over the compact buffer; atomics make it order-dependent
     in the last fp32 bits).
   - `_dsd_kernel`: dense = compact @ W[act] (+ bias); fc2 forward and, in backward, dx = dZ @ W1[act].
-  - `_wgrad_kernel`: G[act rows] = compact^T @ dense; dW1, dB1 (LoRA), dW2^T, dA2^T.
+  - `_wgrad_kernel`: G[act rows] = compact^T @ dense; dW1, dB1 (LoRA), dW2^T, dA2^T (LoRA's, at most SKINNY_N
+    wide, through `_wgrad_skinny_kernel`: the same kernel over narrow tiles).
   - `_colsum_kernel`: g[act] = sum over tokens of compact; db1 in a fixed order, where deterministic algorithms
     are asked for (`torch.use_deterministic_algorithms`).
 On Hopper, sdd and dsd by default (`TMA_DEFAULT`; LONGEXPOSURE_TMA names the kernels, `1` adds wgrad) read their
@@ -93,6 +94,22 @@ def _autotune_configs(large_tiles: bool = True) -> list[triton.Config]:
         cfg(64, 64, 64, 4, 5),
     ]
 
+
+def _skinny_configs() -> list[triton.Config]:
+    """Tiles for a weight gradient whose output is at most 32 columns wide (LoRA's dB1 and dA2, N = the rank): 16 or
+    32 columns, so the tensor cores do not multiply a 64- to 256-wide tile of which all but N columns are masked off
+    (on the H100, dB1 + dA2 at rank 16 took 89 us at density 1.0 in a 128 x 256 tile tuned for dW1, 6 us in cuBLAS)."""
+    def cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+        return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+
+    if INTERPRET:
+        return [cfg(32, 16, 32, 4, 1)]
+    if os.environ.get("LONGEXPOSURE_AUTOTUNE", "1") == "0":
+        return [cfg(64, 32, 64, 4, 3)]
+    return [cfg(bm, bn, bk, 4, 4) for bm in (64, 128) for bn in (16, 32) for bk in (64, 128)]
+
+
+SKINNY_N = 32  # widest weight-gradient output that takes `_skinny_configs`' tiles
 
 _KEY = ["T_BUCKET", "K", "BLOCK", "HAS_LOW_RANK", "HAS_BIAS", "EPILOGUE"]
 
@@ -301,56 +318,33 @@ def _sdd_tile(
         tl.atomic_add(cs_ptr + rows, part, mask=mask_c, sem="relaxed")
 
 
-# reset_to_zero: the skinny output is accumulated by atomics, so every autotuning run must start from
-# zeros (without it the first, tuning call returned the sum of all benchmark runs: seen on the H100).
-@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "CAP", "USE_TMA", "PERSISTENT"],
-                 reset_to_zero=["o2_ptr", "cs_ptr"])
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
-def _sdd_kernel(
-    a_ptr,  # (tokens, K) dense left operand: x (fc1 forward) or dy (backward)
-    w_ptr,  # (ffn, K) neuron-major weight: fc1.weight, or fc2.weight^T
-    e_ptr,  # (tokens, R) low-rank left operand (HAS_LOW_RANK): scaled x A1^T, or dv
-    l_ptr,  # (ffn, R) neuron-major low-rank weight (HAS_LOW_RANK): B1, or A2^T
-    bias_ptr,  # (ffn,) (HAS_BIAS)
-    m_ptr,  # (tokens, capacity*BLOCK/8) uint8 ReLU bits: written when MASK_OUT, read when EPILOGUE == 2
-    c_ptr,  # (tokens, capacity*BLOCK) compact output
-    s_ptr,  # (ffn, R2) neuron-major skinny weight (HAS_SKINNY): A2^T (forward) or B1 (backward)
-    o2_ptr,  # (tokens, R2) fp32, zeroed: += c_tile @ s[rows] (HAS_SKINNY), by atomics across column tiles
-    cs_ptr,  # (ffn,) fp32, zeroed: [rows] += column sums of the stored tile (HAS_COLSUM), by atomics across row tiles
-    ids_ptr,  # (capacity,) int32 active block ids; the first count are valid
-    count_ptr,  # (1,) int32
-    T, K, R, R2, T_BUCKET,
-    CAP,  # capacity*BLOCK: the compact width (grid and autotuner key; the count bounds the work)
-    W_ROWS,  # ffn: rows of w (the descriptor's bound)
-    stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr,
-    stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias,
-    BLOCK: tl.constexpr,
-    HAS_LOW_RANK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    EPILOGUE: tl.constexpr,  # 0: none, 1: ReLU, 2: ReLU's backward (zero where the forward's bit is clear)
-    MASK_OUT: tl.constexpr,  # write the ReLU bits (with EPILOGUE 1)
-    HAS_SKINNY: tl.constexpr,
-    HAS_COLSUM: tl.constexpr,
-    BR: tl.constexpr,
-    BR2: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,  # main product through tensor descriptors where a tile's weight rows are consecutive; the
-    # compact output stored through one
-    BITS_TMA: tl.constexpr,  # MASK_OUT's bits stored through a descriptor (with USE_TMA, legal bits; BN >= 128)
-    PERSISTENT: tl.constexpr,  # one program per SM walks the tiles (`_persistent`); else one per tile
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
+def _narrow(wide_tiles, narrow_tiles, SLOTS, PERSISTENT: tl.constexpr):
+    """Whether a launch walks half-width tiles: when the count leaves too few full-width tiles to fill the SMs
+    (SLOTS of them), counted in waves, a half-width tile taken as 0.55 of a full one (it shares less of its loads).
+    At 2048 tokens and density 0.1 of 8192 neurons, 128 x 256 tiles made 64 programs for 132 SMs and fc1 took 2x its
+    time tuned at that count (H100: 31 vs 16 us). Without the persistent loop every tile needs a program of the grid,
+    which the capacity sized for full-width tiles."""
+    faster = 11 * tl.cdiv(narrow_tiles, SLOTS) < 20 * tl.cdiv(wide_tiles, SLOTS)
+    if not PERSISTENT:
+        faster = faster & (narrow_tiles <= tl.num_programs(0))
+    return faster
+
+
+@triton.jit
+def _sdd_program(
+    n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, W_ROWS,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm,
+    stride_cc, stride_sn, stride_sr, stride_om, stride_bias,
+    BLOCK: tl.constexpr, HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+    MASK_OUT: tl.constexpr, HAS_SKINNY: tl.constexpr, HAS_COLSUM: tl.constexpr, BR: tl.constexpr, BR2: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BITS_TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    n_cols = tl.load(count_ptr) * BLOCK
+    """One program of sdd over (BM, BN) tiles: its descriptors, then its tile (or, persistent, its tiles)."""
     num_m = tl.cdiv(T, BM)
     num_n = tl.cdiv(n_cols, BN)
-    if not PERSISTENT and tl.program_id(0) >= num_m * num_n:  # a tile past the device-side count: nothing to do
-        return
     if USE_TMA and (BLOCK % BN == 0 or BN % BLOCK == 0):
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[T, K], strides=[stride_am, 1], block_shape=[BM, BK])
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1], block_shape=[BN, BK])
@@ -376,13 +370,82 @@ def _sdd_kernel(
                 stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR,
                 BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, BM, BN, BK, GROUP_M, EVEN_K,
             )
-    else:
+    elif tl.program_id(0) < num_m * num_n:  # else a tile past the device-side count: nothing to do
         _sdd_tile(
             tl.program_id(0), num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, m_desc, e_ptr, l_ptr,
             bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn,
             stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn,
             stride_sr, stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY,
             HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, BM, BN, BK, GROUP_M, EVEN_K,
+        )
+
+
+# reset_to_zero: the skinny output is accumulated by atomics, so every autotuning run must start from
+# zeros (without it the first, tuning call returned the sum of all benchmark runs: seen on the H100).
+@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "CAP", "USE_TMA", "PERSISTENT", "NARROW"],
+                 reset_to_zero=["o2_ptr", "cs_ptr"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
+@triton.jit
+def _sdd_kernel(
+    a_ptr,  # (tokens, K) dense left operand: x (fc1 forward) or dy (backward)
+    w_ptr,  # (ffn, K) neuron-major weight: fc1.weight, or fc2.weight^T
+    e_ptr,  # (tokens, R) low-rank left operand (HAS_LOW_RANK): scaled x A1^T, or dv
+    l_ptr,  # (ffn, R) neuron-major low-rank weight (HAS_LOW_RANK): B1, or A2^T
+    bias_ptr,  # (ffn,) (HAS_BIAS)
+    m_ptr,  # (tokens, capacity*BLOCK/8) uint8 ReLU bits: written when MASK_OUT, read when EPILOGUE == 2
+    c_ptr,  # (tokens, capacity*BLOCK) compact output
+    s_ptr,  # (ffn, R2) neuron-major skinny weight (HAS_SKINNY): A2^T (forward) or B1 (backward)
+    o2_ptr,  # (tokens, R2) fp32, zeroed: += c_tile @ s[rows] (HAS_SKINNY), by atomics across column tiles
+    cs_ptr,  # (ffn,) fp32, zeroed: [rows] += column sums of the stored tile (HAS_COLSUM), by atomics across row tiles
+    ids_ptr,  # (capacity,) int32 active block ids; the first count are valid
+    count_ptr,  # (1,) int32
+    T, K, R, R2, T_BUCKET,
+    CAP,  # capacity*BLOCK: the compact width (grid and autotuner key; the count bounds the work)
+    W_ROWS,  # ffn: rows of w (the descriptor's bound)
+    SLOTS,  # programs the GPU runs at once (its SMs): `_narrow`'s measure of a wave
+    stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr,
+    stride_mm, stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias,
+    BLOCK: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,  # 0: none, 1: ReLU, 2: ReLU's backward (zero where the forward's bit is clear)
+    MASK_OUT: tl.constexpr,  # write the ReLU bits (with EPILOGUE 1)
+    HAS_SKINNY: tl.constexpr,
+    HAS_COLSUM: tl.constexpr,
+    BR: tl.constexpr,
+    BR2: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # main product through tensor descriptors where a tile's weight rows are consecutive; the
+    # compact output stored through one
+    BITS_TMA: tl.constexpr,  # MASK_OUT's bits stored through a descriptor (with USE_TMA, legal bits; BN >= 128)
+    PERSISTENT: tl.constexpr,  # one program per SM walks the tiles (`_persistent`); else one per tile
+    NARROW: tl.constexpr,  # half-width (BM, BN / 2) tiles where the count leaves too few full ones (`_narrow`)
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    n_cols = tl.load(count_ptr) * BLOCK
+    num_m = tl.cdiv(T, BM)
+    # (a half tile keeps the ReLU bits' 32-column groups: BN >= 64)
+    if (NARROW and BN >= 64) and _narrow(num_m * tl.cdiv(n_cols, BN), num_m * tl.cdiv(n_cols, BN // 2), SLOTS,
+                                         PERSISTENT):
+        _sdd_program(
+            n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2,
+            W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm,
+            stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS,
+            EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, PERSISTENT, BM,
+            BN // 2, BK, GROUP_M, EVEN_K,
+        )
+    else:
+        _sdd_program(
+            n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2,
+            W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm,
+            stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS,
+            EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, PERSISTENT, BM,
+            BN, BK, GROUP_M, EVEN_K,
         )
 
 
@@ -486,35 +549,16 @@ def _dsd_kernel(
                   UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M)
 
 
-@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "USE_TMA"])  # K, the compact width, is the capacity
-@triton.heuristics({"EVEN_T": lambda args: args["T"] % args["BK"] == 0})
 @triton.jit
-def _wgrad_kernel(
-    c_ptr,  # (tokens, capacity*BLOCK) compact left operand (transposed): dZ or h
-    d_ptr,  # (tokens, N) dense right operand: x, scaled x A1^T, dy or dv
-    g_ptr,  # (ffn, N) neuron-major gradient; rows of active blocks are written, others untouched
-    ids_ptr,  # (capacity,) int32
-    count_ptr,  # (1,) int32
-    T, N, K, T_BUCKET,  # K: the capacity*BLOCK (compact width)
-    stride_cm, stride_cc, stride_dm, stride_dn, stride_gn, stride_gk,
-    BLOCK: tl.constexpr,
-    HAS_LOW_RANK: tl.constexpr,  # unused
-    HAS_BIAS: tl.constexpr,  # unused
-    EPILOGUE: tl.constexpr,  # unused
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,  # operands through tensor descriptors; the compact box is transposed in shared memory
-    BM: tl.constexpr,  # compact rows of G per program
-    BN: tl.constexpr,
-    BK: tl.constexpr,  # tokens per reduction step
-    GROUP_M: tl.constexpr,
-    EVEN_T: tl.constexpr,
-):
-    n_cols = tl.load(count_ptr) * BLOCK
+def _wgrad_program(n_cols, c_ptr, d_ptr, g_ptr, ids_ptr, T, N, K, stride_cm, stride_cc, stride_dm, stride_dn,
+                   stride_gn, stride_gk, BLOCK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   USE_TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   GROUP_M: tl.constexpr, EVEN_T: tl.constexpr):
+    """One program of wgrad: its (BM, BN) tile of G."""
     num_m = tl.cdiv(n_cols, BM)
     num_n = tl.cdiv(N, BN)
     pid = tl.program_id(0)
-    if pid >= num_m * num_n:
+    if pid >= num_m * num_n:  # a tile past the device-side count
         return
     pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
     offs_c = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
@@ -548,6 +592,48 @@ def _wgrad_kernel(
     rows = _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK)
     tl.store(g_ptr + rows[:, None] * stride_gn + offs_n[None, :] * stride_gk,
              acc.to(g_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_n[None, :])
+
+
+# K, the compact width, is the capacity; N, the output's width, tells dW1 / dW2 (d_model) from the LoRA gradients (rank)
+@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "USE_TMA", "N", "NARROW"])
+@triton.heuristics({"EVEN_T": lambda args: args["T"] % args["BK"] == 0})
+@triton.jit
+def _wgrad_kernel(
+    c_ptr,  # (tokens, capacity*BLOCK) compact left operand (transposed): dZ or h
+    d_ptr,  # (tokens, N) dense right operand: x, scaled x A1^T, dy or dv
+    g_ptr,  # (ffn, N) neuron-major gradient; rows of active blocks are written, others untouched
+    ids_ptr,  # (capacity,) int32
+    count_ptr,  # (1,) int32
+    T, N, K, T_BUCKET,  # K: the capacity*BLOCK (compact width)
+    SLOTS,  # programs the GPU runs at once (its SMs): `_narrow`'s measure of a wave
+    stride_cm, stride_cc, stride_dm, stride_dn, stride_gn, stride_gk,
+    BLOCK: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr,  # unused
+    HAS_BIAS: tl.constexpr,  # unused
+    EPILOGUE: tl.constexpr,  # unused
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # operands through tensor descriptors; the compact box is transposed in shared memory
+    NARROW: tl.constexpr,  # (BM, BN / 2) tiles where the count leaves too few full ones (`_narrow`)
+    BM: tl.constexpr,  # compact rows of G per program
+    BN: tl.constexpr,
+    BK: tl.constexpr,  # tokens per reduction step
+    GROUP_M: tl.constexpr,
+    EVEN_T: tl.constexpr,
+):
+    n_cols = tl.load(count_ptr) * BLOCK
+    num_m = tl.cdiv(n_cols, BM)
+    if (NARROW and BN >= 32) and _narrow(num_m * tl.cdiv(N, BN), num_m * tl.cdiv(N, BN // 2), SLOTS, False):
+        _wgrad_program(n_cols, c_ptr, d_ptr, g_ptr, ids_ptr, T, N, K, stride_cm, stride_cc, stride_dm, stride_dn,
+                       stride_gn, stride_gk, BLOCK, UPCAST, PRECISION, USE_TMA, BM, BN // 2, BK, GROUP_M, EVEN_T)
+    else:
+        _wgrad_program(n_cols, c_ptr, d_ptr, g_ptr, ids_ptr, T, N, K, stride_cm, stride_cc, stride_dm, stride_dn,
+                       stride_gn, stride_gk, BLOCK, UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_T)
+
+
+# The same kernel over `_skinny_configs`' narrow tiles, for outputs at most SKINNY_N wide
+_wgrad_skinny_kernel = triton.autotune(configs=_skinny_configs(), key=[*_KEY, "USE_TMA", "N", "NARROW"])(
+    _wgrad_kernel.fn)
 
 
 @triton.jit
@@ -753,7 +839,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
         a, w, dummy if e is None else e, dummy if lw is None else lw, dummy if bias is None else bias,
         dummy if mask is None else mask, out, dummy if skinny is None else skinny,
         skinny_out, skinny_out if colsum_out is None else colsum_out, ids, count,  # no column sum: never written
-        tokens, k, r, r2, _bucket(tokens), cap_cols, w.shape[0],
+        tokens, k, r, r2, _bucket(tokens), cap_cols, w.shape[0], _programs(a.device),
         a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         0 if e is None else e.stride(0), 0 if e is None else e.stride(1),
         0 if lw is None else lw.stride(0), 0 if lw is None else lw.stride(1),
@@ -766,7 +852,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
         MASK_OUT=mask_out, HAS_SKINNY=skinny is not None,
         HAS_COLSUM=colsum_out is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
         USE_TMA=use_tma, BITS_TMA=mask_out and use_tma and descriptors.legal(mask, wrap is not _no_wrap),
-        PERSISTENT=persistent,
+        PERSISTENT=persistent, NARROW=_narrow_tiles(),
     ), key=(a.dtype, _bucket(tokens), k, r, r2, cap_cols), even=("EVEN_K", k))
     return out
 
@@ -799,6 +885,15 @@ def _persistent(with_descriptors: bool) -> bool:
         return with_descriptors
     if value not in ("0", "1"):
         raise ValueError(f"LONGEXPOSURE_PERSISTENT={value!r}: expected '0' or '1'")
+    return value == "1"
+
+
+def _narrow_tiles() -> bool:
+    """Whether sdd and wgrad may switch to half-width tiles when the device-side count leaves too few full ones
+    (`_narrow`): LONGEXPOSURE_NARROW=0 / 1, read per launch or per trace; on where unset."""
+    value = os.environ.get("LONGEXPOSURE_NARROW", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"LONGEXPOSURE_NARROW={value!r}: expected '0' or '1'")
     return value == "1"
 
 
@@ -835,12 +930,12 @@ def _launch_wgrad(c, d, ids, count, block, *, out, wrap=_no_wrap):
     if tokens == 0 or n == 0 or cap_cols == 0:
         return out
     grid = lambda meta: (triton.cdiv(cap_cols, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
-    _launch(wrap, _wgrad_kernel, grid, (
+    _launch(wrap, _wgrad_skinny_kernel if n <= SKINNY_N else _wgrad_kernel, grid, (
         c, d, out, ids, count,
-        tokens, n, cap_cols, _bucket(tokens),
+        tokens, n, cap_cols, _bucket(tokens), _programs(c.device),
         c.stride(0), c.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
     ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=False, EPILOGUE=3, **_flags(c.dtype),
-            USE_TMA=_use_tma("wgrad", c, d, traced=wrap is not _no_wrap)),
+            USE_TMA=_use_tma("wgrad", c, d, traced=wrap is not _no_wrap), NARROW=_narrow_tiles()),
         key=(c.dtype, _bucket(tokens), cap_cols, n), even=("EVEN_T", tokens))
     return out
 

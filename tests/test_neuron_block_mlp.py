@@ -295,6 +295,30 @@ def test_persistent_grid_is_one_program_per_sm(monkeypatch, switch, tma, dsd_pro
     assert (dsd_persistent, sdd_persistent) == (dsd_programs == 3, sdd_programs == 3)
 
 
+@pytest.mark.parametrize("pattern", ["one", "random", "all"])
+@pytest.mark.parametrize("switches", ["pointer", "tma persistent", "narrow off"])
+def test_half_width_tiles_match_reference(monkeypatch, pattern, switches):
+    """sdd and wgrad over 64-wide tiles switch to 32-wide ones where the device-side count leaves too few 64-wide
+    tiles for the SMs (`_narrow`; 3 in the interpreter). 37 tokens (2 row tiles) and a capacity of 16 blocks of 16:
+    one active block (2 tiles, 1 wave; half-width: 2, 1 wave) and the random pattern's 5 (4 tiles, 2 waves; 6, 2)
+    take half-width sdd tiles, all 16 (8 tiles, 3 waves; 16, 6) full ones. wgrad's (d_model 96: 2 column tiles, 3
+    half-width) takes half-width ones for 1 and 5 blocks, and for 16 would too but for its grid (16 programs, sized
+    for full-width tiles, of the 24 needed). Every output and gradient matches the reference either way."""
+    if switches == "tma persistent" and not descriptors.has_tma(DEVICE):
+        pytest.skip(f"{DEVICE} has no TMA")
+    env = {"pointer": ("0", "0", "1"), "tma persistent": ("1", "1", "1"), "narrow off": ("0", "0", "0")}[switches]
+    for name, value in zip(("LONGEXPOSURE_TMA", "LONGEXPOSURE_PERSISTENT", "LONGEXPOSURE_NARROW"), env, strict=True):
+        monkeypatch.setenv(name, value)
+    wide = [triton.Config({"BM": 32, "BN": 64, "BK": 32, "GROUP_M": 8})]
+    monkeypatch.setattr(K._sdd_kernel, "configs", wide)
+    monkeypatch.setattr(K._wgrad_kernel, "configs", wide)
+    monkeypatch.setattr(K, "_programs", lambda _: 3)
+    monkeypatch.setattr(K, "_CHOSEN", {})
+    p = make_problem(11, 37, 96, 16, 16, torch.float32, pattern, "padded", lora=True, bias=True)
+    assert p.n_active is not None and int(p.n_active) == {"one": 1, "random": 5, "all": 16}[pattern]
+    check_against_reference(p)
+
+
 @pytest.mark.parametrize("switch, wanted", [("1", {"sdd", "dsd", "wgrad"}), ("0", set()), ("sdd,dsd", {"sdd", "dsd"}),
                                             ("wgrad", {"wgrad"}), (" dsd , sdd", {"sdd", "dsd"}),
                                             (None, {"sdd", "dsd"})])
@@ -422,6 +446,7 @@ def test_bits_stored_through_a_descriptor_stop_at_the_count(monkeypatch, persist
         pytest.skip(f"{DEVICE} has no TMA")
     monkeypatch.setenv("LONGEXPOSURE_TMA", "1")
     monkeypatch.setenv("LONGEXPOSURE_PERSISTENT", persistent)
+    monkeypatch.setenv("LONGEXPOSURE_NARROW", "0")  # 256-wide tiles throughout (not 128-wide for a small count)
     monkeypatch.setattr(K._sdd_kernel, "configs", [triton.Config({"BM": 32, "BN": 256, "BK": 32, "GROUP_M": 8})])
     monkeypatch.setattr(K, "_CHOSEN", {})  # on a GPU, no config an earlier launch of the same key settled on
     launched = []
