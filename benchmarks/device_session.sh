@@ -185,15 +185,17 @@ case $stage in
       --out "$work/mlp_quick.json"
     ;;
   narrow)  # issue 21: sdd / wgrad's half-width tiles at low counts (LONGEXPOSURE_NARROW) and LoRA's narrow weight-
-    # gradient tiles: the GPU tests of both, each quick-grid case's kernels (torch.profiler), the quick table with the
-    # half-width tiles (default) and without (LONGEXPOSURE_NARROW=0), one process each
+    # gradient tiles: the GPU tests of both; with PROFILE=1 each quick-grid case's kernels (torch.profiler: about 200 s
+    # of autotuning); the quick table with the defaults and (unless SKIP_OFF) with LONGEXPOSURE_NARROW=0, one process
+    # each; with E2E=1 fig7's compiled + graph LoRA step with the defaults
     LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider \
-      tests/test_neuron_block_mlp.py -k "half_width or relu_bits_are or stored_through or store_stops or \
-      persistent_grid or only_for_what or bias_gradient"
-    run "${PROFILE_LIMIT:-120}" python3 benchmarks/bench_mlp_operator.py --profile "$work/mlp_profile.json"
+      tests/test_neuron_block_mlp.py -k "${TESTS:-half_width or narrow_switch or only_for_what}"
+    [ -n "${PROFILE:-}" ] && run "${PROFILE_LIMIT:-240}" python3 benchmarks/bench_mlp_operator.py \
+      --profile "$work/mlp_profile.json"
     run "${QUICK_LIMIT:-170}" python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
     [ -z "${SKIP_OFF:-}" ] && LONGEXPOSURE_NARROW=0 run "${QUICK_LIMIT:-170}" python3 benchmarks/bench_mlp_operator.py \
       --quick --out "$work/mlp_quick_narrow_off.json"
+    [ -n "${E2E:-}" ] && fig7_switches off "${E2E_LIMIT:-150}"  # fig7's compiled + graph step with the defaults
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
     # kernel switches in E2E_SWITCHES (default: the MLP's pointer loads one program per tile, the defaults before

@@ -852,7 +852,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
         MASK_OUT=mask_out, HAS_SKINNY=skinny is not None,
         HAS_COLSUM=colsum_out is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
         USE_TMA=use_tma, BITS_TMA=mask_out and use_tma and descriptors.legal(mask, wrap is not _no_wrap),
-        PERSISTENT=persistent, NARROW=_narrow_tiles(),
+        PERSISTENT=persistent, NARROW=skinny is None and _narrow_tiles("sdd"),
     ), key=(a.dtype, _bucket(tokens), k, r, r2, cap_cols), even=("EVEN_K", k))
     return out
 
@@ -888,13 +888,20 @@ def _persistent(with_descriptors: bool) -> bool:
     return value == "1"
 
 
-def _narrow_tiles() -> bool:
-    """Whether sdd and wgrad may switch to half-width tiles when the device-side count leaves too few full ones
-    (`_narrow`): LONGEXPOSURE_NARROW=0 / 1, read per launch or per trace; on where unset."""
-    value = os.environ.get("LONGEXPOSURE_NARROW", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"LONGEXPOSURE_NARROW={value!r}: expected '0' or '1'")
-    return value == "1"
+NARROW_KERNELS = ("sdd", "wgrad")  # the names LONGEXPOSURE_NARROW may list
+# LONGEXPOSURE_NARROW where unset. Measured on the H100 (f062cd9, fig12_mlp run 19, 2048 tokens, d 2048 / ffn 8192,
+# capacity every block, tuned at density 1.0): at density 0.1 half-width tiles took fc1 from 31.3 to 22.5 us and dZ
+# from 37.1 to 26.3, and cost nothing at 0.5 and 1.0; the weight gradient's went from 24.2 to 19.7 us at 0.1 but its
+# kernel ran 3% slower at 0.5 and 1.0 (all gradients' backward 0.278 vs 0.271 and 0.473 vs 0.460 ms), and sdd with
+# a LoRA epilogue (`skinny`) 3-8% slower at every density: those two stay full-width.
+NARROW_DEFAULT = "sdd"
+
+
+def _narrow_tiles(kernel: str) -> bool:
+    """Whether `kernel` may switch to half-width tiles when the device-side count leaves too few full ones
+    (`_narrow`): LONGEXPOSURE_NARROW (`NARROW_DEFAULT` where unset; `0` none, `1` both, or a list of NARROW_KERNELS),
+    read per launch or per trace."""
+    return descriptors.switched_on("LONGEXPOSURE_NARROW", kernel, NARROW_KERNELS, default=NARROW_DEFAULT)
 
 
 @functools.cache
@@ -935,7 +942,7 @@ def _launch_wgrad(c, d, ids, count, block, *, out, wrap=_no_wrap):
         tokens, n, cap_cols, _bucket(tokens), _programs(c.device),
         c.stride(0), c.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
     ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=False, EPILOGUE=3, **_flags(c.dtype),
-            USE_TMA=_use_tma("wgrad", c, d, traced=wrap is not _no_wrap), NARROW=_narrow_tiles()),
+            USE_TMA=_use_tma("wgrad", c, d, traced=wrap is not _no_wrap), NARROW=_narrow_tiles("wgrad")),
         key=(c.dtype, _bucket(tokens), cap_cols, n), even=("EVEN_T", tokens))
     return out
 

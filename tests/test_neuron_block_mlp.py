@@ -314,7 +314,8 @@ def test_half_width_tiles_match_reference(monkeypatch, pattern, switches):
     monkeypatch.setattr(K._wgrad_kernel, "configs", wide)
     monkeypatch.setattr(K, "_programs", lambda _: 3)
     monkeypatch.setattr(K, "_CHOSEN", {})
-    p = make_problem(11, 37, 96, 16, 16, torch.float32, pattern, "padded", lora=True, bias=True)
+    p = make_problem(31, 37, 96, 16, 16, torch.float32, pattern, "padded", lora=False, bias=True)  # (LoRA's sdd
+    # epilogue keeps full-width tiles)
     assert p.n_active is not None and int(p.n_active) == {"one": 1, "random": 5, "all": 16}[pattern]
     check_against_reference(p)
 
@@ -332,6 +333,32 @@ def test_descriptor_switch_names_kernels(monkeypatch, switch, wanted):
     p = make_problem(9, 37, 48, 4, 64, torch.float32, "all", "padded", lora=False, bias=True)  # every gradient
     check_against_reference(p)
     assert asked == wanted
+
+
+@pytest.mark.parametrize("switch, sdd, wgrad", [(None, True, False), ("1", True, True), ("0", False, False),
+                                               ("wgrad", False, True), ("sdd,wgrad", True, True)])
+def test_narrow_switch_names_kernels(monkeypatch, switch, sdd, wgrad):
+    """LONGEXPOSURE_NARROW lists the kernels that may take half-width tiles (unset: sdd, the one that won); sdd with a
+    LoRA epilogue never does (it ran 3-8% slower with the choice compiled in)."""
+    set_switch(monkeypatch, "LONGEXPOSURE_NARROW", switch)
+    launches = {}
+    monkeypatch.setattr(K, "_launch", lambda wrap, kernel, grid, args, meta, **kw: launches.setdefault(
+        (kernel.fn.fn.fn.__name__, meta.get("HAS_SKINNY", False)), meta["NARROW"]))
+    zeros = functools.partial(torch.zeros, device=DEVICE)
+    c, w = zeros(100, 64), zeros(128, 96)
+    ids, count = torch.arange(2, dtype=torch.int32, device=DEVICE), torch.tensor([2], dtype=torch.int32, device=DEVICE)
+    K._launch_sdd(zeros(100, 96), w, ids, count, 32, out=c)
+    K._launch_sdd(zeros(100, 96), w, ids, count, 32, out=c, skinny=zeros(128, 4), skinny_out=zeros(100, 4))
+    K._launch_wgrad(c, zeros(100, 96), ids, count, 32, out=zeros(128, 96))
+    assert launches == {("_sdd_kernel", False): sdd, ("_sdd_kernel", True): False, ("_wgrad_kernel", False): wgrad}
+
+
+@pytest.mark.parametrize("switch", ["sdd,dsd", "yes", ""])
+def test_narrow_switch_rejects_unknown_values(monkeypatch, switch):
+    monkeypatch.setenv("LONGEXPOSURE_NARROW", switch)
+    with pytest.raises(ValueError, match=r"LONGEXPOSURE_NARROW=.*expected '0' or '1' or a comma-separated list of "
+                                         r"sdd, wgrad"):
+        K._narrow_tiles("sdd")
 
 
 @pytest.mark.parametrize("switch", ["sdd,attention", "yes", "", "sdd,"])
