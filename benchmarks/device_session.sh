@@ -196,6 +196,16 @@ case $stage in
     [ -z "${SKIP_OFF:-}" ] && LONGEXPOSURE_NARROW=0 run "${QUICK_LIMIT:-170}" python3 benchmarks/bench_mlp_operator.py \
       --quick --out "$work/mlp_quick_narrow_off.json"
     [ -n "${E2E:-}" ] && fig7_switches off "${E2E_LIMIT:-150}"  # fig7's compiled + graph step with the defaults
+    # fc2's bias gradient (the column sums of dy): torch's reduction beside cuBLAS's matrix-vector product, graph-timed
+    [ -n "${BIAS_SUM:-}" ] && run 60 python3 -c "
+import torch, triton.testing as tt
+for t in (2048, 4096):
+    dy = torch.randn(t, 2048, device='cuda', dtype=torch.float16); ones = dy.new_ones(t)
+    ref = dy.double().sum(0)
+    err = lambda g: float((g.double() - ref).norm() / ref.norm())
+    g = lambda f: tt.do_bench_cudagraph(f, rep=40, return_mode='median') * 1e3
+    print(f'tokens {t}: dy.sum(0) {g(lambda: dy.sum(0)):.2f} us (err {err(dy.sum(0)):.1e}), '
+          f'mv(dy.t(), ones) {g(lambda: torch.mv(dy.t(), ones)):.2f} us (err {err(torch.mv(dy.t(), ones)):.1e})')"
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
     # kernel switches in E2E_SWITCHES (default: the MLP's pointer loads one program per tile, the defaults before

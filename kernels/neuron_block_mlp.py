@@ -889,7 +889,7 @@ def _persistent(with_descriptors: bool) -> bool:
 
 
 NARROW_KERNELS = ("sdd", "wgrad")  # the names LONGEXPOSURE_NARROW may list
-# LONGEXPOSURE_NARROW where unset. Measured on the H100 (f062cd9, fig12_mlp run 19, 2048 tokens, d 2048 / ffn 8192,
+# LONGEXPOSURE_NARROW where unset. Measured on the H100 (f062cd9, fig12_mlp run 20, 2048 tokens, d 2048 / ffn 8192,
 # capacity every block, tuned at density 1.0): at density 0.1 half-width tiles took fc1 from 31.3 to 22.5 us and dZ
 # from 37.1 to 26.3, and cost nothing at 0.5 and 1.0; the weight gradient's went from 24.2 to 19.7 us at 0.1 but its
 # kernel ran 3% slower at 0.5 and 1.0 (all gradients' backward 0.278 vs 0.271 and 0.473 vs 0.460 ms), and sdd with
