@@ -240,8 +240,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+DIAGNOSE_MODES = {  # name: (LONGEXPOSURE_TMA, LONGEXPOSURE_PERSISTENT), None = unset (the defaults)
+    "pointer": ("0", "0"), "tma": ("1", "0"), "tma persistent": ("1", "1"), "defaults": (None, None)}
+
+
 def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[float, ...] = (1.0, 0.62, 0.1),
-             persistent: bool = False, scattered: bool = False, tokens: int = 2048, epilogues: bool = False) -> dict:
+             persistent: bool = False, scattered: bool = False, tokens: int = 2048, epilogues: bool = False,
+             modes: tuple[str, ...] = ("pointer", "tma")) -> dict:
     """Per-kernel CUDA-graph times (and TFLOP/s) against the matching torch matmul, with pointer loads and with
     tensor descriptors (LONGEXPOSURE_TMA=1), at densities 1.0 / 0.62 / 0.1 (the first blocks: consecutive ids, as a
     reordered layer's), and where the host time goes. `persistent` adds descriptors with LONGEXPOSURE_PERSISTENT=1
@@ -253,7 +258,8 @@ def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[fl
     config each kernel chose is printed beside its time. `scattered` takes each density's blocks at random (sorted,
     seed 0), as a layer in the paper's neuron order has them: sdd's tiles then gather their weight rows through
     pointers, and the cuBLAS rows multiply the same blocks gathered beforehand. `tokens`: fig7's step has 4096.
-    `epilogues` adds fc1 with less of its epilogue (no ReLU bits; no bias or ReLU either): what each part costs."""
+    `epilogues` adds fc1 with less of its epilogue (no ReLU bits; no bias or ReLU either): what each part costs.
+    `modes` names the switch settings timed (`DIAGNOSE_MODES`; "defaults" leaves both unset: Hopper's defaults)."""
     import cProfile
     import io
     import pstats
@@ -298,7 +304,11 @@ def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[fl
             "dsd fc2 (bias)": g(lambda: k._launch_dsd(h, w2n, ids, cnt, blk, bias=b2, out=o)),
             "mm hc@W2c": g(lambda: torch.mm(hc, w2c)),
             "sdd dZ (bits)": g(lambda: k._launch_sdd(o, w2n, ids, cnt, blk, mask=bits, epilogue=2, out=h)),
-            "wgrad dW1 = dZ^T x": g(lambda: k._launch_wgrad(h, x, ids, cnt, blk, out=gw)),
+            # the gradient as the backward makes it: every row written, the inactive blocks' zeroed in the kernel;
+            # and as before 2026-12-06, a zero fill, then the products
+            "wgrad dW1 = dZ^T x, other rows zeroed": g(lambda: k._launch_wgrad(h, x, ids, cnt, blk, out=gw)),
+            "zeros_like(W1) + wgrad products": g(lambda: k._launch_wgrad(h, x, ids, cnt, blk, zero_rest=False,
+                                                                         out=torch.zeros_like(w1))),
             "mm hc^T@x": g(lambda: torch.mm(hc.t(), x)),
             "zeros_like(W1)": g(lambda: torch.zeros_like(w1)),
         }
@@ -308,7 +318,8 @@ def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[fl
                 if getattr(kern, "best_config", None) is not None}
 
     before = {name: os.environ.get(name) for name in ("LONGEXPOSURE_TMA", "LONGEXPOSURE_PERSISTENT")}
-    modes = {"": ("0", "0"), " tma": ("1", "0")} | ({" tma persistent": ("1", "1")} if persistent else {})
+    modes = {"" if mode == "pointer" else f" {mode}": DIAGNOSE_MODES[mode]
+             for mode in (*modes, *(("tma persistent",) if persistent and "tma persistent" not in modes else ()))}
     for space in spaces:  # the library's tile space, then the one without 256-wide sdd / wgrad tiles
         for kern in tuned:
             kern.configs = library_space[kern] if space == "library" or kern is k._dsd_kernel else \
@@ -318,8 +329,12 @@ def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[fl
         for density in densities:
             n_cols = int(ffn // blk * density) * blk
             flop = 2.0 * t_ * d * n_cols  # every product here has this many
-            for suffix, (tma, persist) in modes.items():  # pointer loads, then descriptors (switches read per launch)
-                os.environ["LONGEXPOSURE_TMA"], os.environ["LONGEXPOSURE_PERSISTENT"] = tma, persist
+            for suffix, switches in modes.items():  # pointer loads, then descriptors (switches read per launch)
+                for name, value in zip(("LONGEXPOSURE_TMA", "LONGEXPOSURE_PERSISTENT"), switches, strict=True):
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
                 label = f"{space} tiles, density {density}{' scattered' if scattered else ''}{suffix}"
                 out[label] = kernel_times(density)
                 out[label + " TFLOP/s"] = {
@@ -398,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--diagnose-scattered", action="store_true",
                     help="--diagnose: each density's blocks at random (the paper's neuron order), not the first ones")
     ap.add_argument("--diagnose-tokens", type=int, default=2048, help="--diagnose: tokens (fig7's step: 4096)")
+    ap.add_argument("--diagnose-modes", nargs="+", default=["pointer", "tma"], choices=list(DIAGNOSE_MODES),
+                    help="--diagnose: switch settings timed (defaults: both switches unset)")
     ap.add_argument("--diagnose-epilogues", action="store_true",
                     help="--diagnose: also fc1 without its ReLU bits, and without any epilogue")
     ap.add_argument("--profile", type=Path,
@@ -429,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.diagnose:
         args.diagnose.write_text(json.dumps(diagnose(tuple(args.diagnose_spaces), tuple(args.diagnose_densities),
                                                      args.diagnose_persistent, args.diagnose_scattered,
-                                                     args.diagnose_tokens, args.diagnose_epilogues), indent=1))
+                                                     args.diagnose_tokens, args.diagnose_epilogues,
+                                                     tuple(args.diagnose_modes)), indent=1))
         if not args.out:
             return 0
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

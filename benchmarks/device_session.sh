@@ -189,9 +189,14 @@ case $stage in
     # of autotuning); the quick table with the defaults and (unless SKIP_OFF) with LONGEXPOSURE_NARROW=0, one process
     # each; with E2E=1 fig7's compiled + graph LoRA step with the defaults
     LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider \
-      tests/test_neuron_block_mlp.py -k "${TESTS:-half_width or narrow_switch or only_for_what}"
+      tests/test_neuron_block_mlp.py -k "${TESTS:-half_width or writes_every_row or narrow_switch}"
     [ -n "${PROFILE:-}" ] && run "${PROFILE_LIMIT:-240}" python3 benchmarks/bench_mlp_operator.py \
       --profile "$work/mlp_profile.json"
+    # with DIAG=1: each kernel at densities 1.0 and 0.1 (its own capacity), Hopper's defaults; wgrad with the inactive
+    # rows zeroed in the kernel beside a zero fill + the products
+    [ -n "${DIAG:-}" ] && run "${AB_LIMIT:-150}" python3 benchmarks/bench_mlp_operator.py \
+      --diagnose "$work/mlp_kernels.json" --diagnose-spaces library --diagnose-densities 1.0 0.1 \
+      --diagnose-modes defaults
     run "${QUICK_LIMIT:-170}" python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
     [ -z "${SKIP_OFF:-}" ] && LONGEXPOSURE_NARROW=0 run "${QUICK_LIMIT:-170}" python3 benchmarks/bench_mlp_operator.py \
       --quick --out "$work/mlp_quick_narrow_off.json"

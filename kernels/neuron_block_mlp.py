@@ -24,8 +24,8 @@ Four kernels (named by which operand is compact, stk-style):
     never needs its own, badly parallel, pass over the compact buffer; atomics make it order-dependent
     in the last fp32 bits).
   - `_dsd_kernel`: dense = compact @ W[act] (+ bias); fc2 forward and, in backward, dx = dZ @ W1[act].
-  - `_wgrad_kernel`: G[act rows] = compact^T @ dense; dW1, dB1 (LoRA), dW2^T, dA2^T (LoRA's, at most SKINNY_N
-    wide, through `_wgrad_skinny_kernel`: the same kernel over narrow tiles).
+  - `_wgrad_kernel`: G[act rows] = compact^T @ dense, zeros in G's other rows (no fill first); dW1, dB1 (LoRA),
+    dW2^T, dA2^T (LoRA's, at most SKINNY_N wide, through `_wgrad_skinny_kernel`: the same kernel over narrow tiles).
   - `_colsum_kernel`: g[act] = sum over tokens of compact; db1 in a fixed order, where deterministic algorithms
     are asked for (`torch.use_deterministic_algorithms`).
 On Hopper, sdd and dsd by default (`TMA_DEFAULT`; LONGEXPOSURE_TMA names the kernels, `1` adds wgrad) read their
@@ -319,16 +319,14 @@ def _sdd_tile(
 
 
 @triton.jit
-def _narrow(wide_tiles, narrow_tiles, SLOTS, PERSISTENT: tl.constexpr):
+def _narrow(wide_tiles, narrow_tiles, SLOTS, programs):
     """Whether a launch walks half-width tiles: when the count leaves too few full-width tiles to fill the SMs
-    (SLOTS of them), counted in waves, a half-width tile taken as 0.55 of a full one (it shares less of its loads).
-    At 2048 tokens and density 0.1 of 8192 neurons, 128 x 256 tiles made 64 programs for 132 SMs and fc1 took 2x its
-    time tuned at that count (H100: 31 vs 16 us). Without the persistent loop every tile needs a program of the grid,
-    which the capacity sized for full-width tiles."""
+    (SLOTS of them), counted in waves, a half-width tile taken as 0.55 of a full one (it shares less of its loads),
+    and the launch has `programs` enough for them (one per tile; a persistent loop passes narrow_tiles). At 2048
+    tokens and density 0.1 of 8192 neurons, 128 x 256 tiles made 64 programs for 132 SMs and fc1 took 2x its time
+    tuned at that count (H100: 31 vs 16 us)."""
     faster = 11 * tl.cdiv(narrow_tiles, SLOTS) < 20 * tl.cdiv(wide_tiles, SLOTS)
-    if not PERSISTENT:
-        faster = faster & (narrow_tiles <= tl.num_programs(0))
-    return faster
+    return faster & (narrow_tiles <= programs)
 
 
 @triton.jit
@@ -430,8 +428,9 @@ def _sdd_kernel(
     n_cols = tl.load(count_ptr) * BLOCK
     num_m = tl.cdiv(T, BM)
     # (a half tile keeps the ReLU bits' 32-column groups: BN >= 64)
-    if (NARROW and BN >= 64) and _narrow(num_m * tl.cdiv(n_cols, BN), num_m * tl.cdiv(n_cols, BN // 2), SLOTS,
-                                         PERSISTENT):
+    narrow_tiles = num_m * tl.cdiv(n_cols, BN // 2)
+    if (NARROW and BN >= 64) and _narrow(num_m * tl.cdiv(n_cols, BN), narrow_tiles, SLOTS,
+                                         narrow_tiles if PERSISTENT else tl.num_programs(0)):
         _sdd_program(
             n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2,
             W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm,
@@ -594,14 +593,37 @@ def _wgrad_program(n_cols, c_ptr, d_ptr, g_ptr, ids_ptr, T, N, K, stride_cm, str
              acc.to(g_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _zero_inactive_block(block, ids_ptr, count, g_ptr, N, stride_gn, stride_gk, BLOCK: tl.constexpr,
+                         BN: tl.constexpr):
+    """Zeros in neuron block `block`'s rows of G, unless it is one of the first `count` ids (strictly increasing: a
+    binary search), whose rows the products write. So G needs no zero fill first: at density 1.0 that fill wrote
+    every row twice (11 us for dW1's 32 MB on the H100), and below it the zeros are stored while the products run.
+    One program a block (all its columns), not one a (block, column tile): the program holds the products' registers
+    and shared memory, so the GPU runs about one at a time per SM, and each spends most of its time in the search."""
+    lo = count * 0
+    hi = count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(ids_ptr + mid) < block
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    if tl.load(ids_ptr + lo, mask=lo < count, other=-1) != block:
+        rows = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        zeros = tl.zeros((BLOCK, BN), dtype=g_ptr.dtype.element_ty)
+        for n in range(0, N, BN):
+            offs_n = n + tl.arange(0, BN)
+            tl.store(g_ptr + rows[:, None] * stride_gn + offs_n[None, :] * stride_gk, zeros, mask=(offs_n < N)[None, :])
+
+
 # K, the compact width, is the capacity; N, the output's width, tells dW1 / dW2 (d_model) from the LoRA gradients (rank)
-@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "USE_TMA", "N", "NARROW"])
+@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "USE_TMA", "N", "NARROW", "ZERO_REST"])
 @triton.heuristics({"EVEN_T": lambda args: args["T"] % args["BK"] == 0})
 @triton.jit
 def _wgrad_kernel(
     c_ptr,  # (tokens, capacity*BLOCK) compact left operand (transposed): dZ or h
     d_ptr,  # (tokens, N) dense right operand: x, scaled x A1^T, dy or dv
-    g_ptr,  # (ffn, N) neuron-major gradient; rows of active blocks are written, others untouched
+    g_ptr,  # (ffn, N) neuron-major gradient: rows of active blocks get their products, the others zeros (ZERO_REST)
     ids_ptr,  # (capacity,) int32
     count_ptr,  # (1,) int32
     T, N, K, T_BUCKET,  # K: the capacity*BLOCK (compact width)
@@ -615,15 +637,20 @@ def _wgrad_kernel(
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,  # operands through tensor descriptors; the compact box is transposed in shared memory
     NARROW: tl.constexpr,  # (BM, BN / 2) tiles where the count leaves too few full ones (`_narrow`)
+    ZERO_REST: tl.constexpr,  # zeros in the inactive blocks' rows too (`_zero_inactive_block`); else they are left
     BM: tl.constexpr,  # compact rows of G per program
     BN: tl.constexpr,
     BK: tl.constexpr,  # tokens per reduction step
     GROUP_M: tl.constexpr,
     EVEN_T: tl.constexpr,
 ):
-    n_cols = tl.load(count_ptr) * BLOCK
+    count = tl.load(count_ptr)
+    n_cols = count * BLOCK
     num_m = tl.cdiv(n_cols, BM)
-    if (NARROW and BN >= 32) and _narrow(num_m * tl.cdiv(N, BN), num_m * tl.cdiv(N, BN // 2), SLOTS, False):
+    products = tl.cdiv(K, BM) * tl.cdiv(N, BN)  # the grid's first programs; with ZERO_REST, one a block follows
+    if ZERO_REST and tl.program_id(0) >= products:
+        _zero_inactive_block(tl.program_id(0) - products, ids_ptr, count, g_ptr, N, stride_gn, stride_gk, BLOCK, BN)
+    elif (NARROW and BN >= 32) and _narrow(num_m * tl.cdiv(N, BN), num_m * tl.cdiv(N, BN // 2), SLOTS, products):
         _wgrad_program(n_cols, c_ptr, d_ptr, g_ptr, ids_ptr, T, N, K, stride_cm, stride_cc, stride_dm, stride_dn,
                        stride_gn, stride_gk, BLOCK, UPCAST, PRECISION, USE_TMA, BM, BN // 2, BK, GROUP_M, EVEN_T)
     else:
@@ -632,7 +659,7 @@ def _wgrad_kernel(
 
 
 # The same kernel over `_skinny_configs`' narrow tiles, for outputs at most SKINNY_N wide
-_wgrad_skinny_kernel = triton.autotune(configs=_skinny_configs(), key=[*_KEY, "USE_TMA", "N", "NARROW"])(
+_wgrad_skinny_kernel = triton.autotune(configs=_skinny_configs(), key=[*_KEY, "USE_TMA", "N", "NARROW", "ZERO_REST"])(
     _wgrad_kernel.fn)
 
 
@@ -931,18 +958,25 @@ def _launch_dsd(c, w, ids, count, block, *, bias=None, out, wrap=_no_wrap):
     return out
 
 
-def _launch_wgrad(c, d, ids, count, block, *, out, wrap=_no_wrap):
+def _launch_wgrad(c, d, ids, count, block, *, out, zero_rest=True, wrap=_no_wrap):
+    """out (ffn, n) = c^T @ d in the active blocks' rows, zeros in the others (`out` may start uninitialised); with
+    zero_rest=False the others are left as they are (`out` zeroed by the caller: the way before 2026-12-06)."""
     tokens, n = d.shape
     cap_cols = c.shape[1]
-    if tokens == 0 or n == 0 or cap_cols == 0:
+    if n == 0:
         return out
-    grid = lambda meta: (triton.cdiv(cap_cols, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+    if tokens == 0 or cap_cols == 0:  # no products: every row is zero
+        return out.zero_() if zero_rest else out
+    # the products' tiles (up to the capacity), then one program per neuron block for the zeros
+    grid = lambda meta: (triton.cdiv(cap_cols, meta["BM"]) * triton.cdiv(n, meta["BN"])  # noqa: E731
+                         + (out.shape[0] // block if zero_rest else 0),)
     _launch(wrap, _wgrad_skinny_kernel if n <= SKINNY_N else _wgrad_kernel, grid, (
         c, d, out, ids, count,
         tokens, n, cap_cols, _bucket(tokens), _programs(c.device),
         c.stride(0), c.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
     ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=False, EPILOGUE=3, **_flags(c.dtype),
-            USE_TMA=_use_tma("wgrad", c, d, traced=wrap is not _no_wrap), NARROW=_narrow_tiles("wgrad")),
+            USE_TMA=_use_tma("wgrad", c, d, traced=wrap is not _no_wrap), NARROW=_narrow_tiles("wgrad"),
+            ZERO_REST=zero_rest),
         key=(c.dtype, _bucket(tokens), cap_cols, n), even=("EVEN_T", tokens))
     return out
 
@@ -1088,21 +1122,21 @@ def neuron_block_mlp_backward(
         if need_x:
             out[0] = _launch_dsd(dz, fc1_weight, ids, count, block_size, out=torch.empty_like(dy), wrap=wrap)
         if need_w1:
-            out[1] = _launch_wgrad(dz, x, ids, count, block_size, out=torch.zeros_like(fc1_weight), wrap=wrap)
+            out[1] = _launch_wgrad(dz, x, ids, count, block_size, out=torch.empty_like(fc1_weight), wrap=wrap)
         if need_b1 and not fused_db1:
             out[2] = _launch_colsum(dz, ids, count, block_size,
                                     out=torch.zeros(fc1_weight.shape[0], dtype=dy.dtype, device=dy.device),
                                     wrap=wrap)
         if need_b1lr:
-            out[6] = _launch_wgrad(dz, fc1_lr_x, ids, count, block_size, out=torch.zeros_like(fc1_lr_weight), wrap=wrap)
+            out[6] = _launch_wgrad(dz, fc1_lr_x, ids, count, block_size, out=torch.empty_like(fc1_lr_weight), wrap=wrap)
     if need_w2:
-        g = torch.zeros_like(fc2_weight)  # keeps the parameter's strides
+        g = torch.empty_like(fc2_weight)  # keeps the parameter's strides
         _launch_wgrad(h, dy, ids, count, block_size, out=g.t(), wrap=wrap)
         out[3] = g
     if need_b2:
         out[4] = dy.sum(0)
     if need_a2:
-        g = torch.zeros_like(fc2_lr_weight)
+        g = torch.empty_like(fc2_lr_weight) if has_dv else torch.zeros_like(fc2_lr_weight)
         if has_dv:
             _launch_wgrad(h, dv, ids, count, block_size, out=g.t(), wrap=wrap)
         out[7] = g

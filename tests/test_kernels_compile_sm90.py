@@ -33,6 +33,7 @@ ATTENTION = {"D": 64, "BLOCK": 64, "BLOCK_D": 64, "CAUSAL": True, "HAS_LENS": Tr
              "DOT_PREC": "tf32", "SPLIT": 1}
 MLP = {"BLOCK": 64, "HAS_LOW_RANK": True, "HAS_BIAS": True, "UPCAST": False, "PRECISION": "tf32", "BM": 128,
        "BN": 128, "BK": 64, "GROUP_M": 8}
+WGRAD = {"EPILOGUE": 3, "ZERO_REST": True, "NARROW": True}  # both branches of the weight gradient's tile choice
 # strides that are 1 in every launch (row-major operands, neuron-major weights); the JIT makes them constants
 UNIT_STRIDES = {"stride_ak", "stride_wk", "stride_er", "stride_lr", "stride_cc", "stride_sr",
                 "stride_on", "stride_dn", "stride_gk", "stride_bias"}
@@ -72,7 +73,7 @@ for _tma in (False, True):  # sdd with 128-wide column tiles over 64-neuron bloc
         CASES[f"mlp dsd {_name}"] = (
             "neuron_block_mlp", "_dsd_kernel", {**MLP, "EPILOGUE": 0, "USE_TMA": _tma, "PERSISTENT": _persistent}, 8, 4)
     CASES[f"mlp wgrad tma={_tma}"] = ("neuron_block_mlp", "_wgrad_kernel",
-                                      {**MLP, "EPILOGUE": 3, "USE_TMA": _tma, "EVEN_T": True, "NARROW": True}, 8, 4)
+                                      {**MLP, **WGRAD, "USE_TMA": _tma, "EVEN_T": True}, 8, 4)
 
 # the 256-wide tiles sdd and wgrad tune over since they key on the capacity: fc1 forward (ReLU, bits out), dZ (bits
 # in, fc1's bias gradient summed in the epilogue)
@@ -88,9 +89,9 @@ CASES["mlp sdd 128x256 tma persistent"] = ("neuron_block_mlp", "_sdd_kernel", {
     "USE_TMA": True, "BITS_TMA": True, "EVEN_K": True, "PERSISTENT": True, "NARROW": True}, 8, 3)
 # LoRA's weight gradients (rank-wide outputs) over `_skinny_configs`' 16-wide tiles
 CASES["mlp wgrad skinny 64x16"] = ("neuron_block_mlp", "_wgrad_skinny_kernel", {
-    **MLP, "BM": 64, "BN": 16, "EPILOGUE": 3, "USE_TMA": False, "EVEN_T": True, "NARROW": True}, 4, 4)
+    **MLP, "BM": 64, "BN": 16, **WGRAD, "USE_TMA": False, "EVEN_T": True}, 4, 4)
 CASES["mlp wgrad 128x256"] = ("neuron_block_mlp", "_wgrad_kernel",
-                              {**MLP, "BN": 256, "EPILOGUE": 3, "USE_TMA": False, "EVEN_T": True, "NARROW": True}, 8, 3)
+                              {**MLP, "BN": 256, **WGRAD, "USE_TMA": False, "EVEN_T": True}, 8, 3)
 
 # LONGEXPOSURE_AUTOTUNE=0's one tile, which no autotuner can skip when it does not fit: every MLP kernel in fp16 and
 # fp32 with descriptors and the persistent schedule (the largest shared-memory footprint) fits sm_90's 227 KB
@@ -104,7 +105,7 @@ for _dtype in ("fp16", "fp32"):
     CASES[f"mlp dsd fallback {_dtype}"] = ("neuron_block_mlp", "_dsd_kernel", {
         **_tile, "EPILOGUE": 0, "USE_TMA": True, "PERSISTENT": True}, _warps, _stages, _dtype)
     CASES[f"mlp wgrad fallback {_dtype}"] = ("neuron_block_mlp", "_wgrad_kernel", {
-        **_tile, "EPILOGUE": 3, "USE_TMA": True, "EVEN_T": False, "NARROW": True}, _warps, _stages, _dtype)
+        **_tile, **WGRAD, "USE_TMA": True, "EVEN_T": False}, _warps, _stages, _dtype)
 SHARED_LIMIT_SM90 = 232448  # bytes of shared memory one block may have on an H100 / H200
 
 POINTERS = {"m_ptr": "*u8", "cs_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_acc_ptr": "*fp32",

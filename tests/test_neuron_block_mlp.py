@@ -335,6 +335,27 @@ def test_descriptor_switch_names_kernels(monkeypatch, switch, wanted):
     assert asked == wanted
 
 
+@pytest.mark.parametrize("count, capacity", [(0, 8), (3, 8), (8, 8), (3, 3), (1, 1)])
+@pytest.mark.parametrize("n", [24, 96])  # LoRA's rank-wide gradients (narrow tiles) and a d_model's
+@pytest.mark.parametrize("zero_rest", [True, False])
+def test_weight_gradient_writes_every_row(count, capacity, n, zero_rest):
+    """wgrad's output needs no zero fill: the active blocks' rows get compact^T @ dense, every other row zeros, over
+    NaN-filled memory, with the capacity's ids past the count out of range (never read); zero_rest=False leaves the
+    other rows as they were."""
+    block, tokens, num_blocks = 16, 37, 8
+    gen = torch.Generator().manual_seed(count + 10 * capacity)
+    c, d = torch.randn(tokens, capacity * block, generator=gen), torch.randn(tokens, n, generator=gen)
+    active = torch.randperm(num_blocks, generator=gen)[:count].sort().values
+    ids = torch.cat([active, torch.full((capacity - count,), 10**6)]).to(torch.int32)
+    out = torch.full((num_blocks * block, n), float("nan"), device=DEVICE)
+    K._launch_wgrad(c.to(DEVICE), d.to(DEVICE), ids.to(DEVICE), torch.tensor([count], dtype=torch.int32).to(DEVICE),
+                    block, out=out, zero_rest=zero_rest)
+    want = torch.full((num_blocks * block, n), 0.0 if zero_rest else float("nan"), dtype=torch.float64)
+    rows = (active[:, None] * block + torch.arange(block)).flatten()
+    want[rows] = c[:, : count * block].double().T @ d.double()
+    torch.testing.assert_close(out.cpu(), want.float(), rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
 @pytest.mark.parametrize("switch, sdd, wgrad", [(None, True, False), ("1", True, True), ("0", False, False),
                                                ("wgrad", False, True), ("sdd,wgrad", True, True)])
 def test_narrow_switch_names_kernels(monkeypatch, switch, sdd, wgrad):
