@@ -350,7 +350,7 @@ def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[fl
     k._CHOSEN.clear()
     for name, value in before.items():
         if value is None:
-            os.environ.pop(name)
+            os.environ.pop(name, None)
         else:
             os.environ[name] = value
     built = build_case(MlpOperatorCase(backend="triton", density=0.1), "cuda")

@@ -1133,8 +1133,9 @@ def neuron_block_mlp_backward(
         g = torch.empty_like(fc2_weight)  # keeps the parameter's strides
         _launch_wgrad(h, dy, ids, count, block_size, out=g.t(), wrap=wrap)
         out[3] = g
-    if need_b2:
-        out[4] = dy.sum(0)
+    if need_b2:  # dy's column sums as a matrix-vector product: cuBLAS's took 5.0 us at 2048 tokens, d 2048 on the
+        # H100, torch's column reduction 9.4 (same error against fp64; fig12_mlp run 21)
+        out[4] = torch.mv(dy.t(), dy.new_ones(dy.shape[0]))
     if need_a2:
         g = torch.empty_like(fc2_lr_weight) if has_dv else torch.zeros_like(fc2_lr_weight)
         if has_dv:
