@@ -34,7 +34,9 @@ pointers: in dsd a K step inside one neuron block is BK contiguous weight rows (
 `id * BLOCK + k % BLOCK`); in sdd a column tile inside one block, or over blocks with consecutive ids, is BN
 contiguous rows (one (BN, BK) box per K step; other tiles gather through pointers); wgrad loads (tokens,
 columns) boxes of the compact buffer and transposes them in shared memory. Eager and compiled calls alike
-(`kernels/descriptors.py` says when an operand may be read so).
+(`kernels/descriptors.py` says when an operand may be read so). Each autotuner runs once per capacity, at the
+first call's count, so a capacity far above later counts would leave most SMs idle: sdd (and wgrad where
+LONGEXPOSURE_NARROW lists it) compiles a half-width tile too and picks it at run time from the count (`_narrow`).
 Then the launchers (validation, allocation, grids). Autograd is the `longexposure::neuron_block_mlp` op's, registered
 in `longexposure.ops.neuron_block_mlp` (the one path, eager and compiled).
 """
