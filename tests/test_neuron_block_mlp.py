@@ -335,6 +335,32 @@ def test_descriptor_switch_names_kernels(monkeypatch, switch, wanted):
     assert asked == wanted
 
 
+@settings(max_examples=12)
+@given(
+    seed=st.integers(0, 2**16),
+    tokens=st.integers(1, 100),
+    block=st.sampled_from((16, 32, 64)),
+    dtype=st.sampled_from(DTYPES),
+    pattern=st.sampled_from(PATTERNS),
+    lora=st.booleans(),
+    switches=st.sampled_from(["pointer", "tma persistent"]),
+)
+@example(seed=8, tokens=100, block=16, dtype=torch.float16, pattern="random", lora=False, switches="tma persistent")
+def test_half_width_tiles_property(seed, tokens, block, dtype, pattern, lora, switches):
+    """Half-width tiles in both kernels that may take them (LONGEXPOSURE_NARROW=1), over 64-wide configs and 3 "SMs":
+    every output and gradient matches the reference, whichever width each launch picks at its count."""
+    if switches == "tma persistent" and not descriptors.has_tma(DEVICE):
+        return
+    tma, persistent = ("1", "1") if switches == "tma persistent" else ("0", "0")
+    wide = [triton.Config({"BM": 32, "BN": 64, "BK": 32, "GROUP_M": 8})]
+    env = {"LONGEXPOSURE_TMA": tma, "LONGEXPOSURE_PERSISTENT": persistent, "LONGEXPOSURE_NARROW": "1"}
+    with mock.patch.dict(os.environ, env), mock.patch.object(K._sdd_kernel, "configs", wide), \
+            mock.patch.object(K._wgrad_kernel, "configs", wide), mock.patch.object(K, "_programs", lambda _: 3), \
+            mock.patch.object(K, "_CHOSEN", {}):
+        check_against_reference(make_problem(seed, tokens, 96, 256 // block, block, dtype, pattern, "padded", lora=lora,
+                                             bias=True))
+
+
 @pytest.mark.parametrize("count, capacity", [(0, 8), (3, 8), (8, 8), (3, 3), (1, 1)])
 @pytest.mark.parametrize("n", [24, 96])  # LoRA's rank-wide gradients (narrow tiles) and a d_model's
 @pytest.mark.parametrize("zero_rest", [True, False])
