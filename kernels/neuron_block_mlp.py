@@ -601,8 +601,8 @@ def _zero_inactive_block(block, ids_ptr, count, g_ptr, N, stride_gn, stride_gk, 
     """Zeros in neuron block `block`'s rows of G, unless it is one of the first `count` ids (strictly increasing: a
     binary search), whose rows the products write. So G needs no zero fill first: at density 1.0 that fill wrote
     every row twice (11 us for dW1's 32 MB on the H100), and below it the zeros are stored while the products run.
-    One program a block (all its columns), not one a (block, column tile): the program holds the products' registers
-    and shared memory, so the GPU runs about one at a time per SM, and each spends most of its time in the search."""
+    One program a block (all its columns), not one a (block, column tile): a program holds the products' registers
+    and shared memory, so an SM runs about one at a time, and each starts with the search's dependent loads."""
     lo = count * 0
     hi = count
     while lo < hi:
