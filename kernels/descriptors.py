@@ -43,8 +43,9 @@ def legal(t: torch.Tensor, traced: bool = False) -> bool:
 
 
 def switched_on(switch: str, kernel: str | None = None, kernels: tuple[str, ...] = (), default: str = "0") -> bool:
-    """Environment `switch` (`default` where unset) asks for descriptors in `kernel`: "1" (every kernel), "0" (none),
-    or a comma-separated list of names from `kernels`; anything else is an error naming the valid values."""
+    """Environment `switch` (`default` where unset) turns its feature (descriptors here; also the MLP's half-width
+    tiles, LONGEXPOSURE_NARROW) on for `kernel`: "1" (every kernel), "0" (none), or a comma-separated list of names
+    from `kernels`; anything else is an error naming the valid values."""
     value = os.environ.get(switch, default)
     if value in ("0", "1"):
         return value == "1"
