@@ -935,8 +935,11 @@ def _narrow_tiles(kernel: str) -> bool:
 
 @functools.cache
 def _programs(device: torch.device) -> int:
-    """Programs of a persistent launch: one per SM; 3 in the interpreter, so tests walk several tiles per program."""
-    return 3 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    """Programs the GPU runs at once (a persistent launch's grid, `_narrow`'s wave): one per SM; 3 in the interpreter,
+    so tests walk several tiles per program, and for a tensor off CUDA (a trace with fake CPU tensors: nothing runs)."""
+    if INTERPRET or device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch_dsd(c, w, ids, count, block, *, bias=None, out, wrap=_no_wrap):
