@@ -245,13 +245,13 @@ DIAGNOSE_MODES = {  # name: (LONGEXPOSURE_TMA, LONGEXPOSURE_PERSISTENT), None = 
 
 
 def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[float, ...] = (1.0, 0.62, 0.1),
-             persistent: bool = False, scattered: bool = False, tokens: int = 2048, epilogues: bool = False,
+             scattered: bool = False, tokens: int = 2048, epilogues: bool = False,
              modes: tuple[str, ...] = ("pointer", "tma")) -> dict:
     """Per-kernel CUDA-graph times (and TFLOP/s) against the matching torch matmul, with pointer loads and with
     tensor descriptors (LONGEXPOSURE_TMA=1), at densities 1.0 / 0.62 / 0.1 (the first blocks: consecutive ids, as a
-    reordered layer's), and where the host time goes. `persistent` adds descriptors with LONGEXPOSURE_PERSISTENT=1
-    (timed here until run 8, within 1% of one program per tile at density 1.0; again since sdd stores its tiles
-    through a descriptor, which lets a persistent program start its next tile while the store drains).
+    reordered layer's), and where the host time goes. Mode "tma persistent" adds LONGEXPOSURE_PERSISTENT=1 to the
+    descriptors (timed here until run 8, within 1% of one program per tile at density 1.0; again since sdd stores its
+    tiles through a descriptor, which lets a persistent program start its next tile while the store drains).
 
     Each density has its own capacity (ids of exactly its blocks), so each is tuned at its own count, once with the
     library's tile space and once with the space before 256-wide sdd / wgrad tiles (`large_tiles=False`); the
@@ -318,8 +318,7 @@ def diagnose(spaces: tuple[str, ...] = ("library", "small"), densities: tuple[fl
                 if getattr(kern, "best_config", None) is not None}
 
     before = {name: os.environ.get(name) for name in ("LONGEXPOSURE_TMA", "LONGEXPOSURE_PERSISTENT")}
-    modes = {"" if mode == "pointer" else f" {mode}": DIAGNOSE_MODES[mode]
-             for mode in (*modes, *(("tma persistent",) if persistent and "tma persistent" not in modes else ()))}
+    modes = {"" if mode == "pointer" else f" {mode}": DIAGNOSE_MODES[mode] for mode in modes}
     for space in spaces:  # the library's tile space, then the one without 256-wide sdd / wgrad tiles
         for kern in tuned:
             kern.configs = library_space[kern] if space == "library" or kern is k._dsd_kernel else \
@@ -444,10 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.out or args.diagnose):
             return 0
     if args.diagnose:
+        modes = tuple(dict.fromkeys([*args.diagnose_modes, *(["tma persistent"] if args.diagnose_persistent else [])]))
         args.diagnose.write_text(json.dumps(diagnose(tuple(args.diagnose_spaces), tuple(args.diagnose_densities),
-                                                     args.diagnose_persistent, args.diagnose_scattered,
-                                                     args.diagnose_tokens, args.diagnose_epilogues,
-                                                     tuple(args.diagnose_modes)), indent=1))
+                                                     args.diagnose_scattered, args.diagnose_tokens,
+                                                     args.diagnose_epilogues, modes), indent=1))
         if not args.out:
             return 0
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
