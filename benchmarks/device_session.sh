@@ -15,8 +15,6 @@
 #                                                # density 1.0 and fig7's scattered shape
 #   bash benchmarks/device_session.sh narrow     # half-width sdd / wgrad tiles at low counts: GPU tests, kernel profiles,
 #                                                # the MLP quick table with and without them
-#   bash benchmarks/device_session.sh splitk     # split-K in sdd / wgrad at low counts: GPU tests, per-kernel
-#                                                # times (DIAG=1), the MLP quick table with and without it
 #   bash benchmarks/device_session.sh switches-e2e  # fig7 compile + graph steps without / with E2E_SWITCHES (default
 #                                                # LONGEXPOSURE_TMA=1: the MLP's descriptors), two runs
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
@@ -66,7 +64,7 @@
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|defaults|narrow|splitk|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|defaults|narrow|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -213,24 +211,6 @@ for t in (2048, 4096):
     g = lambda f: tt.do_bench_cudagraph(f, rep=40, return_mode='median') * 1e3
     print(f'tokens {t}: dy.sum(0) {g(lambda: dy.sum(0)):.2f} us (err {err(dy.sum(0)):.1e}), '
           f'mv(dy.t(), ones) {g(lambda: torch.mv(dy.t(), ones)):.2f} us (err {err(torch.mv(dy.t(), ones)):.1e})')"
-    ;;
-  splitk)  # issue 21: split-K in sdd / wgrad at low counts (LONGEXPOSURE_SPLITK): the GPU tests of it and of the tile
-    # choices beside it; with DIAG=1 each kernel at densities 1.0 and 0.1 (its own capacity) with and without it; the
-    # quick table with the defaults and (unless SKIP_OFF) with LONGEXPOSURE_SPLITK=0, one process each; with E2E=1
-    # fig7's compiled + graph LoRA step with the defaults
-    LONGEXPOSURE_AUTOTUNE=0 run "${TEST_LIMIT:-180}" python3 -m pytest -q -p no:cacheprovider \
-      tests/test_neuron_block_mlp.py -k "${TESTS:-split_k or half_width_tiles_match or writes_every_row}"
-    if [ -n "${DIAG:-}" ]; then
-      run "${AB_LIMIT:-150}" python3 benchmarks/bench_mlp_operator.py --diagnose "$work/mlp_kernels.json" \
-        --diagnose-spaces library --diagnose-densities 1.0 0.1 --diagnose-modes defaults
-      LONGEXPOSURE_SPLITK=0 run "${AB_LIMIT:-150}" python3 benchmarks/bench_mlp_operator.py \
-        --diagnose "$work/mlp_kernels_split_off.json" --diagnose-spaces library --diagnose-densities 1.0 0.1 \
-        --diagnose-modes defaults
-    fi
-    run "${QUICK_LIMIT:-170}" python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
-    [ -z "${SKIP_OFF:-}" ] && LONGEXPOSURE_SPLITK=0 run "${QUICK_LIMIT:-170}" python3 benchmarks/bench_mlp_operator.py \
-      --quick --out "$work/mlp_quick_split_off.json"
-    [ -n "${E2E:-}" ] && fig7_switches off "${E2E_LIMIT:-150}"  # fig7's compiled + graph step with the defaults
     ;;
   switches-e2e)  # fig7's paper-order and reordered Long Exposure steps (compile + graph) without, then with the
     # kernel switches in E2E_SWITCHES (default: the MLP's pointer loads one program per tile, the defaults before

@@ -145,21 +145,18 @@ def _block_id_at(ids_ptr, k, K, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _pointer_product(acc, a_ptrs, w_ptrs, k_lo, k_hi, offs_k, stride_ak, stride_wk, BK: tl.constexpr,
-                     EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += A @ W over the reduction's steps k_lo .. k_hi (k_lo a multiple of BK; k_hi one too, or the reduction's
-    length), both read through pointer tiles that start at step 0: A (BM, BK) steps along its columns, W (BK, BN)
-    along its rows; a ragged tail (not EVEN_K) loads as zeros. sdd's main product with gathered weight rows (any
-    ids), and wgrad's with the compact buffer read transposed."""
-    a_ptrs += k_lo * stride_ak
-    w_ptrs += k_lo * stride_wk
-    for k in range(k_lo, k_hi, BK):
+def _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += A @ W over a reduction of length K, both read through pointer tiles: A (BM, BK) steps along its
+    columns, W (BK, BN) along its rows; a ragged tail (not EVEN_K) loads as zeros. sdd's main product with
+    gathered weight rows (any ids), and wgrad's with the compact buffer read transposed."""
+    for k in range(0, K, BK):
         if EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
         else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_hi - k, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_hi - k, other=0.0)
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k, other=0.0)
         if UPCAST:
             a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
@@ -169,14 +166,14 @@ def _pointer_product(acc, a_ptrs, w_ptrs, k_lo, k_hi, offs_k, stride_ak, stride_
 
 
 @triton.jit
-def _sdd_boxes(acc, a_desc, w_desc, k_lo, k_hi, w_row, pid_m, BM: tl.constexpr, BK: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """sdd's main product over reduction steps k_lo .. k_hi through tensor descriptors (a (BM, BK) box of the dense
-    operand, a (BN, BK) box of the weight), the tile's weight rows being w_row .. w_row + BN - 1.
+def _sdd_boxes(acc, a_desc, w_desc, K, w_row, pid_m, BM: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """sdd's main product through tensor descriptors (a (BM, BK) box of the dense operand, a (BN, BK) box of the
+    weight), the tile's weight rows being w_row .. w_row + BN - 1.
 
     Rows past the tokens or the weight and a ragged K tail load as zeros; columns past the count come from
     whatever rows follow and are never stored."""
-    for k in range(k_lo, k_hi, BK):
+    for k in range(0, K, BK):
         a = a_desc.load([pid_m * BM, k])
         wt = w_desc.load([w_row, k])
         if UPCAST:
@@ -233,11 +230,9 @@ def _sdd_tile(
     MASK_OUT: tl.constexpr, HAS_SKINNY: tl.constexpr, HAS_COLSUM: tl.constexpr, BR: tl.constexpr, BR2: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BITS_TMA: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-    k_lo, k_hi, parts, ws_ptr, lock_ptr, SPLIT: tl.constexpr,
 ):
     """One (BM, BN) compact tile of sdd: a program's whole work, or one turn of a persistent program's loop (the
-    kernel makes the descriptors, once per program); with SPLIT, the reduction's steps k_lo .. k_hi of it, one of
-    `parts` programs of the tile (`_split_k_combine`: the last to finish adds the others' sums and stores)."""
+    kernel makes the descriptors, once per program)."""
     pid_m, pid_n = _tile_ids(tile, num_m, num_n, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     offs_c = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
@@ -260,37 +255,13 @@ def _sdd_tile(
         blocks_in_tile = tl.minimum(tl.cdiv(BN, BLOCK), n_cols // BLOCK - c0 // BLOCK)  # valid blocks (>= 1)
         last_block = tl.load(ids_ptr + c0 // BLOCK + blocks_in_tile - 1)  # first_block when BN <= BLOCK
         if last_block - first_block == blocks_in_tile - 1:
-            acc = _sdd_boxes(acc, a_desc, w_desc, k_lo, k_hi, first_block * BLOCK + c0 % BLOCK, pid_m, BM, BK,
-                             UPCAST, PRECISION)
+            acc = _sdd_boxes(acc, a_desc, w_desc, K, first_block * BLOCK + c0 % BLOCK, pid_m, BM, BK, UPCAST,
+                             PRECISION)
         else:
-            acc = _pointer_product(acc, a_ptrs, w_ptrs, k_lo, k_hi, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST,
+            acc = _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST,
                                    PRECISION)
     else:
-        acc = _pointer_product(acc, a_ptrs, w_ptrs, k_lo, k_hi, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST,
-                               PRECISION)
-    last = True
-    if SPLIT:
-        acc, last = _split_k_combine(acc, tile, parts, ws_ptr, lock_ptr, BM, BN)
-    if last:
-        _sdd_epilogue(
-            acc, pid_m, pid_n, offs_m, offs_c, mask_m, mask_c, rows, n_cols, c_desc, m_desc, e_ptr, l_ptr, bias_ptr,
-            m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, T, R, R2, stride_em, stride_er, stride_ln, stride_lr, stride_mm,
-            stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, HAS_LOW_RANK, HAS_BIAS, EPILOGUE,
-            MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, BM, BN,
-        )
-
-
-@triton.jit
-def _sdd_epilogue(
-    acc, pid_m, pid_n, offs_m, offs_c, mask_m, mask_c, rows, n_cols, c_desc, m_desc, e_ptr, l_ptr, bias_ptr, m_ptr,
-    c_ptr, s_ptr, o2_ptr, cs_ptr, T, R, R2, stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm,
-    stride_cc, stride_sn, stride_sr, stride_om, stride_bias, HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EPILOGUE: tl.constexpr, MASK_OUT: tl.constexpr, HAS_SKINNY: tl.constexpr, HAS_COLSUM: tl.constexpr,
-    BR: tl.constexpr, BR2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    BITS_TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-):
-    """What sdd adds to a tile's main product and stores: the low-rank term, bias, ReLU (or its backward), the
-    compact tile, its ReLU bits, the LoRA product and the column sums."""
+        acc = _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST, PRECISION)
     if HAS_LOW_RANK:
         for r in range(0, R, BR):
             offs_r = r + tl.arange(0, BR)
@@ -360,60 +331,18 @@ def _narrow(wide_tiles, narrow_tiles, SLOTS, programs):
     return faster & (narrow_tiles <= programs)
 
 
-_SPLIT_MIN_STEPS = tl.constexpr(1 if INTERPRET else 8)
-_SPLIT_MAX_PARTS = tl.constexpr(4)
-
-
-@triton.jit
-def _split_parts(tiles, steps, SLOTS, programs):
-    """How many programs share each tile's reduction (split-K; 1: none): as many as fit the SMs (SLOTS) and the
-    launch (`programs`: `_split_grid` makes room), up to 4, each at least 8 reduction steps (1 in the interpreter,
-    so small tests split). For a count whose tiles leave
-    most SMs idle: at 2048 tokens and density 0.1 of 8192 neurons fc1 has 64 tiles of 128 x 256 for 132 SMs, and
-    half-width tiles fill the SMs but read 4/3 as many bytes from L2 for the same products (the bound there)."""
-    parts = tl.minimum(tl.minimum(SLOTS, programs) // tl.maximum(tiles, 1), _SPLIT_MAX_PARTS)
-    return tl.maximum(tl.minimum(parts, steps // _SPLIT_MIN_STEPS), 1)
-
-
-@triton.jit
-def _split_k_combine(acc, tile, parts, ws_ptr, lock_ptr, BM: tl.constexpr, BN: tl.constexpr):
-    """Split-K's reduction without a second launch: returns (sum, last). Every program of a tile takes a ticket
-    (lock_ptr[2 tile]); all but the last store their fp32 partial sums in the workspace and count themselves
-    ready (lock_ptr[2 tile + 1]); the last waits for them (they are running: each took its ticket after its
-    products), adds theirs and goes on to the epilogue, then resets both counters for the next launch. The order of
-    the sum follows the tickets (not deterministic in the last fp32 bits)."""
-    ticket = tl.atomic_add(lock_ptr + 2 * tile, 1, sem="acq_rel")
-    last = ticket == parts - 1
-    offs = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-    first_slot = tile * (parts - 1)
-    if last:
-        ready = tl.atomic_add(lock_ptr + 2 * tile + 1, 0, sem="acquire")
-        while ready < parts - 1:
-            ready = tl.atomic_add(lock_ptr + 2 * tile + 1, 0, sem="acquire")
-        for j in range(0, parts - 1):
-            acc += tl.load(ws_ptr + (first_slot + j).to(tl.int64) * (BM * BN) + offs, cache_modifier=".cg")
-        tl.atomic_xchg(lock_ptr + 2 * tile, 0, sem="relaxed")
-        tl.atomic_xchg(lock_ptr + 2 * tile + 1, 0, sem="relaxed")
-    else:
-        tl.store(ws_ptr + (first_slot + ticket).to(tl.int64) * (BM * BN) + offs, acc, cache_modifier=".cg")
-        tl.debug_barrier()  # every thread's partial stored before the release below publishes it
-        tl.atomic_add(lock_ptr + 2 * tile + 1, 1, sem="release")
-    return acc, last
-
-
 @triton.jit
 def _sdd_program(
     n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, W_ROWS,
     stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm,
-    stride_cc, stride_sn, stride_sr, stride_om, stride_bias, parts, ws_ptr, lock_ptr,
+    stride_cc, stride_sn, stride_sr, stride_om, stride_bias,
     BLOCK: tl.constexpr, HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
     MASK_OUT: tl.constexpr, HAS_SKINNY: tl.constexpr, HAS_COLSUM: tl.constexpr, BR: tl.constexpr, BR2: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BITS_TMA: tl.constexpr,
     PERSISTENT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    """One program of sdd over (BM, BN) tiles: its descriptors, then its tile (or, persistent, its tiles; or, SPLIT,
-    its share of one tile's reduction: `parts` programs a tile, one such share each)."""
+    """One program of sdd over (BM, BN) tiles: its descriptors, then its tile (or, persistent, its tiles)."""
     num_m = tl.cdiv(T, BM)
     num_n = tl.cdiv(n_cols, BN)
     if USE_TMA and (BLOCK % BN == 0 or BN % BLOCK == 0):
@@ -432,20 +361,7 @@ def _sdd_program(
                                            strides=[stride_mm, 1], block_shape=[BM, BN // 8])
     else:
         m_desc = m_ptr
-    if SPLIT:  # whole reduction steps to each share, in order
-        tile = tl.program_id(0) // parts
-        per_part = tl.cdiv(tl.cdiv(K, BK), parts) * BK
-        k_lo = (tl.program_id(0) % parts) * per_part
-        if tile < num_m * num_n:
-            _sdd_tile(
-                tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, m_desc, e_ptr, l_ptr, bias_ptr, m_ptr,
-                c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk,
-                stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr,
-                stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR,
-                BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, BM, BN, BK, GROUP_M, EVEN_K,
-                k_lo, tl.minimum(k_lo + per_part, K), parts, ws_ptr, lock_ptr, True,
-            )
-    elif PERSISTENT:  # the tiles up to the device-side count, as in dsd
+    if PERSISTENT:  # the tiles up to the device-side count, as in dsd
         for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
             _sdd_tile(
                 tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, m_desc, e_ptr, l_ptr, bias_ptr, m_ptr,
@@ -453,7 +369,6 @@ def _sdd_program(
                 stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr,
                 stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR,
                 BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, BM, BN, BK, GROUP_M, EVEN_K,
-                0, K, 1, ws_ptr, lock_ptr, False,
             )
     elif tl.program_id(0) < num_m * num_n:  # else a tile past the device-side count: nothing to do
         _sdd_tile(
@@ -462,13 +377,12 @@ def _sdd_program(
             stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn,
             stride_sr, stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY,
             HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, BM, BN, BK, GROUP_M, EVEN_K,
-            0, K, 1, ws_ptr, lock_ptr, False,
         )
 
 
 # reset_to_zero: the skinny output is accumulated by atomics, so every autotuning run must start from
 # zeros (without it the first, tuning call returned the sum of all benchmark runs: seen on the H100).
-@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "CAP", "USE_TMA", "PERSISTENT", "NARROW", "SPLIT"],
+@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "CAP", "USE_TMA", "PERSISTENT", "NARROW"],
                  reset_to_zero=["o2_ptr", "cs_ptr"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
@@ -485,8 +399,6 @@ def _sdd_kernel(
     cs_ptr,  # (ffn,) fp32, zeroed: [rows] += column sums of the stored tile (HAS_COLSUM), by atomics across row tiles
     ids_ptr,  # (capacity,) int32 active block ids; the first count are valid
     count_ptr,  # (1,) int32
-    ws_ptr,  # (SLOTS * BM * BN,) fp32 (SPLIT): split-K's partial sums (`_split_k_combine`)
-    lock_ptr,  # (2 * SLOTS,) int32, zeros (SPLIT): split-K's counters, left zero by each launch
     T, K, R, R2, T_BUCKET,
     CAP,  # capacity*BLOCK: the compact width (grid and autotuner key; the count bounds the work)
     W_ROWS,  # ffn: rows of w (the descriptor's bound)
@@ -509,7 +421,6 @@ def _sdd_kernel(
     BITS_TMA: tl.constexpr,  # MASK_OUT's bits stored through a descriptor (with USE_TMA, legal bits; BN >= 128)
     PERSISTENT: tl.constexpr,  # one program per SM walks the tiles (`_persistent`); else one per tile
     NARROW: tl.constexpr,  # half-width (BM, BN / 2) tiles where the count leaves too few full ones (`_narrow`)
-    SPLIT: tl.constexpr,  # split-K where the count leaves too few tiles (`_split_parts`); before NARROW's choice
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -518,36 +429,24 @@ def _sdd_kernel(
 ):
     n_cols = tl.load(count_ptr) * BLOCK
     num_m = tl.cdiv(T, BM)
-    wide_tiles = num_m * tl.cdiv(n_cols, BN)
-    parts = 1
-    if SPLIT:
-        parts = _split_parts(wide_tiles, tl.cdiv(K, BK), SLOTS, tl.num_programs(0))
     # (a half tile keeps the ReLU bits' 32-column groups: BN >= 64)
     narrow_tiles = num_m * tl.cdiv(n_cols, BN // 2)
-    if SPLIT and parts > 1:
+    if (NARROW and BN >= 64) and _narrow(num_m * tl.cdiv(n_cols, BN), narrow_tiles, SLOTS,
+                                         narrow_tiles if PERSISTENT else tl.num_programs(0)):
         _sdd_program(
             n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2,
             W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm,
-            stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, parts, ws_ptr, lock_ptr, BLOCK,
-            HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA,
-            BITS_TMA, PERSISTENT, BM, BN, BK, GROUP_M, EVEN_K, True,
-        )
-    elif (NARROW and BN >= 64) and _narrow(wide_tiles, narrow_tiles, SLOTS,
-                                           narrow_tiles if PERSISTENT else tl.num_programs(0)):
-        _sdd_program(
-            n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2,
-            W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm,
-            stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, 1, ws_ptr, lock_ptr, BLOCK,
-            HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA,
-            BITS_TMA, PERSISTENT, BM, BN // 2, BK, GROUP_M, EVEN_K, False,
+            stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS,
+            EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, PERSISTENT, BM,
+            BN // 2, BK, GROUP_M, EVEN_K,
         )
     else:
         _sdd_program(
             n_cols, a_ptr, w_ptr, e_ptr, l_ptr, bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2,
             W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm,
-            stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, 1, ws_ptr, lock_ptr, BLOCK,
-            HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA,
-            BITS_TMA, PERSISTENT, BM, BN, BK, GROUP_M, EVEN_K, False,
+            stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS,
+            EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, PERSISTENT, BM,
+            BN, BK, GROUP_M, EVEN_K,
         )
 
 
@@ -653,24 +552,16 @@ def _dsd_kernel(
 
 @triton.jit
 def _wgrad_program(n_cols, c_ptr, d_ptr, g_ptr, ids_ptr, T, N, K, stride_cm, stride_cc, stride_dm, stride_dn,
-                   stride_gn, stride_gk, parts, ws_ptr, lock_ptr, BLOCK: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_T: tl.constexpr, SPLIT: tl.constexpr):
-    """One program of wgrad: its (BM, BN) tile of G, or (SPLIT) its share of the tile's tokens, one of `parts`
-    (`_split_k_combine`)."""
+                   stride_gn, stride_gk, BLOCK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   USE_TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   GROUP_M: tl.constexpr, EVEN_T: tl.constexpr):
+    """One program of wgrad: its (BM, BN) tile of G."""
     num_m = tl.cdiv(n_cols, BM)
     num_n = tl.cdiv(N, BN)
-    tile = tl.program_id(0)
-    t_lo = 0
-    t_hi = T
-    if SPLIT:  # whole reduction steps to each share, in order
-        tile = tl.program_id(0) // parts
-        per_part = tl.cdiv(tl.cdiv(T, BK), parts) * BK
-        t_lo = (tl.program_id(0) % parts) * per_part
-        t_hi = tl.minimum(t_lo + per_part, T)
-    if tile >= num_m * num_n:  # a tile past the device-side count
+    pid = tl.program_id(0)
+    if pid >= num_m * num_n:  # a tile past the device-side count
         return
-    pid_m, pid_n = _tile_ids(tile, num_m, num_n, GROUP_M)
+    pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
     offs_c = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     mask_c = offs_c < n_cols
@@ -691,22 +582,17 @@ def _wgrad_program(n_cols, c_ptr, d_ptr, g_ptr, ids_ptr, T, N, K, stride_cm, str
         # its width) and their rows are never stored; a ragged token tail loads as zeros.
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[T, K], strides=[stride_cm, 1], block_shape=[BK, BM])
         d_desc = tl.make_tensor_descriptor(d_ptr, shape=[T, N], strides=[stride_dm, 1], block_shape=[BK, BN])
-        for t in range(t_lo, t_hi, BK):
+        for t in range(0, T, BK):
             c = c_desc.load([t, pid_m * BM])
             d = d_desc.load([t, pid_n * BN])
             if UPCAST:
                 c, d = c.to(tl.float32), d.to(tl.float32)
             acc = tl.dot(c.T, d, acc, input_precision=PRECISION)
     else:
-        acc = _pointer_product(acc, ct_ptrs, d_ptrs, t_lo, t_hi, offs_t, stride_cm, stride_dm, BK, EVEN_T, UPCAST,
-                               PRECISION)
-    last = True
-    if SPLIT:
-        acc, last = _split_k_combine(acc, tile, parts, ws_ptr, lock_ptr, BM, BN)
-    if last:
-        rows = _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK)
-        tl.store(g_ptr + rows[:, None] * stride_gn + offs_n[None, :] * stride_gk,
-                 acc.to(g_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_n[None, :])
+        acc = _pointer_product(acc, ct_ptrs, d_ptrs, T, offs_t, stride_cm, stride_dm, BK, EVEN_T, UPCAST, PRECISION)
+    rows = _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK)
+    tl.store(g_ptr + rows[:, None] * stride_gn + offs_n[None, :] * stride_gk,
+             acc.to(g_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -733,7 +619,7 @@ def _zero_inactive_block(block, ids_ptr, count, g_ptr, N, stride_gn, stride_gk, 
 
 
 # K, the compact width, is the capacity; N, the output's width, tells dW1 / dW2 (d_model) from the LoRA gradients (rank)
-@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "USE_TMA", "N", "NARROW", "ZERO_REST", "SPLIT"])
+@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "USE_TMA", "N", "NARROW", "ZERO_REST"])
 @triton.heuristics({"EVEN_T": lambda args: args["T"] % args["BK"] == 0})
 @triton.jit
 def _wgrad_kernel(
@@ -742,8 +628,6 @@ def _wgrad_kernel(
     g_ptr,  # (ffn, N) neuron-major gradient: rows of active blocks get their products, the others zeros (ZERO_REST)
     ids_ptr,  # (capacity,) int32
     count_ptr,  # (1,) int32
-    ws_ptr,  # (SLOTS * BM * BN,) fp32 (SPLIT): split-K's partial sums (`_split_k_combine`)
-    lock_ptr,  # (2 * SLOTS,) int32, zeros (SPLIT): split-K's counters, left zero by each launch
     T, N, K, T_BUCKET,  # K: the capacity*BLOCK (compact width)
     SLOTS,  # programs the GPU runs at once (its SMs): `_narrow`'s measure of a wave
     stride_cm, stride_cc, stride_dm, stride_dn, stride_gn, stride_gk,
@@ -756,7 +640,6 @@ def _wgrad_kernel(
     USE_TMA: tl.constexpr,  # operands through tensor descriptors; the compact box is transposed in shared memory
     NARROW: tl.constexpr,  # (BM, BN / 2) tiles where the count leaves too few full ones (`_narrow`)
     ZERO_REST: tl.constexpr,  # zeros in the inactive blocks' rows too (`_zero_inactive_block`); else they are left
-    SPLIT: tl.constexpr,  # split-K over the tokens where the count leaves too few tiles (`_split_parts`)
     BM: tl.constexpr,  # compact rows of G per program
     BN: tl.constexpr,
     BK: tl.constexpr,  # tokens per reduction step
@@ -767,30 +650,19 @@ def _wgrad_kernel(
     n_cols = count * BLOCK
     num_m = tl.cdiv(n_cols, BM)
     products = tl.cdiv(K, BM) * tl.cdiv(N, BN)  # the grid's first programs; with ZERO_REST, one a block follows
-    wide_tiles = num_m * tl.cdiv(N, BN)
-    parts = 1
-    if SPLIT:  # (`_split_grid`)
-        products = tl.maximum(products, tl.minimum(SLOTS, _SPLIT_MAX_PARTS * products))
-        parts = _split_parts(wide_tiles, tl.cdiv(T, BK), SLOTS, products)
     if ZERO_REST and tl.program_id(0) >= products:
         _zero_inactive_block(tl.program_id(0) - products, ids_ptr, count, g_ptr, N, stride_gn, stride_gk, BLOCK, BN)
-    elif SPLIT and parts > 1:
+    elif (NARROW and BN >= 32) and _narrow(num_m * tl.cdiv(N, BN), num_m * tl.cdiv(N, BN // 2), SLOTS, products):
         _wgrad_program(n_cols, c_ptr, d_ptr, g_ptr, ids_ptr, T, N, K, stride_cm, stride_cc, stride_dm, stride_dn,
-                       stride_gn, stride_gk, parts, ws_ptr, lock_ptr, BLOCK, UPCAST, PRECISION, USE_TMA, BM, BN, BK,
-                       GROUP_M, EVEN_T, True)
-    elif (NARROW and BN >= 32) and _narrow(wide_tiles, num_m * tl.cdiv(N, BN // 2), SLOTS, products):
-        _wgrad_program(n_cols, c_ptr, d_ptr, g_ptr, ids_ptr, T, N, K, stride_cm, stride_cc, stride_dm, stride_dn,
-                       stride_gn, stride_gk, 1, ws_ptr, lock_ptr, BLOCK, UPCAST, PRECISION, USE_TMA, BM, BN // 2, BK,
-                       GROUP_M, EVEN_T, False)
+                       stride_gn, stride_gk, BLOCK, UPCAST, PRECISION, USE_TMA, BM, BN // 2, BK, GROUP_M, EVEN_T)
     else:
         _wgrad_program(n_cols, c_ptr, d_ptr, g_ptr, ids_ptr, T, N, K, stride_cm, stride_cc, stride_dm, stride_dn,
-                       stride_gn, stride_gk, 1, ws_ptr, lock_ptr, BLOCK, UPCAST, PRECISION, USE_TMA, BM, BN, BK,
-                       GROUP_M, EVEN_T, False)
+                       stride_gn, stride_gk, BLOCK, UPCAST, PRECISION, USE_TMA, BM, BN, BK, GROUP_M, EVEN_T)
 
 
 # The same kernel over `_skinny_configs`' narrow tiles, for outputs at most SKINNY_N wide
-_wgrad_skinny_kernel = triton.autotune(configs=_skinny_configs(),
-                                       key=[*_KEY, "USE_TMA", "N", "NARROW", "ZERO_REST", "SPLIT"])(_wgrad_kernel.fn)
+_wgrad_skinny_kernel = triton.autotune(configs=_skinny_configs(), key=[*_KEY, "USE_TMA", "N", "NARROW", "ZERO_REST"])(
+    _wgrad_kernel.fn)
 
 
 @triton.jit
@@ -990,20 +862,13 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
     use_tma = _use_tma("sdd", a, w, out, traced=wrap is not _no_wrap)
     persistent = _persistent(use_tma)
     mask_out = epilogue == 1 and mask is not None
-    split = _split_k("sdd")
-    workspace, locks = _split_buffers(split, a, wrap)
-    slots = _programs(a.device)
-
-    def grid(meta):
-        tiles = triton.cdiv(tokens, meta["BM"]) * triton.cdiv(cap_cols, meta["BN"])
-        tiles = _split_grid(tiles, slots) if split else tiles
-        return (min(tiles, slots) if persistent else tiles,)
-
+    tiles = lambda meta: triton.cdiv(tokens, meta["BM"]) * triton.cdiv(cap_cols, meta["BN"])  # noqa: E731
+    grid = lambda meta: (min(tiles(meta), _programs(a.device)) if persistent else tiles(meta),)  # noqa: E731
     _launch(wrap, _sdd_kernel, grid, (
         a, w, dummy if e is None else e, dummy if lw is None else lw, dummy if bias is None else bias,
         dummy if mask is None else mask, out, dummy if skinny is None else skinny,
         skinny_out, skinny_out if colsum_out is None else colsum_out, ids, count,  # no column sum: never written
-        workspace, locks, tokens, k, r, r2, _bucket(tokens), cap_cols, w.shape[0], slots,
+        tokens, k, r, r2, _bucket(tokens), cap_cols, w.shape[0], _programs(a.device),
         a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         0 if e is None else e.stride(0), 0 if e is None else e.stride(1),
         0 if lw is None else lw.stride(0), 0 if lw is None else lw.stride(1),
@@ -1016,7 +881,7 @@ def _launch_sdd(a, w, ids, count, block, *, bias=None, e=None, lw=None, mask=Non
         MASK_OUT=mask_out, HAS_SKINNY=skinny is not None,
         HAS_COLSUM=colsum_out is not None, BR=_low_rank_block(r), BR2=_low_rank_block(r2), **_flags(a.dtype),
         USE_TMA=use_tma, BITS_TMA=mask_out and use_tma and descriptors.legal(mask, wrap is not _no_wrap),
-        PERSISTENT=persistent, NARROW=skinny is None and _narrow_tiles("sdd"), SPLIT=split,
+        PERSISTENT=persistent, NARROW=skinny is None and _narrow_tiles("sdd"),
     ), key=(a.dtype, _bucket(tokens), k, r, r2, cap_cols), even=("EVEN_K", k))
     return out
 
@@ -1068,49 +933,6 @@ def _narrow_tiles(kernel: str) -> bool:
     return descriptors.switched_on("LONGEXPOSURE_NARROW", kernel, NARROW_KERNELS, default=NARROW_DEFAULT)
 
 
-SPLIT_KERNELS = ("sdd", "wgrad")  # the names LONGEXPOSURE_SPLITK may list
-SPLIT_DEFAULT = "sdd,wgrad"  # LONGEXPOSURE_SPLITK where unset
-
-
-def _split_k(kernel: str) -> bool:
-    """Whether `kernel` may share a tile's reduction among programs when the device-side count leaves too few tiles
-    (`_split_parts`): LONGEXPOSURE_SPLITK (`SPLIT_DEFAULT` where unset; `0`, `1` or a list of SPLIT_KERNELS), read
-    per launch or per trace; never where deterministic algorithms are asked for (the partial sums add up in the
-    order the programs finish)."""
-    return (descriptors.switched_on("LONGEXPOSURE_SPLITK", kernel, SPLIT_KERNELS, default=SPLIT_DEFAULT)
-            and not torch.are_deterministic_algorithms_enabled())
-
-
-# Largest BM * BN any matmul config has: a split-K workspace slot holds one tile's fp32 sums
-_TILE_ELEMENTS = max(c.kwargs["BM"] * c.kwargs["BN"] for c in [*_autotune_configs(), *_skinny_configs()])
-
-
-def _split_grid(tiles: int, slots: int) -> int:
-    """Programs for a launch of `tiles` tiles (at its capacity) that may split them: room for up to
-    `_SPLIT_MAX_PARTS` parts a tile within the SMs, so an exact capacity (replayed ids) splits too. Programs past
-    the work the count leaves exit at once."""
-    return max(tiles, min(slots, _SPLIT_MAX_PARTS.value * tiles))
-
-
-@functools.lru_cache(maxsize=16)
-def _split_locks(device: torch.device, stream: int, slots: int) -> torch.Tensor:
-    """Split-K's counters for eager launches on one stream (each launch leaves them zero): no fill per launch."""
-    return torch.zeros(2 * slots, dtype=torch.int32, device=device)
-
-
-def _split_buffers(split: bool, ref: torch.Tensor, wrap: Wrap) -> tuple[torch.Tensor, torch.Tensor]:
-    """(workspace, counters) for a launch that may split its tiles' reductions (`_split_k_combine`): a slot of
-    fp32 sums for each of up to `_programs` programs, and two counters a tile, zeros. Placeholders when it may not
-    (never read). Traced calls allocate zeroed counters; eager ones reuse the stream's."""
-    if not split:
-        return ref, ref
-    slots = _programs(ref.device)
-    workspace = ref.new_empty(slots * _TILE_ELEMENTS, dtype=torch.float32)
-    if wrap is not _no_wrap or ref.device.type != "cuda":
-        return workspace, ref.new_zeros(2 * slots, dtype=torch.int32)
-    return workspace, _split_locks(ref.device, torch.cuda.current_stream(ref.device).cuda_stream, slots)
-
-
 @functools.cache
 def _programs(device: torch.device) -> int:
     """Programs the GPU runs at once (a persistent launch's grid, `_narrow`'s wave): one per SM; 3 in the interpreter,
@@ -1150,21 +972,16 @@ def _launch_wgrad(c, d, ids, count, block, *, out, zero_rest=True, wrap=_no_wrap
         return out
     if tokens == 0 or cap_cols == 0:  # no products: every row is zero
         return out.zero_() if zero_rest else out
-    split = _split_k("wgrad")
-    slots = _programs(c.device)
-
-    def grid(meta):  # the products' tiles (up to the capacity, or split-K's room), then one program a block for zeros
-        tiles = triton.cdiv(cap_cols, meta["BM"]) * triton.cdiv(n, meta["BN"])
-        return ((_split_grid(tiles, slots) if split else tiles) + (out.shape[0] // block if zero_rest else 0),)
-
-    workspace, locks = _split_buffers(split, c, wrap)
+    # the products' tiles (up to the capacity), then one program per neuron block for the zeros
+    grid = lambda meta: (triton.cdiv(cap_cols, meta["BM"]) * triton.cdiv(n, meta["BN"])  # noqa: E731
+                         + (out.shape[0] // block if zero_rest else 0),)
     _launch(wrap, _wgrad_skinny_kernel if n <= SKINNY_N else _wgrad_kernel, grid, (
-        c, d, out, ids, count, workspace, locks,
-        tokens, n, cap_cols, _bucket(tokens), slots,
+        c, d, out, ids, count,
+        tokens, n, cap_cols, _bucket(tokens), _programs(c.device),
         c.stride(0), c.stride(1), d.stride(0), d.stride(1), out.stride(0), out.stride(1),
     ), dict(BLOCK=block, HAS_LOW_RANK=False, HAS_BIAS=False, EPILOGUE=3, **_flags(c.dtype),
             USE_TMA=_use_tma("wgrad", c, d, traced=wrap is not _no_wrap), NARROW=_narrow_tiles("wgrad"),
-            ZERO_REST=zero_rest, SPLIT=split),
+            ZERO_REST=zero_rest),
         key=(c.dtype, _bucket(tokens), cap_cols, n), even=("EVEN_T", tokens))
     return out
 

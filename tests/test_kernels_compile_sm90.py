@@ -33,8 +33,7 @@ ATTENTION = {"D": 64, "BLOCK": 64, "BLOCK_D": 64, "CAUSAL": True, "HAS_LENS": Tr
              "DOT_PREC": "tf32", "SPLIT": 1}
 MLP = {"BLOCK": 64, "HAS_LOW_RANK": True, "HAS_BIAS": True, "UPCAST": False, "PRECISION": "tf32", "BM": 128,
        "BN": 128, "BK": 64, "GROUP_M": 8}
-WGRAD = {"EPILOGUE": 3, "ZERO_REST": True, "NARROW": True, "SPLIT": True}  # every branch of the weight gradient's
-# tile choice (split-K, half-width, full)
+WGRAD = {"EPILOGUE": 3, "ZERO_REST": True, "NARROW": True}  # both branches of the weight gradient's tile choice
 # strides that are 1 in every launch (row-major operands, neuron-major weights); the JIT makes them constants
 UNIT_STRIDES = {"stride_ak", "stride_wk", "stride_er", "stride_lr", "stride_cc", "stride_sr",
                 "stride_on", "stride_dn", "stride_gk", "stride_bias"}
@@ -70,8 +69,7 @@ for _tma in (False, True):  # sdd with 128-wide column tiles over 64-neuron bloc
         _name = f"tma={_tma}" + " persistent" * _persistent
         CASES[f"mlp sdd {_name}"] = ("neuron_block_mlp", "_sdd_kernel", {
             **MLP, "EPILOGUE": 1, "MASK_OUT": True, "HAS_SKINNY": True, "HAS_COLSUM": False, "BR": 16, "BR2": 16,
-            "USE_TMA": _tma, "BITS_TMA": _tma, "EVEN_K": True, "PERSISTENT": _persistent, "NARROW": True,
-            "SPLIT": True}, 8, 4)
+            "USE_TMA": _tma, "BITS_TMA": _tma, "EVEN_K": True, "PERSISTENT": _persistent, "NARROW": True}, 8, 4)
         CASES[f"mlp dsd {_name}"] = (
             "neuron_block_mlp", "_dsd_kernel", {**MLP, "EPILOGUE": 0, "USE_TMA": _tma, "PERSISTENT": _persistent}, 8, 4)
     CASES[f"mlp wgrad tma={_tma}"] = ("neuron_block_mlp", "_wgrad_kernel",
@@ -83,13 +81,12 @@ for _epilogue in (1, 2):
     CASES[f"mlp sdd 128x256 epilogue={_epilogue}"] = ("neuron_block_mlp", "_sdd_kernel", {
         **MLP, "BN": 256, "EPILOGUE": _epilogue, "MASK_OUT": _epilogue == 1, "HAS_SKINNY": True,
         "HAS_COLSUM": _epilogue == 2, "BR": 16, "BR2": 16, "USE_TMA": False, "BITS_TMA": False, "EVEN_K": True,
-        "PERSISTENT": False, "NARROW": True, "SPLIT": True}, 8, 3)
-# Hopper's default path (descriptors, persistent) at the widest tile it tunes over, with both branches of `_narrow`
-# and split-K's: the other branches' buffers share the full-width one's shared memory (222,208 bytes with the
-# half-width branch or without it)
+        "PERSISTENT": False, "NARROW": True}, 8, 3)
+# Hopper's default path (descriptors, persistent) at the widest tile it tunes over, with both branches of `_narrow`:
+# the half-width branch's buffers share the full-width one's shared memory (222,208 bytes with it or without it)
 CASES["mlp sdd 128x256 tma persistent"] = ("neuron_block_mlp", "_sdd_kernel", {
     **MLP, "BN": 256, "EPILOGUE": 1, "MASK_OUT": True, "HAS_SKINNY": True, "HAS_COLSUM": False, "BR": 16, "BR2": 16,
-    "USE_TMA": True, "BITS_TMA": True, "EVEN_K": True, "PERSISTENT": True, "NARROW": True, "SPLIT": True}, 8, 3)
+    "USE_TMA": True, "BITS_TMA": True, "EVEN_K": True, "PERSISTENT": True, "NARROW": True}, 8, 3)
 # LoRA's weight gradients (rank-wide outputs) over `_skinny_configs`' 16-wide tiles
 CASES["mlp wgrad skinny 64x16"] = ("neuron_block_mlp", "_wgrad_skinny_kernel", {
     **MLP, "BM": 64, "BN": 16, **WGRAD, "USE_TMA": False, "EVEN_T": True}, 4, 4)
@@ -103,7 +100,7 @@ for _dtype in ("fp16", "fp32"):
     _tile = {**MLP, "BM": _bm, "BN": _bn, "BK": _bk, "PRECISION": "ieee" if _dtype == "fp32" else "tf32"}
     CASES[f"mlp sdd fallback {_dtype}"] = ("neuron_block_mlp", "_sdd_kernel", {
         **_tile, "EPILOGUE": 1, "MASK_OUT": True, "HAS_SKINNY": True, "HAS_COLSUM": False, "BR": 16, "BR2": 16,
-        "USE_TMA": True, "BITS_TMA": True, "EVEN_K": False, "PERSISTENT": True, "NARROW": True, "SPLIT": True},
+        "USE_TMA": True, "BITS_TMA": True, "EVEN_K": False, "PERSISTENT": True, "NARROW": True},
         _warps, _stages, _dtype)
     CASES[f"mlp dsd fallback {_dtype}"] = ("neuron_block_mlp", "_dsd_kernel", {
         **_tile, "EPILOGUE": 0, "USE_TMA": True, "PERSISTENT": True}, _warps, _stages, _dtype)
@@ -112,7 +109,7 @@ for _dtype in ("fp16", "fp32"):
 SHARED_LIMIT_SM90 = 232448  # bytes of shared memory one block may have on an H100 / H200
 
 POINTERS = {"m_ptr": "*u8", "cs_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_acc_ptr": "*fp32",
-            "o2_ptr": "*fp32", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+            "o2_ptr": "*fp32"}
 
 
 def _signature(fn, constexprs: dict, dtype: str = "fp16") -> dict[str, str]:

@@ -309,7 +309,6 @@ def test_half_width_tiles_match_reference(monkeypatch, pattern, switches):
     env = {"pointer": ("0", "0", "1"), "tma persistent": ("1", "1", "1"), "narrow off": ("0", "0", "0")}[switches]
     for name, value in zip(("LONGEXPOSURE_TMA", "LONGEXPOSURE_PERSISTENT", "LONGEXPOSURE_NARROW"), env, strict=True):
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("LONGEXPOSURE_SPLITK", "0")  # (it would take the one-tile counts first)
     wide = [triton.Config({"BM": 32, "BN": 64, "BK": 32, "GROUP_M": 8})]
     monkeypatch.setattr(K._sdd_kernel, "configs", wide)
     monkeypatch.setattr(K._wgrad_kernel, "configs", wide)
@@ -354,109 +353,12 @@ def test_half_width_tiles_property(seed, tokens, block, dtype, pattern, lora, sw
         return
     tma, persistent = ("1", "1") if switches == "tma persistent" else ("0", "0")
     wide = [triton.Config({"BM": 32, "BN": 64, "BK": 32, "GROUP_M": 8})]
-    env = {"LONGEXPOSURE_TMA": tma, "LONGEXPOSURE_PERSISTENT": persistent, "LONGEXPOSURE_NARROW": "1",
-           "LONGEXPOSURE_SPLITK": "0"}
+    env = {"LONGEXPOSURE_TMA": tma, "LONGEXPOSURE_PERSISTENT": persistent, "LONGEXPOSURE_NARROW": "1"}
     with mock.patch.dict(os.environ, env), mock.patch.object(K._sdd_kernel, "configs", wide), \
             mock.patch.object(K._wgrad_kernel, "configs", wide), mock.patch.object(K, "_programs", lambda _: 3), \
             mock.patch.object(K, "_CHOSEN", {}):
         check_against_reference(make_problem(seed, tokens, 96, 256 // block, block, dtype, pattern, "padded", lora=lora,
                                              bias=True))
-
-
-class _SplitWorkspaces:
-    """Records the split-K buffers of each launch that may split, its workspace NaN-filled: which launches split
-    (they wrote sums there) and whether every counter came back to zero."""
-
-    def __init__(self):
-        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._make = K._split_buffers
-
-    def __call__(self, split, ref, wrap):
-        workspace, locks = self._make(split, ref, wrap)
-        if split:
-            workspace.fill_(float("nan"))
-            self.seen.append((workspace, locks))
-        return workspace, locks
-
-    def split_launches(self) -> int:
-        return sum(int(not bool(w.isnan().all())) for w, _ in self.seen)
-
-    def counters_left(self) -> int:
-        return sum(int(locks.abs().sum()) for _, locks in self.seen)
-
-
-@pytest.mark.parametrize("pattern", ["one", "random", "all"])
-@pytest.mark.parametrize("switches", ["pointer", "tma persistent"])
-def test_split_k_matches_reference(monkeypatch, pattern, switches):
-    """sdd and wgrad share a tile's reduction among programs where the device-side count leaves too few tiles for the
-    SMs (`_split_parts`; 8 "SMs" here). 37 tokens (2 row tiles of 32), d_model 96, blocks of 16:
-    - one active block: sdd's 2 tiles (fc1, dZ) take 3 parts each (4 fit, 3 reduction steps of 32), wgrad's 2 tiles
-      (dW1, dW2^T: 1 x 2) take 2 (2 token steps): 4 launches split;
-    - five: sdd's 2 x 2 tiles take 2 parts, wgrad's 3 x 2 tiles none: 2 launches;
-    - all 16: 8 and 16 tiles, no launch splits.
-    Outputs and gradients match the reference, and every launch leaves its counters at zero for the next."""
-    if switches == "tma persistent" and not descriptors.has_tma(DEVICE):
-        pytest.skip(f"{DEVICE} has no TMA")
-    tma, persistent = ("1", "1") if switches == "tma persistent" else ("0", "0")
-    for name, value in (("LONGEXPOSURE_TMA", tma), ("LONGEXPOSURE_PERSISTENT", persistent),
-                        ("LONGEXPOSURE_NARROW", "0"), ("LONGEXPOSURE_SPLITK", "1")):
-        monkeypatch.setenv(name, value)
-    wide = [triton.Config({"BM": 32, "BN": 64, "BK": 32, "GROUP_M": 8})]
-    monkeypatch.setattr(K._sdd_kernel, "configs", wide)
-    monkeypatch.setattr(K._wgrad_kernel, "configs", wide)
-    monkeypatch.setattr(K, "_programs", lambda _: 8)
-    monkeypatch.setattr(K, "_CHOSEN", {})
-    recorder = _SplitWorkspaces()
-    monkeypatch.setattr(K, "_split_buffers", recorder)
-    p = make_problem(31, 37, 96, 16, 16, torch.float32, pattern, "padded", lora=False, bias=True)
-    check_against_reference(p)
-    assert (len(recorder.seen), recorder.split_launches()) == (4, {"one": 4, "random": 2, "all": 0}[pattern])
-    assert recorder.counters_left() == 0
-
-
-@settings(max_examples=12)
-@given(
-    seed=st.integers(0, 2**16),
-    tokens=st.integers(1, 100),
-    block=st.sampled_from((16, 32, 64)),
-    dtype=st.sampled_from(DTYPES),
-    pattern=st.sampled_from(PATTERNS),
-    lora=st.booleans(),
-    slots=st.sampled_from((3, 8, 24)),
-    switches=st.sampled_from(["pointer", "tma persistent"]),
-)
-@example(seed=8, tokens=30, block=16, dtype=torch.float16, pattern="random", lora=True, slots=8, switches="pointer")
-def test_split_k_property(seed, tokens, block, dtype, pattern, lora, slots, switches):
-    """Split-K in both kernels that may take it, with half-width tiles also on, over 64-wide configs and 3 to 24
-    "SMs": every output and gradient matches the reference, however many parts each launch picks at its count (LoRA's
-    epilogue and fc1's bias gradient, summed by atomics, run once a tile: in the last part)."""
-    if switches == "tma persistent" and not descriptors.has_tma(DEVICE):
-        return
-    tma, persistent = ("1", "1") if switches == "tma persistent" else ("0", "0")
-    wide = [triton.Config({"BM": 32, "BN": 64, "BK": 32, "GROUP_M": 8})]
-    env = {"LONGEXPOSURE_TMA": tma, "LONGEXPOSURE_PERSISTENT": persistent, "LONGEXPOSURE_NARROW": "1",
-           "LONGEXPOSURE_SPLITK": "1"}
-    recorder = _SplitWorkspaces()
-    with mock.patch.dict(os.environ, env), mock.patch.object(K._sdd_kernel, "configs", wide), \
-            mock.patch.object(K._wgrad_kernel, "configs", wide), mock.patch.object(K, "_programs", lambda _: slots), \
-            mock.patch.object(K, "_CHOSEN", {}), mock.patch.object(K, "_split_buffers", recorder):
-        check_against_reference(make_problem(seed, tokens, 96, 256 // block, block, dtype, pattern, "padded", lora=lora,
-                                             bias=True))
-    assert recorder.counters_left() == 0
-
-
-@pytest.mark.parametrize("switch, sdd, wgrad", [(None, True, True), ("1", True, True), ("0", False, False),
-                                               ("wgrad", False, True), ("sdd", True, False)])
-def test_split_k_switch_names_kernels(monkeypatch, switch, sdd, wgrad):
-    """LONGEXPOSURE_SPLITK lists the kernels that may split their reductions (unset: both); deterministic algorithms
-    turn it off (the order of the partial sums is the programs')."""
-    set_switch(monkeypatch, "LONGEXPOSURE_SPLITK", switch)
-    assert (K._split_k("sdd"), K._split_k("wgrad")) == (sdd, wgrad)
-    with mock.patch.object(torch, "are_deterministic_algorithms_enabled", lambda: True):
-        assert not K._split_k("sdd") and not K._split_k("wgrad")
-    monkeypatch.setenv("LONGEXPOSURE_SPLITK", "sdd,dsd")
-    with pytest.raises(ValueError, match=r"LONGEXPOSURE_SPLITK=.*comma-separated list of sdd, wgrad"):
-        K._split_k("sdd")
 
 
 @pytest.mark.parametrize("count, capacity", [(0, 8), (3, 8), (8, 8), (3, 3), (1, 1)])
