@@ -67,14 +67,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FALLBACK_TILE = (128, 128, 64, 8, 3)
 
 
-def half_width_stages(bm: int, bn: int, stages: int) -> int:
-    """Pipeline stages of a (bm, bn / 2) tile in the shared memory of `stages` (bm, bn) ones. Inductor's best Triton
-    matmul for fc1 at density 0.1 (2048 x 768 x 2048, H100, fig12_mlp run 24) was a 128 x 128 tile 5 stages deep;
-    the half-width tile of sdd's 128 x 256 x 3 took 3 before."""
-    return max(stages, stages * (bm + bn) // (bm + bn // 2))
-
-
-def _autotune_configs(large_tiles: bool = True, narrow_stages: bool = False) -> list[triton.Config]:
+def _autotune_configs(large_tiles: bool = True) -> list[triton.Config]:
     """Tile shapes (BM, BN, BK = output rows, output columns, reduction) for the matmul kernels.
 
     Under the interpreter one small tile (so CPU tests stay fast and still cross tile boundaries);
@@ -85,15 +78,9 @@ def _autotune_configs(large_tiles: bool = True, narrow_stages: bool = False) -> 
     key, sdd and wgrad left out the 256-wide tiles, since one that won at density 1.0 left most SMs idle at
     density 0.1 (measured on the H100: 2.4x slower there); `large_tiles=False` is that space. A capacity
     far above the count (predicted ids: every block) tunes at the first call's density.
-
-    `narrow_stages` (sdd's space) gives each config the pipeline depth of its half-width tiles (`_narrow`):
-    NARROW_STAGES, as many as fit the full tile's stages' shared memory.
     """
     def cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-        meta = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}
-        if narrow_stages:
-            meta["NARROW_STAGES"] = half_width_stages(bm, bn, stages)
-        return triton.Config(meta, num_warps=warps, num_stages=stages)
+        return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
     if INTERPRET:
         return [cfg(32, 32, 32, 4, 1)]
@@ -101,7 +88,6 @@ def _autotune_configs(large_tiles: bool = True, narrow_stages: bool = False) -> 
         return [cfg(*FALLBACK_TILE)]
     large = [cfg(128, 256, 64, 8, 3), cfg(128, 256, 64, 8, 4), cfg(256, 128, 64, 8, 3)] if large_tiles else []
     return large + [
-        cfg(128, 128, 64, 8, 5),
         cfg(128, 128, 64, 8, 4),
         cfg(128, 128, 64, 8, 3),
         cfg(128, 128, 64, 4, 4),
@@ -160,12 +146,11 @@ def _block_id_at(ids_ptr, k, K, BLOCK: tl.constexpr):
 
 @triton.jit
 def _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr):
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """acc += A @ W over a reduction of length K, both read through pointer tiles: A (BM, BK) steps along its
     columns, W (BK, BN) along its rows; a ragged tail (not EVEN_K) loads as zeros. sdd's main product with
-    gathered weight rows (any ids), and wgrad's with the compact buffer read transposed. STAGES: the loop's pipeline
-    depth (None: the launch's num_stages)."""
-    for k in tl.range(0, K, BK, num_stages=STAGES):
+    gathered weight rows (any ids), and wgrad's with the compact buffer read transposed."""
+    for k in range(0, K, BK):
         if EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
@@ -182,13 +167,13 @@ def _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK: t
 
 @triton.jit
 def _sdd_boxes(acc, a_desc, w_desc, K, w_row, pid_m, BM: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, STAGES: tl.constexpr):
+               PRECISION: tl.constexpr):
     """sdd's main product through tensor descriptors (a (BM, BK) box of the dense operand, a (BN, BK) box of the
     weight), the tile's weight rows being w_row .. w_row + BN - 1.
 
     Rows past the tokens or the weight and a ragged K tail load as zeros; columns past the count come from
     whatever rows follow and are never stored."""
-    for k in tl.range(0, K, BK, num_stages=STAGES):
+    for k in range(0, K, BK):
         a = a_desc.load([pid_m * BM, k])
         wt = w_desc.load([w_row, k])
         if UPCAST:
@@ -244,7 +229,7 @@ def _sdd_tile(
     BLOCK: tl.constexpr, HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
     MASK_OUT: tl.constexpr, HAS_SKINNY: tl.constexpr, HAS_COLSUM: tl.constexpr, BR: tl.constexpr, BR2: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BITS_TMA: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """One (BM, BN) compact tile of sdd: a program's whole work, or one turn of a persistent program's loop (the
     kernel makes the descriptors, once per program)."""
@@ -271,13 +256,12 @@ def _sdd_tile(
         last_block = tl.load(ids_ptr + c0 // BLOCK + blocks_in_tile - 1)  # first_block when BN <= BLOCK
         if last_block - first_block == blocks_in_tile - 1:
             acc = _sdd_boxes(acc, a_desc, w_desc, K, first_block * BLOCK + c0 % BLOCK, pid_m, BM, BK, UPCAST,
-                             PRECISION, STAGES)
+                             PRECISION)
         else:
             acc = _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST,
-                                   PRECISION, STAGES)
+                                   PRECISION)
     else:
-        acc = _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST, PRECISION,
-                               STAGES)
+        acc = _pointer_product(acc, a_ptrs, w_ptrs, K, offs_k, stride_ak, stride_wk, BK, EVEN_K, UPCAST, PRECISION)
     if HAS_LOW_RANK:
         for r in range(0, R, BR):
             offs_r = r + tl.arange(0, BR)
@@ -356,10 +340,9 @@ def _sdd_program(
     MASK_OUT: tl.constexpr, HAS_SKINNY: tl.constexpr, HAS_COLSUM: tl.constexpr, BR: tl.constexpr, BR2: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BITS_TMA: tl.constexpr,
     PERSISTENT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, STAGES: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    """One program of sdd over (BM, BN) tiles: its descriptors, then its tile (or, persistent, its tiles); STAGES:
-    the main loop's pipeline depth (None: the launch's num_stages)."""
+    """One program of sdd over (BM, BN) tiles: its descriptors, then its tile (or, persistent, its tiles)."""
     num_m = tl.cdiv(T, BM)
     num_n = tl.cdiv(n_cols, BN)
     if USE_TMA and (BLOCK % BN == 0 or BN % BLOCK == 0):
@@ -379,13 +362,13 @@ def _sdd_program(
     else:
         m_desc = m_ptr
     if PERSISTENT:  # the tiles up to the device-side count, as in dsd
-        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True, num_stages=STAGES):
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
             _sdd_tile(
                 tile, num_m, num_n, n_cols, a_ptr, w_ptr, a_desc, w_desc, c_desc, m_desc, e_ptr, l_ptr, bias_ptr, m_ptr,
                 c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn, stride_wk,
                 stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn, stride_sr,
                 stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR,
-                BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, BM, BN, BK, GROUP_M, EVEN_K, STAGES,
+                BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, BM, BN, BK, GROUP_M, EVEN_K,
             )
     elif tl.program_id(0) < num_m * num_n:  # else a tile past the device-side count: nothing to do
         _sdd_tile(
@@ -393,13 +376,13 @@ def _sdd_program(
             bias_ptr, m_ptr, c_ptr, s_ptr, o2_ptr, cs_ptr, ids_ptr, T, K, R, R2, stride_am, stride_ak, stride_wn,
             stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm, stride_cm, stride_cc, stride_sn,
             stride_sr, stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS, EPILOGUE, MASK_OUT, HAS_SKINNY,
-            HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, BM, BN, BK, GROUP_M, EVEN_K, STAGES,
+            HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, BM, BN, BK, GROUP_M, EVEN_K,
         )
 
 
 # reset_to_zero: the skinny output is accumulated by atomics, so every autotuning run must start from
 # zeros (without it the first, tuning call returned the sum of all benchmark runs: seen on the H100).
-@triton.autotune(configs=_autotune_configs(narrow_stages=True), key=[*_KEY, "CAP", "USE_TMA", "PERSISTENT", "NARROW"],
+@triton.autotune(configs=_autotune_configs(), key=[*_KEY, "CAP", "USE_TMA", "PERSISTENT", "NARROW"],
                  reset_to_zero=["o2_ptr", "cs_ptr"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
@@ -443,7 +426,6 @@ def _sdd_kernel(
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
-    NARROW_STAGES: tl.constexpr = None,  # the half-width tiles' pipeline depth (None: num_stages)
 ):
     n_cols = tl.load(count_ptr) * BLOCK
     num_m = tl.cdiv(T, BM)
@@ -456,7 +438,7 @@ def _sdd_kernel(
             W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm,
             stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS,
             EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, PERSISTENT, BM,
-            BN // 2, BK, GROUP_M, EVEN_K, NARROW_STAGES,
+            BN // 2, BK, GROUP_M, EVEN_K,
         )
     else:
         _sdd_program(
@@ -464,7 +446,7 @@ def _sdd_kernel(
             W_ROWS, stride_am, stride_ak, stride_wn, stride_wk, stride_em, stride_er, stride_ln, stride_lr, stride_mm,
             stride_cm, stride_cc, stride_sn, stride_sr, stride_om, stride_bias, BLOCK, HAS_LOW_RANK, HAS_BIAS,
             EPILOGUE, MASK_OUT, HAS_SKINNY, HAS_COLSUM, BR, BR2, UPCAST, PRECISION, USE_TMA, BITS_TMA, PERSISTENT, BM,
-            BN, BK, GROUP_M, EVEN_K, None,
+            BN, BK, GROUP_M, EVEN_K,
         )
 
 
@@ -607,8 +589,7 @@ def _wgrad_program(n_cols, c_ptr, d_ptr, g_ptr, ids_ptr, T, N, K, stride_cm, str
                 c, d = c.to(tl.float32), d.to(tl.float32)
             acc = tl.dot(c.T, d, acc, input_precision=PRECISION)
     else:
-        acc = _pointer_product(acc, ct_ptrs, d_ptrs, T, offs_t, stride_cm, stride_dm, BK, EVEN_T, UPCAST, PRECISION,
-                               None)
+        acc = _pointer_product(acc, ct_ptrs, d_ptrs, T, offs_t, stride_cm, stride_dm, BK, EVEN_T, UPCAST, PRECISION)
     rows = _neuron_rows(ids_ptr, offs_c, mask_c, BLOCK)
     tl.store(g_ptr + rows[:, None] * stride_gn + offs_n[None, :] * stride_gk,
              acc.to(g_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_n[None, :])

@@ -27,7 +27,7 @@ import subprocess
 import sys
 
 import pytest
-from longexposure.kernels.neuron_block_mlp import FALLBACK_TILE, half_width_stages
+from longexposure.kernels.neuron_block_mlp import FALLBACK_TILE
 
 ATTENTION = {"D": 64, "BLOCK": 64, "BLOCK_D": 64, "CAUSAL": True, "HAS_LENS": True, "EVEN_S": False,
              "DOT_PREC": "tf32", "SPLIT": 1}
@@ -137,8 +137,6 @@ def compile_all() -> dict[str, dict]:
 
     out = {}
     for case, (module, kernel, constexprs, warps, stages, *dtype) in CASES.items():
-        if kernel == "_sdd_kernel":  # the half-width branch as deep as sdd's autotune configs make it
-            constexprs = {**constexprs, "NARROW_STAGES": half_width_stages(constexprs["BM"], constexprs["BN"], stages)}
         fn = getattr(importlib.import_module(f"longexposure.kernels.{module}"), kernel)
         while not isinstance(fn, JITFunction):  # autotuner and heuristics wrappers
             fn = fn.fn
