@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from longexposure.measure import gpu_time_ms
+from longexposure.measure import cuda_kernels, gpu_time_ms
 from longexposure.tasks.mlp_operator import MlpOperatorCase, build_case
 
 DENSITIES = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
@@ -374,22 +374,12 @@ def profile_kernels(cases: list[MlpOperatorCase], calls: int = 5) -> dict:
     """Where each case's forward and backward spend their GPU time: torch.profiler's kernel list (name, calls and
     microseconds per call of `fwd` / `bwd`), after warm-up calls (autotuning included). What the queued timings do
     not say: which kernels (fills, casts, copies) besides the matmuls a call launches, and how long each takes."""
-    from torch.profiler import ProfilerActivity, profile
-
     out = {}
     for case in cases:
         built = build_case(case, "cuda", seed=0)
         label = f"{case.backend} grads={case.grads} density={case.density} capacity={case.capacity}"
         for phase, fn in (("fwd", built.fwd), ("bwd", built.bwd)):
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(calls):
-                    fn()
-                torch.cuda.synchronize()
-            kernels = sorted(((e.key, e.count / calls, e.device_time_total / calls) for e in prof.key_averages()
-                              if e.device_time_total > 0), key=lambda kv: -kv[2])
+            kernels = cuda_kernels(fn, calls)
             total = sum(us for _, _, us in kernels)
             out[f"{label} {phase}"] = {"us_per_call": round(total, 1),
                                         "kernels": [[name[:90], n, round(us, 2)] for name, n, us in kernels]}

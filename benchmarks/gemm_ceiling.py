@@ -23,17 +23,11 @@ import platform
 import torch
 
 
-def kernel_names(fn, reps: int = 3) -> list[str]:
-    """CUDA kernels one call of `fn` launches (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
+def kernel_names(fn) -> list[str]:
+    """The CUDA kernels a call of `fn` runs, by name."""
+    from longexposure.measure import cuda_kernels
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return sorted({e.key for e in prof.key_averages() if e.device_type.name == "CUDA"})
+    return sorted(name for name, _, _ in cuda_kernels(fn))
 
 
 def inductor_triton_mm(left: torch.Tensor, right: torch.Tensor):

@@ -133,6 +133,26 @@ def gpu_time_ms(fn: Callable[[], object], n: int = 10, repeats: int = 5) -> tupl
     return sorted(times)[len(times) // 2], host_bound
 
 
+def cuda_kernels(fn: Callable[[], object], calls: int = 5, warmup: int = 3) -> list[tuple[str, float, float]]:
+    """Every CUDA kernel a call of `fn` runs, as (name, launches per call, microseconds per call), longest first:
+    torch.profiler over `calls` calls after `warmup` (autotuning included). Which kernels (and fills, copies) a call
+    launches besides its matmuls, and what cuBLAS picked (its kernel names carry tile and cluster shape)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("cuda_kernels needs a CUDA device")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.count / calls, e.device_time_total / calls) for e in prof.key_averages()
+               if e.device_time_total > 0]
+    return sorted(kernels, key=lambda kernel: -kernel[2])
+
+
 def time_phases(step: Callable[[Timer], None], device: torch.device | str, warmup: int, reps: int) -> dict[str, Stats]:
     """Run `step(timer)` (which marks its own named regions) warmup + reps times; per-region stats.
 
