@@ -193,11 +193,14 @@ def _fwd_inner(
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     every_row = offs_m >= 0
-    for j in range(lo, hi):
-        kb = _block_at(row_ptr, j, S, BLOCK)
-        acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, kb, every_row, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale, BLOCK,
-            BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, USE_TMA,
+    SUB: tl.constexpr = BLOCK // SPLIT
+    # one key tile per iteration (SPLIT per listed block): the software pipeliner sees a single tile's loads, as in
+    # a dense flash-attention loop, instead of SPLIT unrolled tiles whose buffers are all live at once
+    for jj in range(lo * SPLIT, hi * SPLIT):
+        n0 = _block_at(row_ptr, jj // SPLIT, S, BLOCK) * BLOCK + (jj % SPLIT) * SUB
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, n0, every_row, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale, SUB,
+            BLOCK_D, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, USE_TMA,
         )
     return acc, m_i, l_i
 
@@ -212,14 +215,26 @@ def _fwd_block(
     `keep` queries (a (queries,) mask), keys inside the length and (causal) not after the query count."""
     SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile: a listed block is visited in SPLIT tiles
     for t in tl.static_range(SPLIT):
-        n0 = kb * BLOCK + t * SUB
-        k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-        v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-        qk = _dot(q, tl.trans(k), DOT_PREC)
-        if MASKED:
-            qk = tl.where(_tile_mask(keep, offs_m, n0 + tl.arange(0, SUB), L, CAUSAL), qk, float("-inf"))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC)
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, kb * BLOCK + t * SUB, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
+            qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, USE_TMA,
+        )
     return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_tile(
+    acc, m_i, l_i, q, n0, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+    SUB: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Keys [n0, n0 + SUB) against the resident queries: the online softmax and P V (masks as in `_fwd_block`)."""
+    k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+    v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+    qk = _dot(q, tl.trans(k), DOT_PREC)
+    if MASKED:
+        qk = tl.where(_tile_mask(keep, offs_m, n0 + tl.arange(0, SUB), L, CAUSAL), qk, float("-inf"))
+    return _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC)
 
 
 @triton.jit
