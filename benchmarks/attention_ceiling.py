@@ -11,11 +11,14 @@ block-sparse kernel or of the Hopper tutorial:
   - `tma`: K and V through device-side tensor descriptors (bulk copies);
   - `ws`: `tl.range(warp_specialize=True)` on the unmasked loop (descriptors too; Triton's automatic warp
     specialisation, producer warps for the loads). A variant the compiler rejects is reported with its error.
-Every variant runs over tiles BM x BN in {64, 128}^2 and (warps, stages) in {4, 8} x {2, 3}; the table keeps each
-variant's best and the JSON every config. Same launch order as the block-sparse kernel (one flat axis, heaviest
-query tiles first). Timed beside sdpa (its kernel named by torch.profiler) and the block-sparse forward on the
-dense causal layout (blocks 64 and 128, autotuned), all CUDA-graph medians in one process on one GPU. Random
-inputs; no sparsity anywhere. Launch:
+Every variant runs over tiles BM x BN in {64 x 64, 128 x 64, 128 x 128} and (warps, stages) in {4, 8} x {2, 3}
+(64 x 128 never won on the H100, 2026-12-06); the table keeps each variant's best and the JSON every config. Same
+launch order as the block-sparse kernel (one flat axis, heaviest query tiles first). Timed beside sdpa (its kernel
+named by torch.profiler) and the block-sparse forward on the dense causal layout (blocks 64 and 128, autotuned, with
+the config its autotuner picked), all CUDA-graph medians in one process on one GPU. `--forced-configs` adds the
+block-sparse forward at each config of `FORCED` (the autotuner held to one config), descriptors off and on: which
+tile the kernel itself runs best at, beside the tutorial tile of the same shape. Random inputs; no sparsity anywhere.
+Launch:
 
     python benchmarks/attention_ceiling.py --out artifacts/fig12_attention/<device>_attention_ceiling.json
 """
@@ -23,9 +26,11 @@ inputs; no sparsity anywhere. Launch:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
+import os
 import platform
 
 import torch
@@ -34,8 +39,10 @@ import triton.language as tl
 
 VARIANTS = {"plain": {}, "indirect": {"INDIRECT": True}, "tma": {"TMA": True}, "tma+ws": {"TMA": True, "WS": True},
             "indirect+tma": {"INDIRECT": True, "TMA": True}}
-TILES = [(bm, bn, w, st) for bm, bn in itertools.product((64, 128), (64, 128)) for w, st in itertools.product((4, 8),
-                                                                                                           (2, 3))]
+TILES = [(bm, bn, w, st) for bm, bn in ((64, 64), (128, 64), (128, 128)) for w, st in itertools.product((4, 8), (2, 3))]
+# the block-sparse forward's (layout block, SPLIT, warps, stages) held fixed: a block of 128 in two 64-key tiles, or
+# whole; a block of 64 whole
+FORCED = [(128, 2, 4, 2), (128, 2, 4, 3), (128, 2, 8, 2), (128, 1, 8, 3), (64, 1, 4, 2), (64, 1, 4, 3)]
 
 
 @triton.jit
@@ -127,8 +134,29 @@ def block_sparse(q, k, v, block):
                                               causal=True, scale=scale)[0]
 
 
-def measure_shape(d: int, seq: int, batch: int, heads: int, variants: list[str]) -> tuple[list[dict], list[dict]]:
+@contextlib.contextmanager
+def forced_config(split: int, warps: int, stages: int, tma: bool):
+    """The block-sparse forward's autotuner held to one config, its descriptors switched as `tma` says."""
+    from unittest import mock
+
+    from longexposure.kernels.block_sparse_attention import _bsa_fwd_kernel as tuner
+
+    saved = tuner.configs
+    tuner.configs = [triton.Config({"SPLIT": split}, num_warps=warps, num_stages=stages)]
+    tuner.cache.clear()
+    try:
+        with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_TMA": "1" if tma else "0"}):
+            yield
+    finally:
+        tuner.configs = saved
+        tuner.cache.clear()
+
+
+def measure_shape(d: int, seq: int, batch: int, heads: int, variants: list[str],
+                  forced: bool = False) -> tuple[list[dict], list[dict]]:
     """One (head dim, length): sdpa, the block-sparse forward and every variant's tiles; (table rows, all configs)."""
+    from longexposure.kernels.block_sparse_attention import _bsa_fwd_kernel as tuner
+
     from longexposure.measure import cuda_kernels
 
     dev = torch.device("cuda")
@@ -150,8 +178,18 @@ def measure_shape(d: int, seq: int, batch: int, heads: int, variants: list[str])
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     rows = [record("sdpa", sdpa, {"kernels": [n for n, _, _ in cuda_kernels(sdpa)]})]
-    rows += [record(f"block-sparse (block {b}, dense causal)", block_sparse(q, k, v, b)) for b in (64, 128)]
     configs = []
+    for block in (64, 128):
+        row = record(f"block-sparse (block {block}, dense causal)", block_sparse(q, k, v, block))
+        rows.append({**row, "autotuned": str(tuner.best_config)})
+    for block, split, warps, stages in FORCED if forced else []:
+        for tma in (False, True):
+            label = {"block": block, "SPLIT": split, "warps": warps, "stages": stages, "tma": tma}
+            try:
+                with forced_config(split, warps, stages, tma):
+                    configs.append(record(f"block-sparse forced (block {block})", block_sparse(q, k, v, block), label))
+            except Exception as exc:  # noqa: BLE001 - a config that does not fit this head dim
+                configs.append({"S": seq, "D": d, **label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
     for variant in variants:
         best = None
         for tile in TILES:
@@ -166,8 +204,9 @@ def measure_shape(d: int, seq: int, batch: int, heads: int, variants: list[str])
                 best = row
         if best is not None:
             rows.append(best)
-    for row in rows:
-        row["x_sdpa"] = round(rows[0]["us"] / row["us"], 2)
+    for row in rows + configs:
+        if "us" in row:
+            row["x_sdpa"] = round(rows[0]["us"] / row["us"], 2)
     return rows, configs
 
 
@@ -178,7 +217,8 @@ def main() -> None:
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["plain", "indirect", "tma"], choices=list(VARIANTS))
+    ap.add_argument("--forced-configs", action="store_true", help="also the block-sparse forward at each of FORCED")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("attention_ceiling.py needs a CUDA GPU")
@@ -188,7 +228,7 @@ def main() -> None:
     triton.set_allocator(descriptors._scratch)
     rows, configs = [], []
     for d, seq in itertools.product(args.head_dims, args.seq):
-        shape_rows, shape_configs = measure_shape(d, seq, args.batch, args.heads, args.variants)
+        shape_rows, shape_configs = measure_shape(d, seq, args.batch, args.heads, args.variants, args.forced_configs)
         rows += shape_rows
         configs += shape_configs
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -196,7 +236,7 @@ def main() -> None:
             "weights": "random inputs", "sparsity": "none (dense causal)"}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows, "configs": configs}, f, indent=1)
-    cols = ["S", "D", "kernel", "BM", "BN", "warps", "stages", "us", "tflops", "x_sdpa", "rel_err"]
+    cols = ["S", "D", "kernel", "BM", "BN", "warps", "stages", "us", "tflops", "x_sdpa", "rel_err", "autotuned"]
     md = tabulate([[r.get(c, "") for c in cols] for r in rows], headers=cols, tablefmt="github")
     with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
         f.write(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}; B {args.batch}, "
