@@ -85,6 +85,9 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return kept or configs[:1]
 
 
+# every kernel also keys on its list width (NKP / NQP, the block count's power of two): the sequence length's bucket.
+# Keyed without it, the first length tuned for all: at D 64 on the H100 the 2- and 3-stage forwards are within 5% at
+# S 1024 but 243 vs 277 us at S 2048 (2026-12-06), so a pick made at S 1024 could cost 14% at S 2048
 _KEY = ["BLOCK", "BLOCK_D", "CAUSAL", "EVEN_S", "USE_TMA"]
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -97,7 +100,7 @@ def _load_tile(base, row0, stride_s, offs_d, S, D, ROWS: tl.constexpr, EVEN_S: t
 
     Only the scalar row0 * stride is 64-bit; the tile's 2-D offsets are 32-bit and loop-invariant."""
     r = tl.arange(0, ROWS)
-    ptrs = base + row0.to(tl.int64) * stride_s + (r[:, None] * stride_s + offs_d[None, :])
+    ptrs = base + row0 * stride_s + (r[:, None] * stride_s + offs_d[None, :])
     if EVEN_S:
         if EVEN_D:  # noqa: SIM108 - constexpr branches read better than a ternary here
             x = tl.load(ptrs)
@@ -141,7 +144,7 @@ def _heads(ptr, b, h, sb, sh, ss, B, H, S, D, ROWS: tl.constexpr, BLOCK_D: tl.co
 def _store_tile(base, x, row0, stride_s, offs_d, S, D, ROWS: tl.constexpr, EVEN_S: tl.constexpr,
                 EVEN_D: tl.constexpr):
     r = tl.arange(0, ROWS)
-    ptrs = base + row0.to(tl.int64) * stride_s + (r[:, None] * stride_s + offs_d[None, :])
+    ptrs = base + row0 * stride_s + (r[:, None] * stride_s + offs_d[None, :])
     if EVEN_S:
         if EVEN_D:
             tl.store(ptrs, x)
@@ -233,8 +236,8 @@ def _fwd_tile(
     k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
     v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
     qk = _dot(q, tl.trans(k), DOT_PREC)
-    if MASKED:  # positions fit 32 bits (S < 2**31): the element mask compares int32, not int64
-        qk = tl.where(_tile_mask(keep, offs_m, n0.to(tl.int32) + tl.arange(0, SUB), L, CAUSAL), qk, float("-inf"))
+    if MASKED:
+        qk = tl.where(_tile_mask(keep, offs_m, n0 + tl.arange(0, SUB), L, CAUSAL), qk, float("-inf"))
     return _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC)
 
 
@@ -315,7 +318,7 @@ def _merge_next(row0_ptr, row1_ptr, i0, i1, cnt0, cnt1, S, BLOCK: tl.constexpr):
 # ---------------------------------------------------------------------------------------- forward
 
 
-@triton.autotune(configs=autotune_configs("fwd"), key=[*_KEY, "PAIR"],
+@triton.autotune(configs=autotune_configs("fwd"), key=[*_KEY, "PAIR", "NKP"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bsa_fwd_kernel(
@@ -336,17 +339,16 @@ def _bsa_fwd_kernel(
     PAIR: tl.constexpr,  # query blocks per program: 1, or 2 (a 2 * BLOCK-row tile over the union of two rows)
     EVEN_TILE: tl.constexpr,  # S is a multiple of PAIR * BLOCK: the resident query tile needs no row mask
 ):
-    # positions (query block, rows, lengths) are int32; the head's base offsets b * stride, h * stride are int64
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass Python floats as fp64
     ROWS: tl.constexpr = PAIR * BLOCK
     qb = (tl.cdiv(NQ, PAIR) - 1 - pid // BH) * PAIR  # the tile's first query block; heaviest (last) tiles first
-    bh = (pid % BH).to(tl.int64)
+    bh = pid % BH
     b = bh // H
     h = bh % H
     EVEN_D: tl.constexpr = BLOCK_D == D
     if HAS_LENS:  # noqa: SIM108
-        L = tl.load(lens_ptr + b)
+        L = tl.load(lens_ptr + b).to(tl.int64)
     else:
         L = S
     offs_m = qb * BLOCK + tl.arange(0, ROWS)
@@ -516,7 +518,7 @@ def _dkdv_block(
 
 
 # the atomic dQ accumulates: autotune trials start it from zero (and so does the chosen config's run)
-@triton.autotune(configs=autotune_configs("bwd"), key=[*_KEY, "DQ_ATOMIC", "PAIR"], reset_to_zero=["dq_acc_ptr"],
+@triton.autotune(configs=autotune_configs("bwd"), key=[*_KEY, "DQ_ATOMIC", "PAIR", "NQP"], reset_to_zero=["dq_acc_ptr"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
@@ -674,7 +676,7 @@ def _dq_block(
     return dq
 
 
-@triton.autotune(configs=autotune_configs("bwd"), key=[*_KEY, "PAIR"],
+@triton.autotune(configs=autotune_configs("bwd"), key=[*_KEY, "PAIR", "NKP"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bsa_bwd_dq_kernel(

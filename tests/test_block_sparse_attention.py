@@ -332,6 +332,12 @@ def test_autotune_space_prunes_by_block_and_collapses_for_ci(monkeypatch):
     assert len(K.autotune_configs("fwd")) == 1 and len(K.autotune_configs("bwd")) == 1
 
 
+def test_autotuners_key_on_the_length_bucket():
+    # tuned once per power of two of the block count: a config picked at one length is not reused at another
+    for kernel, width in ((K._bsa_fwd_kernel, "NKP"), (K._bsa_bwd_dq_kernel, "NKP"), (K._bsa_bwd_dkdv_kernel, "NQP")):
+        assert width in kernel.keys and "BLOCK_D" in kernel.keys, kernel.keys
+
+
 def test_compile_traces_the_op_and_new_layouts_do_not_recompile():
     from torch._dynamo.testing import CompileCounter
 
