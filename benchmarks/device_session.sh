@@ -23,6 +23,9 @@
 #   bash benchmarks/device_session.sh operators-quick  # attention 0/50/80% + MLP quick (about 5 minutes)
 #   bash benchmarks/device_session.sh attn-ab    # attention: default vs dQ by atomics vs descriptor loads,
 #                                                # correctness per variant, 0/50/80/90% at S 1024/2048
+#                                                # (ATTN_HEAD_DIMS="64 128": head dims, each against its sdpa)
+#   bash benchmarks/device_session.sh attn-ceiling  # the Triton attention ceiling (tutorial-shaped forward) beside
+#                                                # sdpa and the block-sparse forward, its forced configs; D 64, D 128
 #   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig11 (reordered neurons)
 #   bash benchmarks/device_session.sh relu-refresh   # pretrain relu-small, fig11 dense / live / refreshed predictors
 #   bash benchmarks/device_session.sh relu-profiles  # pretrain relu-small, fig9_time, fig9_sparsity
@@ -64,7 +67,7 @@
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|defaults|narrow|switches-e2e|attn-ab|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|defaults|narrow|switches-e2e|attn-ab|attn-ceiling|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -246,10 +249,15 @@ for t in (2048, 4096):
     # autotunes its own kernels; the compile check and the combined variant wait until one of them wins)
     run "${AB_LIMIT:-570}" python3 benchmarks/bench_attention_operator.py --quick-check --skip layout compile \
       --backends sdpa triton --blocks 64 --sparsities 0 0.5 0.8 0.9 --triton-variants ${ATTN_VARIANTS:-default dq-atomic tma pair} \
-      --out "$work/attention_ab.json"
+      --head-dims ${ATTN_HEAD_DIMS:-64} --out "$work/attention_ab.json"
     # MLP_QUICK_LIMIT=0 leaves out the MLP quick table (when tma-ab's per-kernel table ran in the same lease)
     [ "${MLP_QUICK_LIMIT:-140}" -gt 0 ] && run "${MLP_QUICK_LIMIT:-140}" python3 benchmarks/bench_mlp_operator.py --quick \
       --out "$work/mlp_quick.json"
+    ;;
+  attn-ceiling)  # issue 21: how far a plain Triton forward gets on these shapes (each head dim its own time limit)
+    for d in 64 128; do
+      run 280 python3 benchmarks/attention_ceiling.py --head-dims "$d" --forced-configs --out "$work/ceiling_d$d.json"
+    done
     ;;
   relu)  # one call: a fresh machine has no cached checkpoint, and it is too large to bring back
     # (fig9_time and fig9_sparsity ran on 2026-11-23: `relu-profiles` reruns them)
