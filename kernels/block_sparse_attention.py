@@ -447,12 +447,13 @@ def _dkdv_inner(
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     every_key = offs_n >= 0
-    for j in range(lo, hi):
-        qb = _block_at(col_ptr, j, S, BLOCK)
-        dk, dv = _dkdv_block(
-            dk, dv, k, v, qb, every_key, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n,
-            offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC,
-            DQ_ATOMIC, USE_TMA,
+    SUB: tl.constexpr = BLOCK // SPLIT
+    for jj in range(lo * SPLIT, hi * SPLIT):  # one query tile per iteration, as `_fwd_inner`
+        m0 = _block_at(col_ptr, jj // SPLIT, S, BLOCK) * BLOCK + (jj % SPLIT) * SUB
+        dk, dv = _dkdv_tile(
+            dk, dv, k, v, m0, every_key, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n,
+            offs_d, L, S, D, qk_scale, sm_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, DQ_ATOMIC,
+            USE_TMA,
         )
     return dk, dv
 
@@ -489,31 +490,46 @@ def _dkdv_block(
     the `keep` keys (a (keys,) mask) inside the length, and (causal) not after the query, count."""
     SUB: tl.constexpr = BLOCK // SPLIT  # query rows per tile
     for t in tl.static_range(SPLIT):
-        m0 = qb * BLOCK + t * SUB
-        offs_m = m0 + tl.arange(0, SUB)
-        q = _load_rows(q_src, b, h, m0, sqs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-        do = _load_rows(do_src, b, h, m0, sds, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-        if EVEN_S:
-            lse = tl.load(lse_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
-        else:
-            lse = tl.load(lse_base + offs_m, mask=offs_m < S, other=float("inf"))
-            delta = tl.load(delta_base + offs_m, mask=offs_m < S, other=0.0)
-        qk_t = _dot(k, tl.trans(q), DOT_PREC)  # (keys, queries)
-        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # padded query rows have lse = +inf -> 0
-        if MASKED:
-            ok = (offs_n[:, None] < L) & keep[:, None]
-            if CAUSAL:
-                ok = ok & (offs_n[:, None] <= offs_m[None, :])
-            p_t = tl.where(ok, p_t, 0.0)
-        dv += _dot(p_t.to(do.dtype), do, DOT_PREC)
-        dp_t = _dot(v, tl.trans(do), DOT_PREC)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk += _dot(ds_t, q, DOT_PREC)
-        if DQ_ATOMIC:  # this tile's share of dQ = s dS K, added into the fp32 accumulator
-            dq = _dot(tl.trans(ds_t), k, DOT_PREC) * sm_scale
-            ptrs = dq_base + offs_m[:, None] * sdqs + offs_d[None, :]
-            tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < S) & (offs_d[None, :] < D), sem="relaxed")
+        dk, dv = _dkdv_tile(
+            dk, dv, k, v, qb * BLOCK + t * SUB, keep, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds,
+            sdqs, offs_n, offs_d, L, S, D, qk_scale, sm_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, MASKED,
+            DOT_PREC, DQ_ATOMIC, USE_TMA,
+        )
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, m0, keep, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n, offs_d, L, S,
+    D, qk_scale, sm_scale,
+    SUB: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Queries [m0, m0 + SUB) against the resident keys (masks as in `_dkdv_block`)."""
+    offs_m = m0 + tl.arange(0, SUB)
+    q = _load_rows(q_src, b, h, m0, sqs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+    do = _load_rows(do_src, b, h, m0, sds, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+    if EVEN_S:
+        lse = tl.load(lse_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    else:
+        lse = tl.load(lse_base + offs_m, mask=offs_m < S, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=offs_m < S, other=0.0)
+    qk_t = _dot(k, tl.trans(q), DOT_PREC)  # (keys, queries)
+    p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # padded query rows have lse = +inf -> 0
+    if MASKED:
+        ok = (offs_n[:, None] < L) & keep[:, None]
+        if CAUSAL:
+            ok = ok & (offs_n[:, None] <= offs_m[None, :])
+        p_t = tl.where(ok, p_t, 0.0)
+    dv += _dot(p_t.to(do.dtype), do, DOT_PREC)
+    dp_t = _dot(v, tl.trans(do), DOT_PREC)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk += _dot(ds_t, q, DOT_PREC)
+    if DQ_ATOMIC:  # this tile's share of dQ = s dS K, added into the fp32 accumulator
+        dq = _dot(tl.trans(ds_t), k, DOT_PREC) * sm_scale
+        ptrs = dq_base + offs_m[:, None] * sdqs + offs_d[None, :]
+        tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < S) & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
@@ -631,10 +647,11 @@ def _dq_inner(
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     every_row = offs_m >= 0
-    for j in range(lo, hi):
-        kb = _block_at(row_ptr, j, S, BLOCK)
-        dq = _dq_block(dq, q, do, lse, delta, kb, every_row, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
-                       qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, USE_TMA)
+    SUB: tl.constexpr = BLOCK // SPLIT
+    for jj in range(lo * SPLIT, hi * SPLIT):  # one key tile per iteration, as `_fwd_inner`
+        n0 = _block_at(row_ptr, jj // SPLIT, S, BLOCK) * BLOCK + (jj % SPLIT) * SUB
+        dq = _dq_tile(dq, q, do, lse, delta, n0, every_row, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
+                      qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, USE_TMA)
     return dq
 
 
@@ -663,17 +680,27 @@ def _dq_block(
     """Key block kb (in SPLIT tiles) against the resident queries: their dQ share (masks as in `_fwd_block`)."""
     SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile
     for t in tl.static_range(SPLIT):
-        n0 = kb * BLOCK + t * SUB
-        k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-        v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
-        qk = _dot(q, tl.trans(k), DOT_PREC)
-        p = tl.math.exp2(qk * qk_scale - lse[:, None])
-        if MASKED:
-            p = tl.where(_tile_mask(keep, offs_m, n0 + tl.arange(0, SUB), L, CAUSAL), p, 0.0)
-        dp = _dot(do, tl.trans(v), DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, DOT_PREC)
+        dq = _dq_tile(dq, q, do, lse, delta, kb * BLOCK + t * SUB, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d,
+                      L, S, D, qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, USE_TMA)
     return dq
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, lse, delta, n0, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+    SUB: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Keys [n0, n0 + SUB) against the resident queries: their dQ share."""
+    k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+    v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
+    qk = _dot(q, tl.trans(k), DOT_PREC)
+    p = tl.math.exp2(qk * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(_tile_mask(keep, offs_m, n0 + tl.arange(0, SUB), L, CAUSAL), p, 0.0)
+    dp = _dot(do, tl.trans(v), DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, DOT_PREC)
 
 
 @triton.autotune(configs=autotune_configs("bwd"), key=[*_KEY, "PAIR", "NKP"],
