@@ -210,29 +210,13 @@ def _fwd_inner(
 
 
 @triton.jit
-def _fwd_block(
-    acc, m_i, l_i, q, kb, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
-):
-    """Key block kb (in SPLIT tiles) against the resident queries: the online softmax and P V. MASKED: only the
-    `keep` queries (a (queries,) mask), keys inside the length and (causal) not after the query count."""
-    SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile: a listed block is visited in SPLIT tiles
-    for t in tl.static_range(SPLIT):
-        acc, m_i, l_i = _fwd_tile(
-            acc, m_i, l_i, q, kb * BLOCK + t * SUB, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
-            qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, USE_TMA,
-        )
-    return acc, m_i, l_i
-
-
-@triton.jit
 def _fwd_tile(
     acc, m_i, l_i, q, n0, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
     SUB: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Keys [n0, n0 + SUB) against the resident queries: the online softmax and P V (masks as in `_fwd_block`)."""
+    """Keys [n0, n0 + SUB) against the resident queries: the online softmax and P V. MASKED: only the `keep`
+    queries (a (queries,) mask), keys inside the length and (causal) not after the query count."""
     k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
     v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
     qk = _dot(q, tl.trans(k), DOT_PREC)
@@ -273,14 +257,16 @@ def _fwd_pair_inner(
     """A pair of query blocks (2 * BLOCK rows): `n` key blocks of the union of both rows' lists, merged in
     increasing order from entry `start` of each list on. A block one row does not list is masked out of that
     row's half of the tile, as are the element masks (causal diagonal, padding)."""
+    SUB: tl.constexpr = BLOCK // SPLIT
     i0 = start
     i1 = start
     for _ in range(0, n):
         kb, keep, i0, i1 = _merge_next(row0_ptr, row1_ptr, i0, i1, cnt0, cnt1, S, BLOCK)
-        acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, kb, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale, BLOCK,
-            BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
-        )
+        for t in tl.static_range(SPLIT):  # the listed block in SPLIT tiles
+            acc, m_i, l_i = _fwd_tile(
+                acc, m_i, l_i, q, kb * BLOCK + t * SUB, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
+                qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
+            )
     return acc, m_i, l_i
 
 
@@ -467,34 +453,17 @@ def _dkdv_pair_inner(
 ):
     """dK/dV of a pair of key blocks over the first `n` blocks of the union of their query lists (the first cnt0 and
     cnt1 entries), merged in order; a query block one column does not list is masked out of that column's keys."""
+    SUB: tl.constexpr = BLOCK // SPLIT
     i0 = cnt0 * 0
     i1 = cnt1 * 0
     for _ in range(0, n):
         qb, keep, i0, i1 = _merge_next(col0_ptr, col1_ptr, i0, i1, cnt0, cnt1, S, BLOCK)
-        dk, dv = _dkdv_block(
-            dk, dv, k, v, qb, keep, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n,
-            offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC,
-            DQ_ATOMIC, USE_TMA,
-        )
-    return dk, dv
-
-
-@triton.jit
-def _dkdv_block(
-    dk, dv, k, v, qb, keep, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n, offs_d, L, S,
-    D, qk_scale, sm_scale,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
-):
-    """Query block qb (in SPLIT tiles) against the resident keys: dK, dV (and, DQ_ATOMIC, dQ) shares. MASKED: only
-    the `keep` keys (a (keys,) mask) inside the length, and (causal) not after the query, count."""
-    SUB: tl.constexpr = BLOCK // SPLIT  # query rows per tile
-    for t in tl.static_range(SPLIT):
-        dk, dv = _dkdv_tile(
-            dk, dv, k, v, qb * BLOCK + t * SUB, keep, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds,
-            sdqs, offs_n, offs_d, L, S, D, qk_scale, sm_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, MASKED,
-            DOT_PREC, DQ_ATOMIC, USE_TMA,
-        )
+        for t in tl.static_range(SPLIT):  # the listed block in SPLIT tiles
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, qb * BLOCK + t * SUB, keep, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs,
+                sds, sdqs, offs_n, offs_d, L, S, D, qk_scale, sm_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, True,
+                DOT_PREC, DQ_ATOMIC, USE_TMA,
+            )
     return dk, dv
 
 
@@ -505,7 +474,8 @@ def _dkdv_tile(
     SUB: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Queries [m0, m0 + SUB) against the resident keys (masks as in `_dkdv_block`)."""
+    """Queries [m0, m0 + SUB) against the resident keys: dK, dV (and, DQ_ATOMIC, dQ) shares. MASKED: only the `keep`
+    keys (a (keys,) mask) inside the length, and (causal) not after the query, count."""
     offs_m = m0 + tl.arange(0, SUB)
     q = _load_rows(q_src, b, h, m0, sqs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
     do = _load_rows(do_src, b, h, m0, sds, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
@@ -662,26 +632,14 @@ def _dq_pair_inner(
     EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dQ of a pair of query blocks over the union of their lists, as `_fwd_pair_inner` walks it."""
+    SUB: tl.constexpr = BLOCK // SPLIT
     i0 = start
     i1 = start
     for _ in range(0, n):
         kb, keep, i0, i1 = _merge_next(row0_ptr, row1_ptr, i0, i1, cnt0, cnt1, S, BLOCK)
-        dq = _dq_block(dq, q, do, lse, delta, kb, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
-                       qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA)
-    return dq
-
-
-@triton.jit
-def _dq_block(
-    dq, q, do, lse, delta, kb, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
-):
-    """Key block kb (in SPLIT tiles) against the resident queries: their dQ share (masks as in `_fwd_block`)."""
-    SUB: tl.constexpr = BLOCK // SPLIT  # key rows per tile
-    for t in tl.static_range(SPLIT):
-        dq = _dq_tile(dq, q, do, lse, delta, kb * BLOCK + t * SUB, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d,
-                      L, S, D, qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, USE_TMA)
+        for t in tl.static_range(SPLIT):  # the listed block in SPLIT tiles
+            dq = _dq_tile(dq, q, do, lse, delta, kb * BLOCK + t * SUB, keep, k_src, v_src, b, h, sks, svs, offs_m,
+                          offs_d, L, S, D, qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA)
     return dq
 
 
@@ -691,7 +649,7 @@ def _dq_tile(
     SUB: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Keys [n0, n0 + SUB) against the resident queries: their dQ share."""
+    """Keys [n0, n0 + SUB) against the resident queries: their dQ share (masks as in `_fwd_tile`)."""
     k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
     v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
     qk = _dot(q, tl.trans(k), DOT_PREC)

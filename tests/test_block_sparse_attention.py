@@ -362,11 +362,15 @@ def test_compile_traces_the_op_and_new_layouts_do_not_recompile():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize(("causal", "ragged", "mode"), [(True, True, "pass"), (False, False, "pass"),
-                                                        (True, True, "atomic")])
-def test_split_tiles_match_reference(monkeypatch, causal, ragged, mode):
-    """SPLIT=2 (a listed block visited as two half-height tiles; autotuned on GPU for 128-blocks), both dQ modes."""
+@pytest.mark.parametrize(("causal", "ragged", "mode", "pair"), [
+    (True, True, "pass", "0"), (False, False, "pass", "0"), (True, True, "atomic", "0"),
+    (True, True, "pass", "1"), (False, True, "atomic", "1"),  # the query / key pairs' merged walks in SPLIT tiles
+])
+def test_split_tiles_match_reference(monkeypatch, causal, ragged, mode, pair):
+    """SPLIT=2 (a listed block visited as two half-height tiles, one per loop iteration; autotuned on GPU), both dQ
+    modes, single blocks and pairs."""
     monkeypatch.setenv("LONGEXPOSURE_BSA_DQ", mode)
+    monkeypatch.setenv("LONGEXPOSURE_BSA_PAIR", pair)
 
     class Split2:
         def __init__(self, kernel):
