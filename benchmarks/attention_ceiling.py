@@ -168,7 +168,7 @@ def measure_shape(d: int, seq: int, batch: int, heads: int, variants: list[str],
 
     def record(name, fn, extra=None):
         err = float((fn().float() - ref).norm() / ref.norm())
-        t = triton.testing.do_bench_cudagraph(fn, rep=100) * 1e3
+        t = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
         row = {"S": seq, "D": d, "kernel": name, "us": round(t, 1), "tflops": round(flops / t / 1e6, 1),
                "rel_err": err, **(extra or {})}
         print(row, flush=True)
