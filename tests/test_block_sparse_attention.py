@@ -385,3 +385,23 @@ def test_split_tiles_match_reference(monkeypatch, causal, ragged, mode, pair):
 
     monkeypatch.setattr(K, "_launch", Split2)
     run_case(2, 2, 93, 32, 32, "float32", causal, "random", 0.7, ragged, "none", 11)
+
+
+@pytest.mark.parametrize(("group", "pair", "mode"), [(1, "0", "pass"), (4, "0", "pass"), (4, "1", "pass"),
+                                                     (5, "0", "atomic"), (6, "1", "pass")])
+def test_head_groups_match_reference(monkeypatch, group, pair, mode):
+    """The grid walks heads in groups (`head_group`): every (tile, head) still gets exactly one program when the
+    group does not divide batch * heads (6 here: groups of 4 and 5 leave a short last group), single and paired
+    tiles, both dQ modes."""
+    monkeypatch.setattr(K, "head_group", lambda q: group)
+    monkeypatch.setenv("LONGEXPOSURE_BSA_PAIR", pair)
+    monkeypatch.setenv("LONGEXPOSURE_BSA_DQ", mode)
+    run_case(2, 3, 75, 32, 16, "float32", True, "random", 0.6, True, "none", 3)
+
+
+def test_head_group_fits_two_streamed_tensors_into_a_third_of_l2(monkeypatch):
+    monkeypatch.setattr(K, "_l2_bytes", lambda device: 48 << 20)
+    q = torch.empty(4, 32, 2048, 128, dtype=torch.float16)  # 1 MB of K and V per head: 16 heads in 16 MB
+    assert K.head_group(q) == 16
+    assert K.head_group(q[:, :, :64]) == 128  # everything fits: one group of all 128 heads
+    assert K.head_group(torch.empty(1, 1, 1 << 22, 128, dtype=torch.float16)) == 1  # never below one head
