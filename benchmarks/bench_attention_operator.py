@@ -396,6 +396,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def autotuned_configs() -> dict[str, dict[str, str]]:
+    """What each attention autotuner picked, per tuning key (the key's values, then the argument dtypes): a row's
+    time is only as good as its pick, and picks made from cold-L2 timings can differ from run to run."""
+    from longexposure.kernels import block_sparse_attention as K
+
+    tuners = {name: getattr(K, name) for name in ("_bsa_fwd_kernel", "_bsa_bwd_dkdv_kernel", "_bsa_bwd_dq_kernel")}
+    return {name: {str(key): str(cfg) for key, cfg in getattr(t, "cache", {}).items()} for name, t in tuners.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write (a .md table is written beside it)")
@@ -436,6 +445,7 @@ def main() -> None:
         res["timings"] = []
         timings(device, args.seq, args.sparsities, args.backends, args.blocks, args.dtype, res["timings"], save,
                 names=tuple(args.triton_variants), head_dims=tuple(args.head_dims))
+    res["autotuned"] = autotuned_configs()
     res["summary"] = summarize(res.get("timings", []), res.get("layout_build", []))
     save()
     md = table(res.get("timings", []))

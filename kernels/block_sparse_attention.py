@@ -19,9 +19,10 @@ Kernels (flash style: online softmax, no materialised score matrix, fp32 accumul
     _layout_union_kernel     the pattern pool's online combination: per (batch*head, row), the union
                              of the selected atoms' precomputed block lists.
 
-Work order: the grid is one flat axis over every (block row, batch, head) of the whole grid, heaviest
-rows first (for causal layouts the last query blocks, or the first key blocks in dK/dV), so the GPU's
-block scheduler balances by blocks, not by heads. Rows list their blocks in increasing order, so the
+Work order: the grid is one flat axis over every (block row, batch, head), in groups of heads sized to
+L2 (`head_group`); inside a group the heaviest rows go first (for causal layouts the last query blocks, or
+the first key blocks in dK/dV), so the GPU's block scheduler balances by blocks, not by heads, while the
+programs in flight share a few heads' K / V in L2. Rows list their blocks in increasing order, so the
 blocks that need an element mask (the causal diagonal, blocks crossing the padded length) are a
 suffix (forward, dQ) or a prefix (dK/dV) of each row: they run in a separate masked loop and the
 bulk loop carries no mask arithmetic.
@@ -929,10 +930,11 @@ def _l2_bytes(device: torch.device) -> int:
 
 def head_group(q: torch.Tensor) -> int:
     """Heads per group of the kernels' grid order (`_program_tile`): as many as fit two (S, D) tensors each
-    (the streamed K and V, or Q and dO) into a third of L2. Position-major order over all heads (one group)
-    thrashes L2 once every head's tensors outgrow it: at B 4, H 32, D 128, S 2048 (128 MB of K and V) grouped
-    heads ran the forward 12% faster on an H100, while at S 1024, D 64 (32 MB) one group was 7% faster than
-    head-major order."""
+    (the streamed K and V, or Q and dO) into a third of L2. One group of all heads (a block row of every head in
+    flight at once) thrashes L2 once their tensors outgrow it: on an H100 at B 4, H 32, fp16, groups cut the
+    forward / backward by 13% / 14% at D 128, S 2048 (128 MB of K and V; 19% / 17% at 80% block sparsity), 6% / 12%
+    at D 64, S 2048, and stay within 5% either way at D 64, S 1024 (32 MB: two groups). One process, fdc6bd5
+    against bfce6c9 (artifacts/fig12_attention/README.md)."""
     bsz, heads, seq, d = q.shape
     per_head = 2 * seq * d * q.element_size()
     return max(1, min(bsz * heads, _l2_bytes(q.device) // L2_SHARE // per_head))
