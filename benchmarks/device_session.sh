@@ -24,6 +24,10 @@
 #   bash benchmarks/device_session.sh attn-ab    # attention: default vs dQ by atomics vs descriptor loads,
 #                                                # correctness per variant, 0/50/80/90% at S 1024/2048
 #                                                # (ATTN_HEAD_DIMS="64 128": head dims, each against its sdpa)
+#   bash benchmarks/device_session.sh attn-revision # two revisions of the attention kernels in one process:
+#                                                # OLD_MODULE=<file> (`git show REV:kernels/block_sparse_attention.py`
+#                                                # written into the checkout here: an untracked file travels; the
+#                                                # device's .git can be stale), AB_SET="NAME=VALUE" a third column
 #   bash benchmarks/device_session.sh attn-ceiling  # the Triton attention ceiling (tutorial-shaped forward) beside
 #                                                # sdpa and the block-sparse forward, its forced configs; D 64, D 128
 #   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig11 (reordered neurons)
@@ -67,7 +71,7 @@
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|defaults|narrow|switches-e2e|attn-ab|attn-ceiling|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|defaults|narrow|switches-e2e|attn-ab|attn-revision|attn-ceiling|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -253,6 +257,10 @@ for t in (2048, 4096):
     # MLP_QUICK_LIMIT=0 leaves out the MLP quick table (when tma-ab's per-kernel table ran in the same lease)
     [ "${MLP_QUICK_LIMIT:-140}" -gt 0 ] && run "${MLP_QUICK_LIMIT:-140}" python3 benchmarks/bench_mlp_operator.py --quick \
       --out "$work/mlp_quick.json"
+    ;;
+  attn-revision)  # a kernel change beside the revision before it, same process (benchmarks/attention_revision_ab.py)
+    run "${AB_LIMIT:-540}" python3 benchmarks/attention_revision_ab.py --old "${OLD_MODULE:?set OLD_MODULE}" \
+      ${AB_SET:+--set $AB_SET} --head-dims ${ATTN_HEAD_DIMS:-64 128} --out "$work/revision_ab.json"
     ;;
   attn-ceiling)  # issue 21: how far a plain Triton forward gets on these shapes (each head dim its own time limit)
     for d in 64 128; do

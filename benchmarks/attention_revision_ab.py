@@ -1,0 +1,122 @@
+"""Two revisions of the block-sparse attention kernels, timed side by side in one process.
+
+A kernel change is kept when it measures faster; across processes the autotuners' picks and the GPU's state
+differ, so both revisions run here, on the same inputs, each autotuned by its own autotuners: the installed
+`longexposure.kernels.block_sparse_attention` ("new") and a copy of that module from another commit, loaded from a
+file ("old"). `--set NAME=VALUE` sets a module constant on an extra copy of the new module (e.g. `L2_SHARE=6`),
+timed as a third column. Forward, and backward with the default dQ mode, on the dense causal layout and on a
+random layout keeping about 20% of the causal blocks (the diagonal always), at every head dim and length asked;
+outputs compared against "old" (max abs difference), two interleaved CUDA-graph medians per revision. Launch:
+
+    git show fdc6bd5:kernels/block_sparse_attention.py > /tmp/bsa_old.py
+    python benchmarks/attention_revision_ab.py --old /tmp/bsa_old.py --out ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import triton
+
+
+def load_module(name: str, path: str) -> ModuleType:
+    """A kernel module loaded from a file under its own name (its own Triton kernels and autotuners)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--old: no file at {path}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def revisions(old: str, settings: list[str]) -> dict[str, ModuleType]:
+    import longexposure.kernels.block_sparse_attention as new
+
+    mods = {"old": load_module("bsa_old", old), "new": new}
+    if settings:
+        extra = load_module("bsa_set", new.__file__)
+        for setting in settings:
+            name, _, value = setting.partition("=")
+            if not hasattr(extra, name) or not value:
+                raise SystemExit(f"--set {setting!r}: give NAME=VALUE for a constant the kernel module has")
+            setattr(extra, name, type(getattr(extra, name))(value))
+        mods[",".join(settings)] = extra
+    return mods
+
+
+def calls(m: ModuleType, q, k, v, do, lay, kw: dict) -> tuple:
+    """One revision's forward and backward (the backward on that revision's own forward outputs) as closures."""
+    def fwd():
+        return m.block_sparse_attention_fwd(q, k, v, lay.kv_counts, lay.kv_indices, None, **kw)
+
+    o, lse = fwd()
+
+    def bwd():
+        return m.block_sparse_attention_bwd(do, q, k, v, o, lse, lay.kv_counts, lay.kv_indices, lay.q_counts,
+                                            lay.q_indices, None, **kw)
+
+    return fwd, bwd
+
+
+def measure(mods: dict[str, ModuleType], d: int, seq: int, batch: int, heads: int, block: int) -> list[dict]:
+    from longexposure.attention.layout import BlockLayout
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q, k, v, do = (torch.randn(batch, heads, seq, d, device=dev, dtype=torch.float16, generator=gen) for _ in range(4))
+    nq = seq // block
+    tril = torch.ones(nq, nq, dtype=torch.bool).tril()
+    keep = torch.rand(batch, heads, nq, nq, generator=torch.Generator().manual_seed(1)) < 0.2
+    bench = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3  # noqa: E731
+    rows = []
+    for sparsity, mask in (("0%", tril), ("~80%", (keep | torch.eye(nq, dtype=torch.bool)) & tril)):
+        lay = BlockLayout.from_dense(mask.to(dev), block)
+        kw = {"block": block, "causal": True, "scale": d**-0.5}
+        fns = {name: calls(m, q, k, v, do, lay, kw) for name, m in mods.items()}
+        ref = [t.float() for t in (*fns["old"][0](), *fns["old"][1]())]
+        row = {"D": d, "S": seq, "sparsity": sparsity, "max_abs_diff_vs_old": {
+            name: max(float((t.float() - r).abs().max()) for t, r in zip((*f(), *b()), ref, strict=True))
+            for name, (f, b) in fns.items()}}
+        for _ in range(2):  # interleaved, so drift hits every revision alike
+            for name, (f, b) in fns.items():
+                row.setdefault(f"fwd_us_{name}", []).append(round(bench(f), 1))
+                row.setdefault(f"bwd_us_{name}", []).append(round(bench(b), 1))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--old", required=True, help="the kernel module's file at the other commit (git show REV:...)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="a third column: the new module with these constants")
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--seq", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("attention_revision_ab needs a CUDA GPU")
+    mods = revisions(args.old, args.set)
+    res = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                    "python": platform.python_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "args": vars(args), "inputs": "random fp16, causal; layouts: dense causal and random ~20%"},
+           "rows": []}
+    for d in args.head_dims:
+        for seq in args.seq:
+            res["rows"] += measure(mods, d, seq, args.batch, args.heads, args.block)
+            Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""`benchmarks/attention_revision_ab.py` loads another revision of the attention kernels beside the installed one:
+the copy must be a module of its own (its own kernels and constants) that computes what the installed one does."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from longexposure.kernels import block_sparse_attention as installed
+
+from longexposure.attention.layout import BlockLayout
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_revision_ab.py"
+_spec = importlib.util.spec_from_file_location("attention_revision_ab", _PATH)
+ab = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ab)
+
+
+def test_a_loaded_revision_is_its_own_module_and_agrees_with_the_installed_one():
+    mods = ab.revisions(installed.__file__, ["L2_SHARE=6"])
+    assert list(mods) == ["old", "new", "L2_SHARE=6"]
+    assert mods["old"] is not installed and mods["old"]._bsa_fwd_kernel is not installed._bsa_fwd_kernel
+    assert mods["L2_SHARE=6"].L2_SHARE == 6 and installed.L2_SHARE != 6
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 64, 16, generator=gen) for _ in range(4))
+    lay = BlockLayout.from_dense(torch.ones(4, 4, dtype=torch.bool).tril(), 16)
+    kw = {"block": 16, "causal": True, "scale": 0.25}
+    outs = {name: [t for f in ab.calls(m, q, k, v, do, lay, kw) for t in f()] for name, m in mods.items()}
+    for name in ("new", "L2_SHARE=6"):
+        for got, want in zip(outs[name], outs["old"], strict=True):
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("setting", ["NOPE=1", "L2_SHARE="])
+def test_bad_settings_and_missing_files_are_named(tmp_path, setting):
+    with pytest.raises(SystemExit, match="--set"):
+        ab.revisions(installed.__file__, [setting])
+    with pytest.raises(SystemExit, match="no file at"):
+        ab.revisions(str(tmp_path / "missing.py"), [])
