@@ -1042,12 +1042,12 @@ def block_sparse_attention_bwd(
         D=meta["D"], BLOCK=block, BLOCK_D=meta["BLOCK_D"], EVEN_S=meta["EVEN_S"], ZERO_DQ=atomic,
     )
     pow2 = max(16, triton.next_power_of_2(nq))
-    pair = query_pair(block)
+    pair, group = query_pair(block), head_group(q)
     _launch(_bsa_bwd_dkdv_kernel)[(triton.cdiv(nq, pair) * bsz * heads,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, q_counts, q_indices, lens,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         *dq_acc.stride()[:3], *_layout_strides(q_counts), *_layout_strides(q_indices),
-        heads, bsz * heads, head_group(q), seq, scale, scale * math.log2(math.e),
+        heads, bsz * heads, group, seq, scale, scale * math.log2(math.e),
         NQP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, DQ_ATOMIC=atomic,
         USE_TMA=_use_tma(q, do), PAIR=pair, EVEN_TILE=seq % (pair * block) == 0,
         **meta,  # Q and dO stream past each key block
@@ -1059,7 +1059,7 @@ def block_sparse_attention_bwd(
         q, k, v, do, lse, delta, dq, kv_counts, kv_indices, lens,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
         *_layout_strides(kv_counts), *_layout_strides(kv_indices),
-        heads, bsz * heads, head_group(q), seq, nq, scale, scale * math.log2(math.e),
+        heads, bsz * heads, group, seq, nq, scale, scale * math.log2(math.e),
         NKP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, USE_TMA=_use_tma(k, v), PAIR=pair,
         EVEN_TILE=seq % (pair * block) == 0, **meta,
     )
