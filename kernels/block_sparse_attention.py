@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 from longexposure.kernels import descriptors
+from longexposure.kernels.tile_order import grouped_tile
 from torch.library import wrap_triton
 
 from longexposure.backends import interpreting
@@ -169,19 +170,6 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
     else:
         c = tl.dot(a, b, input_precision=DOT_PREC)
     return c
-
-
-@triton.jit
-def _program_tile(pid, n_tiles, BH, HG):
-    """A program's (tile position, batch * head). The grid walks groups of HG heads; inside a group the tile
-    positions go in order (the caller puts the heaviest first), every head of the group at each position. Programs
-    that run together then share a few heads' K / V (or Q / dO) in L2, instead of one position of every head
-    (`head_group` picks HG; HG = BH is a plain position-major order)."""
-    per_group = HG * n_tiles
-    g0 = pid // per_group * HG
-    r = pid % per_group
-    hg = tl.minimum(HG, BH - g0)  # the last group may hold fewer heads
-    return r // hg, g0 + r % hg
 
 
 @triton.jit
@@ -346,7 +334,7 @@ def _bsa_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass Python floats as fp64
     ROWS: tl.constexpr = PAIR * BLOCK
-    t, bh = _program_tile(pid, tl.cdiv(NQ, PAIR), BH, HG)
+    bh, t = grouped_tile(pid, BH, tl.cdiv(NQ, PAIR), HG)  # heads in groups of HG (`head_group`)
     qb = (tl.cdiv(NQ, PAIR) - 1 - t) * PAIR  # the tile's first query block; heaviest (last) tiles first
     b = bh // H
     h = bh % H
@@ -552,7 +540,7 @@ def _bsa_bwd_dkdv_kernel(
     sm_scale = tl.cast(sm_scale, tl.float32)
     ROWS: tl.constexpr = PAIR * BLOCK
     NK = tl.cdiv(S, BLOCK)
-    t, bh = _program_tile(pid, tl.cdiv(NK, PAIR), BH, HG)
+    bh, t = grouped_tile(pid, BH, tl.cdiv(NK, PAIR), HG)  # heads in groups of HG (`head_group`)
     kb = t * PAIR  # the tile's first key block; causal: the first key blocks have the most query blocks
     b = bh // H
     h = bh % H
@@ -706,7 +694,7 @@ def _bsa_bwd_dq_kernel(
     qk_scale = tl.cast(qk_scale, tl.float32)
     sm_scale = tl.cast(sm_scale, tl.float32)
     ROWS: tl.constexpr = PAIR * BLOCK
-    t, bh = _program_tile(pid, tl.cdiv(NQ, PAIR), BH, HG)
+    bh, t = grouped_tile(pid, BH, tl.cdiv(NQ, PAIR), HG)  # heads in groups of HG (`head_group`)
     qb = (tl.cdiv(NQ, PAIR) - 1 - t) * PAIR
     b = bh // H
     h = bh % H
@@ -929,7 +917,7 @@ def _l2_bytes(device: torch.device) -> int:
 
 
 def head_group(q: torch.Tensor) -> int:
-    """Heads per group of the kernels' grid order (`_program_tile`): as many as fit two (S, D) tensors each
+    """Heads per group of the kernels' grid order (`tile_order.grouped_tile`): as many as fit two (S, D) tensors each
     (the streamed K and V, or Q and dO) into a third of L2. One group of all heads (a block row of every head in
     flight at once) thrashes L2 once their tensors outgrow it: on an H100 at B 4, H 32, fp16, groups cut the
     forward / backward by 13% / 14% at D 128, S 2048 (128 MB of K and V; 19% / 17% at 80% block sparsity), 6% / 12%

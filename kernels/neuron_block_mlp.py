@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 from longexposure.kernels import descriptors
+from longexposure.kernels.tile_order import grouped_tile
 
 from longexposure.backends import interpreting
 
@@ -114,17 +115,6 @@ def _skinny_configs() -> list[triton.Config]:
 SKINNY_N = 32  # widest weight-gradient output that takes `_skinny_configs`' tiles
 
 _KEY = ["T_BUCKET", "K", "BLOCK", "HAS_LOW_RANK", "HAS_BIAS", "EPILOGUE"]
-
-
-@triton.jit
-def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """Grouped (L2-friendly) tile order over a num_m x num_n grid whose num_n may be data-dependent."""
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -233,7 +223,7 @@ def _sdd_tile(
 ):
     """One (BM, BN) compact tile of sdd: a program's whole work, or one turn of a persistent program's loop (the
     kernel makes the descriptors, once per program)."""
-    pid_m, pid_n = _tile_ids(tile, num_m, num_n, GROUP_M)
+    pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     offs_c = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     mask_m = offs_m < T
@@ -457,7 +447,7 @@ def _dsd_tile(tile, k_end, c_ptr, w_ptr, c_desc, w_desc, bias_ptr, o_ptr, ids_pt
               USE_TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """One (BM, BN) output tile of dsd: a program's whole work, or one turn of a persistent program's loop (the
     kernel makes the descriptors, once per program)."""
-    pid_m, pid_n = _tile_ids(tile, tl.cdiv(T, BM), tl.cdiv(N, BN), GROUP_M)
+    pid_m, pid_n = grouped_tile(tile, tl.cdiv(T, BM), tl.cdiv(N, BN), GROUP_M)
     offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
@@ -561,7 +551,7 @@ def _wgrad_program(n_cols, c_ptr, d_ptr, g_ptr, ids_ptr, T, N, K, stride_cm, str
     pid = tl.program_id(0)
     if pid >= num_m * num_n:  # a tile past the device-side count
         return
-    pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
     offs_c = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     mask_c = offs_c < n_cols
