@@ -189,8 +189,8 @@ def _block_at(list_ptr, j, S, BLOCK: tl.constexpr):
 @triton.jit
 def _row_entries(row_ptr, cnt, width, NKP: tl.constexpr):
     """The row's block list as a (NKP,) vector; slots past `cnt` hold a large sentinel. The load is masked by the
-    table's `width`, not by `cnt`, so it does not wait for the count's load: the two global reads overlap, and a
-    program reaches its first key tile one memory latency sooner."""
+    table's `width`, not by `cnt`, so it does not wait for the count's load and the two global reads overlap (H100,
+    same process against the count-masked load: forward within noise, backward 0.5-1% faster)."""
     pos = tl.arange(0, NKP)
     x = tl.load(row_ptr + pos, mask=pos < width, other=2147483647)
     return tl.where(pos < cnt, x, 2147483647)
