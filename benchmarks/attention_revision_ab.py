@@ -3,10 +3,14 @@
 A kernel change is kept when it measures faster; across processes the autotuners' picks and the GPU's state
 differ, so both revisions run here, on the same inputs, each autotuned by its own autotuners: the installed
 `longexposure.kernels.block_sparse_attention` ("new") and a copy of that module from another commit, loaded from a
-file ("old"). `--set NAME=VALUE` sets a module constant on an extra copy of the new module (e.g. `L2_SHARE=6`),
+file ("old"); further files (other commits, or variants written for the A/B) are further columns, each named by its
+file's stem. `--set NAME=VALUE` sets a module constant on an extra copy of the new module (e.g. `L2_SHARE=6`),
 timed as a third column. Forward, and backward with the default dQ mode, on the dense causal layout and on a
 random layout keeping about 20% of the causal blocks (the diagonal always), at every head dim and length asked;
-outputs compared against "old" (max abs difference), two interleaved CUDA-graph medians per revision. Launch:
+outputs compared against "old" (max abs difference), two interleaved CUDA-graph medians per revision. Every
+autotuner's picks are recorded (`picks`); `--forced` also times the installed forward held to each config of its
+autotune space on the dense layout (`fwd_us_forced`): whether the autotuner, which times configs with L2 flushed,
+picked the config that runs fastest in a warm CUDA graph. Launch:
 
     git show fdc6bd5:kernels/block_sparse_attention.py > /tmp/bsa_old.py
     python benchmarks/attention_revision_ab.py --old /tmp/bsa_old.py --out ab.json
@@ -15,6 +19,7 @@ outputs compared against "old" (max abs difference), two interleaved CUDA-graph 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import platform
@@ -36,10 +41,16 @@ def load_module(name: str, path: str) -> ModuleType:
     return module
 
 
-def revisions(old: str, settings: list[str]) -> dict[str, ModuleType]:
+def revisions(old: str | list[str], settings: list[str]) -> dict[str, ModuleType]:
     import longexposure.kernels.block_sparse_attention as new
 
-    mods = {"old": load_module("bsa_old", old), "new": new}
+    first, *others = [old] if isinstance(old, str) else old
+    mods = {"old": load_module("bsa_old", first), "new": new}
+    for path in others:
+        name = Path(path).stem
+        if name in mods:
+            raise SystemExit(f"--old: two columns named {name!r}; give the files distinct names")
+        mods[name] = load_module(f"bsa_{name}", path)
     if settings:
         extra = load_module("bsa_set", new.__file__)
         for setting in settings:
@@ -65,7 +76,40 @@ def calls(m: ModuleType, q, k, v, do, lay, kw: dict) -> tuple:
     return fwd, bwd
 
 
-def measure(mods: dict[str, ModuleType], d: int, seq: int, batch: int, heads: int, block: int) -> list[dict]:
+TUNERS = ("_bsa_fwd_kernel", "_bsa_bwd_dq_kernel", "_bsa_bwd_dkdv_kernel")
+
+
+def picks(m: ModuleType) -> dict[str, dict[str, str]]:
+    """Each autotuner's chosen config per tuning key, as text."""
+    return {name: {str(key): str(cfg) for key, cfg in getattr(m, name).cache.items()} for name in TUNERS}
+
+
+@contextlib.contextmanager
+def held_to(tuner, config: triton.Config):
+    """An autotuner held to one config (its cache cleared before and after)."""
+    saved = tuner.configs
+    tuner.configs = [config]
+    tuner.cache.clear()
+    try:
+        yield
+    finally:
+        tuner.configs = saved
+        tuner.cache.clear()
+
+
+def forced_forward(m: ModuleType, fwd, bench) -> dict[str, float]:
+    """The forward held to each config of its autotune space, us (CUDA-graph medians)."""
+    tuner = m._bsa_fwd_kernel
+    out = {}
+    for cfg in list(tuner.configs):
+        with held_to(tuner, cfg):
+            fwd()
+            out[str(cfg)] = round(bench(fwd), 1)
+    return out
+
+
+def measure(mods: dict[str, ModuleType], d: int, seq: int, batch: int, heads: int, block: int,
+            forced: bool = False) -> list[dict]:
     from longexposure.attention.layout import BlockLayout
 
     dev = torch.device("cuda")
@@ -88,6 +132,8 @@ def measure(mods: dict[str, ModuleType], d: int, seq: int, batch: int, heads: in
             for name, (f, b) in fns.items():
                 row.setdefault(f"fwd_us_{name}", []).append(round(bench(f), 1))
                 row.setdefault(f"bwd_us_{name}", []).append(round(bench(b), 1))
+        if forced and sparsity == "0%":
+            row["fwd_us_forced"] = forced_forward(mods["new"], fns["new"][0], bench)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -95,7 +141,9 @@ def measure(mods: dict[str, ModuleType], d: int, seq: int, batch: int, heads: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--old", required=True, help="the kernel module's file at the other commit (git show REV:...)")
+    ap.add_argument("--old", required=True, nargs="+",
+                    help="the kernel module's file at the other commit (git show REV:...), the outputs' reference; "
+                         "more files: more columns, named by their stems")
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                     help="a third column: the new module with these constants")
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
@@ -103,6 +151,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--forced", action="store_true", help="also the installed forward held to each of its configs")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -114,7 +163,8 @@ def main() -> None:
            "rows": []}
     for d in args.head_dims:
         for seq in args.seq:
-            res["rows"] += measure(mods, d, seq, args.batch, args.heads, args.block)
+            res["rows"] += measure(mods, d, seq, args.batch, args.heads, args.block, args.forced)
+            res["picks"] = {name: picks(m) for name, m in mods.items()}
             Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
 
 

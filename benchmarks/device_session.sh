@@ -27,7 +27,8 @@
 #   bash benchmarks/device_session.sh attn-revision # two revisions of the attention kernels in one process:
 #                                                # OLD_MODULE=<file> (`git show REV:kernels/block_sparse_attention.py`
 #                                                # written into the checkout here: an untracked file travels; the
-#                                                # device's .git can be stale), AB_SET="NAME=VALUE" a third column
+#                                                # device's .git can be stale; several files: one column each, the
+#                                                # first the reference), AB_SET="NAME=VALUE" a further column
 #   bash benchmarks/device_session.sh attn-ceiling  # the Triton attention ceiling (tutorial-shaped forward) beside
 #                                                # sdpa and the block-sparse forward, its forced configs; D 64, D 128
 #   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig11 (reordered neurons)
@@ -259,7 +260,7 @@ for t in (2048, 4096):
       --out "$work/mlp_quick.json"
     ;;
   attn-revision)  # a kernel change beside the revision before it, same process (benchmarks/attention_revision_ab.py)
-    run "${AB_LIMIT:-540}" python3 benchmarks/attention_revision_ab.py --old "${OLD_MODULE:?set OLD_MODULE}" \
+    run "${AB_LIMIT:-540}" python3 benchmarks/attention_revision_ab.py --old ${OLD_MODULE:?set OLD_MODULE} \
       ${AB_SET:+--set $AB_SET} --head-dims ${ATTN_HEAD_DIMS:-64 128} --out "$work/revision_ab.json"
     ;;
   attn-ceiling)  # issue 21: how far a plain Triton forward gets on these shapes (each head dim its own time limit)

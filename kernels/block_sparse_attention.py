@@ -44,7 +44,8 @@ With LONGEXPOSURE_BSA_TMA=1 (opt-in, read per launch or per trace) the inner loo
 (K and V in the forward and dQ, Q and dO in dK/dV) through (B, H, S, D) tensor descriptors, strided heads
 included, where `kernels/descriptors.py` allows; pointer loads otherwise.
 
-Program ids are widened to int64 before pointer math (tile offsets inside a block stay 32-bit). A
+Grid positions are computed in 32 bits and widened to int64 before pointer math (tile offsets inside a block stay
+32-bit). A
 block of 64 or 128 tokens may be visited as two half-height tiles (`SPLIT`, autotuned). Autotune spaces come from
 `autotune_configs`; LONGEXPOSURE_AUTOTUNE=0 (and the Triton interpreter) collapse them to one config.
 Eager calls launch the kernels directly; under torch.compile tracing they go through `wrap_triton`.
@@ -162,6 +163,13 @@ def _store_tile(base, x, row0, stride_s, offs_d, S, D, ROWS: tl.constexpr, EVEN_
 
 
 @triton.jit
+def _widen_head(bh, H):
+    """(batch, head, batch * H + head) of a 32-bit grid position, as int64 for the pointer math: the divisions stay
+    32-bit (a 64-bit one is a software routine of ~100 instructions on the GPU, in every program's prologue)."""
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh.to(tl.int64)
+
+
+@triton.jit
 def _dot(a, b, DOT_PREC: tl.constexpr):
     """a @ b with fp32 accumulation. "interp-bf16": the Triton interpreter's bf16 dot is wrong, so the
     (exactly representable) bf16 operands are widened there; compiled kernels never take this branch."""
@@ -198,35 +206,40 @@ def _row_entries(row_ptr, cnt, width, NKP: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(
-    acc, m_i, l_i, q, row_ptr, lo, hi, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+    acc, m_i, l_i, q, row_ptr, lo, hi, lim, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """Entries [lo, hi) of a row's list; a block at or past `lim` (the causal diagonal, the padded length) gets the
+    element mask, decided per tile. One loop, not an unmasked loop and a masked one: its trip count is the row's
+    count, known one load in, where the split point needed the row's whole list reduced first, and the diagonal's
+    keys are prefetched while the previous tile computes."""
     every_row = offs_m >= 0
     SUB: tl.constexpr = BLOCK // SPLIT
     # one key tile per iteration (SPLIT per listed block): the software pipeliner sees a single tile's loads, as in
     # a dense flash-attention loop, instead of SPLIT unrolled tiles whose buffers are all live at once
     for jj in range(lo * SPLIT, hi * SPLIT):
-        n0 = _block_at(row_ptr, jj // SPLIT, S, BLOCK) * BLOCK + (jj % SPLIT) * SUB
+        kb = _block_at(row_ptr, jj // SPLIT, S, BLOCK)
         acc, m_i, l_i = _fwd_tile(
-            acc, m_i, l_i, q, n0, every_row, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale, SUB,
-            BLOCK_D, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, USE_TMA,
+            acc, m_i, l_i, q, kb * BLOCK + (jj % SPLIT) * SUB, every_row, kb >= lim, k_src, v_src, b, h, sks, svs,
+            offs_m, offs_d, L, S, D, qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, DOT_PREC, USE_TMA,
         )
     return acc, m_i, l_i
 
 
 @triton.jit
 def _fwd_tile(
-    acc, m_i, l_i, q, n0, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+    acc, m_i, l_i, q, n0, keep, masked, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
     SUB: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Keys [n0, n0 + SUB) against the resident queries: the online softmax and P V. MASKED: only the `keep`
-    queries (a (queries,) mask), keys inside the length and (causal) not after the query count."""
+    """Keys [n0, n0 + SUB) against the resident queries: the online softmax and P V. `masked` (a scalar, or a
+    constant): only the `keep` queries (a (queries,) mask), keys inside the length and (causal) not after the query
+    count."""
     k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
     v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
     qk = _dot(q, tl.trans(k), DOT_PREC)
-    if MASKED:
+    if masked:
         qk = tl.where(_tile_mask(keep, offs_m, n0 + tl.arange(0, SUB), L, CAUSAL), qk, float("-inf"))
     return _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC)
 
@@ -270,8 +283,8 @@ def _fwd_pair_inner(
         kb, keep, i0, i1 = _merge_next(row0_ptr, row1_ptr, i0, i1, cnt0, cnt1, S, BLOCK)
         for t in tl.static_range(SPLIT):  # the listed block in SPLIT tiles
             acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, kb * BLOCK + t * SUB, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
-                qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
+                acc, m_i, l_i, q, kb * BLOCK + t * SUB, keep, True, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S,
+                D, qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, DOT_PREC, USE_TMA,
             )
     return acc, m_i, l_i
 
@@ -331,13 +344,11 @@ def _bsa_fwd_kernel(
     PAIR: tl.constexpr,  # query blocks per program: 1, or 2 (a 2 * BLOCK-row tile over the union of two rows)
     EVEN_TILE: tl.constexpr,  # S is a multiple of PAIR * BLOCK: the resident query tile needs no row mask
 ):
-    pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass Python floats as fp64
     ROWS: tl.constexpr = PAIR * BLOCK
-    bh, t = grouped_tile(pid, BH, tl.cdiv(NQ, PAIR), HG)  # heads in groups of HG (`head_group`)
-    qb = (tl.cdiv(NQ, PAIR) - 1 - t) * PAIR  # the tile's first query block; heaviest (last) tiles first
-    b = bh // H
-    h = bh % H
+    bh, t = grouped_tile(tl.program_id(0), BH, tl.cdiv(NQ, PAIR), HG)  # heads in groups of HG (`head_group`)
+    qb = ((tl.cdiv(NQ, PAIR) - 1 - t) * PAIR).to(tl.int64)  # the tile's first query block; heaviest (last) first
+    b, h, bh = _widen_head(bh, H)
     EVEN_D: tl.constexpr = BLOCK_D == D
     if HAS_LENS:  # noqa: SIM108
         L = tl.load(lens_ptr + b).to(tl.int64)
@@ -354,7 +365,6 @@ def _bsa_fwd_kernel(
     lim = L // BLOCK
     if CAUSAL:
         lim = tl.minimum(lim, qb)
-    entries = _row_entries(row_ptr, cnt, NQ, NKP)
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -362,23 +372,19 @@ def _bsa_fwd_kernel(
     k_src = _heads(k_ptr, b, h, skb, skh, sks, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
     v_src = _heads(v_ptr, b, h, svb, svh, svs, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
     if PAIR == 1:
-        n_full = tl.sum((entries < lim).to(tl.int32), 0)
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, q, row_ptr, 0, n_full, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
-            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
-        )
-        acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, q, row_ptr, n_full, cnt, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
-            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
+            acc, m_i, l_i, q, row_ptr, 0, cnt, lim, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
+            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, DOT_PREC, USE_TMA,
         )
     else:
         # the prefix both rows list alike, below the first row's diagonal and the padding: full tiles, no mask (all
         # of a causal dense pair but its last two blocks); then the rest of the union, merged, masked per half
+        entries = _row_entries(row_ptr, cnt, NQ, NKP)
         row1_ptr, cnt1, both, rest = _pair_rows(kv_cnt_ptr, kv_idx_ptr, b, h, scb, sch, scr, sib, sih, sir, qb, NQ,
                                                 L, lim, cnt, entries, BLOCK, NKP)
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, q, row_ptr, 0, both, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
-            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
+            acc, m_i, l_i, q, row_ptr, 0, both, lim, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
+            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, DOT_PREC, USE_TMA,
         )
         acc, m_i, l_i = _fwd_pair_inner(
             acc, m_i, l_i, q, row_ptr, row1_ptr, cnt, cnt1, both, rest, k_src, v_src, b, h, sks, svs, offs_m, offs_d,
@@ -411,11 +417,9 @@ def _bsa_bwd_delta_kernel(
     H, BH, S,
     D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr, ZERO_DQ: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    qb = pid // BH
-    bh = pid % BH
-    b = bh // H
-    h = bh % H
+    pid = tl.program_id(0)
+    qb = (pid // BH).to(tl.int64)
+    b, h, bh = _widen_head(pid % BH, H)
     EVEN_D: tl.constexpr = BLOCK_D == D
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -433,19 +437,21 @@ def _bsa_bwd_delta_kernel(
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, col_ptr, lo, hi, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n,
+    dk, dv, k, v, col_ptr, lo, hi, lim, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n,
     offs_d, L, S, D, qk_scale, sm_scale,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """Entries [lo, hi) of a column's list; a query block at or before `lim` gets the element mask, decided per tile
+    (as `_fwd_inner`)."""
     every_key = offs_n >= 0
     SUB: tl.constexpr = BLOCK // SPLIT
     for jj in range(lo * SPLIT, hi * SPLIT):  # one query tile per iteration, as `_fwd_inner`
-        m0 = _block_at(col_ptr, jj // SPLIT, S, BLOCK) * BLOCK + (jj % SPLIT) * SUB
+        qb = _block_at(col_ptr, jj // SPLIT, S, BLOCK)
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, m0, every_key, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n,
-            offs_d, L, S, D, qk_scale, sm_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, DQ_ATOMIC,
-            USE_TMA,
+            dk, dv, k, v, qb * BLOCK + (jj % SPLIT) * SUB, every_key, qb <= lim, q_src, do_src, b, h, lse_base,
+            delta_base, dq_base, sqs, sds, sdqs, offs_n, offs_d, L, S, D, qk_scale, sm_scale, SUB, BLOCK_D, EVEN_S,
+            EVEN_D, CAUSAL, DOT_PREC, DQ_ATOMIC, USE_TMA,
         )
     return dk, dv
 
@@ -466,8 +472,8 @@ def _dkdv_pair_inner(
         qb, keep, i0, i1 = _merge_next(col0_ptr, col1_ptr, i0, i1, cnt0, cnt1, S, BLOCK)
         for t in tl.static_range(SPLIT):  # the listed block in SPLIT tiles
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, qb * BLOCK + t * SUB, keep, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs,
-                sds, sdqs, offs_n, offs_d, L, S, D, qk_scale, sm_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, True,
+                dk, dv, k, v, qb * BLOCK + t * SUB, keep, True, q_src, do_src, b, h, lse_base, delta_base, dq_base,
+                sqs, sds, sdqs, offs_n, offs_d, L, S, D, qk_scale, sm_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL,
                 DOT_PREC, DQ_ATOMIC, USE_TMA,
             )
     return dk, dv
@@ -475,13 +481,13 @@ def _dkdv_pair_inner(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, m0, keep, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n, offs_d, L, S,
-    D, qk_scale, sm_scale,
+    dk, dv, k, v, m0, keep, masked, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sdqs, offs_n,
+    offs_d, L, S, D, qk_scale, sm_scale,
     SUB: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Queries [m0, m0 + SUB) against the resident keys: dK, dV (and, DQ_ATOMIC, dQ) shares. MASKED: only the `keep`
-    keys (a (keys,) mask) inside the length, and (causal) not after the query, count."""
+    """Queries [m0, m0 + SUB) against the resident keys: dK, dV (and, DQ_ATOMIC, dQ) shares. `masked` (a scalar, or a
+    constant): only the `keep` keys (a (keys,) mask) inside the length, and (causal) not after the query, count."""
     offs_m = m0 + tl.arange(0, SUB)
     q = _load_rows(q_src, b, h, m0, sqs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
     do = _load_rows(do_src, b, h, m0, sds, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
@@ -493,7 +499,7 @@ def _dkdv_tile(
         delta = tl.load(delta_base + offs_m, mask=offs_m < S, other=0.0)
     qk_t = _dot(k, tl.trans(q), DOT_PREC)  # (keys, queries)
     p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # padded query rows have lse = +inf -> 0
-    if MASKED:
+    if masked:
         ok = (offs_n[:, None] < L) & keep[:, None]
         if CAUSAL:
             ok = ok & (offs_n[:, None] <= offs_m[None, :])
@@ -535,15 +541,13 @@ def _bsa_bwd_dkdv_kernel(
     PAIR: tl.constexpr,  # key blocks per program (LONGEXPOSURE_BSA_PAIR): 2, a 2 * BLOCK-key tile over both columns
     EVEN_TILE: tl.constexpr,  # S is a multiple of PAIR * BLOCK: the resident key tile needs no row mask
 ):
-    pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)
     sm_scale = tl.cast(sm_scale, tl.float32)
     ROWS: tl.constexpr = PAIR * BLOCK
     NK = tl.cdiv(S, BLOCK)
-    bh, t = grouped_tile(pid, BH, tl.cdiv(NK, PAIR), HG)  # heads in groups of HG (`head_group`)
-    kb = t * PAIR  # the tile's first key block; causal: the first key blocks have the most query blocks
-    b = bh // H
-    h = bh % H
+    bh, t = grouped_tile(tl.program_id(0), BH, tl.cdiv(NK, PAIR), HG)  # heads in groups of HG (`head_group`)
+    kb = (t * PAIR).to(tl.int64)  # the tile's first key block; causal: the first key blocks have the most queries
+    b, h, bh = _widen_head(bh, H)
     EVEN_D: tl.constexpr = BLOCK_D == D
     if HAS_LENS:  # noqa: SIM108
         L = tl.load(lens_ptr + b).to(tl.int64)
@@ -565,22 +569,14 @@ def _bsa_bwd_dkdv_kernel(
     dq_base = dq_acc_ptr + b * sab + h * sah
     lse_base, delta_base = lse_ptr + bh * S, delta_ptr + bh * S
     if PAIR == 1:
-        # masked blocks form a prefix: the causal diagonal (and anything above it), or the whole column
-        # when this key block crosses the valid length
-        if CAUSAL:  # noqa: SIM108
-            n_masked = tl.sum((_row_entries(col_ptr, cnt, NK, NQP) <= kb).to(tl.int32), 0)
-        else:
-            n_masked = 0
-        n_masked = tl.where((kb + 1) * BLOCK > L, cnt, n_masked)
+        # masked: the causal diagonal (and anything above it), or the whole column when this key block crosses the
+        # valid length
+        lim = kb if CAUSAL else -1
+        lim = tl.where((kb + 1) * BLOCK > L, NK, lim)
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, col_ptr, 0, n_masked, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sas,
-            offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True,
-            DOT_PREC, DQ_ATOMIC, USE_TMA,
-        )
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, col_ptr, n_masked, cnt, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sas,
-            offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False,
-            DOT_PREC, DQ_ATOMIC, USE_TMA,
+            dk, dv, k, v, col_ptr, 0, cnt, lim, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sas,
+            offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, DOT_PREC,
+            DQ_ATOMIC, USE_TMA,
         )
     else:
         # the second column (empty past the grid or the length, pointing at the first column's table)
@@ -605,9 +601,9 @@ def _bsa_bwd_dkdv_kernel(
             do_src, b, h, lse_base, delta_base, dq_base, sqs, sds, sas, offs_n, offs_d, L, S, D, qk_scale, sm_scale,
             BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, DOT_PREC, DQ_ATOMIC, USE_TMA,
         )
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, col_ptr, cnt - suffix, cnt, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs, sds,
-            sas, offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False,
+        dk, dv = _dkdv_inner(  # the suffix lies past both diagonals: -1 masks none of it
+            dk, dv, k, v, col_ptr, cnt - suffix, cnt, -1, q_src, do_src, b, h, lse_base, delta_base, dq_base, sqs,
+            sds, sas, offs_n, offs_d, L, S, D, qk_scale, sm_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL,
             DOT_PREC, DQ_ATOMIC, USE_TMA,
         )
     dk = dk * sm_scale
@@ -618,16 +614,17 @@ def _bsa_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, lse, delta, row_ptr, lo, hi, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+    dq, q, do, lse, delta, row_ptr, lo, hi, lim, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     every_row = offs_m >= 0
     SUB: tl.constexpr = BLOCK // SPLIT
-    for jj in range(lo * SPLIT, hi * SPLIT):  # one key tile per iteration, as `_fwd_inner`
-        n0 = _block_at(row_ptr, jj // SPLIT, S, BLOCK) * BLOCK + (jj % SPLIT) * SUB
-        dq = _dq_tile(dq, q, do, lse, delta, n0, every_row, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
-                      qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, MASKED, DOT_PREC, USE_TMA)
+    for jj in range(lo * SPLIT, hi * SPLIT):  # one key tile per iteration, masked per tile, as `_fwd_inner`
+        kb = _block_at(row_ptr, jj // SPLIT, S, BLOCK)
+        dq = _dq_tile(dq, q, do, lse, delta, kb * BLOCK + (jj % SPLIT) * SUB, every_row, kb >= lim, k_src, v_src, b,
+                      h, sks, svs, offs_m, offs_d, L, S, D, qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, DOT_PREC,
+                      USE_TMA)
     return dq
 
 
@@ -644,23 +641,23 @@ def _dq_pair_inner(
     for _ in range(0, n):
         kb, keep, i0, i1 = _merge_next(row0_ptr, row1_ptr, i0, i1, cnt0, cnt1, S, BLOCK)
         for t in tl.static_range(SPLIT):  # the listed block in SPLIT tiles
-            dq = _dq_tile(dq, q, do, lse, delta, kb * BLOCK + t * SUB, keep, k_src, v_src, b, h, sks, svs, offs_m,
-                          offs_d, L, S, D, qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA)
+            dq = _dq_tile(dq, q, do, lse, delta, kb * BLOCK + t * SUB, keep, True, k_src, v_src, b, h, sks, svs,
+                          offs_m, offs_d, L, S, D, qk_scale, SUB, BLOCK_D, EVEN_S, EVEN_D, CAUSAL, DOT_PREC, USE_TMA)
     return dq
 
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse, delta, n0, keep, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
+    dq, q, do, lse, delta, n0, keep, masked, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D, qk_scale,
     SUB: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Keys [n0, n0 + SUB) against the resident queries: their dQ share (masks as in `_fwd_tile`)."""
     k = _load_rows(k_src, b, h, n0, sks, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
     v = _load_rows(v_src, b, h, n0, svs, offs_d, S, D, SUB, BLOCK_D, EVEN_S, EVEN_D, USE_TMA)
     qk = _dot(q, tl.trans(k), DOT_PREC)
     p = tl.math.exp2(qk * qk_scale - lse[:, None])
-    if MASKED:
+    if masked:
         p = tl.where(_tile_mask(keep, offs_m, n0 + tl.arange(0, SUB), L, CAUSAL), p, 0.0)
     dp = _dot(do, tl.trans(v), DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -690,14 +687,12 @@ def _bsa_bwd_dq_kernel(
     PAIR: tl.constexpr,  # query blocks per program, as in the forward (LONGEXPOSURE_BSA_PAIR)
     EVEN_TILE: tl.constexpr,  # S is a multiple of PAIR * BLOCK
 ):
-    pid = tl.program_id(0).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)
     sm_scale = tl.cast(sm_scale, tl.float32)
     ROWS: tl.constexpr = PAIR * BLOCK
-    bh, t = grouped_tile(pid, BH, tl.cdiv(NQ, PAIR), HG)  # heads in groups of HG (`head_group`)
-    qb = (tl.cdiv(NQ, PAIR) - 1 - t) * PAIR
-    b = bh // H
-    h = bh % H
+    bh, t = grouped_tile(tl.program_id(0), BH, tl.cdiv(NQ, PAIR), HG)  # heads in groups of HG (`head_group`)
+    qb = ((tl.cdiv(NQ, PAIR) - 1 - t) * PAIR).to(tl.int64)
+    b, h, bh = _widen_head(bh, H)
     EVEN_D: tl.constexpr = BLOCK_D == D
     if HAS_LENS:  # noqa: SIM108
         L = tl.load(lens_ptr + b).to(tl.int64)
@@ -720,27 +715,22 @@ def _bsa_bwd_dq_kernel(
     lim = L // BLOCK
     if CAUSAL:
         lim = tl.minimum(lim, qb)
-    entries = _row_entries(row_ptr, cnt, NQ, NKP)
 
     dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
     k_src = _heads(k_ptr, b, h, skb, skh, sks, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
     v_src = _heads(v_ptr, b, h, svb, svh, svs, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
     if PAIR == 1:
-        n_full = tl.sum((entries < lim).to(tl.int32), 0)
         dq = _dq_inner(
-            dq, q, do, lse, delta, row_ptr, 0, n_full, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
-            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
-        )
-        dq = _dq_inner(
-            dq, q, do, lse, delta, row_ptr, n_full, cnt, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
-            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, True, DOT_PREC, USE_TMA,
+            dq, q, do, lse, delta, row_ptr, 0, cnt, lim, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
+            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, DOT_PREC, USE_TMA,
         )
     else:  # as the forward walks a pair
+        entries = _row_entries(row_ptr, cnt, NQ, NKP)
         row1_ptr, cnt1, both, rest = _pair_rows(kv_cnt_ptr, kv_idx_ptr, b, h, scb, sch, scr, sib, sih, sir, qb, NQ,
                                                 L, lim, cnt, entries, BLOCK, NKP)
         dq = _dq_inner(
-            dq, q, do, lse, delta, row_ptr, 0, both, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
-            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, False, DOT_PREC, USE_TMA,
+            dq, q, do, lse, delta, row_ptr, 0, both, lim, k_src, v_src, b, h, sks, svs, offs_m, offs_d, L, S, D,
+            qk_scale, BLOCK, BLOCK_D, SPLIT, EVEN_S, EVEN_D, CAUSAL, DOT_PREC, USE_TMA,
         )
         dq = _dq_pair_inner(
             dq, q, do, lse, delta, row_ptr, row1_ptr, cnt, cnt1, both, rest, k_src, v_src, b, h, sks, svs, offs_m,

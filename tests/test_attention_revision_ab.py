@@ -39,3 +39,23 @@ def test_bad_settings_and_missing_files_are_named(tmp_path, setting):
         ab.revisions(installed.__file__, [setting])
     with pytest.raises(SystemExit, match="no file at"):
         ab.revisions(str(tmp_path / "missing.py"), [])
+
+
+def test_further_files_are_columns_named_by_their_stems(tmp_path):
+    extra = tmp_path / "variant_a.py"
+    extra.write_text(Path(installed.__file__).read_text())
+    mods = ab.revisions([installed.__file__, str(extra)], [])
+    assert list(mods) == ["old", "new", "variant_a"]
+    assert mods["variant_a"]._bsa_fwd_kernel is not mods["old"]._bsa_fwd_kernel
+    with pytest.raises(SystemExit, match="distinct names"):
+        ab.revisions([installed.__file__, str(extra), str(extra)], [])
+
+
+def test_a_held_config_is_released_and_picks_are_read_as_text():
+    tuner = installed._bsa_fwd_kernel
+    before = list(tuner.configs)
+    with ab.held_to(tuner, before[-1]):
+        assert tuner.configs == [before[-1]]
+    assert tuner.configs == before and not tuner.cache
+    got = ab.picks(installed)
+    assert set(got) == set(ab.TUNERS) and all(isinstance(v, dict) for v in got.values())
