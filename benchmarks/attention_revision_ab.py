@@ -7,7 +7,8 @@ file ("old"); further files (other commits, or variants written for the A/B) are
 file's stem. `--set NAME=VALUE` sets a module constant on an extra copy of the new module (e.g. `L2_SHARE=6`),
 timed as a third column. Forward, and backward with the default dQ mode, on the dense causal layout and on a
 random layout keeping about 20% of the causal blocks (the diagonal always), at every head dim and length asked;
-outputs compared against "old" (max abs difference), two interleaved CUDA-graph medians per revision. Every
+outputs compared against "old" (max abs difference), two interleaved CUDA-graph medians per revision, and dense causal
+sdpa's beside the dense layout's (its backward: forward + backward minus forward, both graphs). Every
 autotuner's picks are recorded (`picks`); `--forced` also times the installed forward held to each config of its
 autotune space on the dense layout (`fwd_us_forced`): whether the autotuner, which times configs with L2 flushed,
 picked the config that runs fastest in a warm CUDA graph. Launch:
@@ -76,6 +77,21 @@ def calls(m: ModuleType, q, k, v, do, lay, kw: dict) -> tuple:
     return fwd, bwd
 
 
+def sdpa_calls(q, k, v, do) -> tuple:
+    """Dense causal sdpa's forward, and its forward + backward (autograd runs the backward on the forward's stream, so a
+    graph holds both; the backward's time is the difference)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def fwd():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def fwd_bwd():
+        o = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True)
+        return torch.autograd.grad(o, leaves, do)
+
+    return fwd, fwd_bwd
+
+
 TUNERS = ("_bsa_fwd_kernel", "_bsa_bwd_dq_kernel", "_bsa_bwd_dkdv_kernel")
 
 
@@ -132,6 +148,11 @@ def measure(mods: dict[str, ModuleType], d: int, seq: int, batch: int, heads: in
             for name, (f, b) in fns.items():
                 row.setdefault(f"fwd_us_{name}", []).append(round(bench(f), 1))
                 row.setdefault(f"bwd_us_{name}", []).append(round(bench(b), 1))
+            if sparsity == "0%":  # the dense baseline, in the same process
+                sf, sfb = sdpa_calls(q, k, v, do)
+                fwd_us = bench(sf)
+                row.setdefault("fwd_us_sdpa", []).append(round(fwd_us, 1))
+                row.setdefault("bwd_us_sdpa", []).append(round(bench(sfb) - fwd_us, 1))
         if forced and sparsity == "0%":
             row["fwd_us_forced"] = forced_forward(mods["new"], fns["new"][0], bench)
         print(json.dumps(row), flush=True)
