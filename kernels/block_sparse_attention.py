@@ -69,22 +69,34 @@ from longexposure.backends import interpreting
 
 
 def autotune_configs(kind: str) -> list[triton.Config]:
-    """Autotune space of one kernel kind (`fwd`, `bwd`); one config when autotuning is off."""
+    """Autotune space of one kernel kind (`fwd`, `dq`, `dkdv`); one config when autotuning is off."""
     if os.environ.get("LONGEXPOSURE_AUTOTUNE", "1") == "0" or interpreting():
         return [triton.Config({"SPLIT": 1}, num_warps=4, num_stages=2)]  # fits 227 KB smem up to D=128, block 128
     if kind == "fwd":
-        # (SPLIT, warps, stages); 2 stages at 4 warps: 243 vs 281 us at D 64, S 2048 on the H100 (2026-12-06)
-        space = [(1, 4, 2), (1, 4, 3), (1, 8, 3), (1, 4, 4), (2, 8, 3), (2, 4, 3)]
+        # (SPLIT, warps, stages, register cap); 2 stages at 4 warps: 243 vs 281 us at D 64, S 2048 on the H100
+        space = [(1, 4, 2, None), (1, 4, 3, None), (1, 8, 3, None), (1, 4, 4, None), (2, 8, 3, None),
+                 (2, 4, 3, None), (1, 4, 2, MAXNREG), (1, 4, 3, MAXNREG)]
     else:
-        space = [(1, 4, 2), (1, 8, 2), (2, 8, 2), (2, 4, 2)]
-    return [triton.Config({"SPLIT": split}, num_warps=w, num_stages=st) for split, w, st in space]
+        space = [(1, 4, 2, None), (1, 8, 2, None), (2, 8, 2, None), (2, 4, 2, None)]
+        if kind == "dq":
+            space.append((1, 4, 2, MAXNREG))
+    return [triton.Config({"SPLIT": split}, num_warps=w, num_stages=st, maxnreg=cap) for split, w, st, cap in space]
+
+
+# A register cap for 4-warp, 64-row tiles at head_dim 64: the one-loop forward holds 140 registers a thread, so 3
+# programs share an SM's 64K registers where 4 fit under 128 (ptxas for sm_90a spills nothing at the cap). H100, same
+# process: forward 64.7 vs 69.5 us at D 64, S 1024 (sdpa 59.8), 212.9 vs 225.1 at S 2048 (2026-12-06).
+MAXNREG = 128
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     # small tiles gain nothing from 8 warps; blocks of 64 and more may be visited as two half-height tiles
-    # (64 x 32 at block 64: FlashAttention-2's Triton backward streams 32-row tiles past a resident key block)
+    # (64 x 32 at block 64: FlashAttention-2's Triton backward streams 32-row tiles past a resident key block); the
+    # register cap is for head_dim 64 (at 128 the accumulators alone need more: it would spill)
     block = kwargs.get("BLOCK", named_args.get("BLOCK", 64))
-    kept = [c for c in configs if not (block <= 32 and c.num_warps > 4) and not (block < 64 and c.kwargs["SPLIT"] > 1)]
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    kept = [c for c in configs if not (block <= 32 and c.num_warps > 4) and not (block < 64 and c.kwargs["SPLIT"] > 1)
+            and not (c.maxnreg and block_d > 64)]
     return kept or configs[:1]
 
 
@@ -515,8 +527,8 @@ def _dkdv_tile(
 
 
 # the atomic dQ accumulates: autotune trials start it from zero (and so does the chosen config's run)
-@triton.autotune(configs=autotune_configs("bwd"), key=[*_KEY, "DQ_ATOMIC", "PAIR", "NQP"], reset_to_zero=["dq_acc_ptr"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=autotune_configs("dkdv"), key=[*_KEY, "DQ_ATOMIC", "PAIR", "NQP"],
+                 reset_to_zero=["dq_acc_ptr"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
     q_ptr,  # (B, H, S, D)
@@ -663,7 +675,7 @@ def _dq_tile(
     return dq + _dot(ds.to(k.dtype), k, DOT_PREC)
 
 
-@triton.autotune(configs=autotune_configs("bwd"), key=[*_KEY, "PAIR", "NKP"],
+@triton.autotune(configs=autotune_configs("dq"), key=[*_KEY, "PAIR", "NKP"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bsa_bwd_dq_kernel(

@@ -324,12 +324,15 @@ def test_launcher_errors_name_the_argument():
 def test_autotune_space_prunes_by_block_and_collapses_for_ci(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("LONGEXPOSURE_AUTOTUNE", "1")
-    assert len(K.autotune_configs("fwd")) > 1 and len(K.autotune_configs("bwd")) > 1
-    splits = {block: {c.kwargs["SPLIT"] for c in K._prune(K.autotune_configs("bwd"), {}, BLOCK=block)}
+    assert all(len(K.autotune_configs(kind)) > 1 for kind in ("fwd", "dq", "dkdv"))
+    splits = {block: {c.kwargs["SPLIT"] for c in K._prune(K.autotune_configs("dkdv"), {}, BLOCK=block)}
               for block in (32, 64, 128)}
     assert splits == {32: {1}, 64: {1, 2}, 128: {1, 2}}, "half-height tiles are candidates from block 64 on"
+    for kind, capped in (("fwd", True), ("dq", True), ("dkdv", False)):
+        caps = {d: {c.maxnreg for c in K._prune(K.autotune_configs(kind), {}, BLOCK=64, BLOCK_D=d)} for d in (64, 128)}
+        assert caps == {64: {None, K.MAXNREG} if capped else {None}, 128: {None}}, (kind, caps)
     monkeypatch.setenv("LONGEXPOSURE_AUTOTUNE", "0")
-    assert len(K.autotune_configs("fwd")) == 1 and len(K.autotune_configs("bwd")) == 1
+    assert all(len(K.autotune_configs(kind)) == 1 for kind in ("fwd", "dq", "dkdv"))
 
 
 def test_autotuners_key_on_the_length_bucket():
