@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -178,7 +179,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("attention_revision_ab needs a CUDA GPU")
     mods = revisions(args.old, args.set)
-    res = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    res = {"meta": {"device": torch.cuda.get_device_name(), "git": os.environ.get("LONGEXPOSURE_GIT", "unknown"),
+                    "torch": torch.__version__, "triton": triton.__version__,
                     "python": platform.python_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "args": vars(args), "inputs": "random fp16, causal; layouts: dense causal and random ~20%"},
            "rows": []}
