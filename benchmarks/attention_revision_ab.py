@@ -4,9 +4,11 @@ A kernel change is kept when it measures faster; across processes the autotuners
 differ, so both revisions run here, on the same inputs, each autotuned by its own autotuners: the installed
 `longexposure.kernels.block_sparse_attention` ("new") and a copy of that module from another commit, loaded from a
 file ("old"); further files (other commits, or variants written for the A/B) are further columns, each named by its
-file's stem. `--set NAME=VALUE` sets a module constant on an extra copy of the new module (e.g. `L2_SHARE=6`),
-timed as a third column. Forward, and backward with the default dQ mode, on the dense causal layout and on a
-random layout keeping about 20% of the causal blocks (the diagonal always), at every head dim and length asked;
+file's stem. `--graft NAME=FILE:PART[,PART]` adds a column NAME: the installed module with some kernels' code
+taken from FILE (`GRAFTS`: the dK/dV or dQ kernel with its helpers), to find which kernel of a change gains or loses.
+`--set NAME=VALUE` sets a module constant on an extra copy of the new module (e.g. `L2_SHARE=6`), a further column.
+Forward, and backward with the default dQ mode, on the dense causal layout and on a random layout keeping about 20%
+of the causal blocks (the diagonal always), at every head dim and length asked;
 outputs compared against "old" (max abs difference), two interleaved CUDA-graph medians per revision, and dense causal
 sdpa's beside the dense layout's (its backward: forward + backward minus forward, both graphs). Every
 autotuner's picks are recorded (`picks`); `--forced` also times the installed forward held to each config of its
@@ -15,6 +17,9 @@ picked the config that runs fastest in a warm CUDA graph. Launch:
 
     git show fdc6bd5:kernels/block_sparse_attention.py > /tmp/bsa_old.py
     python benchmarks/attention_revision_ab.py --old /tmp/bsa_old.py --out ab.json
+    # which backward kernel of the change costs at S 2048: the installed module with the old dQ, then the old dK/dV
+    python benchmarks/attention_revision_ab.py --old /tmp/bsa_old.py --graft old_dq=/tmp/bsa_old.py:dq \
+        old_dkdv=/tmp/bsa_old.py:dkdv --seq 2048 --out ab.json
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import importlib.util
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +47,43 @@ def load_module(name: str, path: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# the parts of kernels/block_sparse_attention.py a graft can swap: (first line, the line that starts the next part)
+GRAFTS = {"dkdv": ("@triton.jit\ndef _dkdv_inner(", "@triton.jit\ndef _dq_inner("),
+          "dq": ("@triton.jit\ndef _dq_inner(", "# " + "-" * 83 + " layout union")}
+
+
+def graft(base: str, donor: str, parts: list[str]) -> str:
+    """`base`'s source with each part's text replaced by `donor`'s (both files laid out in `GRAFTS`' order)."""
+    for part in parts:
+        if part not in GRAFTS:
+            raise SystemExit(f"--graft: unknown part {part!r}; valid: {sorted(GRAFTS)}")
+        start, end = GRAFTS[part]
+        spans = []
+        for text in (base, donor):
+            i = text.find(start)
+            j = text.find(end, i + 1) if i >= 0 else -1
+            if j < 0:
+                raise SystemExit(f"--graft: part {part!r} not found (from {start!r} to {end!r})")
+            spans.append(text[i:j])
+        base = base.replace(spans[0], spans[1])
+    return base
+
+
+def grafted(spec: str, workdir: Path) -> tuple[str, str]:
+    """(column name, path of the written module) for `NAME=FILE:PART[,PART]`."""
+    import longexposure.kernels.block_sparse_attention as new
+
+    name, _, rest = spec.partition("=")
+    path, _, parts = rest.rpartition(":")
+    if not name or not path or not parts:
+        raise SystemExit(f"--graft {spec!r}: give NAME=FILE:PART[,PART]")
+    if not Path(path).is_file():
+        raise SystemExit(f"--graft: no file at {path}")
+    out = workdir / f"{name}.py"
+    out.write_text(graft(Path(new.__file__).read_text(), Path(path).read_text(), parts.split(",")))
+    return name, str(out)
 
 
 def revisions(old: str | list[str], settings: list[str]) -> dict[str, ModuleType]:
@@ -173,12 +216,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--graft", nargs="*", default=[], metavar="NAME=FILE:PART[,PART]",
+                    help=f"more columns: the installed module with parts ({', '.join(GRAFTS)}) from FILE")
     ap.add_argument("--forced", action="store_true", help="also the installed forward held to each of its configs")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("attention_revision_ab needs a CUDA GPU")
-    mods = revisions(args.old, args.set)
+    workdir = Path(tempfile.mkdtemp(prefix="bsa_graft_"))
+    grafts = [grafted(spec, workdir) for spec in args.graft]
+    mods = revisions([*args.old, *(path for _, path in grafts)], args.set)
     res = {"meta": {"device": torch.cuda.get_device_name(), "git": os.environ.get("LONGEXPOSURE_GIT", "unknown"),
                     "torch": torch.__version__, "triton": triton.__version__,
                     "python": platform.python_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
