@@ -44,9 +44,8 @@ With LONGEXPOSURE_BSA_TMA=1 (opt-in, read per launch or per trace) the inner loo
 included, where `kernels/descriptors.py` allows; pointer loads otherwise.
 
 Grid positions are computed in 32 bits and widened to int64 before pointer math (tile offsets inside a block stay
-32-bit). A
-block of 64 or 128 tokens may be visited as two half-height tiles (`SPLIT`, autotuned). Autotune spaces come from
-`autotune_configs`; LONGEXPOSURE_AUTOTUNE=0 (and the Triton interpreter) collapse them to one config.
+32-bit). A block of 64 or 128 tokens may be visited as two half-height tiles (`SPLIT`, autotuned). Autotune spaces
+come from `autotune_configs`; LONGEXPOSURE_AUTOTUNE=0 (and the Triton interpreter) collapse them to one config.
 Eager calls launch the kernels directly; under torch.compile tracing they go through `wrap_triton`.
 """
 
@@ -68,6 +67,12 @@ from longexposure.backends import interpreting
 # ------------------------------------------------------------------------------------------- config
 
 
+# A register cap for 4-warp, 64-row tiles at head_dim 64: the one-loop forward holds 140 registers a thread, so 3
+# programs share an SM's 64K registers where 4 fit under 128 (ptxas for sm_90a spills nothing at the cap). H100, same
+# process: forward 64.7 vs 69.5 us at D 64, S 1024 (sdpa 59.8), 212.9 vs 225.1 at S 2048 (2026-12-06).
+MAXNREG = 128
+
+
 def autotune_configs(kind: str) -> list[triton.Config]:
     """Autotune space of one kernel kind (`fwd`, `dq`, `dkdv`); one config when autotuning is off."""
     if os.environ.get("LONGEXPOSURE_AUTOTUNE", "1") == "0" or interpreting():
@@ -81,12 +86,6 @@ def autotune_configs(kind: str) -> list[triton.Config]:
         if kind == "dq":
             space.append((1, 4, 2, MAXNREG))
     return [triton.Config({"SPLIT": split}, num_warps=w, num_stages=st, maxnreg=cap) for split, w, st, cap in space]
-
-
-# A register cap for 4-warp, 64-row tiles at head_dim 64: the one-loop forward holds 140 registers a thread, so 3
-# programs share an SM's 64K registers where 4 fit under 128 (ptxas for sm_90a spills nothing at the cap). H100, same
-# process: forward 64.7 vs 69.5 us at D 64, S 1024 (sdpa 59.8), 212.9 vs 225.1 at S 2048 (2026-12-06).
-MAXNREG = 128
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
