@@ -141,15 +141,11 @@ def forced_config(split: int, warps: int, stages: int, tma: bool):
 
     from longexposure.kernels.block_sparse_attention import _bsa_fwd_kernel as tuner
 
-    saved = tuner.configs
-    tuner.configs = [triton.Config({"SPLIT": split}, num_warps=warps, num_stages=stages)]
-    tuner.cache.clear()
-    try:
-        with mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_TMA": "1" if tma else "0"}):
-            yield
-    finally:
-        tuner.configs = saved
-        tuner.cache.clear()
+    from longexposure.measure import autotuner_held_to
+
+    with autotuner_held_to(tuner, [triton.Config({"SPLIT": split}, num_warps=warps, num_stages=stages)]), \
+            mock.patch.dict(os.environ, {"LONGEXPOSURE_BSA_TMA": "1" if tma else "0"}):
+        yield
 
 
 def measure_shape(d: int, seq: int, batch: int, heads: int, variants: list[str],

@@ -25,7 +25,6 @@ picked the config that runs fastest in a warm CUDA graph. Launch:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -144,25 +143,14 @@ def picks(m: ModuleType) -> dict[str, dict[str, str]]:
     return {name: {str(key): str(cfg) for key, cfg in getattr(m, name).cache.items()} for name in TUNERS}
 
 
-@contextlib.contextmanager
-def held_to(tuner, config: triton.Config):
-    """An autotuner held to one config (its cache cleared before and after)."""
-    saved = tuner.configs
-    tuner.configs = [config]
-    tuner.cache.clear()
-    try:
-        yield
-    finally:
-        tuner.configs = saved
-        tuner.cache.clear()
-
-
 def forced_forward(m: ModuleType, fwd, bench) -> dict[str, float]:
     """The forward held to each config of its autotune space, us (CUDA-graph medians)."""
+    from longexposure.measure import autotuner_held_to
+
     tuner = m._bsa_fwd_kernel
     out = {}
     for cfg in list(tuner.configs):
-        with held_to(tuner, cfg):
+        with autotuner_held_to(tuner, [cfg]):
             fwd()
             out[str(cfg)] = round(bench(fwd), 1)
     return out

@@ -173,6 +173,20 @@ def time_phases(step: Callable[[Timer], None], device: torch.device | str, warmu
     return {name: Stats.of(v) for name, v in per_phase.items()}
 
 
+@contextmanager
+def autotuner_held_to(tuner, configs: list) -> Iterator[None]:
+    """A Triton autotuner restricted to `configs` (its cache cleared on entry and on exit, its own space restored):
+    a kernel timed at chosen configs rather than at its autotuner's pick."""
+    saved = tuner.configs
+    tuner.configs = list(configs)
+    tuner.cache.clear()
+    try:
+        yield
+    finally:
+        tuner.configs = saved
+        tuner.cache.clear()
+
+
 def reset_peak_memory(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

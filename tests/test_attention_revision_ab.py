@@ -52,10 +52,12 @@ def test_further_files_are_columns_named_by_their_stems(tmp_path):
 
 
 def test_a_held_config_is_released_and_picks_are_read_as_text():
+    from longexposure.measure import autotuner_held_to
+
     tuner = installed._bsa_fwd_kernel
     before = list(tuner.configs)
-    with ab.held_to(tuner, before[-1]):
-        assert tuner.configs == [before[-1]]
+    with autotuner_held_to(tuner, before[-1:]):
+        assert tuner.configs == before[-1:]
     assert tuner.configs == before and not tuner.cache
     got = ab.picks(installed)
     assert set(got) == set(ab.TUNERS) and all(isinstance(v, dict) for v in got.values())
