@@ -64,25 +64,24 @@ def test_a_held_config_is_released_and_picks_are_read_as_text():
 
 
 def test_a_graft_swaps_one_kernel_part_and_names_bad_parts(tmp_path):
-    import subprocess
-
-    head = subprocess.run(["git", "show", "c760f14:kernels/block_sparse_attention.py"], capture_output=True, text=True,
-                          cwd=_PATH.parents[1])
-    if head.returncode:
-        pytest.skip("needs the repository's history (c760f14: the two-loop backward)")
-    donor = tmp_path / "c760f14.py"
-    donor.write_text(head.stdout)
-    name, path = ab.grafted(f"old_dq={donor}:dq", tmp_path)
+    # a donor whose dQ and dK/dV parts each carry a marker: the graft takes the dQ part only
+    source = Path(installed.__file__).read_text()
+    donor_text = source
+    for part, (start, _) in ab.GRAFTS.items():
+        donor_text = donor_text.replace(start, f"{start}\n    # donor's {part} part", 1)
+    donor = tmp_path / "donor.py"
+    donor.write_text(donor_text)
+    name, path = ab.grafted(f"donor_dq={donor}:dq", tmp_path)
     text = Path(path).read_text()
-    assert name == "old_dq" and "n_full = tl.sum((entries < lim)" in text  # the two-loop dQ came in ...
-    assert "lim = kb if CAUSAL else -1" in text  # ... and the one-loop dK/dV stayed
+    assert name == "donor_dq" and "# donor's dq part" in text and "# donor's dkdv part" not in text
+    assert len(text) == len(source) + len("\n    # donor's dq part")
     mods = ab.revisions([installed.__file__, path], [])
     gen = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(1, 2, 64, 16, generator=gen) for _ in range(4))
     lay = BlockLayout.from_dense(torch.ones(4, 4, dtype=torch.bool).tril(), 16)
     kw = {"block": 16, "causal": True, "scale": 0.25}
     outs = {n: [t for f in ab.calls(m, q, k, v, do, lay, kw) for t in f()] for n, m in mods.items()}
-    for got, want in zip(outs["old_dq"], outs["new"], strict=True):
+    for got, want in zip(outs["donor_dq"], outs["new"], strict=True):
         torch.testing.assert_close(got, want)
     with pytest.raises(SystemExit, match="unknown part 'fwd'"):
         ab.grafted(f"x={donor}:fwd", tmp_path)
