@@ -22,9 +22,10 @@ Kernels (flash style: online softmax, no materialised score matrix, fp32 accumul
 Work order: the grid is one flat axis over every (block row, batch, head), in groups of heads sized to
 L2 (`head_group`); inside a group the heaviest rows go first (for causal layouts the last query blocks, or
 the first key blocks in dK/dV), so the GPU's block scheduler balances by blocks, not by heads, while the
-programs in flight share a few heads' K / V in L2. Each row (or column) is one loop over its list; a tile decides
-by its block index whether it needs the element mask (the causal diagonal, blocks crossing the padded length), a
-uniform branch, so the other tiles carry no mask arithmetic and the loop's trip count is the row's count alone.
+programs in flight share a few heads' K / V in L2. Each row (or column) is one loop over its list, its trip count
+the row's count alone; a tile decides by its block index whether it needs the element mask (the causal diagonal,
+blocks crossing the padded length). In the forward and dQ that is a uniform branch and the other tiles carry no mask
+arithmetic; in dK/dV the compiler turns it into selects that every tile runs (offline SASS; docs/notes).
 
 Padding: tokens at or beyond seq_lens[b] are masked as keys; their query rows get O = 0, lse = +inf
 and zero gradients. A row with no visible key (e.g. an empty layout row) also gets O = 0. A row that
