@@ -85,10 +85,10 @@ def grafted(spec: str, workdir: Path) -> tuple[str, str]:
     return name, str(out)
 
 
-def revisions(old: str | list[str], settings: list[str]) -> dict[str, ModuleType]:
+def revisions(old: list[str], settings: list[str]) -> dict[str, ModuleType]:
     import longexposure.kernels.block_sparse_attention as new
 
-    first, *others = [old] if isinstance(old, str) else old
+    first, *others = old
     mods = {"old": load_module("bsa_old", first), "new": new}
     for path in others:
         name = Path(path).stem
@@ -176,12 +176,13 @@ def measure(mods: dict[str, ModuleType], d: int, seq: int, batch: int, heads: in
         row = {"D": d, "S": seq, "sparsity": sparsity, "max_abs_diff_vs_old": {
             name: max(float((t.float() - r).abs().max()) for t, r in zip((*f(), *b()), ref, strict=True))
             for name, (f, b) in fns.items()}}
+        sdpa = sdpa_calls(q, k, v, do) if sparsity == "0%" else None  # the dense baseline, in the same process
         for _ in range(2):  # interleaved, so drift hits every revision alike
             for name, (f, b) in fns.items():
                 row.setdefault(f"fwd_us_{name}", []).append(round(bench(f), 1))
                 row.setdefault(f"bwd_us_{name}", []).append(round(bench(b), 1))
-            if sparsity == "0%":  # the dense baseline, in the same process
-                sf, sfb = sdpa_calls(q, k, v, do)
+            if sdpa is not None:
+                sf, sfb = sdpa
                 fwd_us = bench(sf)
                 row.setdefault("fwd_us_sdpa", []).append(round(fwd_us, 1))
                 row.setdefault("bwd_us_sdpa", []).append(round(bench(sfb) - fwd_us, 1))
@@ -211,7 +212,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("attention_revision_ab needs a CUDA GPU")
-    workdir = Path(tempfile.mkdtemp(prefix="bsa_graft_"))
+    workdir = Path(tempfile.mkdtemp(prefix="bsa_graft_")) if args.graft else None
     grafts = [grafted(spec, workdir) for spec in args.graft]
     mods = revisions([*args.old, *(path for _, path in grafts)], args.set)
     res = {"meta": {"device": torch.cuda.get_device_name(), "git": os.environ.get("LONGEXPOSURE_GIT", "unknown"),

@@ -19,7 +19,7 @@ _spec.loader.exec_module(ab)
 
 
 def test_a_loaded_revision_is_its_own_module_and_agrees_with_the_installed_one():
-    mods = ab.revisions(installed.__file__, ["L2_SHARE=6"])
+    mods = ab.revisions([installed.__file__], ["L2_SHARE=6"])
     assert list(mods) == ["old", "new", "L2_SHARE=6"]
     assert mods["old"] is not installed and mods["old"]._bsa_fwd_kernel is not installed._bsa_fwd_kernel
     assert mods["L2_SHARE=6"].L2_SHARE == 6 and installed.L2_SHARE != 6
@@ -36,9 +36,9 @@ def test_a_loaded_revision_is_its_own_module_and_agrees_with_the_installed_one()
 @pytest.mark.parametrize("setting", ["NOPE=1", "L2_SHARE="])
 def test_bad_settings_and_missing_files_are_named(tmp_path, setting):
     with pytest.raises(SystemExit, match="--set"):
-        ab.revisions(installed.__file__, [setting])
+        ab.revisions([installed.__file__], [setting])
     with pytest.raises(SystemExit, match="no file at"):
-        ab.revisions(str(tmp_path / "missing.py"), [])
+        ab.revisions([str(tmp_path / "missing.py")], [])
 
 
 def test_further_files_are_columns_named_by_their_stems(tmp_path):
