@@ -24,8 +24,9 @@ L2 (`head_group`); inside a group the heaviest rows go first (for causal layouts
 the first key blocks in dK/dV), so the GPU's block scheduler balances by blocks, not by heads, while the
 programs in flight share a few heads' K / V in L2. Each row (or column) is one loop over its list, its trip count
 the row's count alone; a tile decides by its block index whether it needs the element mask (the causal diagonal,
-blocks crossing the padded length). In the forward and dQ that is a uniform branch and the other tiles carry no mask
-arithmetic; in dK/dV the compiler turns it into selects that every tile runs (offline SASS; docs/notes).
+blocks crossing the padded length): a uniform branch, and the other tiles carry no mask arithmetic (dK/dV builds its
+mask in (queries, keys) order and transposes it: built in (keys, queries) order the compiler turned it into selects
+that every tile ran; offline SASS, docs/notes).
 
 Padding: tokens at or beyond seq_lens[b] are masked as keys; their query rows get O = 0, lse = +inf
 and zero gradients. A row with no visible key (e.g. an empty layout row) also gets O = 0. A row that
@@ -511,10 +512,10 @@ def _dkdv_tile(
     qk_t = _dot(k, tl.trans(q), DOT_PREC)  # (keys, queries)
     p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # padded query rows have lse = +inf -> 0
     if masked:
-        ok = (offs_n[:, None] < L) & keep[:, None]
+        ok = (offs_n[None, :] < L) & keep[None, :]  # (queries, keys), transposed: keeps the branch in SASS
         if CAUSAL:
-            ok = ok & (offs_n[:, None] <= offs_m[None, :])
-        p_t = tl.where(ok, p_t, 0.0)
+            ok = ok & (offs_n[None, :] <= offs_m[:, None])
+        p_t = tl.where(tl.trans(ok), p_t, 0.0)
     dv += _dot(p_t.to(do.dtype), do, DOT_PREC)
     dp_t = _dot(v, tl.trans(do), DOT_PREC)
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
