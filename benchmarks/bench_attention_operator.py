@@ -424,7 +424,8 @@ def main() -> None:
     device = torch.device("cuda")
     import triton
 
-    meta = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+    meta = {"device": torch.cuda.get_device_name(device), "git": os.environ.get("LONGEXPOSURE_GIT", "unknown"),
+            "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "args": vars(args)}
     print("meta", json.dumps(meta), flush=True)
