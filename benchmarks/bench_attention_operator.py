@@ -421,10 +421,11 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention_operator needs a CUDA GPU")
+    from longexposure.suite.runner import git_revision
     device = torch.device("cuda")
     import triton
 
-    meta = {"device": torch.cuda.get_device_name(device), "git": os.environ.get("LONGEXPOSURE_GIT", "unknown"),
+    meta = {"device": torch.cuda.get_device_name(device), "git": git_revision(),
             "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "args": vars(args)}

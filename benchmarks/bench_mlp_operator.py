@@ -441,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
                                                      args.diagnose_epilogues, modes), indent=1))
         if not args.out:
             return 0
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    from longexposure.suite.runner import git_revision
+
+    meta = {"device": torch.cuda.get_device_name(), "git": git_revision(), "torch": torch.__version__,
+            "triton": triton.__version__,
             "python": platform.python_version(), "dtype": "float16", "d_model": 2048, "ffn": 8192, "block_size": 64,
             "timer": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)", "started": time.strftime("%F %T")}
     rows = []

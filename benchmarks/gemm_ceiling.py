@@ -96,7 +96,7 @@ def main() -> None:
 
     import triton.testing
 
-    from longexposure.suite.runner import _git_hash
+    from longexposure.suite.runner import git_revision
 
     if not torch.cuda.is_available():
         raise SystemExit("gemm_ceiling: needs a CUDA GPU")
@@ -108,7 +108,7 @@ def main() -> None:
     gw = torch.zeros(ffn, d, device=dev, dtype=dt)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "python": platform.python_version(),
-              "git": _git_hash(),
+              "git": git_revision(),
               "setup": {"tokens": t, "d": d, "ffn": ffn, "block": blk, "dtype": "float16",
                         "weights": "random", "ids": "the first blocks (no predictor)"}, "rows": []}
     for density in args.densities:

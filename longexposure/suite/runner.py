@@ -44,7 +44,7 @@ class OutputInUse(ValueError):
     """Another run holds this output directory."""
 
 
-def _git_hash() -> str:
+def git_revision() -> str:
     """The commit the code came from; `LONGEXPOSURE_GIT` overrides (a copied tree has no .git)."""
     if os.environ.get("LONGEXPOSURE_GIT"):
         return os.environ["LONGEXPOSURE_GIT"]
@@ -179,7 +179,7 @@ def _run_cases(
         "task": suite.task,
         "device": device_name(dev),
         "versions": _versions(),
-        "git": _git_hash(),
+        "git": git_revision(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cases": len(cases),
         "resumed_cases": len(cases) - len(pending),
