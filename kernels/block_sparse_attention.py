@@ -8,14 +8,16 @@ Math (per batch b, head h; s = softmax scale, M = layout block mask expanded to 
 Kernels (flash style: online softmax, no materialised score matrix, fp32 accumulation):
     _bsa_fwd_kernel          one program per (query block, batch*head); visits only the key blocks
                              listed in kv_indices; writes O and the row log-sum-exp (log2 domain).
-    _bsa_bwd_delta_kernel    delta = rowsum(dO * O).
+    _bsa_bwd_dq_kernel       one program per (query block, batch*head); visits kv_indices again. It runs
+                             first and computes delta = rowsum(dO * O) from the rows it loads anyway, for
+                             dK/dV too: no separate delta launch, dO read once less.
     _bsa_bwd_dkdv_kernel     one program per (key block, batch*head); visits the query blocks of the
                              transposed layout (q_indices).
-    _bsa_bwd_dq_kernel       one program per (query block, batch*head); visits kv_indices again.
-                             With LONGEXPOSURE_BSA_DQ=atomic (read per launch) there is no dQ pass: the
-                             dK/dV kernel also adds each tile's dQ share into an fp32 buffer with atomics
-                             (FlashAttention-2's five products per block instead of seven; the dQ sum's
-                             order then varies run to run, so deterministic mode keeps the pass).
+    _bsa_bwd_delta_kernel    delta alone (and the accumulator zeroed), for LONGEXPOSURE_BSA_DQ=atomic (read
+                             per launch), where there is no dQ pass: the dK/dV kernel also adds each tile's
+                             dQ share into an fp32 buffer with atomics (FlashAttention-2's five products per
+                             block instead of seven; the dQ sum's order then varies run to run, so
+                             deterministic mode keeps the pass).
     _layout_union_kernel     the pattern pool's online combination: per (batch*head, row), the union
                              of the selected atoms' precomputed block lists.
 
@@ -424,10 +426,10 @@ def _bsa_bwd_delta_kernel(
     o_ptr,  # (B, H, S, D)
     do_ptr,  # (B, H, S, D)
     delta_ptr,  # (B, H, S) fp32 out
-    dq_acc_ptr,  # (B, H, S, D) fp32 out, zeroed here (read only if ZERO_DQ): the atomic dQ's accumulator
+    dq_acc_ptr,  # (B, H, S, D) fp32 out, zeroed here: the atomic dQ's accumulator
     sob, soh, sos, sdb, sdh, sds, sab, sah, sas,
     H, BH, S,
-    D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr, ZERO_DQ: tl.constexpr,
+    D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
     qb = (pid // BH).to(tl.int64)
@@ -442,9 +444,8 @@ def _bsa_bwd_delta_kernel(
         tl.store(delta_ptr + bh * S + offs_m, delta)
     else:
         tl.store(delta_ptr + bh * S + offs_m, delta, mask=offs_m < S)
-    if ZERO_DQ:  # here rather than a memset: one launch fewer
-        zeros = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        _store_tile(dq_acc_ptr + b * sab + h * sah, zeros, qb * BLOCK, sas, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
+    zeros = tl.zeros([BLOCK, BLOCK_D], tl.float32)  # here rather than a memset: one launch fewer
+    _store_tile(dq_acc_ptr + b * sab + h * sah, zeros, qb * BLOCK, sas, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
 
 
 @triton.jit
@@ -684,13 +685,14 @@ def _bsa_bwd_dq_kernel(
     k_ptr,  # (B, H, S, D)
     v_ptr,  # (B, H, S, D)
     do_ptr,  # (B, H, S, D)
+    o_ptr,  # (B, H, S, D)
     lse_ptr,  # (B, H, S) fp32
-    delta_ptr,  # (B, H, S) fp32
+    delta_ptr,  # (B, H, S) fp32 out: rowsum(dO * O), for the dK/dV kernel after this one
     dq_ptr,  # (B, H, S, D) out
     kv_cnt_ptr,  # (LB, LH, NQ) int32
     kv_idx_ptr,  # (LB, LH, NQ, NK) int32
     lens_ptr,  # (B,) int32
-    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sdqb, sdqh, sdqs,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sob, soh, sos, sdqb, sdqh, sdqs,
     scb, sch, scr, sib, sih, sir,
     H, BH, HG, S, NQ, sm_scale, qk_scale,
     D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NKP: tl.constexpr,
@@ -714,12 +716,14 @@ def _bsa_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(q_ptr + b * sqb + h * sqh, qb * BLOCK, sqs, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
     do = _load_tile(do_ptr + b * sdb + h * sdh, qb * BLOCK, sds, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
+    o = _load_tile(o_ptr + b * sob + h * soh, qb * BLOCK, sos, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rows past S load as 0: delta 0, not stored
     if EVEN_TILE:
         lse = tl.load(lse_ptr + bh * S + offs_m)
-        delta = tl.load(delta_ptr + bh * S + offs_m)
+        tl.store(delta_ptr + bh * S + offs_m, delta)
     else:
         lse = tl.load(lse_ptr + bh * S + offs_m, mask=offs_m < S, other=float("inf"))
-        delta = tl.load(delta_ptr + bh * S + offs_m, mask=offs_m < S, other=0.0)
+        tl.store(delta_ptr + bh * S + offs_m, delta, mask=offs_m < S)
 
     cnt = _row_count(kv_cnt_ptr + b * scb + h * sch + qb * scr, NQ)
     cnt = tl.where(qb * BLOCK < L, cnt, 0)
@@ -1004,8 +1008,8 @@ def block_sparse_attention_bwd(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward (delta, dK/dV over the transposed layout, dQ: a pass or atomics, `dq_mode`).
-    Returns dq, dk, dv."""
+    """Launch the backward: the dQ pass (which also writes delta), then dK/dV over the transposed layout; with
+    `dq_mode()` "atomic", the delta kernel, then dK/dV adding dQ by atomics. Returns dq, dk, dv."""
     _check_qkv(q, k, v)
     _check_block(block)
     if do.shape != q.shape or do.stride(-1) != 1:
@@ -1024,15 +1028,25 @@ def block_sparse_attention_bwd(
     atomic = dq_mode() == "atomic"
     delta = torch.empty_like(lse)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    # the atomic dQ's fp32 accumulator (zeroed by the delta kernel); otherwise dk stands in, never read
-    dq_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32) if atomic else dk
-    grid = (nq * bsz * heads,)
-    _launch(_bsa_bwd_delta_kernel)[grid](
-        o, do, delta, dq_acc, *o.stride()[:3], *do.stride()[:3], *dq_acc.stride()[:3], heads, bsz * heads, seq,
-        D=meta["D"], BLOCK=block, BLOCK_D=meta["BLOCK_D"], EVEN_S=meta["EVEN_S"], ZERO_DQ=atomic,
-    )
     pow2 = max(16, triton.next_power_of_2(nq))
     pair, group = query_pair(block), head_group(q)
+    if atomic:  # delta first, and the atomic dQ's fp32 accumulator zeroed by the same launch
+        dq_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+        _launch(_bsa_bwd_delta_kernel)[(nq * bsz * heads,)](
+            o, do, delta, dq_acc, *o.stride()[:3], *do.stride()[:3], *dq_acc.stride()[:3], heads, bsz * heads, seq,
+            D=meta["D"], BLOCK=block, BLOCK_D=meta["BLOCK_D"], EVEN_S=meta["EVEN_S"],
+        )
+    else:  # the dQ pass first: it writes delta for dK/dV; dk stands in for the accumulator, never read
+        dq_acc = dk
+        dq = torch.empty_like(q)
+        _launch(_bsa_bwd_dq_kernel)[(triton.cdiv(nq, pair) * bsz * heads,)](
+            q, k, v, do, o, lse, delta, dq, kv_counts, kv_indices, lens,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o.stride()[:3], *dq.stride()[:3],
+            *_layout_strides(kv_counts), *_layout_strides(kv_indices),
+            heads, bsz * heads, group, seq, nq, scale, scale * math.log2(math.e),
+            NKP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, USE_TMA=_use_tma(k, v), PAIR=pair,
+            EVEN_TILE=seq % (pair * block) == 0, **meta,
+        )
     _launch(_bsa_bwd_dkdv_kernel)[(triton.cdiv(nq, pair) * bsz * heads,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, q_counts, q_indices, lens,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
@@ -1042,18 +1056,7 @@ def block_sparse_attention_bwd(
         USE_TMA=_use_tma(q, do), PAIR=pair, EVEN_TILE=seq % (pair * block) == 0,
         **meta,  # Q and dO stream past each key block
     )
-    if atomic:
-        return dq_acc.to(q.dtype), dk, dv
-    dq = torch.empty_like(q)
-    _launch(_bsa_bwd_dq_kernel)[(triton.cdiv(nq, pair) * bsz * heads,)](
-        q, k, v, do, lse, delta, dq, kv_counts, kv_indices, lens,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        *_layout_strides(kv_counts), *_layout_strides(kv_indices),
-        heads, bsz * heads, group, seq, nq, scale, scale * math.log2(math.e),
-        NKP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, USE_TMA=_use_tma(k, v), PAIR=pair,
-        EVEN_TILE=seq % (pair * block) == 0, **meta,
-    )
-    return dq, dk, dv
+    return (dq_acc.to(q.dtype) if atomic else dq), dk, dv
 
 
 def layout_union(

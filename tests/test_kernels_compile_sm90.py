@@ -62,7 +62,7 @@ for _name, _kernel, _extra in (("fwd", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 1,
         "block_sparse_attention", _kernel, {**ATTENTION, **_extra, "SPLIT": 2, "USE_TMA": True}, 8, 2)
 CASES["attention delta zeroing dq"] = (
     "block_sparse_attention", "_bsa_bwd_delta_kernel",
-    {"D": 64, "BLOCK": 64, "BLOCK_D": 64, "EVEN_S": False, "ZERO_DQ": True}, 4, 1,
+    {"D": 64, "BLOCK": 64, "BLOCK_D": 64, "EVEN_S": False}, 4, 1,
 )
 for _tma in (False, True):  # sdd with 128-wide column tiles over 64-neuron blocks: the multi-block box path
     for _persistent in (False, True):  # LONGEXPOSURE_PERSISTENT=1: one program per SM walks the tiles
