@@ -47,7 +47,9 @@ def load_module(name: str, path: str) -> ModuleType:
     return module
 
 
-# the parts of kernels/block_sparse_attention.py a graft can swap: (first line, the line that starts the next part)
+# the parts of kernels/block_sparse_attention.py a graft can swap: (first line, the line that starts the next part).
+# A part's kernel must take the arguments the base module's launcher passes: since 5d7a7b7 the dQ kernel takes O
+# and writes delta, so a dQ grafted from an earlier revision fails at its launch.
 GRAFTS = {"dkdv": ("@triton.jit\ndef _dkdv_inner(", "@triton.jit\ndef _dq_inner("),
           "dq": ("@triton.jit\ndef _dq_inner(", "# " + "-" * 83 + " layout union")}
 
