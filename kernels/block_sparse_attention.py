@@ -422,6 +422,17 @@ def _bsa_fwd_kernel(
 
 
 @triton.jit
+def _row_delta(o, do, delta_base, offs_m, S, EVEN: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, stored for the rows inside S (rows past it load as 0); returned too."""
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if EVEN:
+        tl.store(delta_base + offs_m, delta)
+    else:
+        tl.store(delta_base + offs_m, delta, mask=offs_m < S)
+    return delta
+
+
+@triton.jit
 def _bsa_bwd_delta_kernel(
     o_ptr,  # (B, H, S, D)
     do_ptr,  # (B, H, S, D)
@@ -439,11 +450,7 @@ def _bsa_bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_tile(o_ptr + b * sob + h * soh, qb * BLOCK, sos, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
     do = _load_tile(do_ptr + b * sdb + h * sdh, qb * BLOCK, sds, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if EVEN_S:
-        tl.store(delta_ptr + bh * S + offs_m, delta)
-    else:
-        tl.store(delta_ptr + bh * S + offs_m, delta, mask=offs_m < S)
+    _row_delta(o, do, delta_ptr + bh * S, offs_m, S, EVEN_S)
     zeros = tl.zeros([BLOCK, BLOCK_D], tl.float32)  # here rather than a memset: one launch fewer
     _store_tile(dq_acc_ptr + b * sab + h * sah, zeros, qb * BLOCK, sas, offs_d, S, D, BLOCK, EVEN_S, EVEN_D)
 
@@ -717,13 +724,11 @@ def _bsa_bwd_dq_kernel(
     q = _load_tile(q_ptr + b * sqb + h * sqh, qb * BLOCK, sqs, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
     do = _load_tile(do_ptr + b * sdb + h * sdh, qb * BLOCK, sds, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
     o = _load_tile(o_ptr + b * sob + h * soh, qb * BLOCK, sos, offs_d, S, D, ROWS, EVEN_TILE, EVEN_D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rows past S load as 0: delta 0, not stored
+    delta = _row_delta(o, do, delta_ptr + bh * S, offs_m, S, EVEN_TILE)
     if EVEN_TILE:
         lse = tl.load(lse_ptr + bh * S + offs_m)
-        tl.store(delta_ptr + bh * S + offs_m, delta)
     else:
         lse = tl.load(lse_ptr + bh * S + offs_m, mask=offs_m < S, other=float("inf"))
-        tl.store(delta_ptr + bh * S + offs_m, delta, mask=offs_m < S)
 
     cnt = _row_count(kv_cnt_ptr + b * scb + h * sch + qb * scr, NQ)
     cnt = tl.where(qb * BLOCK < L, cnt, 0)
