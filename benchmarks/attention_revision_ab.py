@@ -12,8 +12,10 @@ of the causal blocks (the diagonal always), at every head dim and length asked;
 outputs compared against "old" (max abs difference), two interleaved CUDA-graph medians per revision, and dense causal
 sdpa's beside the dense layout's (its backward: forward + backward minus forward, both graphs). Every
 autotuner's picks are recorded (`picks`); `--forced` also times the installed forward held to each config of its
-autotune space on the dense layout (`fwd_us_forced`): whether the autotuner, which times configs with L2 flushed,
-picked the config that runs fastest in a warm CUDA graph. Launch:
+autotune space (`fwd_us_forced`), and the backward with its dQ or its dK/dV kernel so held (`bwd_us_forced_dq`,
+`bwd_us_forced_dkdv`), on every layout: whether the autotuner, which times configs with L2 flushed (and keys on
+shapes, not on density, so the first layout's picks serve all), picked the config that runs fastest in a warm CUDA
+graph on each. Launch:
 
     git show fdc6bd5:kernels/block_sparse_attention.py > /tmp/bsa_old.py
     python benchmarks/attention_revision_ab.py --old /tmp/bsa_old.py --out ab.json
@@ -144,21 +146,21 @@ def picks(m: ModuleType) -> dict[str, dict[str, str]]:
     return {name: {str(key): str(cfg) for key, cfg in getattr(m, name).cache.items()} for name in TUNERS}
 
 
-def forced_forward(m: ModuleType, fwd, bench) -> dict[str, float]:
-    """The forward held to each config of its autotune space, us (CUDA-graph medians)."""
+def forced(tuner, fn, bench) -> dict[str, float]:
+    """`fn` (a forward or a backward) with one kernel's autotuner held to each config of its space, us (CUDA-graph
+    medians); the other kernels run their own picks."""
     from longexposure.measure import autotuner_held_to
 
-    tuner = m._bsa_fwd_kernel
     out = {}
     for cfg in list(tuner.configs):
         with autotuner_held_to(tuner, [cfg]):
-            fwd()
-            out[str(cfg)] = round(bench(fwd), 1)
+            fn()
+            out[str(cfg)] = round(bench(fn), 1)
     return out
 
 
 def measure(mods: dict[str, ModuleType], d: int, seq: int, batch: int, heads: int, block: int,
-            forced: bool = False) -> list[dict]:
+            held: bool = False) -> list[dict]:
     from longexposure.attention.layout import BlockLayout
 
     dev = torch.device("cuda")
@@ -187,8 +189,11 @@ def measure(mods: dict[str, ModuleType], d: int, seq: int, batch: int, heads: in
                 fwd_us = bench(sf)
                 row.setdefault("fwd_us_sdpa", []).append(round(fwd_us, 1))
                 row.setdefault("bwd_us_sdpa", []).append(round(bench(sfb) - fwd_us, 1))
-        if forced and sparsity == "0%":
-            row["fwd_us_forced"] = forced_forward(mods["new"], fns["new"][0], bench)
+        if held:  # every layout: the autotuners key on shapes, so the dense layout's picks serve the sparse ones too
+            new, (f, b) = mods["new"], fns["new"]
+            row["fwd_us_forced"] = forced(new._bsa_fwd_kernel, f, bench)
+            row["bwd_us_forced_dq"] = forced(new._bsa_bwd_dq_kernel, b, bench)
+            row["bwd_us_forced_dkdv"] = forced(new._bsa_bwd_dkdv_kernel, b, bench)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -208,7 +213,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--graft", nargs="*", default=[], metavar="NAME=FILE:PART[,PART]",
                     help=f"more columns: the installed module with parts ({', '.join(GRAFTS)}) from FILE")
-    ap.add_argument("--forced", action="store_true", help="also the installed forward held to each of its configs")
+    ap.add_argument("--forced", action="store_true",
+                    help="also the installed kernels, one at a time, held to each config of their autotune spaces")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -30,7 +30,8 @@
 #                                                # device's .git can be stale; several files: one column each, the
 #                                                # first the reference), AB_SET="NAME=VALUE" a further column,
 #                                                # AB_GRAFT="NAME=FILE:dq" a column with one kernel from FILE,
-#                                                # ATTN_SEQ="2048" the lengths
+#                                                # ATTN_SEQ="2048" the lengths, AB_FORCED=1 every kernel held to
+#                                                # each of its configs on both layouts (`--forced`)
 #   bash benchmarks/device_session.sh attn-ceiling  # the Triton attention ceiling (tutorial-shaped forward) beside
 #                                                # sdpa and the block-sparse forward, its forced configs; D 64, D 128
 #   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig11 (reordered neurons)
@@ -263,8 +264,8 @@ for t in (2048, 4096):
     ;;
   attn-revision)  # a kernel change beside the revision before it, same process (benchmarks/attention_revision_ab.py)
     run "${AB_LIMIT:-540}" python3 benchmarks/attention_revision_ab.py --old ${OLD_MODULE:?set OLD_MODULE} \
-      ${AB_SET:+--set $AB_SET} ${AB_GRAFT:+--graft $AB_GRAFT} --head-dims ${ATTN_HEAD_DIMS:-64 128} \
-      --seq ${ATTN_SEQ:-1024 2048} --out "$work/revision_ab.json"
+      ${AB_SET:+--set $AB_SET} ${AB_GRAFT:+--graft $AB_GRAFT} ${AB_FORCED:+--forced} \
+      --head-dims ${ATTN_HEAD_DIMS:-64 128} --seq ${ATTN_SEQ:-1024 2048} --out "$work/revision_ab.json"
     ;;
   attn-ceiling)  # issue 21: how far a plain Triton forward gets on these shapes (each head dim its own time limit)
     for d in 64 128; do

@@ -87,3 +87,17 @@ def test_a_graft_swaps_one_kernel_part_and_names_bad_parts(tmp_path):
         ab.grafted(f"x={donor}:fwd", tmp_path)
     with pytest.raises(SystemExit, match="NAME=FILE:PART"):
         ab.grafted("x=", tmp_path)
+
+
+def test_forced_times_each_config_of_one_kernel_and_releases_its_autotuner():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 64, 16, generator=gen) for _ in range(4))
+    lay = BlockLayout.from_dense(torch.ones(4, 4, dtype=torch.bool).tril(), 16)
+    fwd, bwd = ab.calls(installed, q, k, v, do, lay, {"block": 16, "causal": True, "scale": 0.25})
+    for tuner, fn in ((installed._bsa_fwd_kernel, fwd), (installed._bsa_bwd_dq_kernel, bwd)):
+        before = list(tuner.configs)
+        timed = []
+        got = ab.forced(tuner, fn, lambda f, seen=timed, t=tuner: seen.append(list(t.configs)) or 1.5)
+        assert got == {str(cfg): 1.5 for cfg in before}
+        assert timed == [[cfg] for cfg in before]  # each timing ran with the tuner held to one config
+        assert tuner.configs == before
