@@ -23,6 +23,7 @@ from longexposure.models import build_model
 from longexposure.pretrain import pretrain
 from longexposure.profiling import capture_mlp
 from longexposure.reorder import neuron_stats, profile_density_at_mass, reorder_mlp_
+from longexposure.suite.provenance import provenance
 
 
 def held_out_density(model: torch.nn.Module, measure: list[torch.Tensor], block: int) -> list[float]:
@@ -112,7 +113,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     result = {
         "preset": args.preset,
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        **provenance(device),
         "overrides": overrides,
         "data": "e2e: 4 profile + 3 measured batches of 4 x seq_len",
         "rows": rows,

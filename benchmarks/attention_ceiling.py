@@ -227,8 +227,9 @@ def main() -> None:
         shape_rows, shape_configs = measure_shape(d, seq, args.batch, args.heads, args.variants, args.forced_configs)
         rows += shape_rows
         configs += shape_configs
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "host": platform.node(), "batch": args.batch, "heads": args.heads, "dtype": "float16",
+    from longexposure.suite.provenance import provenance
+
+    meta = {**provenance(), "host": platform.node(), "batch": args.batch, "heads": args.heads, "dtype": "float16",
             "weights": "random inputs", "sparsity": "none (dense causal)"}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows, "configs": configs}, f, indent=1)

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -219,15 +217,12 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("attention_revision_ab needs a CUDA GPU")
-    from longexposure.suite.runner import git_revision
+    from longexposure.suite.provenance import provenance
     workdir = Path(tempfile.mkdtemp(prefix="bsa_graft_")) if args.graft else None
     grafts = [grafted(spec, workdir) for spec in args.graft]
     mods = revisions([*args.old, *(path for _, path in grafts)], args.set)
-    res = {"meta": {"device": torch.cuda.get_device_name(), "git": git_revision(),
-                    "torch": torch.__version__, "triton": triton.__version__,
-                    "python": platform.python_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "args": vars(args), "inputs": "random fp16, causal; layouts: dense causal and random ~20%"},
-           "rows": []}
+    res = {"meta": {**provenance(), "args": vars(args),
+                    "inputs": "random fp16, causal; layouts: dense causal and random ~20%"}, "rows": []}
     for d in args.head_dims:
         for seq in args.seq:
             res["rows"] += measure(mods, d, seq, args.batch, args.heads, args.block, args.forced)

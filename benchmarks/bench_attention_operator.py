@@ -41,7 +41,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 from unittest import mock
@@ -421,14 +420,9 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention_operator needs a CUDA GPU")
-    from longexposure.suite.runner import git_revision
+    from longexposure.suite.provenance import provenance
     device = torch.device("cuda")
-    import triton
-
-    meta = {"device": torch.cuda.get_device_name(device), "git": git_revision(),
-            "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "args": vars(args)}
+    meta = {**provenance(device), "args": vars(args)}
     print("meta", json.dumps(meta), flush=True)
     res: dict = {"meta": meta}
     out = Path(args.out)

@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -426,7 +425,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_mlp_operator: needs a CUDA device", file=sys.stderr)
         return 2
-    import triton
 
     if args.profile:
         cases = [c for c in matrix(quick=True) if c.density in (1.0, 0.1) and c.capacity == "all"]
@@ -441,12 +439,10 @@ def main(argv: list[str] | None = None) -> int:
                                                      args.diagnose_epilogues, modes), indent=1))
         if not args.out:
             return 0
-    from longexposure.suite.runner import git_revision
+    from longexposure.suite.provenance import provenance
 
-    meta = {"device": torch.cuda.get_device_name(), "git": git_revision(), "torch": torch.__version__,
-            "triton": triton.__version__,
-            "python": platform.python_version(), "dtype": "float16", "d_model": 2048, "ffn": 8192, "block_size": 64,
-            "timer": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)", "started": time.strftime("%F %T")}
+    meta = {**provenance(), "dtype": "float16", "d_model": 2048, "ffn": 8192, "block_size": 64,
+            "timer": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)"}
     rows = []
     t0 = time.time()
     for case in matrix(args.quick):

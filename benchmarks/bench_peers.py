@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 import traceback
 from pathlib import Path
 
 import torch
+
+from longexposure.suite.provenance import provenance
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -372,18 +373,7 @@ def main() -> int:
         raise SystemExit("bench_peers.py needs a CUDA GPU")
     device = torch.device("cuda")
     sections = args.sections.split(",")
-    result = {
-        "device": torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "sections": sections,
-    }
-    try:
-        import triton
-
-        result["triton"] = triton.__version__
-    except ImportError:
-        pass
+    result = {**provenance(device), "sections": sections}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

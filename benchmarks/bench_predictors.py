@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,10 +34,7 @@ from longexposure.measure import time_fn, time_phases
 from longexposure.models import build_model
 from longexposure.profiling import capture_mlp, density_at_mass, per_token_vs_sequence
 from longexposure.reorder import neuron_stats, reorder_mlp_
-
-
-def _device_name(dev: torch.device) -> str:
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.machine()})"
+from longexposure.suite.provenance import provenance
 
 
 def _log(*args: Any) -> None:
@@ -101,8 +97,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     take = data.input_ids
     profile_ids, train_ids, eval_ids = take(args.profile_batches), take(args.train_batches), take(args.eval_batches)
     result: dict[str, Any] = {
-        "device": _device_name(dev),
-        "torch": torch.__version__,
+        **provenance(dev),
         "weights": weights,
         "data": data.description,
         "split": f"profile {len(profile_ids)} / train {len(train_ids)} / held-out {len(eval_ids)} batches of "
@@ -295,8 +290,7 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
                 h.remove()
         in_step = in_step_phases["total_ms"].p50
     res = {
-        "device": _device_name(dev),
-        "torch": torch.__version__,
+        **provenance(dev),
         "shape": f"{args.model} (random init), LoRA, fp16-amp, sdpa, bs {args.batch}, seq {args.seq_len}",
         "step_phases_ms": {k: v.to_dict() for k, v in phases.items()},
         "step_ms": step_ms,

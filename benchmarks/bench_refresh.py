@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +44,7 @@ from longexposure.predictors.refresh import (
 from tabulate import tabulate
 
 from longexposure.measure import Stats, time_fn
+from longexposure.suite.provenance import device_name, provenance
 
 
 # ============================================================================== the refresh as it was
@@ -250,7 +250,7 @@ def main() -> None:
     torch.set_grad_enabled(False)  # as after a training step's backward: the refresh enables what it needs
     rows = [run_variant(v, args, device, dtype, s) for s in args.steps for v in args.variants]
     shape = f"{args.layers} layers, d {args.d}, ffn {args.ffn}, block {args.block}, rank {args.rank}"
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    where = device_name(device)
     print(f"one refresh of all layers: {shape}, {args.tokens} tokens, {args.dtype} inputs")
     print(f"{where}, torch {torch.__version__}")
     print(tabulate(rows, headers="keys", tablefmt="github"))
@@ -270,7 +270,7 @@ def main() -> None:
                 for key, count, ms in prof[side]:
                     print(f"   {side[4:]} {ms:8.3f} ms x{count:5d} {key}")
     if args.out:
-        meta = {"device": where, "torch": torch.__version__, "args": vars(args)}
+        meta = {**provenance(device), "args": vars(args)}
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=2) + "\n")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 import torch
 
@@ -96,7 +95,7 @@ def main() -> None:
 
     import triton.testing
 
-    from longexposure.suite.runner import git_revision
+    from longexposure.suite.provenance import provenance
 
     if not torch.cuda.is_available():
         raise SystemExit("gemm_ceiling: needs a CUDA GPU")
@@ -106,9 +105,7 @@ def main() -> None:
     w1 = torch.randn(ffn, d, device=dev, dtype=dt) * d**-0.5
     w2n = torch.randn(ffn, d, device=dev, dtype=dt) * ffn**-0.5  # fc2.weight^T, neuron-major
     gw = torch.zeros(ffn, d, device=dev, dtype=dt)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "python": platform.python_version(),
-              "git": git_revision(),
+    result = {**provenance(),
               "setup": {"tokens": t, "d": d, "ffn": ffn, "block": blk, "dtype": "float16",
                         "weights": "random", "ids": "the first blocks (no predictor)"}, "rows": []}
     for density in args.densities:

@@ -25,6 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from longexposure.measure import Timer, synchronize
+from longexposure.suite.provenance import provenance
 from longexposure.training import Trainer, TrainingSetup
 
 REPLAY = {"source": "replay", "profile": "reference", "theta": 0.1, "attn_block": 64, "mlp_block": 64}
@@ -243,8 +244,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(
                 {
-                    "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                    "torch": torch.__version__,
+                    **provenance(args.device),
                     "args": vars(args),
                     "rows": rows,
                 },

@@ -14,8 +14,6 @@ import fcntl
 import gc
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -26,13 +24,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from longexposure import __version__
 from longexposure.distributed import is_main_process
 from longexposure.measure import is_oom
 from longexposure.paths import shared_dir, write_text_atomic
 from longexposure.registry import TASKS
 from longexposure.suite.config import Suite, case_fields, load_suite
 from longexposure.suite.context import RunContext
+from longexposure.suite.provenance import device_name, git_revision, versions
 from longexposure.suite.report import write_report
 from longexposure.suite.results import META, RESULTS, read_rows
 
@@ -42,43 +40,6 @@ FINISHED = ("ok", "OOM")
 
 class OutputInUse(ValueError):
     """Another run holds this output directory."""
-
-
-def git_revision() -> str:
-    """The commit the code came from; `LONGEXPOSURE_GIT` overrides (a copied tree has no .git)."""
-    if os.environ.get("LONGEXPOSURE_GIT"):
-        return os.environ["LONGEXPOSURE_GIT"]
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "longexposure": __version__}
-    for name in ("triton", "transformers", "peft"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = "not installed"
-    return versions
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _case_key(case: dict[str, Any]) -> str:
@@ -178,7 +139,7 @@ def _run_cases(
         "preset": preset,
         "task": suite.task,
         "device": device_name(dev),
-        "versions": _versions(),
+        "versions": versions(),
         "git": git_revision(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cases": len(cases),

@@ -25,6 +25,7 @@ from longexposure.attention.pattern_pool import PatternPool
 from longexposure.measure import time_fn
 from longexposure.registry import ATTENTION_BACKENDS, TASKS
 from longexposure.suite.context import RunContext
+from longexposure.suite.provenance import device_name
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -174,7 +175,7 @@ def build_case(case: AttentionOperatorCase, device: torch.device | str, seed: in
 
     info = {
         "backend_ran": f"{type(backend).__name__}({case.backend})",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "dtype": case.dtype,
         "layout": f"random causal, density {density:.3f}, block {case.block}" if use_layout else "none (causal dense)",
         "pool_atoms": ",".join(POOL_ATOMS),

@@ -19,6 +19,7 @@ from longexposure.measure import time_fn
 from longexposure.ops.neuron_block_mlp import LowRank, neuron_block_mlp_reference
 from longexposure.registry import MLP_BACKENDS, TASKS
 from longexposure.suite.context import RunContext
+from longexposure.suite.provenance import device_name
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GRAD_MODES = ("x", "bias", "lora", "all")
@@ -146,7 +147,7 @@ def build_case(case: MlpOperatorCase, device: torch.device | str, seed: int = 0)
 
     info = {
         "backend_ran": type(backend).__name__ + f"({case.backend})",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "dtype": case.dtype,
         "n_active_blocks": str(ids.numel()),
         "num_blocks": str(num_blocks),
