@@ -98,8 +98,11 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     # register cap is for head_dim 64 (at 128 the accumulators alone need more: it would spill)
     block = kwargs.get("BLOCK", named_args.get("BLOCK", 64))
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    # the 4-stage forward at head_dim 128: 1 program an SM; held to it (`attention_revision_ab.py --forced`, H100,
+    # S 1024) it took 159.7 vs 117.7 us dense and 86.6 vs 59.8 at ~80% sparsity, yet an autotuner run picked it
+    # (163 us, 0.55x sdpa, in a table run of 72087f5)
     kept = [c for c in configs if not (block <= 32 and c.num_warps > 4) and not (block < 64 and c.kwargs["SPLIT"] > 1)
-            and not (c.maxnreg and block_d > 64)]
+            and not (c.maxnreg and block_d > 64) and not (c.num_stages > 3 and block_d > 64)]
     return kept or configs[:1]
 
 
