@@ -331,6 +331,9 @@ def test_autotune_space_prunes_by_block_and_collapses_for_ci(monkeypatch):
     for kind, capped in (("fwd", True), ("dq", True), ("dkdv", False)):
         caps = {d: {c.maxnreg for c in K._prune(K.autotune_configs(kind), {}, BLOCK=64, BLOCK_D=d)} for d in (64, 128)}
         assert caps == {64: {None, K.MAXNREG} if capped else {None}, 128: {None}}, (kind, caps)
+    fwd = K.autotune_configs("fwd")
+    stages = {d: {c.num_stages for c in K._prune(fwd, {}, BLOCK=64, BLOCK_D=d)} for d in (64, 128)}
+    assert stages == {64: {2, 3, 4}, 128: {2, 3}}, "a 4-stage forward at head_dim 128 holds an SM alone"
     monkeypatch.setenv("LONGEXPOSURE_AUTOTUNE", "0")
     assert all(len(K.autotune_configs(kind)) == 1 for kind in ("fwd", "dq", "dkdv"))
 
