@@ -53,6 +53,7 @@ SPARSITIES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 TRITON_VARIANTS = {
     "default": {},
     "dq-atomic": {"LONGEXPOSURE_BSA_DQ": "atomic"},
+    "dq-bulk": {"LONGEXPOSURE_BSA_DQ": "bulk"},
     "tma": {"LONGEXPOSURE_BSA_TMA": "1"},
     "dq-atomic+tma": {"LONGEXPOSURE_BSA_DQ": "atomic", "LONGEXPOSURE_BSA_TMA": "1"},
     "pair": {"LONGEXPOSURE_BSA_PAIR": "1"},

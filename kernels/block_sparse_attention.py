@@ -17,7 +17,9 @@ Kernels (flash style: online softmax, no materialised score matrix, fp32 accumul
                              per launch), where there is no dQ pass: the dK/dV kernel also adds each tile's
                              dQ share into an fp32 buffer with atomics (FlashAttention-2's five products per
                              block instead of seven; the dQ sum's order then varies run to run, so
-                             deterministic mode keeps the pass).
+                             deterministic mode keeps the pass). LONGEXPOSURE_BSA_DQ=bulk adds each tile's
+                             share with one bulk tensor reduce-add (TMA, Hopper) instead of per-element atomics,
+                             as FlashAttention-3 accumulates dQ.
     _layout_union_kernel     the pattern pool's online combination: per (batch*head, row), the union
                              of the selected atoms' precomputed block lists.
 
@@ -533,8 +535,11 @@ def _dkdv_tile(
     dk += _dot(ds_t, q, DOT_PREC)
     if DQ_ATOMIC:  # this tile's share of dQ = s dS K, added into the fp32 accumulator
         dq = _dot(tl.trans(ds_t), k, DOT_PREC) * sm_scale
-        ptrs = dq_base + offs_m[:, None] * sdqs + offs_d[None, :]
-        tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < S) & (offs_d[None, :] < D), sem="relaxed")
+        if DQ_ATOMIC == 2:  # one bulk reduce-add through the accumulator's descriptor; rows past S are dropped
+            dq_base.atomic_add([b.to(tl.int32), h.to(tl.int32), m0.to(tl.int32), 0], dq.reshape(1, 1, SUB, BLOCK_D))
+        else:
+            ptrs = dq_base + offs_m[:, None] * sdqs + offs_d[None, :]
+            tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < S) & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
@@ -560,7 +565,8 @@ def _bsa_bwd_dkdv_kernel(
     H, BH, HG, S, sm_scale, qk_scale,
     D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NQP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, EVEN_S: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
-    SPLIT: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,  # 0: dQ has its own pass; 1: added here by element atomics; 2: by bulk reduce-adds (TMA)
     PAIR: tl.constexpr,  # key blocks per program (LONGEXPOSURE_BSA_PAIR): 2, a 2 * BLOCK-key tile over both columns
     EVEN_TILE: tl.constexpr,  # S is a multiple of PAIR * BLOCK: the resident key tile needs no row mask
 ):
@@ -589,7 +595,11 @@ def _bsa_bwd_dkdv_kernel(
     dv = tl.zeros([ROWS, BLOCK_D], tl.float32)
     q_src = _heads(q_ptr, b, h, sqb, sqh, sqs, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
     do_src = _heads(do_ptr, b, h, sdb, sdh, sds, BH // H, H, S, D, BLOCK // SPLIT, BLOCK_D, USE_TMA)
-    dq_base = dq_acc_ptr + b * sab + h * sah
+    if DQ_ATOMIC == 2:
+        dq_base = tl.make_tensor_descriptor(dq_acc_ptr, shape=[BH // H, H, S, D], strides=[sab, sah, sas, 1],
+                                            block_shape=[1, 1, BLOCK // SPLIT, BLOCK_D])
+    else:
+        dq_base = dq_acc_ptr + b * sab + h * sah
     lse_base, delta_base = lse_ptr + bh * S, delta_ptr + bh * S
     if PAIR == 1:
         # masked: the causal diagonal (and anything above it), or the whole column when this key block crosses the
@@ -887,12 +897,13 @@ def _check_lens(seq_lens: torch.Tensor | None, batch: int, device: torch.device)
         )
 
 
-DQ_MODES = ("pass", "atomic")
+DQ_MODES = ("pass", "atomic", "bulk")
 
 
 def dq_mode() -> str:
     """How the backward computes dQ: LONGEXPOSURE_BSA_DQ (read per launch), `pass` (default: its own kernel over
-    the layout's rows, recomputing P) or `atomic` (added by the dK/dV kernel); `pass` under
+    the layout's rows, recomputing P), `atomic` (added by the dK/dV kernel, element by element) or `bulk` (added by
+    the dK/dV kernel, a tile per bulk reduce-add: Hopper or newer, compiled kernels); `pass` under
     `torch.use_deterministic_algorithms`, since atomics sum in a varying order."""
     mode = os.environ.get("LONGEXPOSURE_BSA_DQ", "pass")
     if mode not in DQ_MODES:
@@ -1017,7 +1028,7 @@ def block_sparse_attention_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward: the dQ pass (which also writes delta), then dK/dV over the transposed layout; with
-    `dq_mode()` "atomic", the delta kernel, then dK/dV adding dQ by atomics. Returns dq, dk, dv."""
+    `dq_mode()` "atomic" or "bulk", the delta kernel, then dK/dV adding dQ by atomics. Returns dq, dk, dv."""
     _check_qkv(q, k, v)
     _check_block(block)
     if do.shape != q.shape or do.stride(-1) != 1:
@@ -1033,13 +1044,22 @@ def block_sparse_attention_bwd(
         raise ValueError(f"lse must be contiguous ({bsz}, {heads}, {seq}), got {tuple(lse.shape)}")
     meta = _meta(q, block, scale)
     lens = seq_lens if seq_lens is not None else kv_counts
-    atomic = dq_mode() == "atomic"
+    mode = dq_mode()
+    atomic = mode != "pass"
+    if mode == "bulk" and (interpreting() or not descriptors.has_tma(q.device)):
+        raise ValueError("LONGEXPOSURE_BSA_DQ=bulk adds dQ by tensor reduce-adds (TMA): it needs a Hopper (sm_90) or "
+                         "newer GPU and compiled kernels (the Triton interpreter has no descriptor reduce); use "
+                         "'pass' or 'atomic'")
     delta = torch.empty_like(lse)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     pow2 = max(16, triton.next_power_of_2(nq))
     pair, group = query_pair(block), head_group(q)
     if atomic:  # delta first, and the atomic dQ's fp32 accumulator zeroed by the same launch
-        dq_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+        # bulk: rows padded to BLOCK_D floats, so every descriptor stride is a multiple of 16 bytes at any head_dim
+        dq_acc = torch.empty((*q.shape[:3], meta["BLOCK_D"] if mode == "bulk" else q.shape[3]), device=q.device,
+                             dtype=torch.float32)
+        if mode == "bulk":
+            descriptors.install_allocator()
         _launch(_bsa_bwd_delta_kernel)[(nq * bsz * heads,)](
             o, do, delta, dq_acc, *o.stride()[:3], *do.stride()[:3], *dq_acc.stride()[:3], heads, bsz * heads, seq,
             D=meta["D"], BLOCK=block, BLOCK_D=meta["BLOCK_D"], EVEN_S=meta["EVEN_S"],
@@ -1060,11 +1080,11 @@ def block_sparse_attention_bwd(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         *dq_acc.stride()[:3], *_layout_strides(q_counts), *_layout_strides(q_indices),
         heads, bsz * heads, group, seq, scale, scale * math.log2(math.e),
-        NQP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, DQ_ATOMIC=atomic,
+        NQP=pow2, CAUSAL=causal, HAS_LENS=seq_lens is not None, DQ_ATOMIC=DQ_MODES.index(mode),
         USE_TMA=_use_tma(q, do), PAIR=pair, EVEN_TILE=seq % (pair * block) == 0,
         **meta,  # Q and dO stream past each key block
     )
-    return (dq_acc.to(q.dtype) if atomic else dq), dk, dv
+    return (dq_acc[..., : q.shape[3]].to(q.dtype) if atomic else dq), dk, dv
 
 
 def layout_union(

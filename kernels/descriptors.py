@@ -65,8 +65,13 @@ def use(switch: str, *operands: torch.Tensor, traced: bool = False, kernel: str 
         return False
     if not all(legal(t, traced) for t in operands):
         return False
+    install_allocator()
+    return True
+
+
+def install_allocator() -> None:
+    """Give Triton the scratch allocator device-side descriptors need, unless one is set."""
     from triton.runtime import _allocation
 
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
-    return True

@@ -155,7 +155,7 @@ def test_atomic_dq_equals_the_dq_pass_and_leaves_dk_dv_alone():
     """Both modes on one case: dK and dV bit-equal (same kernel, same order), dQ equal to rounding; empty and
     padded rows keep dQ exactly 0 (the accumulator starts from zero)."""
     outs = {}
-    for mode in K.DQ_MODES:
+    for mode in ("atomic", "pass"):  # `bulk` needs a GPU (test_kernels_compile_sm90 compiles it)
         with dq_mode(mode):
             outs[mode] = run_case(2, 2, 61, 32, 16, "float32", True, "empty-row", 0.6, True, "none", 7)
     (_, (dq_a, dk_a, dv_a), layout, lens), (_, (dq_p, dk_p, dv_p), _, _) = outs["atomic"], outs["pass"]
@@ -273,6 +273,18 @@ def test_dq_mode_is_checked_and_deterministic_mode_keeps_the_pass():
             assert K.dq_mode() == "pass"
         finally:
             torch.use_deterministic_algorithms(False)
+
+
+def test_bulk_dq_says_what_it_needs_where_it_cannot_run():
+    """LONGEXPOSURE_BSA_DQ=bulk adds dQ by tensor reduce-adds, which the interpreter lacks: a clear error, not a
+    silent fallback to another mode."""
+    q = torch.randn(1, 1, 32, 16)
+    layout = make_layout(1, 1, 2, 16, pattern="all", density=1.0, causal=True, broadcast="none", seed=0)
+    o, lse = K.block_sparse_attention_fwd(q, q, q, layout.kv_counts, layout.kv_indices, None, block=16, causal=True,
+                                          scale=0.25)
+    with dq_mode("bulk"), pytest.raises(ValueError, match="LONGEXPOSURE_BSA_DQ=bulk .* needs a Hopper"):
+        K.block_sparse_attention_bwd(torch.ones_like(o), q, q, q, o, lse, layout.kv_counts, layout.kv_indices,
+                                     layout.q_counts, layout.q_indices, None, block=16, causal=True, scale=0.25)
 
 
 def test_empty_rows_and_padding_give_zero_output_and_gradient():

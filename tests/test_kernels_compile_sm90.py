@@ -5,8 +5,9 @@ that Triton's compiler accepts them (types across constexpr branches, tensor des
 functions, atomics). The opt-in paths (LONGEXPOSURE_BSA_DQ=atomic, LONGEXPOSURE_BSA_TMA=1, LONGEXPOSURE_TMA=1)
 would otherwise meet the compiler first on a lent GPU. This compiles each variant with Triton's own ptxas for
 sm_90, in a child process without TRITON_INTERPRET (which decides how the kernels are built at import), and checks
-the PTX holds what the variant is for: bulk tensor copies (TMA) exactly where descriptors are asked for, and fp32
-reductions to global memory where dQ is added by atomics.
+the PTX holds what the variant is for: bulk tensor copies (TMA) exactly where descriptors are asked for, fp32
+reductions to global memory where dQ is added by atomics, and bulk tensor reduce-adds where it is added a tile at a
+time (LONGEXPOSURE_BSA_DQ=bulk, which the interpreter cannot run).
 
 Arguments are specialised as Triton's JIT specialises a real launch: unit strides become the constant 1, pointers
 and the other integers are known multiples of 16 (true of the shapes that matter: d 2048, ffn 8192, 2048 tokens).
@@ -47,16 +48,21 @@ CASES = {
         ("fwd pair", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 2, "EVEN_TILE": False}),
         ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16, "PAIR": 1, "EVEN_TILE": False}),
         ("dq pair", "_bsa_bwd_dq_kernel", {"NKP": 16, "PAIR": 2, "EVEN_TILE": False}),
-        ("dkdv", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": False, "PAIR": 1, "EVEN_TILE": False}),
-        ("dkdv dq-atomic", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": True, "PAIR": 1, "EVEN_TILE": False}),
-        ("dkdv pair", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": False, "PAIR": 2, "EVEN_TILE": False}),
-        ("dkdv dq-atomic pair", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": True, "PAIR": 2, "EVEN_TILE": False}),
+        ("dkdv", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": 0, "PAIR": 1, "EVEN_TILE": False}),
+        ("dkdv dq-atomic", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": 1, "PAIR": 1, "EVEN_TILE": False}),
+        ("dkdv pair", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": 0, "PAIR": 2, "EVEN_TILE": False}),
+        ("dkdv dq-atomic pair", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": 1, "PAIR": 2, "EVEN_TILE": False}),
+        # LONGEXPOSURE_BSA_DQ=bulk: dQ added a tile at a time by a tensor reduce-add (never run by the interpreter)
+        ("dkdv dq-bulk", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": 2, "PAIR": 1, "EVEN_TILE": False}),
+        ("dkdv dq-bulk pair", "_bsa_bwd_dkdv_kernel", {"NQP": 16, "DQ_ATOMIC": 2, "PAIR": 2, "EVEN_TILE": False}),
     )
 }
 for _name, _kernel, _extra in (("fwd", "_bsa_fwd_kernel", {"NKP": 16, "PAIR": 1, "EVEN_TILE": False}),
                                ("dq", "_bsa_bwd_dq_kernel", {"NKP": 16, "PAIR": 1, "EVEN_TILE": False}),
                                ("dkdv dq-atomic", "_bsa_bwd_dkdv_kernel",
-                                {"NQP": 16, "DQ_ATOMIC": True, "PAIR": 1, "EVEN_TILE": False})):
+                                {"NQP": 16, "DQ_ATOMIC": 1, "PAIR": 1, "EVEN_TILE": False}),
+                               ("dkdv dq-bulk", "_bsa_bwd_dkdv_kernel",
+                                {"NQP": 16, "DQ_ATOMIC": 2, "PAIR": 1, "EVEN_TILE": False})):
     # half-height tiles at block 64 (64 x 32), autotune candidates since 2026-12-05, with 8 warps
     CASES[f"attention {_name} split=2 tma=True"] = (
         "block_sparse_attention", _kernel, {**ATTENTION, **_extra, "SPLIT": 2, "USE_TMA": True}, 8, 2)
@@ -150,6 +156,7 @@ def compile_all() -> dict[str, dict]:
                                       options={"num_warps": warps, "num_stages": stages})
             ptx = compiled.asm["ptx"]
             out[case] = {"ok": bool(compiled.asm.get("cubin")), "bulk_tensor_copy": "cp.async.bulk.tensor" in ptx,
+                         "bulk_tensor_add": bool(re.search(r"cp\.reduce\.async\.bulk\.tensor\S*\.add", ptx)),
                          "f32_reduction": bool(re.search(r"\b(?:red|atom)\.global\S*\.add(?:\.v[248])?\.f32", ptx)),
                          "async_copies": len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)),
                          "shared_bytes": compiled.metadata.shared}
@@ -171,8 +178,9 @@ def test_every_kernel_variant_compiles_for_sm90():
     for case, r in got.items():
         constexprs = CASES[case][2]
         assert r["bulk_tensor_copy"] == constexprs.get("USE_TMA", False), f"{case}: TMA copies {r}"
-        atomic = constexprs.get("DQ_ATOMIC", False) or case.startswith("mlp sdd")  # sdd's LoRA output: atomics
+        atomic = constexprs.get("DQ_ATOMIC", 0) == 1 or case.startswith("mlp sdd")  # sdd's LoRA output: atomics
         assert r["f32_reduction"] == atomic, f"{case}: fp32 atomics {r}"
+        assert r["bulk_tensor_add"] == (constexprs.get("DQ_ATOMIC", 0) == 2), f"{case}: bulk reduce-adds {r}"
         if case.startswith("mlp"):  # LONGEXPOSURE_AUTOTUNE=0's tile above all: no autotuner can skip it
             assert r["shared_bytes"] <= SHARED_LIMIT_SM90, f"{case}: does not fit an SM's shared memory {r}"
         if case.startswith("mlp") and "fallback" not in case:
