@@ -22,6 +22,7 @@
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
 #   bash benchmarks/device_session.sh operators-quick  # attention 0/50/80% + MLP quick (about 5 minutes)
 #   bash benchmarks/device_session.sh attn-ab    # attention: default vs dQ by atomics vs descriptor loads,
+#                                                # (ATTN_VARIANTS="default dq-atomic dq-bulk": dQ by bulk reduce-adds)
 #                                                # correctness per variant, 0/50/80/90% at S 1024/2048
 #                                                # (ATTN_HEAD_DIMS="64 128": head dims, each against its sdpa)
 #   bash benchmarks/device_session.sh attn-revision # two revisions of the attention kernels in one process:
