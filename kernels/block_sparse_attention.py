@@ -1055,9 +1055,9 @@ def block_sparse_attention_bwd(
     pow2 = max(16, triton.next_power_of_2(nq))
     pair, group = query_pair(block), head_group(q)
     if atomic:  # delta first, and the atomic dQ's fp32 accumulator zeroed by the same launch
-        # bulk: rows padded to BLOCK_D floats, so every descriptor stride is a multiple of 16 bytes at any head_dim
-        dq_acc = torch.empty((*q.shape[:3], meta["BLOCK_D"] if mode == "bulk" else q.shape[3]), device=q.device,
-                             dtype=torch.float32)
+        # rows padded to BLOCK_D floats: every stride a multiple of 16 bytes at any head_dim, as bulk's descriptor
+        # needs (the element atomics use the same buffer, so the CPU tests cover its allocation and slicing)
+        dq_acc = torch.empty((*q.shape[:3], meta["BLOCK_D"]), device=q.device, dtype=torch.float32)
         if mode == "bulk":
             descriptors.install_allocator()
         _launch(_bsa_bwd_delta_kernel)[(nq * bsz * heads,)](
