@@ -40,18 +40,21 @@ def make_layout(batch, heads, n, block, *, pattern, density, causal, broadcast, 
     return BlockLayout.from_dense(mask, block)
 
 
-def run_case(batch, heads, seq, head_dim, block, dtype, causal, pattern, density, ragged, broadcast, seed):
+def run_case(batch, heads, seq, head_dim, block, dtype, causal, pattern, density, ragged, broadcast, seed,
+             device="cpu"):
     n = -(-seq // block)
     layout = make_layout(
         batch, heads, n, block, pattern=pattern, density=density, causal=causal, broadcast=broadcast, seed=seed
     )
     layout.validate(causal=causal, canonical=True)
     gen = torch.Generator().manual_seed(seed + 1)
-    x = [torch.randn(batch, heads, seq, head_dim, generator=gen) for _ in range(4)]
+    x = [torch.randn(batch, heads, seq, head_dim, generator=gen).to(device) for _ in range(4)]
     seq_lens = None
     if ragged:
         seq_lens = torch.randint(1, seq + 1, (batch,), generator=gen, dtype=torch.int32)
         seq_lens[0] = seq  # one full row, one (likely) padded
+        seq_lens = seq_lens.to(device)
+    layout = layout.to(device)
     dt = DTYPES[dtype]
     leaves = [t.to(dt).requires_grad_() for t in x[:3]]
     out = block_sparse_attention(*leaves, layout, causal=causal, seq_lens=seq_lens)
@@ -273,6 +276,27 @@ def test_dq_mode_is_checked_and_deterministic_mode_keeps_the_pass():
             assert K.dq_mode() == "pass"
         finally:
             torch.use_deterministic_algorithms(False)
+
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="LONGEXPOSURE_BSA_DQ=bulk needs a Hopper (sm_90) or newer GPU")
+@pytest.mark.parametrize(("head_dim", "dtype", "pattern", "ragged", "pair"), [
+    (64, "float16", "all", False, "0"), (80, "bfloat16", "random", True, "0"), (64, "float32", "empty-row", True, "0"),
+    (64, "float16", "random", True, "1"),
+])
+def test_bulk_dq_matches_the_reference_on_hopper(monkeypatch, head_dim, dtype, pattern, ragged, pair):
+    """The bulk reduce-adds (which the interpreter cannot run) against the float64 reference: every key block's
+    share lands in the accumulator, padded rows and an empty row stay 0, paired key blocks too. On the lent GPU:
+    `pytest -m gpu tests/test_block_sparse_attention.py -k bulk`."""
+    monkeypatch.setenv("LONGEXPOSURE_BSA_DQ", "bulk")
+    monkeypatch.setenv("LONGEXPOSURE_BSA_PAIR", pair)
+    _, (dq, _, _), _, lens = run_case(2, 3, 200, head_dim, 64, dtype, True, pattern, 0.6, ragged, "none", 5,
+                                      device="cuda")
+    if ragged:
+        assert torch.all(dq[1, :, int(lens[1]) :] == 0)
 
 
 def test_bulk_dq_says_what_it_needs_where_it_cannot_run():
