@@ -25,6 +25,8 @@
 #                                                # (ATTN_VARIANTS="default dq-atomic dq-bulk": dQ by bulk reduce-adds)
 #                                                # correctness per variant, 0/50/80/90% at S 1024/2048
 #                                                # (ATTN_HEAD_DIMS="64 128": head dims, each against its sdpa)
+#   bash benchmarks/device_session.sh attn-bulk  # LONGEXPOSURE_BSA_DQ=bulk: its GPU tests, then default vs bulk at D 64
+#                                                # (0/50/80/90%, S 1024/2048), then the D 128 table (the pruned forward)
 #   bash benchmarks/device_session.sh attn-revision # two revisions of the attention kernels in one process:
 #                                                # OLD_MODULE=<file> (`git show REV:kernels/block_sparse_attention.py`
 #                                                # written into the checkout here: an untracked file travels; the
@@ -76,7 +78,7 @@
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|defaults|narrow|switches-e2e|attn-ab|attn-revision|attn-ceiling|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|defaults|narrow|switches-e2e|attn-ab|attn-bulk|attn-revision|attn-ceiling|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -262,6 +264,13 @@ for t in (2048, 4096):
     # MLP_QUICK_LIMIT=0 leaves out the MLP quick table (when tma-ab's per-kernel table ran in the same lease)
     [ "${MLP_QUICK_LIMIT:-140}" -gt 0 ] && run "${MLP_QUICK_LIMIT:-140}" python3 benchmarks/bench_mlp_operator.py --quick \
       --out "$work/mlp_quick.json"
+    ;;
+  attn-bulk)  # issue 21: dQ by bulk reduce-adds, first GPU run (c456d87): correctness, then speed beside the dQ pass
+    run 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_block_sparse_attention.py -k bulk
+    run 250 python3 benchmarks/bench_attention_operator.py --quick-check --skip layout compile --backends sdpa triton \
+      --blocks 64 --sparsities 0 0.5 0.8 0.9 --triton-variants default dq-bulk --head-dims 64 --out "$work/bulk_ab.json"
+    run 150 python3 benchmarks/bench_attention_operator.py --skip layout compile correctness --backends sdpa triton \
+      --blocks 64 --sparsities 0 0.5 0.8 0.9 --triton-variants default --head-dims 128 --out "$work/d128.json"
     ;;
   attn-revision)  # a kernel change beside the revision before it, same process (benchmarks/attention_revision_ab.py)
     run "${AB_LIMIT:-540}" python3 benchmarks/attention_revision_ab.py --old ${OLD_MODULE:?set OLD_MODULE} \
