@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from longexposure.paths import cache_dir, default_tokenizer, write_atomic, write_text_atomic
+from longexposure.suite.provenance import provenance
 
 CORPUS_NAME = "python3.11-doc"
 CORPUS_PACKAGE = "python3.11-doc"
@@ -544,7 +545,7 @@ def pretrain(
         "history": history,
         "held_out_loss": val,
         "mlp_sparsity_held_out": sparsity,
-        "torch": torch.__version__,
+        **provenance(device),  # the machine, commit and library versions that made these weights
     }
     write_text_atomic(out_dir / COMPLETE_MARKER, json.dumps(record, indent=2) + "\n")  # last: now it is complete
     log(f"saved {out_dir}")
