@@ -253,6 +253,7 @@ for t in (2048, 4096):
   operators-quick)  # attention at 0 / 50 / 80% block sparsity and the MLP quick table, for a short lease
     run 170 python3 benchmarks/bench_attention_operator.py --skip compile --quick-check --sparsities 0 0.5 0.8 \
       --blocks 64 --triton-variants default --out "$work/attention.json"
+    run 150 python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
     ;;
   attn-ab)  # issue 21: the attention kernels' opt-in switches (dQ by atomics, descriptor loads, query pairs; ATTN_VARIANTS
     # picks them) beside the default,
