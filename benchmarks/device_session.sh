@@ -26,7 +26,8 @@
 #                                                # correctness per variant, 0/50/80/90% at S 1024/2048
 #                                                # (ATTN_HEAD_DIMS="64 128": head dims, each against its sdpa)
 #   bash benchmarks/device_session.sh attn-bulk  # LONGEXPOSURE_BSA_DQ=bulk: its GPU tests, then default vs bulk at D 64
-#                                                # (0/50/80/90%, S 1024/2048), then the D 128 table (the pruned forward)
+#                                                # (0/50/80/90%, S 1024/2048: BULK_SPARSITIES, BULK_SEQ), then the
+#                                                # D 128 table (the pruned forward; BULK_D128=0 leaves it out)
 #   bash benchmarks/device_session.sh attn-revision # two revisions of the attention kernels in one process:
 #                                                # OLD_MODULE=<file> (`git show REV:kernels/block_sparse_attention.py`
 #                                                # written into the checkout here: an untracked file travels; the
@@ -267,9 +268,11 @@ for t in (2048, 4096):
       --out "$work/mlp_quick.json"
     ;;
   attn-bulk)  # issue 21: dQ by bulk reduce-adds, first GPU run (c456d87): correctness, then speed beside the dQ pass
+    # a short lease (about 3 minutes): BULK_D128=0 BULK_SEQ=2048 BULK_SPARSITIES="0 0.9"
     run 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_block_sparse_attention.py -k bulk
     run 250 python3 benchmarks/bench_attention_operator.py --quick-check --skip layout compile --backends sdpa triton \
-      --blocks 64 --sparsities 0 0.5 0.8 0.9 --triton-variants default dq-bulk --head-dims 64 --out "$work/bulk_ab.json"
+      --blocks 64 --seq ${BULK_SEQ:-1024 2048} --sparsities ${BULK_SPARSITIES:-0 0.5 0.8 0.9} \
+      --triton-variants default dq-bulk --head-dims 64 --out "$work/bulk_ab.json"
     [ "${BULK_D128:-1}" = 1 ] &&  # BULK_D128=0 leaves the D 128 table out (a short lease)
       run 150 python3 benchmarks/bench_attention_operator.py --skip layout compile correctness --backends sdpa triton \
       --blocks 64 --sparsities 0 0.5 0.8 0.9 --triton-variants default --head-dims 128 --out "$work/d128.json"
