@@ -20,7 +20,7 @@
 #   bash benchmarks/device_session.sh methods    # predictor cost under CUDA graphs, fig7's other methods at 1024
 #   bash benchmarks/device_session.sh suites     # fig8, fig10, fig13 (resume where a call stopped)
 #   bash benchmarks/device_session.sh operators  # attention fwd+bwd, MLP quick, predictor cost
-#   bash benchmarks/device_session.sh operators-quick  # attention 0/50/80% + MLP quick (about 5 minutes)
+#   bash benchmarks/device_session.sh operators-quick  # attention 0/50/80% + MLP quick (about 6 minutes)
 #   bash benchmarks/device_session.sh attn-ab    # attention: default vs dQ by atomics vs descriptor loads,
 #                                                # (ATTN_VARIANTS="default dq-atomic dq-bulk": dQ by bulk reduce-adds)
 #                                                # correctness per variant, 0/50/80/90% at S 1024/2048
@@ -254,7 +254,8 @@ for t in (2048, 4096):
   operators-quick)  # attention at 0 / 50 / 80% block sparsity and the MLP quick table, for a short lease
     run 170 python3 benchmarks/bench_attention_operator.py --skip compile --quick-check --sparsities 0 0.5 0.8 \
       --blocks 64 --triton-variants default --out "$work/attention.json"
-    run 150 python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
+    # 300 s: on a cold H100 (9355523) its autotuning took 130 s of 150 before the graph-timed rows
+    run 300 python3 benchmarks/bench_mlp_operator.py --quick --out "$work/mlp_quick.json"
     ;;
   attn-ab)  # issue 21: the attention kernels' opt-in switches (dQ by atomics, descriptor loads, query pairs; ATTN_VARIANTS
     # picks them) beside the default,
