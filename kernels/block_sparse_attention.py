@@ -904,7 +904,8 @@ def dq_mode() -> str:
     """How the backward computes dQ: LONGEXPOSURE_BSA_DQ (read per launch), `pass` (default: its own kernel over
     the layout's rows, recomputing P), `atomic` (added by the dK/dV kernel, element by element) or `bulk` (added by
     the dK/dV kernel, a tile per bulk reduce-add: Hopper or newer, compiled kernels); `pass` under
-    `torch.use_deterministic_algorithms`, since atomics sum in a varying order."""
+    `torch.use_deterministic_algorithms`, since atomics sum in a varying order. Both others are slower than the
+    pass on the H100 at every density (atomic 16-42%, bfce6c9; bulk 11-43%, 9355523): kept to measure, not to use."""
     mode = os.environ.get("LONGEXPOSURE_BSA_DQ", "pass")
     if mode not in DQ_MODES:
         raise ValueError(f"LONGEXPOSURE_BSA_DQ={mode!r} is not one of {DQ_MODES}")
