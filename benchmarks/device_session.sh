@@ -72,7 +72,7 @@
 #
 # LONGEXPOSURE_GIT: the commit, written out where it was made (`LONGEXPOSURE_GIT=a925565`, not `$(git rev-parse ...)`
 # run on the device: the device's copy of .git can be stale, and at a925565 it named an older commit).
-# Needs: LONGEXPOSURE_SHARED pointing at a copy of shared/ (reference profile; for `relu` also data/e2e and
+# Needs: LONGEXPOSURE_SHARED pointing at a copy of shared/, or that copy at .carry/shared (reference profile; for `relu` also data/e2e and
 # data/opt-tokenizer), $OUT (the device tool's output folder); `relu` also LONGEXPOSURE_CORPUS, the
 # tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
 # the device has no network. Each stage has its own time limit so the archive is always written.
@@ -85,6 +85,11 @@ work=$out/work
 mkdir -p "$work"
 export LONGEXPOSURE_CACHE=${LONGEXPOSURE_CACHE:-$work/cache}  # under $work it is deleted before archiving
 export PYTHONUNBUFFERED=1
+# the carried copy of shared/ (`mkdir -p .carry && cp -r ../shared/reference .carry/shared/`, run's carry [".carry"])
+# is found without the variable; without either, say so first: replayed profiles and data then fail by name
+[ -z "${LONGEXPOSURE_SHARED:-}" ] && [ -d .carry/shared ] && export LONGEXPOSURE_SHARED=$PWD/.carry/shared
+[ -d "${LONGEXPOSURE_SHARED:-/nonexistent}/reference" ] ||
+  echo "== no LONGEXPOSURE_SHARED/reference: stages that replay the reference profile will fail" | tee "$out/$stage.log"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$work/install.log" 2>&1 || {
   echo "install failed"; tail -20 "$work/install.log"; }
 log=$out/$stage.log
