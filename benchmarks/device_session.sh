@@ -273,7 +273,7 @@ for t in (2048, 4096):
     [ "${MLP_QUICK_LIMIT:-140}" -gt 0 ] && run "${MLP_QUICK_LIMIT:-140}" python3 benchmarks/bench_mlp_operator.py --quick \
       --out "$work/mlp_quick.json"
     ;;
-  attn-bulk)  # issue 21: dQ by bulk reduce-adds, first GPU run (c456d87): correctness, then speed beside the dQ pass
+  attn-bulk)  # issue 21: dQ by bulk reduce-adds (c456d87): correctness, then speed beside the dQ pass (9355523: slower)
     # a short lease (about 3 minutes): BULK_D128=0 BULK_SEQ=2048 BULK_SPARSITIES="0 0.9"
     run 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_block_sparse_attention.py -k bulk
     run 250 python3 benchmarks/bench_attention_operator.py --quick-check --skip layout compile --backends sdpa triton \
