@@ -72,10 +72,10 @@
 #
 # LONGEXPOSURE_GIT: the commit, written out where it was made (`LONGEXPOSURE_GIT=a925565`, not `$(git rev-parse ...)`
 # run on the device: the device's copy of .git can be stale, and at a925565 it named an older commit).
-# Needs: LONGEXPOSURE_SHARED pointing at a copy of shared/, or that copy at .carry/shared (reference profile; for `relu` also data/e2e and
-# data/opt-tokenizer), $OUT (the device tool's output folder); `relu` also LONGEXPOSURE_CORPUS, the
-# tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain run), since
-# the device has no network. Each stage has its own time limit so the archive is always written.
+# Needs: LONGEXPOSURE_SHARED pointing at a copy of shared/, or that copy at .carry/shared (reference profile; for
+# `relu` also data/e2e and data/opt-tokenizer), $OUT (the device tool's output folder); `relu` also
+# LONGEXPOSURE_CORPUS, the tokenized corpus (`<cache>/corpus/python3.11-doc/tokens.opt.npy` made by a CPU pretrain
+# run), since the device has no network. Each stage has its own time limit so the archive is always written.
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
@@ -85,14 +85,14 @@ work=$out/work
 mkdir -p "$work"
 export LONGEXPOSURE_CACHE=${LONGEXPOSURE_CACHE:-$work/cache}  # under $work it is deleted before archiving
 export PYTHONUNBUFFERED=1
-# the carried copy of shared/ (`mkdir -p .carry && cp -r ../shared/reference .carry/shared/`, run's carry [".carry"])
-# is found without the variable; without either, say so first: replayed profiles and data then fail by name
-[ -z "${LONGEXPOSURE_SHARED:-}" ] && [ -d .carry/shared ] && export LONGEXPOSURE_SHARED=$PWD/.carry/shared
-[ -d "${LONGEXPOSURE_SHARED:-/nonexistent}/reference" ] ||
-  echo "== no LONGEXPOSURE_SHARED/reference: stages that replay the reference profile will fail" | tee "$out/$stage.log"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$work/install.log" 2>&1 || {
   echo "install failed"; tail -20 "$work/install.log"; }
 log=$out/$stage.log
+# the carried copy of shared/ (`mkdir -p .carry/shared && cp -r ../shared/reference .carry/shared/`, run's carry
+# [".carry"]) is found without the variable; without either, say so first: replayed profiles then fail by name
+[ -z "${LONGEXPOSURE_SHARED:-}" ] && [ -d .carry/shared ] && export LONGEXPOSURE_SHARED=$PWD/.carry/shared
+[ -d "${LONGEXPOSURE_SHARED:-/nonexistent}/reference" ] ||
+  echo "== no LONGEXPOSURE_SHARED/reference: stages that replay the reference profile will fail" | tee -a "$log"
 pretrain_relu_small() {  # a cached relu-small (from an earlier call on this machine) is reused, and said so
   if [ -f "$LONGEXPOSURE_CACHE/relu-small/config.json" ]; then
     echo "== using cached $LONGEXPOSURE_CACHE/relu-small: $(grep -o '"act_l1": [0-9.]*' "$LONGEXPOSURE_CACHE/relu-small/pretrain.json")" | tee -a "$log"
