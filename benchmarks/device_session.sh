@@ -270,6 +270,8 @@ for t in (2048, 4096):
       --backends sdpa triton --blocks 64 --sparsities 0 0.5 0.8 0.9 --triton-variants ${ATTN_VARIANTS:-default dq-atomic tma pair} \
       --head-dims ${ATTN_HEAD_DIMS:-64} --out "$work/attention_ab.json"
     # MLP_QUICK_LIMIT=0 leaves out the MLP quick table (when tma-ab's per-kernel table ran in the same lease)
+    # (140 s is short of a cold machine's MLP autotuning, as operators-quick found: MLP_QUICK_LIMIT=300 with fewer
+    # ATTN_VARIANTS where the lease allows it)
     [ "${MLP_QUICK_LIMIT:-140}" -gt 0 ] && run "${MLP_QUICK_LIMIT:-140}" python3 benchmarks/bench_mlp_operator.py --quick \
       --out "$work/mlp_quick.json"
     ;;
