@@ -3,9 +3,10 @@
 As `attention_revision_ab.py` does for attention: the installed `longexposure.kernels.neuron_block_mlp` ("new") and
 a copy of that module from another commit, loaded from a file ("old"), each autotuned by its own autotuners, on the
 same inputs. Per count of active blocks (capacity: every block, the count on the device, tuned at the first count as
-`bench_mlp_operator.py --quick` tunes at density 1.0): fc1 (sdd with bias, ReLU and the ReLU bits), dZ (sdd reading
-the bits) and the frozen MLP's backward as the op runs it (dZ, then dx in dsd), CUDA-graph medians in us, two
-interleaved rounds; every output compared against "old" (max abs difference; the bits must match exactly). Launch:
+`bench_mlp_operator.py --quick` tunes at density 1.0): fc1 (sdd with bias, ReLU and the ReLU bits), fc2 (dsd with
+bias), dZ (sdd reading the bits) and the frozen MLP's backward as the op runs it (dZ, then dx in dsd), CUDA-graph
+medians in us, two interleaved rounds; every output compared against "old" (max abs difference; the bits must match
+exactly). Launch:
 
     git show ce49651:kernels/neuron_block_mlp.py > /tmp/nbm_old.py
     python benchmarks/mlp_revision_ab.py --old /tmp/nbm_old.py --out ab.json
@@ -24,18 +25,21 @@ import triton.testing
 from attention_revision_ab import load_module
 
 
-def calls(m: ModuleType, x, w1, b1, w2t, dy, count: int, capacity: int, block: int) -> dict:
-    """One revision's fc1, dZ and frozen backward at `count` active blocks (the first ones) as closures."""
+def calls(m: ModuleType, x, w1, b1, w2t, b2, dy, count: int, capacity: int, block: int) -> dict:
+    """One revision's fc1, fc2, dZ and frozen backward at `count` active blocks (the first ones) as closures."""
     dev, t = x.device, x.shape[0]
     ids = torch.arange(capacity, device=dev, dtype=torch.int32)
     cnt = torch.tensor([count], device=dev, dtype=torch.int32)
     h = x.new_empty(t, capacity * block)
     bits = m.relu_bits(t, capacity * block, dev)
     dz = x.new_empty(t, capacity * block)
-    dx = torch.empty_like(x)
+    dx, y = torch.empty_like(x), torch.empty_like(x)
 
     def fc1():
         return m._launch_sdd(x, w1, ids, cnt, block, bias=b1, mask=bits, epilogue=1, out=h)
+
+    def fc2():
+        return m._launch_dsd(h, w2t, ids, cnt, block, bias=b2, out=y)
 
     def dzs():
         return m._launch_sdd(dy, w2t, ids, cnt, block, mask=bits, epilogue=2, out=dz)
@@ -45,10 +49,12 @@ def calls(m: ModuleType, x, w1, b1, w2t, dy, count: int, capacity: int, block: i
         return m._launch_dsd(dz, w1, ids, cnt, block, out=dx)
 
     fc1()
+    fc2()
     frozen_bwd()
     n = count * block
-    outputs = {"h": h[:, :n].float(), "bits": bits[:, : n // 8].clone(), "dz": dz[:, :n].float(), "dx": dx.float()}
-    return {"fns": {"fc1": fc1, "dz": dzs, "frozen_bwd": frozen_bwd}, "outputs": outputs}
+    outputs = {"h": h[:, :n].float(), "bits": bits[:, : n // 8].clone(), "y": y.float(), "dz": dz[:, :n].float(),
+               "dx": dx.float()}
+    return {"fns": {"fc1": fc1, "fc2": fc2, "dz": dzs, "frozen_bwd": frozen_bwd}, "outputs": outputs}
 
 
 def main() -> None:
@@ -74,12 +80,13 @@ def main() -> None:
     w1 = torch.randn(ffn, d, device=dev, dtype=torch.float16, generator=gen) * d**-0.5
     b1 = torch.randn(ffn, device=dev, dtype=torch.float16, generator=gen) * 0.1
     w2t = torch.randn(ffn, d, device=dev, dtype=torch.float16, generator=gen) * ffn**-0.5  # fc2.weight^T, neuron-major
+    b2 = torch.randn(d, device=dev, dtype=torch.float16, generator=gen) * 0.1
     bench = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3  # noqa: E731
     res = {"meta": {**provenance(), "args": vars(args), "shapes": f"tokens {args.tokens}, d {d}, ffn {ffn}, "
                     f"block {block}, capacity {capacity} blocks, the first `count` active, fp16 random weights"},
            "rows": []}
     for count in args.counts:
-        per = {name: calls(m, x, w1, b1, w2t, dy, count, capacity, block) for name, m in mods.items()}
+        per = {name: calls(m, x, w1, b1, w2t, b2, dy, count, capacity, block) for name, m in mods.items()}
         ref = per["old"]["outputs"]
         row = {"count": count, "density": round(count / capacity, 3), "max_abs_diff_vs_old": {
             name: {k: float((v.float() - ref[k].float()).abs().max()) for k, v in p["outputs"].items()}
