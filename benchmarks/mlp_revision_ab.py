@@ -6,7 +6,8 @@ same inputs. Per count of active blocks (capacity: every block, the count on the
 `bench_mlp_operator.py --quick` tunes at density 1.0): fc1 (sdd with bias, ReLU and the ReLU bits), fc2 (dsd with
 bias), dZ (sdd reading the bits) and the frozen MLP's backward as the op runs it (dZ, then dx in dsd), CUDA-graph
 medians in us, two interleaved rounds; every output compared against "old" (max abs difference; the bits must match
-exactly). Launch:
+exactly). Each revision's autotuners pick for themselves (`picks`): a change that alters a kernel's registers or
+shared memory may move its pick, and the times then include that. Launch:
 
     git show ce49651:kernels/neuron_block_mlp.py > /tmp/nbm_old.py
     python benchmarks/mlp_revision_ab.py --old /tmp/nbm_old.py --out ab.json
@@ -97,7 +98,8 @@ def main() -> None:
                     row.setdefault(f"{what}_us_{name}", []).append(round(bench(fn), 2))
         print(json.dumps(row), flush=True)
         res["rows"].append(row)
-        res["picks"] = {name: {str(k): str(v) for k, v in m._sdd_kernel.cache.items()} for name, m in mods.items()}
+        res["picks"] = {name: {tuner: {str(k): str(v) for k, v in getattr(m, tuner).cache.items()}
+                               for tuner in ("_sdd_kernel", "_dsd_kernel")} for name, m in mods.items()}
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
 
 

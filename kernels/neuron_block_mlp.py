@@ -235,13 +235,6 @@ def _sdd_tile(
     a_ptrs = a_ptr + (offs_m % T)[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
-    # The epilogue's own operands (the bias, dZ's ReLU bits) are loaded before the product, so their latency hides
-    # behind it: at a low count a program has one or two tiles and a load after the loop is paid whole
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rows * stride_bias)
-    if EPILOGUE == 2:
-        bit_ptrs, bit_mask = _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN)
-        packed = tl.load(bit_ptrs, mask=bit_mask, other=0)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if USE_TMA and (BLOCK % BN == 0 or BN % BLOCK == 0):
         # The tile's BN compact columns are BN consecutive weight rows when the tile lies inside one neuron
@@ -271,13 +264,15 @@ def _sdd_tile(
                 e, lw = e.to(tl.float32), lw.to(tl.float32)
             acc = tl.dot(e, lw, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += bias.to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rows * stride_bias).to(tl.float32)[None, :]
     mask_mc = mask_m[:, None] & mask_c[None, :]
     # NaN stays NaN, as in torch.relu and its backward (which zeroes only where h <= 0): the default
     # maximum returns the non-NaN operand, which turned a NaN token's row into fc2's bias.
     if EPILOGUE == 1:
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if EPILOGUE == 2:  # ReLU's backward: keep where the forward's bit is set
+        bit_ptrs, bit_mask = _bit_bytes(m_ptr, offs_m, mask_m, pid_n, n_cols, stride_mm, BN)
+        packed = tl.load(bit_ptrs, mask=bit_mask, other=0)
         acc = tl.where(_unpack_bits(packed, BM, BN), acc, 0.0)
     out = acc.to(c_ptr.dtype.element_ty)
     if USE_TMA:  # two bulk stores of half tiles, clipped to the tokens and the count by the descriptor's shape: the
@@ -458,9 +453,6 @@ def _dsd_tile(tile, k_end, c_ptr, w_ptr, c_desc, w_desc, bias_ptr, o_ptr, ids_pt
     offs_k = tl.arange(0, BK)
     c_ptrs = c_ptr + (offs_m % T)[:, None] * stride_cm + offs_k[None, :] * stride_cc
     w_offs = (offs_n % N)[None, :] * stride_wk
-    mask_n = offs_n < N
-    if HAS_BIAS:  # before the product, as in sdd: its latency hides behind it
-        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if USE_TMA and BLOCK % BK == 0:
@@ -497,8 +489,9 @@ def _dsd_tile(tile, k_end, c_ptr, w_ptr, c_desc, w_desc, bias_ptr, o_ptr, ids_pt
                 c, w = c.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(c, w, acc, input_precision=PRECISION)
             c_ptrs += BK * stride_cc
+    mask_n = offs_n < N
     if HAS_BIAS:
-        acc += bias.to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(o_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(o_ptr.dtype.element_ty), mask=(offs_m < T)[:, None] & mask_n[None, :])
 
