@@ -36,6 +36,8 @@
 #                                                # AB_GRAFT="NAME=FILE:dq" a column with one kernel from FILE,
 #                                                # ATTN_SEQ="2048" the lengths, AB_FORCED=1 every kernel held to
 #                                                # each of its configs on both layouts (`--forced`)
+#   bash benchmarks/device_session.sh mlp-revision  # OLD_MODULE=<file>: the MLP GPU test, then two revisions of the
+#                                                # MLP kernels in one process (fc1, fc2, dZ, frozen backward per count)
 #   bash benchmarks/device_session.sh attn-ceiling  # the Triton attention ceiling (tutorial-shaped forward) beside
 #                                                # sdpa and the block-sparse forward, its forced configs; D 64, D 128
 #   bash benchmarks/device_session.sh relu       # pretrain relu-small (~3 min), fig11 (reordered neurons)
@@ -79,7 +81,7 @@
 # The stage writes $OUT/<stage>.tgz itself and then deletes $OUT/work: a caller that archives work/ again after it
 # overwrites that archive with an empty one (run 13 of e2e_real lost its results.jsonl so; read the log instead).
 set -u
-stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|defaults|narrow|switches-e2e|attn-ab|attn-bulk|attn-revision|attn-ceiling|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
+stage=${1:?usage: device_session.sh e2e|predictors|tma|tma-ab|store-ab|store-e2e|bits-order|bits-tma|defaults|narrow|switches-e2e|attn-ab|attn-bulk|attn-revision|mlp-revision|attn-ceiling|methods|suites|operators|operators-quick|relu|relu-refresh|relu-profiles|relu-quality|peers|peers-check|splora|ideal|memory|act-l1|real-prep|real-sweep|real-run|real-control|real-corpus|real-profile|strongest|strongest-methods|bits-tiles|table4}
 out=${OUT:?set OUT}
 work=$out/work
 mkdir -p "$work"
@@ -289,6 +291,12 @@ for t in (2048, 4096):
     run "${AB_LIMIT:-540}" python3 benchmarks/attention_revision_ab.py --old ${OLD_MODULE:?set OLD_MODULE} \
       ${AB_SET:+--set $AB_SET} ${AB_GRAFT:+--graft $AB_GRAFT} ${AB_FORCED:+--forced} \
       --head-dims ${ATTN_HEAD_DIMS:-64 128} --seq ${ATTN_SEQ:-1024 2048} --out "$work/revision_ab.json"
+    ;;
+  mlp-revision)  # an MLP kernel change beside the revision before it, same process (benchmarks/mlp_revision_ab.py;
+    # OLD_MODULE=<file>, e.g. `git show REV:kernels/neuron_block_mlp.py` written into the checkout or carried in .carry/)
+    run 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_neuron_block_mlp.py
+    run "${AB_LIMIT:-330}" python3 benchmarks/mlp_revision_ab.py --old ${OLD_MODULE:?set OLD_MODULE} \
+      --out "$work/mlp_revision_ab.json"
     ;;
   attn-ceiling)  # issue 21: how far a plain Triton forward gets on these shapes (each head dim its own time limit)
     for d in 64 128; do
