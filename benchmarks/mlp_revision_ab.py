@@ -75,6 +75,8 @@ def main() -> None:
     mods = {"old": load_module("nbm_old", args.old), "new": new}
     d, ffn, block = 2048, 8192, 64
     capacity = ffn // block
+    if not all(0 < c <= capacity for c in args.counts):
+        raise SystemExit(f"--counts: each must be 1..{capacity} (blocks of {block} in ffn {ffn}), got {args.counts}")
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     x, dy = (torch.randn(args.tokens, d, device=dev, dtype=torch.float16, generator=gen) for _ in range(2))
